@@ -1,0 +1,581 @@
+"""Differentiable image-text rewards behind one interface.
+
+Every reward maps a batch of images and their prompts to one score per image, and offers a
+*loss* form to minimise:
+
+    reward(images, prompts) -> scores (B,)      higher is better
+    reward.loss(images, prompts) -> (B,)        lower is better, an affine function of the score
+
+``images`` are float tensors ``(B, 3, H, W)`` with values in ``[0, 1]`` (what a VAE decode
+gives after ``x / 2 + 0.5``); everything from there to the scorer (resize, centre crop,
+normalisation) is done on tensors, differentiably, never through PIL. Gradients flow back to
+the images; the scorers' own parameters are frozen (``requires_grad=False``, ``eval()``).
+
+Loss forms (the scales that ReNO's default weights assume, so ``weight`` means the same):
+
+==================  =====================================  ==========================  ===============
+reward              score                                  loss                        ReNO weight
+==================  =====================================  ==========================  ===============
+``ClipScore``       ``exp(logit_scale) * cos(img, txt)``   ``100 - score``             0.01
+``PickScoreLike``   ``exp(logit_scale) * cos(img, txt)``   ``1 - score / 100``         0.05
+``HPSv2Like``       ``cos(img, txt)``                      ``1 - score``               5.0
+``AestheticHead``   ``head(normalised image features)``    ``10 - score``              (1-10 scale)
+``CallableReward``  ``fn(images, prompts)``                ``-score`` (or ``loss_fn``)
+==================  =====================================  ==========================  ===============
+
+``WeightedRewards([(reward, weight), ...])`` sums ``weight * loss`` over its members; its
+``__call__`` returns the negated weighted loss (the "total reward" ReNO maximises).
+
+open_clip is imported lazily, only when an open_clip based reward is built.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "AestheticHead",
+    "CallableReward",
+    "ClipScore",
+    "HPSv2Like",
+    "PickScoreLike",
+    "Reward",
+    "RewardTerms",
+    "WeightedRewards",
+    "load_open_clip",
+    "preprocess_images",
+]
+
+OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+# File names open_clip itself looks for inside a model folder, in its order of preference.
+_OPEN_CLIP_WEIGHT_NAMES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "pytorch_model.bin",
+    "model.pth",
+)
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """A differentiable image-text reward.
+
+    ``__call__(images (B,3,H,W) in [0,1], prompts: list[str] of length B) -> scores (B,)`` and
+    ``loss(images, prompts) -> (B,)``, lower is better. ``name`` labels the reward in logs and
+    ``weight`` is its default weight in a :class:`WeightedRewards`. Implementations may add
+    ``loss_from_score(score) -> loss`` so that a caller needing both runs the scorer once.
+    """
+
+    name: str
+    weight: float
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor: ...
+
+    def loss(self, images: Tensor, prompts: Sequence[str]) -> Tensor: ...
+
+
+def _check_batch(images: Tensor, prompts: Sequence[str], who: str) -> list[str]:
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"{who}: images must be a (B, 3, H, W) tensor, got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"{who}: images must be floating point in [0, 1], got dtype {images.dtype}")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"{who}: {images.shape[0]} images but {len(prompts)} prompts; need one prompt per image")
+    return prompts
+
+
+def preprocess_images(
+    images: Tensor,
+    *,
+    size: int | tuple[int, int],
+    mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    std: Sequence[float] = OPENAI_CLIP_STD,
+    interpolation: str = "bicubic",
+    resize_mode: str = "shortest",
+) -> Tensor:
+    """Differentiable CLIP preprocessing on tensors.
+
+    Args:
+        images: ``(B, 3, H, W)`` float in ``[0, 1]``.
+        size: output side (int) or ``(height, width)``.
+        mean, std: per-channel normalisation of the scorer.
+        interpolation: ``"bicubic"`` or ``"bilinear"`` (antialiased when downsampling).
+        resize_mode: ``"shortest"`` (resize the shorter side to fit, then centre crop: what
+            open_clip's eval transform does), or ``"squash"`` (resize straight to ``size``).
+
+    Returns:
+        ``(B, 3, size_h, size_w)`` normalised tensor; gradients flow back to ``images``.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"preprocess_images: expected (B, 3, H, W), got {tuple(images.shape)}")
+    if interpolation not in ("bicubic", "bilinear"):
+        raise ValueError(f"preprocess_images: interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
+    out_h, out_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    h, w = images.shape[-2:]
+    if resize_mode == "squash":
+        new_h, new_w = out_h, out_w
+    elif resize_mode == "shortest":
+        scale = max(out_h / h, out_w / w)
+        new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
+    else:
+        raise ValueError(f"preprocess_images: resize_mode must be 'shortest' or 'squash', got {resize_mode!r}")
+    x = images
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x, size=(new_h, new_w), mode=interpolation, align_corners=False, antialias=True)
+    top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+    x = x[..., top : top + out_h, left : left + out_w]
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or "/" in value or Path(value).suffix in (".safetensors", ".bin", ".pt", ".pth", ".npz")
+
+
+def load_open_clip(
+    model_name: str | None = None,
+    pretrained: str | os.PathLike[str] | None = None,
+    *,
+    model: nn.Module | None = None,
+    tokenizer: Callable[[list[str]], Tensor] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    who: str = "load_open_clip",
+) -> tuple[nn.Module, Callable[[list[str]], Tensor], dict[str, Any]]:
+    """Build (or wrap) a frozen open_clip model, its tokenizer and its preprocessing config.
+
+    Sources, in order:
+
+    * ``model=``: an open_clip model object (``encode_image``, ``encode_text``,
+      ``logit_scale``); ``tokenizer`` defaults to open_clip's ``SimpleTokenizer`` with the
+      model's context length.
+    * ``pretrained`` a folder (or ``model_name="local-dir:/folder"``): open_clip's local
+      folder layout, ``open_clip_config.json`` plus one of ``open_clip_model.safetensors``,
+      ``open_clip_pytorch_model.bin``, ... (open_clip's own names).
+    * ``pretrained`` a file: weights for the built-in architecture ``model_name``
+      (safetensors, or what open_clip's loader reads with ``weights_only=True``).
+    * ``pretrained`` another string: an open_clip pretrained tag (needs its cache or network).
+
+    Raises:
+        FileNotFoundError: a weights file or folder that does not exist, naming the expected file.
+        ValueError: neither ``model`` nor ``pretrained`` given.
+
+    Returns:
+        ``(model, tokenizer, preprocess_cfg)`` where ``preprocess_cfg`` has ``size``, ``mean``,
+        ``std``, ``interpolation``, ``resize_mode``.
+    """
+    if model is None:
+        import open_clip  # lazy: heavy import, optional for users of other rewards
+
+        folder: Path | None = None
+        if model_name is not None and model_name.startswith("local-dir:"):
+            folder = Path(model_name[len("local-dir:") :])
+        elif pretrained is not None and Path(pretrained).is_dir():
+            folder = Path(pretrained)
+        if folder is not None:
+            config = folder / "open_clip_config.json"
+            if not config.is_file():
+                raise FileNotFoundError(f"{who}: open_clip config not found: expected {config}")
+            if not any((folder / n).is_file() for n in _OPEN_CLIP_WEIGHT_NAMES):
+                raise FileNotFoundError(
+                    f"{who}: no weights in {folder}: expected {folder / _OPEN_CLIP_WEIGHT_NAMES[0]} "
+                    f"(or one of {', '.join(_OPEN_CLIP_WEIGHT_NAMES[1:])})"
+                )
+            source = f"local-dir:{folder}"
+            model = open_clip.create_model(source)
+            if tokenizer is None:
+                tokenizer = open_clip.get_tokenizer(source)
+        elif pretrained is not None:
+            pretrained = str(pretrained)
+            if model_name is None:
+                raise ValueError(f"{who}: pretrained={pretrained!r} needs model_name (an open_clip architecture)")
+            if _looks_like_path(pretrained) and not Path(pretrained).is_file():
+                raise FileNotFoundError(f"{who}: weights file not found: {pretrained} (model {model_name})")
+            model = open_clip.create_model(model_name, pretrained=pretrained)
+            if tokenizer is None:
+                tokenizer = open_clip.get_tokenizer(model_name)
+        else:
+            raise ValueError(
+                f"{who}: give pretrained=<weights file or open_clip folder> or model=<open_clip model>; "
+                "rewards never silently use random weights"
+            )
+    for attr in ("encode_image", "encode_text", "logit_scale"):
+        if not hasattr(model, attr):
+            raise TypeError(f"{who}: model {type(model).__name__} lacks {attr!r}; pass an open_clip CLIP model")
+    if tokenizer is None:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        tokenizer = SimpleTokenizer(context_length=int(getattr(model, "context_length", 77)))
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
+    _freeze(model)
+    cfg = dict(getattr(getattr(model, "visual", None), "preprocess_cfg", None) or {})
+    size = cfg.get("size", getattr(getattr(model, "visual", None), "image_size", 224))
+    preprocess_cfg = {
+        "size": size if isinstance(size, int) else tuple(size),
+        "mean": tuple(cfg.get("mean", OPENAI_CLIP_MEAN)),
+        "std": tuple(cfg.get("std", OPENAI_CLIP_STD)),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "resize_mode": cfg.get("resize_mode", "shortest"),
+    }
+    if preprocess_cfg["resize_mode"] not in ("shortest", "squash"):
+        preprocess_cfg["resize_mode"] = "shortest"
+    return model, tokenizer, preprocess_cfg
+
+
+class _ClipEncoder:
+    """Frozen open_clip towers: normalised image features (with grad) and cached text features."""
+
+    def __init__(self, model: nn.Module, tokenizer: Callable[[list[str]], Tensor], preprocess_cfg: dict[str, Any]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess_cfg = preprocess_cfg
+        self._text_key: tuple[str, ...] | None = None
+        self._text_features: Tensor | None = None
+
+    def _param(self) -> Tensor:
+        return next(self.model.parameters())
+
+    def image_features(self, images: Tensor) -> Tensor:
+        """``(B,3,H,W)`` in [0,1] -> L2-normalised ``(B, D)`` features (differentiable)."""
+        p = self._param()
+        x = preprocess_images(images.to(device=p.device, dtype=p.dtype), **self.preprocess_cfg)
+        return F.normalize(self.model.encode_image(x), dim=-1)
+
+    def text_features(self, prompts: list[str]) -> Tensor:
+        """``B`` prompts -> L2-normalised ``(B, D)``; cached for the last prompt list (ReNO reuses it)."""
+        key = tuple(prompts)
+        if key != self._text_key or self._text_features is None:
+            p = self._param()
+            with torch.no_grad():
+                tokens = self.tokenizer(list(prompts)).to(p.device)
+                self._text_features = F.normalize(self.model.encode_text(tokens), dim=-1)
+            self._text_key = key
+        return self._text_features
+
+    def cosine(self, images: Tensor, prompts: list[str]) -> Tensor:
+        img = self.image_features(images)
+        return (img * self.text_features(prompts).to(img.dtype)).sum(-1)
+
+    def logit_scale(self) -> Tensor:
+        return self.model.logit_scale.detach().float().exp().reshape(())
+
+
+class ClipScore:
+    """CLIP score of any open_clip model, ReNO's loss form.
+
+    score = ``exp(logit_scale) * cos(image, prompt)`` (100 for trained CLIPs, so about 20-35);
+    loss = ``100 - score`` (ReNO's CLIP term, weight 0.01).
+
+    Build from ``model_name`` + ``pretrained`` (weights file, open_clip folder or tag), or wrap a
+    ``model`` object (then pass its ``tokenizer`` unless open_clip's default BPE fits).
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        pretrained: str | os.PathLike[str] | None = None,
+        *,
+        model: nn.Module | None = None,
+        tokenizer: Callable[[list[str]], Tensor] | None = None,
+        weight: float = 0.01,
+        name: str = "clip",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.name = name
+        self.weight = float(weight)
+        self.encoder = _ClipEncoder(
+            *load_open_clip(model_name, pretrained, model=model, tokenizer=tokenizer, device=device, dtype=dtype,
+                            who=type(self).__name__)
+        )
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        prompts = _check_batch(images, prompts, type(self).__name__)
+        return self.encoder.logit_scale() * self.encoder.cosine(images, prompts).float()
+
+    def loss_from_score(self, score: Tensor) -> Tensor:
+        return 100.0 - score
+
+    def loss(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return self.loss_from_score(self(images, prompts))
+
+
+class PickScoreLike(ClipScore):
+    """PickScore-style scorer: an open_clip architecture (ViT-H-14 by default) with fine-tuned weights.
+
+    score = ``exp(logit_scale) * cos(image, prompt)`` (PickScore's definition, about 18-24);
+    loss = ``1 - score / 100`` (ReNO's PickScore term, weight 0.05). Weights are required: a
+    file for ``model_name`` or an open_clip folder; a missing one raises ``FileNotFoundError``.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | os.PathLike[str],
+        model_name: str = "ViT-H-14",
+        *,
+        tokenizer: Callable[[list[str]], Tensor] | None = None,
+        weight: float = 0.05,
+        name: str = "pickscore",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if pretrained is None:
+            raise ValueError(f"{type(self).__name__}: pretrained weights are required (a file or open_clip folder)")
+        super().__init__(model_name, pretrained, tokenizer=tokenizer, weight=weight, name=name, device=device,
+                         dtype=dtype)
+
+    def loss_from_score(self, score: Tensor) -> Tensor:
+        return 1.0 - score / 100.0
+
+
+class HPSv2Like(ClipScore):
+    """HPSv2-style scorer: an open_clip architecture (ViT-H-14 by default) with HPS weights.
+
+    score = ``cos(image, prompt)`` (HPSv2.1 is about 0.25-0.35); loss = ``1 - score`` (ReNO's HPS
+    term, weight 5.0). The released ``HPS_v2.1_compressed.pt`` holds ``{"state_dict": ...}`` of
+    plain tensors, which open_clip's loader reads with ``weights_only=True``; safetensors also work.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | os.PathLike[str],
+        model_name: str = "ViT-H-14",
+        *,
+        tokenizer: Callable[[list[str]], Tensor] | None = None,
+        weight: float = 5.0,
+        name: str = "hpsv2",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if pretrained is None:
+            raise ValueError(f"{type(self).__name__}: pretrained weights are required (a file or open_clip folder)")
+        super().__init__(model_name, pretrained, tokenizer=tokenizer, weight=weight, name=name, device=device,
+                         dtype=dtype)
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        prompts = _check_batch(images, prompts, type(self).__name__)
+        return self.encoder.cosine(images, prompts).float()
+
+    def loss_from_score(self, score: Tensor) -> Tensor:
+        return 1.0 - score
+
+
+_HEAD_KEY = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)\.weight$")
+
+
+def _head_from_state_dict(state: dict[str, Tensor], path: Path, activation: str | None) -> nn.Sequential:
+    """A chain of Linear layers from ``{"<prefix><i>.weight", "<prefix><i>.bias"}`` (or one ``weight``/``bias``)."""
+    if "weight" in state:
+        linears = [(state["weight"], state.get("bias"))]
+    else:
+        indexed = sorted((int(m["index"]), m["prefix"] + m["index"]) for m in map(_HEAD_KEY.match, state) if m)
+        if not indexed:
+            raise ValueError(f"AestheticHead: {path} has no '<i>.weight' or 'weight' tensors; keys: {sorted(state)[:8]}")
+        linears = [(state[f"{k}.weight"], state.get(f"{k}.bias")) for _, k in indexed]
+    layers: list[nn.Module] = []
+    for i, (w, b) in enumerate(linears):
+        if w.ndim != 2:
+            raise ValueError(f"AestheticHead: {path}: layer {i} weight must be 2-D, got {tuple(w.shape)}")
+        if i > 0 and w.shape[1] != linears[i - 1][0].shape[0]:
+            raise ValueError(f"AestheticHead: {path}: layer {i} expects {w.shape[1]} inputs, previous gives "
+                             f"{linears[i - 1][0].shape[0]}")
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if b is not None:
+                lin.bias.copy_(b)
+        layers.append(lin)
+        if activation is not None and i < len(linears) - 1:
+            layers.append({"relu": nn.ReLU(), "gelu": nn.GELU()}[activation])
+    if linears[-1][0].shape[0] != 1:
+        raise ValueError(f"AestheticHead: {path}: last layer must output 1 value, got {linears[-1][0].shape[0]}")
+    return nn.Sequential(*layers)
+
+
+class AestheticHead:
+    """Aesthetic score: a linear / MLP head on L2-normalised CLIP image features (prompts unused).
+
+    The head loads from a safetensors file: either one ``weight``/``bias`` pair (a linear probe)
+    or numbered layers ``<prefix><i>.weight``/``.bias`` applied in index order, which is the LAION
+    aesthetic predictor v2 layout (``layers.0``, ``layers.2``, ``layers.4``, ``layers.6``,
+    ``layers.7``; no nonlinearities, dropout is a no-op at eval). ``activation="relu"|"gelu"``
+    inserts one between layers for heads trained with them.
+
+    score = ``head(image_features)`` (LAION scale about 1-10); loss = ``10 - score``.
+    """
+
+    def __init__(
+        self,
+        head_weights: str | os.PathLike[str],
+        model_name: str | None = "ViT-L-14",
+        pretrained: str | os.PathLike[str] | None = None,
+        *,
+        model: nn.Module | None = None,
+        tokenizer: Callable[[list[str]], Tensor] | None = None,
+        activation: str | None = None,
+        weight: float = 1.0,
+        name: str = "aesthetic",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(head_weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"AestheticHead: head weights file not found: {path} (expected safetensors)")
+        if activation not in (None, "relu", "gelu"):
+            raise ValueError(f"AestheticHead: activation must be None, 'relu' or 'gelu', got {activation!r}")
+        self.name = name
+        self.weight = float(weight)
+        self.encoder = _ClipEncoder(
+            *load_open_clip(model_name, pretrained, model=model, tokenizer=tokenizer, device=device, dtype=dtype,
+                            who="AestheticHead")
+        )
+        p = self.encoder._param()
+        self.head = _freeze(_head_from_state_dict(load_file(str(path)), path, activation).to(p.device, p.dtype))
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        _check_batch(images, prompts, "AestheticHead")
+        feats = self.encoder.image_features(images)
+        if feats.shape[-1] != self.head[0].in_features:
+            raise ValueError(f"AestheticHead: CLIP features have {feats.shape[-1]} dims, head expects "
+                             f"{self.head[0].in_features}")
+        return self.head(feats).squeeze(-1).float()
+
+    def loss_from_score(self, score: Tensor) -> Tensor:
+        return 10.0 - score
+
+    def loss(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return self.loss_from_score(self(images, prompts))
+
+
+class CallableReward:
+    """Wrap a user function ``fn(images (B,3,H,W) in [0,1], prompts) -> (B,)`` as a :class:`Reward`.
+
+    loss = ``-score`` unless ``loss_fn(score) -> loss`` is given. The function must be
+    differentiable in ``images`` for noise optimisation.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Tensor, list[str]], Tensor],
+        name: str,
+        *,
+        weight: float = 1.0,
+        loss_fn: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"CallableReward: fn must be callable, got {type(fn).__name__}")
+        if not name:
+            raise ValueError("CallableReward: name must be a non-empty string")
+        self.fn = fn
+        self.name = name
+        self.weight = float(weight)
+        self.loss_fn = loss_fn
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        prompts = _check_batch(images, prompts, f"CallableReward({self.name})")
+        score = self.fn(images, prompts)
+        if not isinstance(score, Tensor) or score.shape != (images.shape[0],):
+            got = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
+            raise ValueError(f"CallableReward({self.name}): fn must return a ({images.shape[0]},) tensor, got {got}")
+        return score
+
+    def loss_from_score(self, score: Tensor) -> Tensor:
+        return -score if self.loss_fn is None else self.loss_fn(score)
+
+    def loss(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return self.loss_from_score(self(images, prompts))
+
+
+@dataclass
+class RewardTerms:
+    """One evaluation of a :class:`WeightedRewards`: per-reward ``scores`` and ``losses`` (each ``(B,)``),
+    and ``total_loss`` = sum of ``weight * loss`` ``(B,)``."""
+
+    scores: dict[str, Tensor]
+    losses: dict[str, Tensor]
+    total_loss: Tensor
+
+
+class WeightedRewards:
+    """A weighted sum of rewards: ``loss = sum_r weight_r * loss_r`` and ``__call__ = -loss``.
+
+    Accepts ``[(reward, weight), ...]`` or bare rewards (their own ``.weight``). Names must be
+    unique (they key the per-reward logs). An empty list raises ``ValueError``.
+    """
+
+    name = "total"
+    weight = 1.0
+
+    def __init__(self, rewards: Iterable[Reward | tuple[Reward, float]]) -> None:
+        members: list[tuple[Reward, float]] = []
+        for item in rewards:
+            reward, weight = item if isinstance(item, tuple) else (item, getattr(item, "weight", 1.0))
+            if not callable(reward) or not hasattr(reward, "loss"):
+                raise TypeError(f"WeightedRewards: {reward!r} is not a Reward (needs __call__ and loss)")
+            weight = float(weight)
+            if not math.isfinite(weight):
+                raise ValueError(f"WeightedRewards: weight of {getattr(reward, 'name', reward)!r} is {weight}")
+            members.append((reward, weight))
+        if not members:
+            raise ValueError("WeightedRewards: the reward list is empty; give at least one (reward, weight)")
+        names = [getattr(r, "name", type(r).__name__) for r, _ in members]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"WeightedRewards: duplicate reward names {dupes}; give each a distinct name=")
+        self.members = members
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def evaluate(self, images: Tensor, prompts: Sequence[str]) -> RewardTerms:
+        """Run every scorer once: per-reward scores and losses ``(B,)`` and the weighted total loss ``(B,)``."""
+        scores: dict[str, Tensor] = {}
+        losses: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        for (reward, weight), name in zip(self.members, self.names, strict=True):
+            score = reward(images, prompts)
+            to_loss = getattr(reward, "loss_from_score", None)
+            loss = to_loss(score) if to_loss is not None else reward.loss(images, prompts)
+            scores[name], losses[name] = score, loss
+            term = weight * loss.float()
+            total = term if total is None else total + term
+        assert total is not None
+        return RewardTerms(scores=scores, losses=losses, total_loss=total)
+
+    def loss(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return self.evaluate(images, prompts).total_loss
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return -self.loss(images, prompts)
