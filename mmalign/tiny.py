@@ -1,0 +1,712 @@
+"""Tiny, randomly initialised models of every supported family, for tests, demos and benchmarks.
+
+Each builder writes a folder with ``save_pretrained`` and returns its :class:`~pathlib.Path`; the folder is
+then read back through the same ``from_pretrained`` path a real checkpoint uses (``AutoProcessor``,
+``AutoModelForImageTextToText``, ``StableDiffusionPipeline`` ...). Nothing is downloaded: tokenizers are
+byte-level BPEs whose merges come from a small built-in word list, written out by this module.
+
+Determinism: every builder seeds a forked torch RNG before creating each model, so the same ``seed`` gives
+bitwise-identical weights (on the same torch build) and the caller's global RNG state is left untouched.
+
+Shapes other code relies on (all CPU-fast, forward passes in milliseconds):
+
+* LLaVA: images 32x32 (``CLIPImageProcessor`` resizes/crops to 32), patch 8 -> 4x4 = 16 image tokens
+  (CLS dropped by the ``"default"`` feature strategy); the processor expands one ``<image>`` to 16.
+* Qwen2-VL: patch 14, spatial merge 2 -> one image token per 28x28 pixels; ``min_pixels = 56*56``,
+  ``max_pixels = 112*112`` so an image becomes 4 to 16 image tokens (a square photo: 112x112 -> 16).
+* Stable Diffusion (1.x style): 32x32 images, VAE downscale 2 -> 4x16x16 latents; text 16 tokens x 32.
+* SDXL: 32x32 images, 4x16x16 latents; two text encoders (32 + 32 hidden -> 64 cross-attention dim).
+* SD3: 32x32 images, VAE downscale 2 -> 4x16x16 latents, transformer patch 2.
+* open_clip: 32x32 images, patch 8, embedding dim 32, context length 16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "LLAVA_IMAGE_SIZE",
+    "LLAVA_NUM_IMAGE_TOKENS",
+    "QWEN2VL_MAX_PIXELS",
+    "QWEN2VL_MIN_PIXELS",
+    "SD_IMAGE_SIZE",
+    "TINY_BUILDERS",
+    "cached_tiny",
+    "make_tiny_causal_lm",
+    "make_tiny_llava",
+    "make_tiny_sd",
+    "make_tiny_sd3",
+    "make_tiny_sdxl",
+    "make_tiny_tokenizer",
+]
+
+LLAVA_IMAGE_SIZE = 32
+LLAVA_PATCH_SIZE = 8
+LLAVA_NUM_IMAGE_TOKENS = (LLAVA_IMAGE_SIZE // LLAVA_PATCH_SIZE) ** 2  # 16
+QWEN2VL_MIN_PIXELS = 56 * 56
+QWEN2VL_MAX_PIXELS = 112 * 112
+SD_IMAGE_SIZE = 32
+CLIP_MAX_LENGTH = 16
+
+# Small built-in corpus: BPE merges are derived from these words so that common prompt words are
+# single tokens; anything else still tokenizes (byte-level fallback), just into more pieces.
+_CORPUS_WORDS: tuple[str, ...] = (
+    "a an the of in on with and is are this that what there it to for image photo picture describe "
+    "detail details red green blue yellow white black cube sphere cat dog astronaut coffee cup man woman "
+    "person tree car house sky table chair small large left right top bottom yes no question answer "
+    "color colour shape object objects many how where who does do see shown scene"
+).split()
+
+_LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% else %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '</s>' }}{% endif %}{{ ' ' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' or 'image' in c or 'image_url' in c %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif c['type'] == 'video' or 'video' in c %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif 'text' in c %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch inside a forked RNG so building a model never disturbs the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _prepare_dir(out_dir: str | os.PathLike[str]) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"tiny model output {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins GPT-2 style byte-level BPE uses for raw bytes, in byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table: dict[int, str] = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def _word_merges(symbols_per_word: list[list[str]]) -> list[tuple[str, str]]:
+    """Left-to-right merges that turn each word's symbol list into one symbol (deduplicated, ordered).
+
+    Merging strictly left to right gives a valid BPE: each merge's inputs exist before the merge,
+    and applying the merges in rank order rebuilds every corpus word as one token.
+    """
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for symbols in symbols_per_word:
+        if len(symbols) < 2:
+            continue
+        left = symbols[0]
+        for right in symbols[1:]:
+            pair = (left, right)
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+            left = left + right
+    return merges
+
+
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style BPE (``</w>`` end-of-word suffix) over the built-in corpus; specials come last."""
+    byte_table = _byte_alphabet()
+    alphabet = sorted(set(byte_table))
+    vocab_list: list[str] = list(alphabet) + [c + "</w>" for c in alphabet]
+    words = []
+    for word in _CORPUS_WORDS:
+        chars = [byte_table[b] for b in word.encode("utf-8")]
+        chars[-1] = chars[-1] + "</w>"
+        words.append(chars)
+    merges = _word_merges(words)
+    known = set(vocab_list)
+    for left, right in merges:
+        if left + right not in known:
+            known.add(left + right)
+            vocab_list.append(left + right)
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    return vocab, merges
+
+
+def _save_clip_tokenizer(folder: Path, *, max_length: int = CLIP_MAX_LENGTH) -> Any:
+    """Write vocab.json / merges.txt for a tiny CLIP tokenizer into ``folder`` and return it loaded back."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab_and_merges()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8"
+    )
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def make_tiny_tokenizer(*, flavour: str = "llava") -> Any:
+    """A byte-level BPE tokenizer built offline, wrapped as a ``PreTrainedTokenizerFast``.
+
+    ``flavour="llava"``: Llama/LLaVA-1.5 style, ``<s>`` prepended, ``</s>`` eos, ``<pad>``, ``<image>``,
+    LLaVA-1.5 chat template (``"USER: <image>\\n{prompt} ASSISTANT:"``).
+    ``flavour="qwen"``: Qwen2 style, no bos, ``<|im_end|>`` eos, ``<|endoftext|>`` pad, the vision tokens
+    ``<|vision_start|> <|image_pad|> <|video_pad|> <|vision_end|>`` and a ChatML template.
+
+    The vocabulary is 256 byte symbols + merges of the built-in corpus + the special tokens (a few
+    hundred ids); ``len(tokenizer)`` is the vocab size to give a model.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    if flavour not in ("llava", "qwen"):
+        raise ValueError(f"make_tiny_tokenizer: flavour must be 'llava' or 'qwen', got {flavour!r}")
+    byte_table = _byte_alphabet()
+    # Space-prefixed words first: their merges all start with the space symbol and rank before any
+    # bare-word merge, so " red" inside a sentence becomes one token instead of "Ġ" + "red".
+    variants = [" " + word for word in _CORPUS_WORDS] + list(_CORPUS_WORDS)
+    merges = _word_merges([[byte_table[b] for b in v.encode("utf-8")] for v in variants])
+    vocab_list = list(byte_table)
+    known = set(vocab_list)
+    for left, right in merges:
+        if left + right not in known:
+            known.add(left + right)
+            vocab_list.append(left + right)
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+
+    if flavour == "llava":
+        specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+        extra = ["<image>"]
+    else:
+        specials = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+        extra = ["<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    backend.add_special_tokens(list(specials.values()) + extra)
+    if flavour == "llava":
+        bos_id = backend.token_to_id("<s>")
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+        )
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        chat_template=_LLAVA_CHAT_TEMPLATE if flavour == "llava" else _QWEN_CHAT_TEMPLATE,
+        padding_side="left" if flavour == "llava" else "right",
+        model_max_length=2048,
+        extra_special_tokens=extra,
+        **specials,
+    )
+    return tokenizer
+
+
+def _llama_text_config(
+    vocab_size: int, *, pad_token_id: int | None, bos_token_id: int | None, eos_token_id: int | None
+) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# vision-language models
+
+
+def make_tiny_causal_lm(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Tiny ``LlamaForCausalLM`` (hidden 32, 2 layers, 4 heads) + the LLaVA-flavour tokenizer.
+
+    Loads with ``AutoModelForCausalLM.from_pretrained(path)`` / ``AutoTokenizer.from_pretrained(path)``.
+    """
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    out = _prepare_dir(out_dir)
+    tokenizer = make_tiny_tokenizer(flavour="llava")
+    config = _llama_text_config(
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with _seeded(seed):
+        model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_tiny_llava(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Tiny ``LlavaForConditionalGeneration`` with a matching ``LlavaProcessor``, saved to ``out_dir``.
+
+    Vision tower: CLIP, 32x32 images, patch 8, hidden 32, 2 layers -> 16 patch features + CLS; the
+    ``"default"`` feature strategy drops CLS, so each image is :data:`LLAVA_NUM_IMAGE_TOKENS` = 16 tokens,
+    and the processor (``patch_size=8``, ``num_additional_image_tokens=1``) expands ``<image>`` to 16.
+    Text model: Llama, hidden 32, 2 layers. Loads with ``AutoModelForImageTextToText`` / ``AutoProcessor``.
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        GenerationConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    out = _prepare_dir(out_dir)
+    tokenizer = make_tiny_tokenizer(flavour="llava")
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision_config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=LLAVA_IMAGE_SIZE,
+        patch_size=LLAVA_PATCH_SIZE,
+        projection_dim=32,
+    )
+    text_config = _llama_text_config(
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=LLAVA_NUM_IMAGE_TOKENS,
+    )
+    with _seeded(seed):
+        model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    mean = [0.48145466, 0.4578275, 0.40821073]
+    std = [0.26862954, 0.26130258, 0.27577711]
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": LLAVA_IMAGE_SIZE},
+        crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE},
+        do_center_crop=True,
+        image_mean=mean,
+        image_std=std,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=LLAVA_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_LLAVA_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# diffusion pipelines
+
+_SCHEDULERS = ("ddpm", "ddim", "euler", "euler_ancestral")
+
+
+def _clip_tokenizer(*, max_length: int = CLIP_MAX_LENGTH) -> Any:
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def _write_clip_vocab_files(folder: Path) -> None:
+    """Make sure a saved CLIP tokenizer folder also holds the classic vocab.json / merges.txt pair."""
+    vocab, merges = _clip_vocab_and_merges()
+    if not (folder / "vocab.json").exists():
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    if not (folder / "merges.txt").exists():
+        (folder / "merges.txt").write_text(
+            "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8"
+        )
+
+
+def _clip_text_config(tokenizer: Any, *, projection_dim: int = 32) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection_dim,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_act="gelu",
+    )
+
+
+def _tiny_vae(*, latent_channels: int = 4, **extra: Any) -> Any:
+    """AutoencoderKL with two blocks (32, 64): downscale factor 2, 32x32 images -> 16x16 latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=32,
+        sample_size=SD_IMAGE_SIZE,
+        **extra,
+    )
+
+
+def _sd_scheduler(name: str, prediction_type: str) -> Any:
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    if name not in _SCHEDULERS:
+        raise ValueError(f"tiny SD scheduler must be one of {_SCHEDULERS}, got {name!r}")
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(
+            f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}"
+        )
+    common: dict[str, Any] = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": prediction_type,
+    }
+    if name == "ddpm":
+        return DDPMScheduler(**common, clip_sample=False, steps_offset=1)
+    if name == "ddim":
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    if name == "euler":
+        return EulerDiscreteScheduler(**common, timestep_spacing="trailing")
+    return EulerAncestralDiscreteScheduler(**common, timestep_spacing="trailing")
+
+
+def make_tiny_sd(
+    out_dir: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    scheduler: str = "ddpm",
+) -> Path:
+    """Tiny ``StableDiffusionPipeline`` folder (SD 1.x layout), loadable with ``from_pretrained``.
+
+    UNet: blocks (32, 64), one layer each, cross-attention dim 32, latent 4x16x16. VAE: downscale 2, so
+    the native size is 32x32 pixels. Text: ``CLIPTextModel`` (hidden 32, 2 layers) + a CLIP BPE tokenizer
+    (max length 16). ``scheduler`` is one of ``"ddpm"``, ``"ddim"``, ``"euler"``, ``"euler_ancestral"``
+    (the Euler ones use trailing timestep spacing, so one-step "turbo" sampling works).
+    No safety checker, no feature extractor.
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    out = _prepare_dir(out_dir)
+    noise_scheduler = _sd_scheduler(scheduler, prediction_type)
+    tokenizer = _clip_tokenizer()
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=SD_IMAGE_SIZE // 2,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+            norm_num_groups=32,
+        )
+    with _seeded(seed + 1):
+        vae = _tiny_vae()
+    with _seeded(seed + 2):
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=noise_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    _write_clip_vocab_files(out / "tokenizer")
+    return out
+
+
+def make_tiny_sdxl(
+    out_dir: str | os.PathLike[str], *, seed: int = 0, prediction_type: str = "epsilon"
+) -> Path:
+    """Tiny ``StableDiffusionXLPipeline`` folder.
+
+    Two text encoders (``CLIPTextModel`` and ``CLIPTextModelWithProjection``, hidden 32 each, projection 32)
+    whose penultimate hidden states concatenate to the UNet's cross-attention dim 64; ``text_time``
+    added conditioning with ``addition_time_embed_dim=8``, so
+    ``projection_class_embeddings_input_dim = 6 * 8 + 32 = 80``. Native size 32x32 (latents 4x16x16).
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    out = _prepare_dir(out_dir)
+    tokenizer = _clip_tokenizer()
+    tokenizer_2 = _clip_tokenizer()
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    noise_scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        timestep_spacing="trailing",
+    )
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=SD_IMAGE_SIZE // 2,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=1,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            norm_num_groups=32,
+        )
+    with _seeded(seed + 1):
+        vae = _tiny_vae(force_upcast=False)
+    with _seeded(seed + 2):
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    with _seeded(seed + 3):
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, projection_dim=32))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=noise_scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    _write_clip_vocab_files(out / "tokenizer")
+    _write_clip_vocab_files(out / "tokenizer_2")
+    return out
+
+
+def make_tiny_sd3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Tiny ``StableDiffusion3Pipeline`` folder (flow matching).
+
+    ``SD3Transformer2DModel``: 16 latent channels, patch 2, one joint block, 4 heads x 8 dims,
+    ``joint_attention_dim=64`` (the two CLIP encoders' hidden states, 32 + 32, concatenated),
+    ``pooled_projection_dim=64`` (their projections, 32 + 32). VAE: 16 latent channels, downscale 2, with
+    SD3's ``shift_factor``/``scaling_factor``; native size 32x32 (latents 16x16x16, 64 image tokens).
+    ``text_encoder_3``/``tokenizer_3`` (T5) are ``None``: the pipeline then uses zero T5 embeddings of
+    length ``max_sequence_length`` (pass a small value such as 8 to keep sampling fast).
+    Scheduler: ``FlowMatchEulerDiscreteScheduler(shift=3.0)``.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    out = _prepare_dir(out_dir)
+    tokenizer = _clip_tokenizer()
+    tokenizer_2 = _clip_tokenizer()
+    with _seeded(seed):
+        transformer = SD3Transformer2DModel(
+            sample_size=SD_IMAGE_SIZE // 2,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=64,
+            caption_projection_dim=32,
+            pooled_projection_dim=64,
+            pos_embed_max_size=16,
+        )
+    with _seeded(seed + 1):
+        vae = _tiny_vae(
+            latent_channels=16,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    with _seeded(seed + 2):
+        text_encoder = CLIPTextModelWithProjection(_clip_text_config(tokenizer, projection_dim=32))
+    with _seeded(seed + 3):
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, projection_dim=32))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    _write_clip_vocab_files(out / "tokenizer")
+    _write_clip_vocab_files(out / "tokenizer_2")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# cache
+
+TINY_BUILDERS: dict[str, Callable[..., Path]] = {
+    "llava": make_tiny_llava,
+    "causal_lm": make_tiny_causal_lm,
+    "sd": make_tiny_sd,
+    "sdxl": make_tiny_sdxl,
+    "sd3": make_tiny_sd3,
+}
+
+_MEMO: dict[str, Path] = {}
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("MMALIGN_TINY_CACHE")
+    if env:
+        return Path(env)
+    return Path(tempfile.gettempdir()) / "mmalign-tiny-cache"
+
+
+def _cache_key(name: str, kwargs: dict[str, Any]) -> str:
+    """Name + kwargs + a digest of this file and the library versions, so stale builds are never reused."""
+    import diffusers
+    import transformers
+
+    digest = hashlib.sha256()
+    digest.update(Path(__file__).read_bytes())
+    digest.update(f"{torch.__version__}|{transformers.__version__}|{diffusers.__version__}".encode())
+    digest.update(json.dumps(kwargs, sort_keys=True, default=str).encode())
+    return f"{name}-{digest.hexdigest()[:16]}"
+
+
+def cached_tiny(name: str, **kw: Any) -> Path:
+    """Build tiny model ``name`` (a key of :data:`TINY_BUILDERS`) once and return its folder.
+
+    The folder lives under ``$MMALIGN_TINY_CACHE`` (default ``<system temp>/mmalign-tiny-cache``), keyed by
+    the name, the keyword arguments and a digest of this module and the library versions. A build goes to
+    a private temporary folder that is renamed into place atomically, so concurrent processes (pytest-xdist
+    workers) never see a half-written model; a process that loses the race discards its copy. Treat the
+    returned folder as read-only: copy it before modifying or training in place.
+    """
+    if name not in TINY_BUILDERS:
+        raise KeyError(f"cached_tiny: unknown tiny model {name!r}; known: {sorted(TINY_BUILDERS)}")
+    key = _cache_key(name, kw)
+    if key in _MEMO and _MEMO[key].is_dir():
+        return _MEMO[key]
+    root = _cache_root()
+    final = root / key
+    if not final.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        staging = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            TINY_BUILDERS[name](staging, **kw)
+            try:
+                os.rename(staging, final)
+            except OSError:
+                if not final.is_dir():  # the rename failed for a reason other than losing the race
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    _MEMO[key] = final
+    return final

@@ -1,0 +1,285 @@
+"""Tests for mmalign.tiny: every builder saves, loads back through the real from_pretrained path, runs,
+is deterministic under its seed and stays tiny."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mmalign import tiny
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of every safetensors file under ``folder``, keyed by relative file path + name."""
+    tensors: dict[str, torch.Tensor] = {}
+    files = sorted(folder.rglob("*.safetensors"))
+    assert files, f"no safetensors under {folder}"
+    for file in files:
+        for name, tensor in load_file(file).items():
+            tensors[f"{file.relative_to(folder)}::{name}"] = tensor
+    return tensors
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _n_params(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in tensors.values())
+
+
+def _photo(h: int = 48, w: int = 64, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenizers
+
+
+def test_llava_tokenizer_roundtrip_and_specials() -> None:
+    tok = tiny.make_tiny_tokenizer(flavour="llava")
+    text = "Describe the photo, a red cube! Ünïcode ok?"
+    ids = tok(text).input_ids
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    # corpus words are single tokens, with and without the leading space
+    assert tok.tokenize(" red") == ["Ġred"]
+    assert tok.tokenize("red") == ["red"]
+    image_ids = tok("<image>", add_special_tokens=False).input_ids
+    assert image_ids == [tok.convert_tokens_to_ids("<image>")]
+    assert tok.pad_token == "<pad>" and tok.eos_token == "</s>"
+    assert len(set(tok.all_special_ids)) == len(tok.all_special_ids)
+
+
+def test_qwen_tokenizer_specials() -> None:
+    tok = tiny.make_tiny_tokenizer(flavour="qwen")
+    ids = tok("<|vision_start|><|image_pad|><|vision_end|>", add_special_tokens=False).input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+    assert tok("hello").input_ids[0] != tok.convert_tokens_to_ids("<|im_start|>")  # no bos
+    with pytest.raises(ValueError, match="flavour"):
+        tiny.make_tiny_tokenizer(flavour="t5")
+
+
+# ------------------------------------------------------------------------------------------------
+# vision-language
+
+
+def test_llava_loads_runs_and_expands_image_tokens(tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = tiny.make_tiny_llava(tmp_path / "llava")
+    assert path == tmp_path / "llava"
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert type(processor).__name__ == "LlavaProcessor"
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == "USER: <image>\nWhat is this? ASSISTANT:"
+
+    inputs = processor(text=[prompt], images=[_photo()], return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, tiny.LLAVA_IMAGE_SIZE, tiny.LLAVA_IMAGE_SIZE)
+    n_image = int((inputs["input_ids"] == model.config.image_token_index).sum())
+    assert n_image == tiny.LLAVA_NUM_IMAGE_TOKENS == 16  # (32 / 8) ** 2 patches, CLS dropped
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.logits.shape == (1, inputs["input_ids"].shape[1], len(processor.tokenizer))
+    assert torch.isfinite(out.logits).all()
+
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 4)
+    assert _n_params(_weights(path)) < 300_000
+
+
+def test_llava_batch_with_left_padding(tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = tiny.make_tiny_llava(tmp_path / "llava")
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    prompts = ["USER: <image>\nshort ASSISTANT:", "USER: <image>\na much longer question here ASSISTANT:"]
+    inputs = processor(text=prompts, images=[_photo(seed=1), _photo(seed=2)], return_tensors="pt", padding=True)
+    assert inputs["attention_mask"][0, 0] == 0 and inputs["attention_mask"][1, 0] == 1  # left padded
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.logits.shape[:2] == inputs["input_ids"].shape
+
+
+def test_causal_lm_loads_and_runs(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny.make_tiny_causal_lm(tmp_path / "lm")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    batch = tok(["a red cube", "the cat"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, batch["input_ids"].shape[1], len(tok))
+    out = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+
+
+# ------------------------------------------------------------------------------------------------
+# diffusion
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sd_loads_and_samples_fast(tmp_path: Path, prediction_type: str) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    path = tiny.make_tiny_sd(tmp_path / "sd", prediction_type=prediction_type)
+    assert (path / "tokenizer" / "vocab.json").is_file() and (path / "tokenizer" / "merges.txt").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == prediction_type
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    start = time.perf_counter()
+    images = pipe(
+        "a red cube",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    elapsed = time.perf_counter() - start
+    assert images.shape == (1, 3, 32, 32)
+    assert torch.isfinite(images).all()
+    assert elapsed < 2.0, f"2-step tiny SD sample took {elapsed:.2f} s"
+    # the VAE downscales by 2: 32x32 pixels <-> 4x16x16 latents
+    with torch.no_grad():
+        latents = pipe.vae.encode(images * 2 - 1).latent_dist.mean
+    assert latents.shape == (1, 4, 16, 16)
+
+
+def test_sd_one_step_turbo_scheduler(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    path = tiny.make_tiny_sd(tmp_path / "sd", scheduler="euler_ancestral")
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    image = pipe("a cat", num_inference_steps=1, guidance_scale=0.0, output_type="pt").images
+    assert image.shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="scheduler"):
+        tiny.make_tiny_sd(tmp_path / "bad", scheduler="heun")
+    with pytest.raises(ValueError, match="prediction_type"):
+        tiny.make_tiny_sd(tmp_path / "bad", prediction_type="flow")
+
+
+def test_sdxl_loads_and_samples(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    path = tiny.make_tiny_sdxl(tmp_path / "sdxl")
+    pipe = StableDiffusionXLPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    # 6 time ids x addition_time_embed_dim 8 + pooled projection 32
+    assert pipe.unet.config.projection_class_embeddings_input_dim == 6 * 8 + 32
+    images = pipe("a red cube", num_inference_steps=2, height=32, width=32, output_type="pt").images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_sd3_loads_and_samples(tmp_path: Path) -> None:
+    from diffusers import StableDiffusion3Pipeline
+
+    path = tiny.make_tiny_sd3(tmp_path / "sd3")
+    pipe = StableDiffusion3Pipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    images = pipe(
+        "a red cube", num_inference_steps=2, height=32, width=32, output_type="pt", max_sequence_length=8
+    ).images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# determinism and size
+
+_BUILDERS = {
+    "llava": (tiny.make_tiny_llava, 300_000),
+    "causal_lm": (tiny.make_tiny_causal_lm, 200_000),
+    "sd": (tiny.make_tiny_sd, 3_000_000),
+    "sdxl": (tiny.make_tiny_sdxl, 3_000_000),
+    "sd3": (tiny.make_tiny_sd3, 3_000_000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BUILDERS))
+def test_builder_is_deterministic_and_tiny(tmp_path: Path, name: str) -> None:
+    builder, max_params = _BUILDERS[name]
+    before = torch.random.get_rng_state()
+    first = _weights(builder(tmp_path / "a", seed=0))
+    assert torch.equal(torch.random.get_rng_state(), before), "builder disturbed the global RNG"
+    again = _weights(builder(tmp_path / "b", seed=0))
+    other = _weights(builder(tmp_path / "c", seed=1))
+    assert _same(first, again)
+    assert first.keys() == other.keys() and not _same(first, other)
+    assert _n_params(first) < max_params
+
+
+# ------------------------------------------------------------------------------------------------
+# cache
+
+
+def test_cached_tiny_builds_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMALIGN_TINY_CACHE", str(tmp_path / "cache"))
+    calls: list[Path] = []
+
+    def fake_builder(out_dir: Path, *, seed: int = 0) -> Path:
+        calls.append(Path(out_dir))
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "config.json").write_text(json.dumps({"seed": seed}))
+        return Path(out_dir)
+
+    monkeypatch.setitem(tiny.TINY_BUILDERS, "fake", fake_builder)
+    monkeypatch.setattr(tiny, "_MEMO", {})
+    first = tiny.cached_tiny("fake", seed=3)
+    assert first.parent == tmp_path / "cache"
+    assert json.loads((first / "config.json").read_text()) == {"seed": 3}
+    assert tiny.cached_tiny("fake", seed=3) == first
+    tiny._MEMO.clear()  # a second process finds the folder on disk
+    assert tiny.cached_tiny("fake", seed=3) == first
+    assert len(calls) == 1
+    assert tiny.cached_tiny("fake", seed=4) != first
+    assert len(calls) == 2
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp-")]
+    with pytest.raises(KeyError, match="unknown tiny model"):
+        tiny.cached_tiny("nope")
+
+
+def test_cached_tiny_loses_race_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another worker renames its build into place while we build: we keep theirs, drop ours."""
+    monkeypatch.setenv("MMALIGN_TINY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tiny, "_MEMO", {})
+    final = tmp_path / "cache" / tiny._cache_key("racer", {})
+
+    def racing_builder(out_dir: Path) -> Path:
+        final.mkdir(parents=True)
+        (final / "winner.txt").write_text("other worker")
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "winner.txt").write_text("this worker")
+        return Path(out_dir)
+
+    monkeypatch.setitem(tiny.TINY_BUILDERS, "racer", racing_builder)
+    assert tiny.cached_tiny("racer") == final
+    assert (final / "winner.txt").read_text() == "other worker"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [final.name]
+
+
+def test_cached_tiny_real_sd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    monkeypatch.setenv("MMALIGN_TINY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tiny, "_MEMO", {})
+    path = tiny.cached_tiny("sd", prediction_type="v_prediction")
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
