@@ -1,0 +1,576 @@
+"""The diffusion adapter: pairs of images -> per-sample denoising MSEs for chosen and rejected.
+
+One adapter covers three families of diffusers pipelines, told apart by their components (never by
+a checkpoint path):
+
+* ``"sd"``: a UNet with one CLIP text encoder (SD1.5, SD2.1; epsilon, v-prediction or sample).
+* ``"sdxl"``: a UNet with two text encoders, pooled text embeddings and the size/crop conditioning
+  ``add_time_ids = (orig_h, orig_w, crop_top, crop_left, target_h, target_w)``.
+* ``"flow"``: an SD3-style transformer with ``FlowMatchEulerDiscreteScheduler``:
+  ``x_t = (1 - sigma) * x_0 + sigma * noise`` and velocity target ``noise - x_0``.
+
+For the UNet families the regression target follows ``scheduler.config.prediction_type``
+(``"epsilon"`` -> noise, ``"v_prediction"`` -> ``scheduler.get_velocity``, ``"sample"`` -> x_0); it is
+never forced. Asking for a different one (``expect_prediction_type``) is an error, not a silent
+override (the DCPO reference code trains v-prediction SD2.1 with an epsilon target).
+
+The step: ``collate`` loads and crops images (or reads the cache of :mod:`diffusion.cache`);
+``prepare`` draws ONE noise tensor, ONE timestep, one empty-prompt-dropout bit and one label-noise
+bit per pair from the engine's generator, shared by chosen and rejected and, since the engine calls
+it once per step, by policy and reference; ``logps`` runs the denoiser once on the 2B stacked inputs
+and returns the MSE (mean over C, H, W) for each side. The adapter owns the frozen VAE and text
+encoders (moved to the denoiser's device on first use, no grad); the trainable denoiser is the
+``model`` argument. Encodings are memoised in the batch dict (key ``"_encoded"``) so the reference
+pass of the same step does not re-run the VAE and text encoders.
+
+Image handling (documented, not silent):
+
+* modes: every image is converted to RGB; images with transparency (RGBA, LA, P with a
+  transparency key) are composited over white first; grayscale and CMYK are converted by PIL.
+* size: a pair whose two images differ in size has its rejected image resized to the chosen image's
+  size (bicubic), then both go through the *same* resize (shorter side to ``resolution``) and centre
+  crop, so both sides share one crop and one SDXL size conditioning. A warning is logged once.
+* labels: ``label > 0.5`` means the chosen image wins, ``label < 0.5`` swaps the two sides, a tie
+  (``label == 0.5``) is an error here: ties are dropped (and counted) before training, see
+  :func:`drop_ties`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmalign.adapter import ChosenRejected
+
+__all__ = [
+    "ARCHITECTURES",
+    "CAPTION_MODES",
+    "DiffusionAdapter",
+    "detect_architecture",
+    "drop_ties",
+    "load_rgb",
+    "resize_center_crop",
+]
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = ("sd", "sdxl", "flow")
+#: ``"prompt"``: both sides use ``pair.prompt`` (Diffusion-DPO, MaPO, PSO);
+#: ``"per_side"``: chosen uses ``chosen_caption``, rejected ``rejected_caption`` (DCPO).
+CAPTION_MODES = ("prompt", "per_side")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+_SIDES = ("chosen", "rejected")
+
+
+def detect_architecture(pipeline: Any) -> str:
+    """Return ``"sd"``, ``"sdxl"`` or ``"flow"`` from the pipeline's components.
+
+    Raises ``ValueError`` for pipelines this adapter does not know (e.g. Flux, whose packed latents
+    and guidance embedding need their own code path).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    if getattr(pipeline, "transformer", None) is not None:
+        if not isinstance(pipeline, StableDiffusion3Pipeline):
+            raise ValueError(
+                f"{type(pipeline).__name__}: only SD3-style flow-matching transformer pipelines are "
+                "supported (StableDiffusion3Pipeline); Flux-style packed latents are not implemented"
+            )
+        if not isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
+            raise ValueError(
+                f"{type(pipeline).__name__} has scheduler {type(pipeline.scheduler).__name__}; "
+                "the flow-matching path needs FlowMatchEulerDiscreteScheduler"
+            )
+        return "flow"
+    if getattr(pipeline, "unet", None) is None:
+        raise ValueError(f"{type(pipeline).__name__} has neither a unet nor a transformer")
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        return "sdxl"
+    return "sd"
+
+
+def drop_ties(pairs: Sequence[Any]) -> tuple[list[Any], int]:
+    """Remove tied pairs (``label == 0.5``); returns ``(kept, n_dropped)``.
+
+    Pick-a-Pic v2 marks ties with ``label_0 = 0.5``; the diffusers research example silently treats
+    them as "image 0 wins". We drop and count them instead.
+    """
+    kept = [p for p in pairs if float(getattr(p, "label", 1.0)) != 0.5]
+    return kept, len(pairs) - len(kept)
+
+
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """Open an image as RGB: transparency composited over white, grayscale/CMYK converted by PIL."""
+    path = Path(path)
+    try:
+        with Image.open(path) as raw:
+            raw.load()
+            image = raw.copy()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except Exception as error:  # PIL raises several types for corrupt files
+        raise ValueError(f"cannot read image {path}: {error}") from error
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "RGBa", "La"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bit before converting (PIL would clip at 255)
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def resize_center_crop(image: Image.Image, resolution: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize the shorter side to ``resolution`` (bicubic) and centre-crop a square.
+
+    Returns the crop and its top-left corner ``(top, left)`` in the resized image (SDXL conditioning).
+    """
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    resized = image.resize((new_w, new_h), Image.BICUBIC)
+    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    return resized.crop((left, top, left + resolution, top + resolution)), (top, left)
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _pair_id(pair: Any) -> str:
+    return str(getattr(pair, "id", "?"))
+
+
+class DiffusionAdapter:
+    """Adapter for diffusers text-to-image pipelines (``value_kind = "diffusion"``).
+
+    Args:
+        pipeline: a loaded diffusers pipeline (its VAE, text encoders and scheduler are used; its
+            denoiser is *not*: the trainable denoiser is passed to :meth:`logps`).
+        dataset_dir: folder the pairs' media paths are relative to (not needed with a cache).
+        resolution: square training resolution in pixels; default: the denoiser's sample size
+            times the VAE scale factor.
+        caption_mode: ``"prompt"`` or ``"per_side"`` (DCPO), see :data:`CAPTION_MODES`.
+        empty_prompt_prob: probability of replacing a pair's text conditioning by the empty prompt
+            (both sides together; SDXL pipelines with ``force_zeros_for_empty_prompt`` use zeros).
+        label_flip_prob: probability of swapping chosen and rejected of a pair (label noise).
+        expect_prediction_type: if given, the objective requires this prediction type; a mismatch
+            with the scheduler's is a ``ValueError`` (never a silent override).
+        timestep_sampling: ``"uniform"`` or ``"logit_normal"`` (flow-matching models only).
+        cache_dir: a folder written by :func:`diffusion.cache.build_cache`; when set, ``collate``
+            reads latents and text embeddings from it and no VAE or text encoder runs.
+    """
+
+    value_kind = "diffusion"
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        dataset_dir: str | os.PathLike[str] | None = None,
+        resolution: int | None = None,
+        caption_mode: str = "prompt",
+        empty_prompt_prob: float = 0.0,
+        label_flip_prob: float = 0.0,
+        expect_prediction_type: str | None = None,
+        timestep_sampling: str = "uniform",
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if caption_mode not in CAPTION_MODES:
+            raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {caption_mode!r}")
+        if not 0.0 <= empty_prompt_prob <= 1.0:
+            raise ValueError(f"empty_prompt_prob must be in [0, 1], got {empty_prompt_prob}")
+        if not 0.0 <= label_flip_prob <= 0.5:
+            raise ValueError(f"label_flip_prob must be in [0, 0.5], got {label_flip_prob}")
+        if timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
+        self.pipeline = pipeline
+        self.architecture = detect_architecture(pipeline)
+        self.dataset_dir = Path(dataset_dir) if dataset_dir is not None else None
+        self.caption_mode = caption_mode
+        self.empty_prompt_prob = float(empty_prompt_prob)
+        self.label_flip_prob = float(label_flip_prob)
+        self.timestep_sampling = timestep_sampling
+
+        self.vae = pipeline.vae
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        shift = getattr(self.vae.config, "shift_factor", None)
+        self.shift_factor = float(shift) if (shift is not None and self.architecture == "flow") else 0.0
+        self.latent_channels = int(self.vae.config.latent_channels)
+        self.text_encoders = [
+            enc
+            for enc in (
+                getattr(pipeline, "text_encoder", None),
+                getattr(pipeline, "text_encoder_2", None),
+                getattr(pipeline, "text_encoder_3", None),
+            )
+            if enc is not None
+        ]
+        for module in [self.vae, *self.text_encoders]:
+            module.requires_grad_(False)
+            module.eval()
+
+        denoiser = pipeline.transformer if self.architecture == "flow" else pipeline.unet
+        patch = int(getattr(denoiser.config, "patch_size", 1) or 1)
+        if resolution is None:
+            resolution = int(denoiser.config.sample_size) * self.vae_scale_factor
+        multiple = self.vae_scale_factor * patch
+        if resolution <= 0 or resolution % multiple:
+            raise ValueError(f"resolution {resolution} must be a positive multiple of {multiple} for this pipeline")
+        self.resolution = int(resolution)
+
+        if self.architecture == "flow":
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            # a fresh copy: its sigmas/timesteps are the training ones, untouched by set_timesteps
+            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+            self.prediction_type = "flow_velocity"
+            if expect_prediction_type not in (None, "flow_velocity"):
+                raise ValueError(
+                    f"the objective expects prediction_type={expect_prediction_type!r} but "
+                    f"{type(pipeline).__name__} is a flow-matching model (velocity target noise - x0)"
+                )
+        else:
+            from diffusers import DDPMScheduler
+
+            # the training noise schedule (betas, prediction_type) of the pipeline's own scheduler
+            self.scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+            self.prediction_type = str(self.scheduler.config.prediction_type)
+            if self.prediction_type not in PREDICTION_TYPES:
+                raise ValueError(f"unsupported scheduler prediction_type {self.prediction_type!r}")
+            if expect_prediction_type is not None and expect_prediction_type != self.prediction_type:
+                raise ValueError(
+                    f"the objective setting expects prediction_type={expect_prediction_type!r}, but the "
+                    f"model's scheduler config says {self.prediction_type!r}; the training target must "
+                    "follow the model (a v-prediction model trained on an epsilon target degrades). "
+                    "Remove the setting or set it to the model's prediction type."
+                )
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+
+        self.cache = None
+        if cache_dir is not None:
+            from diffusion.cache import LatentCache
+
+            self.cache = LatentCache(cache_dir)
+            self.cache.check_compatible(self)
+        self._warned_size = False
+        self._empty: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ collate
+    def side_texts(self, pair: Any) -> tuple[str, str]:
+        """The text each side is conditioned on: ``(chosen_text, rejected_text)`` in pair order."""
+        if self.caption_mode == "prompt":
+            prompt = getattr(pair, "prompt", None)
+            if prompt is None:
+                raise ValueError(f"pair {_pair_id(pair)}: field 'prompt' is missing")
+            return str(prompt), str(prompt)
+        texts = []
+        for field, pick in (("chosen_caption", "caption_0"), ("rejected_caption", "caption_1")):
+            value = getattr(pair, field, None)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise ValueError(
+                    f"pair {_pair_id(pair)}: DCPO (caption_mode='per_side') needs field '{field}' "
+                    f"(Pick-a-Pic '{pick}'), but it is missing or empty"
+                )
+            texts.append(str(value))
+        return texts[0], texts[1]
+
+    def _media_path(self, pair: Any, side: str) -> Path:
+        media = getattr(pair, f"{side}_media", None) or []
+        if not media:
+            raise ValueError(f"pair {_pair_id(pair)}: field '{side}_media' is empty (a diffusion pair needs an image)")
+        rel = media[0]
+        if self.dataset_dir is None:
+            raise ValueError("DiffusionAdapter needs dataset_dir to load images (or a cache_dir)")
+        try:
+            from mmalign.pairs import resolve_media
+        except ImportError:  # pragma: no cover - mmalign.pairs is part of the core
+            resolve_media = None
+        if resolve_media is not None:
+            return Path(resolve_media(self.dataset_dir, rel))
+        return self.dataset_dir / rel
+
+    def load_pair_images(self, pair: Any) -> dict[str, Any]:
+        """Load, size-match and crop one pair's images (pair order, no label swap).
+
+        Returns ``{"chosen_pixel_values": (3,R,R), "rejected_pixel_values": (3,R,R),
+        "chosen_time_ids": (6,), "rejected_time_ids": (6,)}`` with pixels in [-1, 1].
+        """
+        chosen = load_rgb(self._media_path(pair, "chosen"))
+        rejected = load_rgb(self._media_path(pair, "rejected"))
+        if chosen.size != rejected.size:
+            if not self._warned_size:
+                logger.warning(
+                    "pair %s: chosen image is %sx%s but rejected is %sx%s; resizing the rejected image "
+                    "to the chosen one's size, then cropping both together (warned once)",
+                    _pair_id(pair), *chosen.size, *rejected.size,
+                )
+                self._warned_size = True
+            rejected = rejected.resize(chosen.size, Image.BICUBIC)
+        original = (chosen.size[1], chosen.size[0])  # (h, w)
+        out: dict[str, Any] = {}
+        for side, image in zip(_SIDES, (chosen, rejected), strict=True):
+            crop, (top, left) = resize_center_crop(image, self.resolution)
+            out[f"{side}_pixel_values"] = _to_tensor(crop)
+            out[f"{side}_time_ids"] = torch.tensor(
+                [*original, top, left, self.resolution, self.resolution], dtype=torch.float32
+            )
+        return out
+
+    def collate(self, pairs: list[Any]) -> dict[str, Any]:
+        """Pairs -> a CPU batch, sides already ordered so that ``chosen`` is the preferred one.
+
+        Without a cache: ``chosen_pixel_values``/``rejected_pixel_values`` (B,3,R,R) in [-1,1],
+        ``chosen_texts``/``rejected_texts`` (lists of B str), ``chosen_time_ids``/``rejected_time_ids``
+        (B,6). With a cache: ``{side}_latents`` (B,C,h,w), ``{side}_prompt_embeds`` (B,L,D) and, for
+        SDXL/flow, ``{side}_pooled_embeds`` (B,P) instead of pixels and texts. Always ``ids``.
+        """
+        if not pairs:
+            raise ValueError("collate got an empty list of pairs")
+        rows: list[dict[str, Any]] = []
+        for pair in pairs:
+            label = float(getattr(pair, "label", 1.0))
+            if label == 0.5:
+                raise ValueError(
+                    f"pair {_pair_id(pair)}: field 'label' is 0.5 (a tie); drop ties before training "
+                    "(diffusion.adapter.drop_ties), they carry no preference"
+                )
+            if self.cache is not None:
+                row = self.cache.load_pair(_pair_id(pair))
+            else:
+                row = self.load_pair_images(pair)
+                row["chosen_texts"], row["rejected_texts"] = self.side_texts(pair)
+            if label < 0.5:  # the pair's "rejected" image is the preferred one
+                row = _swap_sides(row)
+            rows.append(row)
+        batch: dict[str, Any] = {"ids": [_pair_id(p) for p in pairs]}
+        for key in rows[0]:
+            values = [row[key] for row in rows]
+            batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else list(values)
+        return batch
+
+    # ------------------------------------------------------------------ prepare
+    def latent_shape(self, batch_size: int) -> tuple[int, int, int, int]:
+        """Shape of the noise for ``batch_size`` pairs: ``(B, C, R/f, R/f)``."""
+        side = self.resolution // self.vae_scale_factor
+        return (batch_size, self.latent_channels, side, side)
+
+    def prepare(self, batch: dict[str, Any], *, generator: torch.Generator) -> dict[str, Any]:
+        """Draw the step's randomness, one draw per pair, shared by both sides and both models.
+
+        Adds ``noise`` (B,C,h,w), ``timesteps`` (B,), for flow models ``sigmas`` (B,), ``drop_text``
+        (B,) bool and ``flipped`` (B,) bool (label noise; flipped pairs have their sides swapped).
+        The draws happen in a fixed order whatever the probabilities, so changing a probability
+        does not change the noise stream.
+        """
+        size = len(batch["ids"])
+        device = generator.device
+        out = dict(batch)
+        out.pop("_encoded", None)
+        out["noise"] = torch.randn(self.latent_shape(size), generator=generator, device=device)
+        if self.architecture == "flow":
+            if self.timestep_sampling == "logit_normal":
+                u = torch.sigmoid(torch.randn(size, generator=generator, device=device))
+            else:
+                u = torch.rand(size, generator=generator, device=device)
+            index = (u * self.num_train_timesteps).long().clamp_(0, self.num_train_timesteps - 1).cpu()
+            out["timesteps"] = self.scheduler.timesteps[index].float()
+            out["sigmas"] = self.scheduler.sigmas[index].float()
+        else:
+            out["timesteps"] = torch.randint(
+                0, self.num_train_timesteps, (size,), generator=generator, device=device
+            )
+        out["drop_text"] = torch.rand(size, generator=generator, device=device) < self.empty_prompt_prob
+        flipped = torch.rand(size, generator=generator, device=device) < self.label_flip_prob
+        out["flipped"] = flipped
+        if bool(flipped.any()):
+            out = _swap_sides(out, mask=flipped.cpu())
+        return out
+
+    # ------------------------------------------------------------------ encoding
+    def _place(self, device: torch.device) -> None:
+        for module in [self.vae, *self.text_encoders]:
+            if next(module.parameters()).device != device:
+                module.to(device)
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N,3,R,R) in [-1,1] -> scaled VAE latents (N,C,R/f,R/f) (posterior mean, no sampling)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        latents = self.vae.encode(pixel_values.to(vae_dtype)).latent_dist.mean
+        return ((latents - self.shift_factor) * self.scaling_factor).float()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Texts -> ``{"prompt_embeds": (N,L,D)}`` plus ``"pooled_embeds": (N,P)`` for SDXL/flow."""
+        pipe = self.pipeline
+        if self.architecture == "sd":
+            embeds, _ = pipe.encode_prompt(texts, device, 1, False)
+            return {"prompt_embeds": embeds.float()}
+        if self.architecture == "sdxl":
+            # DCPO on SDXL: both encoders see the side's own caption (the reference drops it for encoder 2)
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                texts, prompt_2=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        else:
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                texts, texts, texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        return {"prompt_embeds": embeds.float(), "pooled_embeds": pooled.float()}
+
+    def empty_embeds(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Text conditioning of the empty prompt, (1,L,D) [and (1,P)]; zeros for SDXL pipelines
+        configured with ``force_zeros_for_empty_prompt`` (what their inference uses for CFG)."""
+        if self._empty is None:
+            if self.cache is not None:
+                self._empty = self.cache.load_empty()
+            else:
+                self._place(device)
+                self._empty = {k: v.cpu() for k, v in self.encode_texts([""], device).items()}
+                if self.architecture == "sdxl" and getattr(self.pipeline.config, "force_zeros_for_empty_prompt", False):
+                    self._empty = {k: torch.zeros_like(v) for k, v in self._empty.items()}
+        return {k: v.to(device) for k, v in self._empty.items()}
+
+    def encode_batch(self, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+        """Latents and text conditioning for both sides, stacked chosen-then-rejected (2B, ...).
+
+        From the cache when the batch carries latents; else runs the VAE and the text encoders once
+        (chosen and rejected images in one call; identical texts encoded once).
+        """
+        if "chosen_latents" in batch:
+            out = {
+                "latents": torch.cat([batch["chosen_latents"], batch["rejected_latents"]]).to(device),
+                "prompt_embeds": torch.cat([batch["chosen_prompt_embeds"], batch["rejected_prompt_embeds"]]).to(device),
+            }
+            if "chosen_pooled_embeds" in batch:
+                out["pooled_embeds"] = torch.cat(
+                    [batch["chosen_pooled_embeds"], batch["rejected_pooled_embeds"]]
+                ).to(device)
+        else:
+            self._place(device)
+            pixels = torch.cat([batch["chosen_pixel_values"], batch["rejected_pixel_values"]]).to(device)
+            out = {"latents": self.encode_images(pixels)}
+            chosen_texts, rejected_texts = list(batch["chosen_texts"]), list(batch["rejected_texts"])
+            if chosen_texts == rejected_texts:
+                text = self.encode_texts(chosen_texts, device)
+                out.update({k: torch.cat([v, v]) for k, v in text.items()})
+            else:
+                out.update(self.encode_texts(chosen_texts + rejected_texts, device))
+        if "chosen_time_ids" in batch:
+            out["time_ids"] = torch.cat([batch["chosen_time_ids"], batch["rejected_time_ids"]]).to(device)
+        return out
+
+    # ------------------------------------------------------------------ logps
+    def targets(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, sigmas: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noisy input and regression target for clean ``latents`` (N,C,h,w), ``noise`` and ``timesteps`` (N,).
+
+        UNet models: ``x_t = sqrt(abar) x_0 + sqrt(1-abar) noise``; target by prediction type.
+        Flow models: ``x_t = (1-sigma) x_0 + sigma noise``; target ``noise - x_0``.
+        """
+        if self.architecture == "flow":
+            if sigmas is None:
+                raise ValueError("flow-matching targets need sigmas (from prepare)")
+            s = sigmas.to(latents.device, latents.dtype).view(-1, 1, 1, 1)
+            return (1.0 - s) * latents + s * noise, noise - latents
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = latents
+        return noisy, target
+
+    def logps(self, model: torch.nn.Module, batch: dict[str, Any]) -> ChosenRejected:
+        """Per-sample denoising MSE (mean over C,H,W), ``(B,)`` for each side, from one 2B forward.
+
+        Lower is better (``value_kind = "diffusion"``). ``extras["timesteps"]`` holds the (B,) timesteps.
+        """
+        if "noise" not in batch:
+            raise ValueError("batch has no noise: call adapter.prepare(batch, generator=...) first")
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+        encoded = batch.get("_encoded")
+        if encoded is None or encoded["latents"].device != device:
+            encoded = self.encode_batch(batch, device)
+            batch["_encoded"] = encoded
+        size = len(batch["ids"])
+        noise = batch["noise"].to(device).float()
+        noise2 = torch.cat([noise, noise])
+        timesteps = batch["timesteps"].to(device)
+        timesteps2 = torch.cat([timesteps, timesteps])
+        sigmas = batch.get("sigmas")
+        sigmas2 = torch.cat([sigmas, sigmas]) if sigmas is not None else None
+        noisy, target = self.targets(encoded["latents"], noise2, timesteps2, sigmas2)
+
+        prompt_embeds = encoded["prompt_embeds"]
+        pooled = encoded.get("pooled_embeds")
+        drop = batch.get("drop_text")
+        if drop is not None and bool(drop.any()):
+            empty = self.empty_embeds(device)
+            drop2 = torch.cat([drop, drop]).to(device)
+            prompt_embeds = torch.where(drop2.view(-1, 1, 1), empty["prompt_embeds"], prompt_embeds)
+            if pooled is not None:
+                pooled = torch.where(drop2.view(-1, 1), empty["pooled_embeds"], pooled)
+
+        if self.architecture == "flow":
+            prediction = model(
+                hidden_states=noisy.to(dtype),
+                timestep=timesteps2.to(dtype),
+                encoder_hidden_states=prompt_embeds.to(dtype),
+                pooled_projections=pooled.to(dtype),
+                return_dict=False,
+            )[0]
+        else:
+            kwargs: dict[str, Any] = {}
+            if self.architecture == "sdxl":
+                kwargs["added_cond_kwargs"] = {
+                    "text_embeds": pooled.to(dtype),
+                    "time_ids": encoded["time_ids"].to(dtype),
+                }
+            prediction = model(
+                noisy.to(dtype), timesteps2, encoder_hidden_states=prompt_embeds.to(dtype), return_dict=False, **kwargs
+            )[0]
+        mse = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        return ChosenRejected(mse[:size], mse[size:], extras={"timesteps": timesteps})
+
+
+def _swap_sides(row: dict[str, Any], mask: torch.Tensor | None = None) -> dict[str, Any]:
+    """Swap every ``chosen_*`` entry with its ``rejected_*`` twin (all rows, or rows where ``mask``)."""
+    out = dict(row)
+    for key in row:
+        if not key.startswith("chosen_"):
+            continue
+        twin = "rejected_" + key[len("chosen_"):]
+        if twin not in row:
+            continue
+        chosen, rejected = row[key], row[twin]
+        if mask is None:
+            out[key], out[twin] = rejected, chosen
+        elif isinstance(chosen, torch.Tensor):
+            m = mask.to(chosen.device).view(-1, *([1] * (chosen.dim() - 1)))
+            out[key], out[twin] = torch.where(m, rejected, chosen), torch.where(m, chosen, rejected)
+        else:
+            flags = mask.tolist()
+            out[key] = [r if f else c for c, r, f in zip(chosen, rejected, flags, strict=True)]
+            out[twin] = [c if f else r for c, r, f in zip(chosen, rejected, flags, strict=True)]
+    return out
+
