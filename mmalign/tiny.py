@@ -587,23 +587,45 @@ def make_tiny_sdxl(
     return out
 
 
+def _t5_tokenizer() -> Any:
+    """A tiny Unigram (SentencePiece-style) T5 tokenizer: specials, corpus words, single characters."""
+    from transformers import T5Tokenizer
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    seen = {p for p, _ in pieces}
+    for word in _CORPUS_WORDS:
+        for piece in ("\u2581" + word, word):
+            if piece not in seen:
+                seen.add(piece)
+                pieces.append((piece, -1.0))
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?;:'\"()-"
+    for char in chars:
+        for piece in (char, "\u2581" + char):
+            if piece not in seen:
+                seen.add(piece)
+                pieces.append((piece, -5.0))
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=256)
+
+
 def make_tiny_sd3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
-    """Tiny ``StableDiffusion3Pipeline`` folder (flow matching).
+    """Tiny ``StableDiffusion3Pipeline`` folder (flow matching), loadable with a plain ``from_pretrained``.
 
     ``SD3Transformer2DModel``: 16 latent channels, patch 2, one joint block, 4 heads x 8 dims,
-    ``joint_attention_dim=64`` (the two CLIP encoders' hidden states, 32 + 32, concatenated),
-    ``pooled_projection_dim=64`` (their projections, 32 + 32). VAE: 16 latent channels, downscale 2, with
-    SD3's ``shift_factor``/``scaling_factor``; native size 32x32 (latents 16x16x16, 64 image tokens).
-    ``text_encoder_3``/``tokenizer_3`` (T5) are ``None``: the pipeline then uses zero T5 embeddings of
-    length ``max_sequence_length`` (pass a small value such as 8 to keep sampling fast).
+    ``joint_attention_dim=64`` (= the T5 width, and the two CLIP encoders' hidden states, 32 + 32,
+    concatenated), ``pooled_projection_dim=64`` (their projections, 32 + 32). VAE: 16 latent channels,
+    downscale 2, SD3's ``shift_factor``/``scaling_factor``; native size 32x32 (latents 16x16x16, 64 image
+    tokens). Text: two ``CLIPTextModelWithProjection`` + CLIP tokenizers, and a tiny ``T5EncoderModel``
+    (d_model 64, 2 layers) with a Unigram tokenizer; pass ``max_sequence_length=8`` (default 256) to keep
+    sampling fast, or load with ``text_encoder_3=None, tokenizer_3=None`` to drop T5 as with real SD3.
     Scheduler: ``FlowMatchEulerDiscreteScheduler(shift=3.0)``.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     out = _prepare_dir(out_dir)
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _clip_tokenizer()
+    tokenizer_3 = _t5_tokenizer()
     with _seeded(seed):
         transformer = SD3Transformer2DModel(
             sample_size=SD_IMAGE_SIZE // 2,
@@ -630,6 +652,22 @@ def make_tiny_sd3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
         text_encoder = CLIPTextModelWithProjection(_clip_text_config(tokenizer, projection_dim=32))
     with _seeded(seed + 3):
         text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, projection_dim=32))
+    with _seeded(seed + 4):
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_3),
+                d_model=64,
+                d_kv=16,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=32,
+                pad_token_id=tokenizer_3.pad_token_id,
+                eos_token_id=tokenizer_3.eos_token_id,
+                decoder_start_token_id=tokenizer_3.pad_token_id,
+            )
+        )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
@@ -638,8 +676,8 @@ def make_tiny_sd3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     _write_clip_vocab_files(out / "tokenizer")

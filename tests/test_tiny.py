@@ -107,7 +107,9 @@ def test_llava_batch_with_left_padding(tmp_path: Path) -> None:
     model = AutoModelForImageTextToText.from_pretrained(path)
     processor = AutoProcessor.from_pretrained(path)
     prompts = ["USER: <image>\nshort ASSISTANT:", "USER: <image>\na much longer question here ASSISTANT:"]
-    inputs = processor(text=prompts, images=[_photo(seed=1), _photo(seed=2)], return_tensors="pt", padding=True)
+    inputs = processor(
+        text=prompts, images=[_photo(seed=1), _photo(seed=2)], return_tensors="pt", padding=True
+    )
     assert inputs["attention_mask"][0, 0] == 0 and inputs["attention_mask"][1, 0] == 1  # left padded
     with torch.no_grad():
         out = model(**inputs)
@@ -199,6 +201,12 @@ def test_sd3_loads_and_samples(tmp_path: Path) -> None:
         "a red cube", num_inference_steps=2, height=32, width=32, output_type="pt", max_sequence_length=8
     ).images
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    assert pipe.tokenizer_3.tokenize("a red cube") == ["\u2581a", "\u2581red", "\u2581cube"]
+    # like real SD3, T5 can be dropped at load time
+    without_t5 = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+    without_t5.set_progress_bar_config(disable=True)
+    images = without_t5("a cube", num_inference_steps=1, output_type="pt", max_sequence_length=8).images
+    assert images.shape == (1, 3, 32, 32)
 
 
 # ------------------------------------------------------------------------------------------------
