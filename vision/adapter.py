@@ -1,0 +1,546 @@
+"""The sequence adapter for vision-language models (``AutoModelForImageTextToText`` + ``AutoProcessor``).
+
+:class:`VLMAdapter` turns :class:`~mmalign.pairs.PreferencePair` records into one padded batch of
+``2B`` rows (chosen rows first, then rejected rows) and returns the summed response-token log-probs
+of each row (:func:`mmalign.logprobs.sequence_logps`).
+
+What it does that TRL's VLM DPO does not:
+
+* **Different images per side.** ``pair.chosen_media`` and ``pair.rejected_media`` are encoded
+  separately when they differ (a corrupted or noised image on the rejected side).
+* **Shared images are encoded once.** Each pair becomes one or two *units* (prompt + image set):
+  one when both sides show the same images, two when they differ. The processor runs once per unit,
+  the vision tower and projector run once per batch on the distinct units only, and the features are
+  handed to both rows through the model's ``mm_encoder_outputs`` argument (transformers >= 5). Pass
+  ``share_image_encoding=False`` (or use an older transformers) for the plain path, where every row
+  carries its own pixels; both give the same log-probs (tested to 1e-5).
+* **Truncation never cuts image tokens.** The prompt (with its expanded image tokens) is kept whole;
+  an over-long pair has its *response* cut (``truncation="response"``) or is dropped
+  (``truncation="drop"``); a pair whose prompt alone does not fit is always dropped. Drops are counted
+  by reason in :attr:`VLMAdapter.dropped`.
+* **Clear errors** when the chat template has no image slot, when the processor's image token is not
+  the model's, and when the number of image tokens differs from the number of image features.
+
+Families covered by tests: LLaVA-1.5 and Qwen2-VL (tiny models from :mod:`mmalign.tiny`); LLaVA-NeXT,
+Qwen2.5-VL and Idefics3/SmolVLM go through the same code (their ``get_image_features`` returns
+per-image or per-sample features whose rows match the image tokens; their per-image side inputs
+``image_sizes``/``image_grid_thw`` are reordered per row).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.adapter import ChosenRejected
+from mmalign.logprobs import sequence_logps
+
+__all__ = [
+    "PER_IMAGE_KEYS",
+    "PER_TOKEN_KEYS",
+    "Media",
+    "VLMAdapter",
+    "image_token_of",
+    "render_prompt",
+    "user_message",
+]
+
+#: Processor outputs with one row per image that the model also needs *after* encoding (positions).
+PER_IMAGE_KEYS: tuple[str, ...] = ("image_grid_thw", "image_sizes")
+#: Processor outputs with one value per token (rebuilt per row; response and padding get 0).
+PER_TOKEN_KEYS: tuple[str, ...] = ("mm_token_type_ids", "token_type_ids")
+_TEXT_KEYS = ("input_ids", "attention_mask")
+
+#: A media item: a path (relative to the dataset folder, or absolute) or an in-memory PIL image.
+Media = Any
+
+
+def image_token_of(processor: Any) -> tuple[str, int]:
+    """The image placeholder token of ``processor`` and its id, e.g. ``("<image>", 32000)``.
+
+    Raises:
+        ValueError: the processor defines no image token (not a vision-language processor).
+    """
+    token = getattr(processor, "image_token", None)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if token is None:
+        raise ValueError(
+            f"{type(processor).__name__} has no `image_token`: not a vision-language processor "
+            "(load it with AutoProcessor from the model folder)"
+        )
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+    return str(token), int(token_id)
+
+
+def user_message(prompt: str, n_images: int) -> dict[str, Any]:
+    """A user chat message with ``n_images`` image slots followed by the text (LLaVA convention)."""
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
+    content.append({"type": "text", "text": prompt})
+    return {"role": "user", "content": content}
+
+
+def _strip_image_tokens(prompt: str, image_token: str) -> str:
+    """Remove literal image placeholders from a dataset prompt (LLaVA data writes ``"<image>\\n..."``)."""
+    if image_token not in prompt:
+        return prompt
+    return prompt.replace(image_token + "\n", "").replace(image_token, "").strip()
+
+
+def render_prompt(
+    processor: Any,
+    messages: Sequence[dict[str, Any]] | str,
+    n_images: int,
+    *,
+    system_prompt: str | None = None,
+    prompt_template: str | None = None,
+    add_generation_prompt: bool = True,
+) -> str:
+    """Render a conversation (or a single user prompt) to the text the processor expands.
+
+    Args:
+        messages: a user prompt string, or chat messages whose image items are ``{"type": "image"}``.
+        n_images: images the conversation shows; the rendered text must hold exactly that many slots.
+        system_prompt: optional system message prepended.
+        prompt_template: a plain format string with ``{prompt}`` used *instead* of the chat template
+            (e.g. ``"USER: <image>\\n{prompt} ASSISTANT:"``); only for a single user prompt.
+
+    Raises:
+        ValueError: the processor has no chat template and no ``prompt_template`` is given, or the
+            rendered text does not contain ``n_images`` image slots (a template without image slot).
+    """
+    image_token, _ = image_token_of(processor)
+    name = type(processor).__name__
+    if prompt_template is not None:
+        if not isinstance(messages, str):
+            raise ValueError("render_prompt: prompt_template renders a single prompt string, not messages")
+        text = prompt_template.format(prompt=_strip_image_tokens(messages, image_token))
+        where = f"prompt_template {prompt_template!r}"
+    else:
+        if isinstance(messages, str):
+            messages = [user_message(_strip_image_tokens(messages, image_token), n_images)]
+        conversation = list(messages)
+        if system_prompt is not None:
+            conversation = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] + conversation
+        template = getattr(processor, "chat_template", None)
+        if template is None and getattr(getattr(processor, "tokenizer", None), "chat_template", None) is None:
+            raise ValueError(
+                f"{name} has no chat template: save one with the processor, or pass prompt_template "
+                f"(a format string with {{prompt}} and {n_images} x {image_token!r})"
+            )
+        text = processor.apply_chat_template(
+            conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+        where = f"the chat template of {name}"
+    found = text.count(image_token)
+    if found != n_images:
+        raise ValueError(
+            f"{where} has no image slot for this conversation: rendering {n_images} image(s) gave "
+            f"{found} {image_token!r} token(s) in {text!r}. Use a chat template that renders "
+            "{'type': 'image'} content items, or pass prompt_template"
+        )
+    return text
+
+
+@dataclass
+class _Unit:
+    """One prompt + image set, processed once and shared by the rows that show it."""
+
+    text: str
+    images: list[Any]
+    key: tuple[Any, ...]
+
+
+@dataclass
+class VLMAdapter:
+    """Adapter for ``AutoModelForImageTextToText`` models (``value_kind="sequence"``).
+
+    Args:
+        processor: the model's ``AutoProcessor`` (tokenizer + image processor + chat template).
+        media_root: folder that relative media paths in the pairs resolve against (the pair dataset folder).
+        max_length: maximum row length in tokens (prompt incl. image tokens + response), or None.
+        truncation: ``"response"`` cuts over-long responses, ``"drop"`` drops over-long pairs. A pair
+            whose prompt alone reaches ``max_length`` is dropped in both modes (image tokens are never cut).
+        share_image_encoding: encode a pair's shared images once and reuse the features for both rows.
+        append_eos: end each response with the tokenizer's eos token (scored, as TRL does).
+        system_prompt: optional system message for every prompt.
+        prompt_template: format string with ``{prompt}`` used instead of the chat template.
+
+    Batch layout (from :meth:`collate`), ``B`` pairs, ``U`` units (distinct prompt+image sets), ``T`` tokens:
+        ``input_ids``, ``attention_mask``, ``labels``: ``(2B, T)``, rows ``[:B]`` chosen, ``[B:]`` rejected;
+        ``image_inputs``: the processor's image tensors for the ``U`` units; ``row_units``: ``(2B,)``
+        unit of each row; ``unit_image_tokens``: ``(U,)``; ``row_image_index``: per-image index of each
+        row's images, in row order; ``weight``: ``(B,)`` from ``pair.meta["weight"]`` (default 1.0);
+        ``ids``: pair ids; and any of :data:`PER_TOKEN_KEYS` the processor returns, ``(2B, T)``.
+    """
+
+    processor: Any
+    media_root: str | Path | None = None
+    max_length: int | None = None
+    truncation: str = "response"
+    share_image_encoding: bool = True
+    append_eos: bool = True
+    system_prompt: str | None = None
+    prompt_template: str | None = None
+    value_kind: str = field(default="sequence", init=False)
+    dropped: Counter[str] = field(default_factory=Counter, init=False)
+    dropped_ids: list[str] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if self.truncation not in ("response", "drop"):
+            raise ValueError(f"VLMAdapter: truncation must be 'response' or 'drop', got {self.truncation!r}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"VLMAdapter: max_length must be >= 2 or None, got {self.max_length}")
+        self.image_token, self.image_token_id = image_token_of(self.processor)
+        self.tokenizer = getattr(self.processor, "tokenizer", None)
+        if self.tokenizer is None:
+            raise ValueError(f"{type(self.processor).__name__} has no tokenizer")
+        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is None:
+            raise ValueError("VLMAdapter: the tokenizer has neither a pad nor an eos token to pad with")
+
+    # ------------------------------------------------------------------ model checks
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise if ``model`` does not use this processor's image token id (processor/model mismatch)."""
+        config = getattr(_unwrap(model), "config", None)
+        model_id = getattr(config, "image_token_id", None)
+        if model_id is None:
+            model_id = getattr(config, "image_token_index", None)
+        if model_id is not None and int(model_id) != self.image_token_id:
+            raise ValueError(
+                f"processor/model mismatch: the processor's image token {self.image_token!r} has id "
+                f"{self.image_token_id} but the model expects image_token_id={model_id}; load both from "
+                "the same checkpoint folder"
+            )
+
+    # ------------------------------------------------------------------ data side
+
+    def _load(self, item: Media, pair_id: str, side: str) -> Any:
+        from PIL import Image
+
+        if isinstance(item, Image.Image):
+            return item.convert("RGB") if item.mode != "RGB" else item
+        path = Path(item)
+        if not path.is_absolute():
+            if self.media_root is None:
+                raise ValueError(
+                    f"pair {pair_id!r}: {side}_media {str(item)!r} is relative but the adapter has no "
+                    "media_root (pass the pair dataset folder)"
+                )
+            from mmalign.pairs import resolve_media
+
+            path = resolve_media(self.media_root, str(item))
+        from mmalign.pairs import load_image
+
+        try:
+            return load_image(path)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the pair and field named
+            raise ValueError(f"pair {pair_id!r}, field {side}_media: cannot read image {str(path)!r}: {exc}") from exc
+
+    @staticmethod
+    def _media_key(media: Sequence[Media]) -> tuple[Any, ...]:
+        return tuple(str(m) if isinstance(m, (str, Path)) else id(m) for m in media)
+
+    def _response_ids(self, text: str) -> list[int]:
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self.append_eos and self.tokenizer.eos_token_id is not None:
+            ids.append(int(self.tokenizer.eos_token_id))
+        return ids
+
+    def _units_for(self, pair: Any) -> tuple[_Unit, _Unit]:
+        chosen_media = list(pair.chosen_media or [])
+        rejected_media = list(pair.rejected_media or []) or chosen_media  # empty rejected = same images
+        chosen_text = render_prompt(
+            self.processor, pair.prompt, len(chosen_media),
+            system_prompt=self.system_prompt, prompt_template=self.prompt_template,
+        )
+        chosen_key = (chosen_text, self._media_key(chosen_media))
+        chosen = _Unit(chosen_text, [self._load(m, pair.id, "chosen") for m in chosen_media], chosen_key)
+        if self.share_image_encoding and self._media_key(rejected_media) == self._media_key(chosen_media):
+            return chosen, chosen
+        rejected_text = render_prompt(
+            self.processor, pair.prompt, len(rejected_media),
+            system_prompt=self.system_prompt, prompt_template=self.prompt_template,
+        )
+        rejected = _Unit(
+            rejected_text, [self._load(m, pair.id, "rejected") for m in rejected_media],
+            (rejected_text, self._media_key(rejected_media)),
+        )
+        return chosen, rejected
+
+    def _process(self, units: list[_Unit]) -> dict[str, Any]:
+        has_images = [len(u.images) > 0 for u in units]
+        if any(has_images) and not all(has_images):
+            raise ValueError("VLMAdapter: a batch mixes pairs with and without images; batch them separately")
+        kwargs: dict[str, Any] = {"text": [u.text for u in units], "return_tensors": "pt", "padding": True}
+        if all(has_images):
+            kwargs["images"] = [u.images for u in units]
+        return dict(self.processor(**kwargs))
+
+    def _fit(self, pair: Any, chosen_prompt_len: int, rejected_prompt_len: int) -> tuple[list[int], list[int], str | None]:
+        """Response ids of both sides fitted to ``max_length``, and the drop reason (None = keep)."""
+        fitted: list[list[int]] = []
+        reason = None
+        for prompt_len, text in ((chosen_prompt_len, pair.chosen), (rejected_prompt_len, pair.rejected)):
+            ids = self._response_ids(text)
+            room = None if self.max_length is None else self.max_length - prompt_len
+            if room is not None and room < 1:
+                reason = "prompt_exceeds_max_length"
+            elif room is not None and len(ids) > room:
+                if self.truncation == "drop":
+                    reason = reason or "response_exceeds_max_length"
+                ids = ids[:room]
+            fitted.append(ids)
+        return fitted[0], fitted[1], reason
+
+    def collate(self, pairs: list[Any]) -> dict[str, Any]:
+        """Tokenize and pad ``pairs`` into one batch of ``2B`` rows; see the class docstring for the layout.
+
+        Over-long pairs are truncated in the response or dropped (counted in :attr:`dropped`).
+
+        Raises:
+            ValueError: every pair of the batch was dropped, or an image cannot be read.
+        """
+        planned = [self._units_for(pair) for pair in pairs]
+        units: list[_Unit] = []
+        unit_of_key: dict[tuple[Any, ...], int] = {}
+        if self.share_image_encoding:  # distinct units only (also across pairs)
+            for chosen, rejected in planned:
+                for unit in (chosen, rejected):
+                    if unit.key not in unit_of_key:
+                        unit_of_key[unit.key] = len(units)
+                        units.append(unit)
+            unit_pairs = [(unit_of_key[c.key], unit_of_key[r.key]) for c, r in planned]
+        else:  # one unit per row, in row order: all chosen rows, then all rejected rows
+            units = [c for c, _ in planned] + [r for _, r in planned]
+            unit_pairs = [(i, len(planned) + i) for i in range(len(planned))]
+        processed = self._process(units)
+        mask = processed["attention_mask"].bool()
+        unit_ids = [processed["input_ids"][u][mask[u]] for u in range(len(units))]
+        per_token = {k: processed[k] for k in PER_TOKEN_KEYS if k in processed}
+        unit_tokens = {k: [v[u][mask[u]] for u in range(len(units))] for k, v in per_token.items()}
+        n_image_tokens = [int((ids == self.image_token_id).sum()) for ids in unit_ids]
+
+        kept: list[tuple[Any, int, int, list[int], list[int]]] = []
+        for pair, (cu, ru) in zip(pairs, unit_pairs, strict=True):
+            chosen_ids, rejected_ids, reason = self._fit(pair, len(unit_ids[cu]), len(unit_ids[ru]))
+            if reason is not None:
+                self.dropped[reason] += 1
+                self.dropped_ids.append(str(pair.id))
+                continue
+            kept.append((pair, cu, ru, chosen_ids, rejected_ids))
+        if not kept:
+            raise ValueError(
+                f"VLMAdapter.collate: all {len(pairs)} pair(s) of the batch were dropped as too long for "
+                f"max_length={self.max_length} (reasons so far: {dict(self.dropped)}); filter the dataset "
+                "with VLMAdapter.filter_pairs first or raise max_length"
+            )
+
+        order = [(cu, c_ids) for _, cu, _, c_ids, _ in kept] + [(ru, r_ids) for _, _, ru, _, r_ids in kept]
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        width = max(len(unit_ids[u]) + len(r) for u, r in order)
+        n_rows = len(order)
+        input_ids = torch.full((n_rows, width), int(pad_id), dtype=torch.long)
+        attention_mask = torch.zeros((n_rows, width), dtype=torch.long)
+        labels = torch.full((n_rows, width), -100, dtype=torch.long)
+        token_extra = {k: torch.zeros((n_rows, width), dtype=v.dtype) for k, v in per_token.items()}
+        for row, (u, response) in enumerate(order):
+            prompt = unit_ids[u]
+            p, n = len(prompt), len(response)
+            input_ids[row, :p] = prompt
+            input_ids[row, p : p + n] = torch.tensor(response, dtype=torch.long)
+            attention_mask[row, : p + n] = 1
+            labels[row, p : p + n] = input_ids[row, p : p + n]
+            for k in token_extra:
+                token_extra[k][row, :p] = unit_tokens[k][u]
+
+        # keep only the units some kept row uses (drops can orphan units), renumbered in order
+        used_units = sorted({u for u, _ in order})
+        renumber = {u: i for i, u in enumerate(used_units)}
+        images_per_unit = [len(unit.images) for unit in units]
+        image_inputs = {k: v for k, v in processed.items() if k not in _TEXT_KEYS and k not in per_token}
+        if len(used_units) != len(units) and image_inputs:
+            image_inputs = self._select_units(image_inputs, processed, used_units, images_per_unit)
+        image_start: dict[int, int] = {}
+        total = 0
+        for u in used_units:
+            image_start[u] = total
+            total += images_per_unit[u]
+        row_image_index = [image_start[u] + j for u, _ in order for j in range(images_per_unit[u])]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            **token_extra,
+            "image_inputs": image_inputs,
+            "row_units": torch.tensor([renumber[u] for u, _ in order], dtype=torch.long),
+            "row_image_index": torch.tensor(row_image_index, dtype=torch.long),
+            "unit_image_tokens": torch.tensor([n_image_tokens[u] for u in used_units], dtype=torch.long),
+            "weight": torch.tensor([float((p.meta or {}).get("weight", 1.0)) for p, *_ in kept]),
+            "ids": [str(p.id) for p, *_ in kept],
+        }
+
+    @staticmethod
+    def _select_units(
+        image_inputs: dict[str, Any],
+        processed: dict[str, Any],
+        used_units: list[int],
+        images_per_unit: list[int],
+    ) -> dict[str, Any]:
+        """Keep the image tensors of ``used_units`` only (after drops); handles per-unit and per-image layouts."""
+        n_units = len(images_per_unit)
+        n_images = sum(images_per_unit)
+        image_rows = [sum(images_per_unit[:u]) + j for u in used_units for j in range(images_per_unit[u])]
+        out: dict[str, Any] = {}
+        grid = processed.get("image_grid_thw")
+        for key, value in image_inputs.items():
+            if not isinstance(value, torch.Tensor):
+                out[key] = value
+            elif key == "pixel_values" and grid is not None:  # Qwen2-VL: patches of all images, flattened
+                per_image = grid.prod(-1).tolist()
+                starts = [sum(per_image[:i]) for i in range(len(per_image))]
+                out[key] = torch.cat([value[starts[i] : starts[i] + per_image[i]] for i in image_rows])
+            elif value.shape[0] == n_images and n_images != n_units:
+                out[key] = value[image_rows]
+            elif value.shape[0] == n_units:
+                out[key] = value[used_units]
+            elif value.shape[0] == n_images:
+                out[key] = value[image_rows]
+            else:
+                raise ValueError(f"VLMAdapter: cannot select units in processor output {key!r} {tuple(value.shape)}")
+        return out
+
+    def filter_pairs(self, pairs: Sequence[Any]) -> tuple[list[Any], Counter[str]]:
+        """Drop the pairs :meth:`collate` would drop (too long) before training: ``(kept, reasons)``.
+
+        A no-op without ``max_length``; otherwise runs the processor on each pair's prompt(s) once.
+        """
+        if self.max_length is None:
+            return list(pairs), Counter()
+        kept: list[Any] = []
+        reasons: Counter[str] = Counter()
+        for pair in pairs:
+            chosen, rejected = self._units_for(pair)
+            units = [chosen] if chosen is rejected else [chosen, rejected]
+            lengths = self._process(units)["attention_mask"].sum(-1).tolist()
+            _, _, reason = self._fit(pair, int(lengths[0]), int(lengths[-1]))
+            if reason is None:
+                kept.append(pair)
+            else:
+                reasons[reason] += 1
+        return kept, reasons
+
+    def prepare(self, batch: dict[str, Any], *, generator: torch.Generator) -> dict[str, Any]:
+        """Identity: sequence models draw no per-step randomness."""
+        return batch
+
+    # ------------------------------------------------------------------ model side
+
+    def model_inputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments for ``model(**...)`` on ``batch`` (encodes the distinct images once)."""
+        kwargs: dict[str, Any] = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "use_cache": False,
+        }
+        for key in PER_TOKEN_KEYS:
+            if key in batch:
+                kwargs[key] = batch[key]
+        image_inputs = batch.get("image_inputs") or {}
+        if not image_inputs:
+            return kwargs
+        if not self._shares(model):
+            n_rows = batch["input_ids"].shape[0]
+            if batch["row_units"].tolist() != list(range(n_rows)):
+                raise ValueError(
+                    "VLMAdapter: this batch was collated with shared image encoding but the model does not "
+                    "accept mm_encoder_outputs (transformers < 5?); build the adapter with "
+                    "share_image_encoding=False"
+                )
+            self._check_tokens_per_row(batch, None)
+            kwargs.update(image_inputs)
+            return kwargs
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        base = _unwrap(model)
+        encoded = base.get_image_features(**image_inputs, return_dict=True)
+        pooled = encoded.pooler_output if hasattr(encoded, "pooler_output") else encoded
+        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in pooled], dim=0) if isinstance(
+            pooled, (list, tuple)
+        ) else pooled.reshape(-1, pooled.shape[-1])
+        unit_tokens = batch["unit_image_tokens"].tolist()
+        if features.shape[0] != sum(unit_tokens):
+            raise ValueError(
+                f"processor/model mismatch: the prompts hold {sum(unit_tokens)} image tokens "
+                f"({self.image_token!r}, per unit {unit_tokens}) but the model's vision encoder gave "
+                f"{features.shape[0]} image feature vectors (pairs {batch.get('ids')}); the processor's "
+                "image settings (size, patch size, feature strategy) must match the model's config"
+            )
+        per_unit = list(torch.split(features, unit_tokens))
+        kwargs["mm_encoder_outputs"] = {
+            "image": BaseModelOutputWithPooling(pooler_output=[per_unit[u] for u in batch["row_units"].tolist()])
+        }
+        for key in PER_IMAGE_KEYS:
+            if key in image_inputs and isinstance(image_inputs[key], torch.Tensor):
+                kwargs[key] = image_inputs[key][batch["row_image_index"].to(image_inputs[key].device)]
+        self._check_tokens_per_row(batch, per_unit)
+        return kwargs
+
+    def _check_tokens_per_row(self, batch: dict[str, Any], per_unit: list[torch.Tensor] | None) -> None:
+        counts = (batch["input_ids"] == self.image_token_id).sum(-1).tolist()
+        expected = [int(batch["unit_image_tokens"][u]) for u in batch["row_units"].tolist()]
+        if counts != expected:
+            raise ValueError(
+                f"VLMAdapter: image tokens per row {counts} differ from the prompts' {expected}: a response "
+                f"contains the image token {self.image_token!r} (pairs {batch.get('ids')})"
+            )
+
+    def _shares(self, model: torch.nn.Module) -> bool:
+        if not self.share_image_encoding:
+            return False
+        base = _unwrap(model)
+        forward = getattr(getattr(base, "model", base), "forward", None)
+        return forward is not None and "mm_encoder_outputs" in inspect.signature(forward).parameters
+
+    def logps(self, model: torch.nn.Module, batch: dict[str, Any]) -> ChosenRejected:
+        """Summed response log-probs of chosen and rejected rows, ``(B,)`` each, with token counts.
+
+        ``extras["chosen_logits_mean"]`` is not kept (memory); the logits are freed on return.
+        """
+        kwargs = self.model_inputs(model, batch)
+        try:
+            logits = model(**kwargs).logits
+        except (ValueError, RuntimeError) as exc:
+            if "image" in str(exc).lower() and "match" in str(exc).lower():
+                raise ValueError(
+                    f"processor/model mismatch on pairs {batch.get('ids')}: {exc}. Load the processor and the "
+                    "model from the same folder"
+                ) from exc
+            raise
+        logps, n_tokens = sequence_logps(logits, batch["labels"])
+        n_pairs = logps.shape[0] // 2
+        return ChosenRejected(
+            chosen=logps[:n_pairs],
+            rejected=logps[n_pairs:],
+            chosen_tokens=n_tokens[:n_pairs],
+            rejected_tokens=n_tokens[n_pairs:],
+        )
+
+
+def _unwrap(model: torch.nn.Module) -> Any:
+    """The model behind a DDP-style wrapper (``.module``); peft models forward attributes themselves."""
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ in (
+        "DistributedDataParallel",
+        "FullyShardedDataParallel",
+    ):
+        model = model.module
+    return model
