@@ -62,6 +62,7 @@ from typing import Any, TypeVar
 import torch
 
 from mmalign.adapter import Adapter, ChosenRejected
+from mmalign.logprobs import _check_logits_labels
 
 __all__ = [
     "Diagnostics",
@@ -336,10 +337,7 @@ def topk_stats(
     Known values: ``k = V`` gives mass 1; equal top-k logits give entropy ``log k``; a one-hot
     distribution (one logit far above the rest) gives mass 1 and entropy 0.
     """
-    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"logits must be (B, T, V) and labels (B, T); got {tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
+    _check_logits_labels(logits, labels)  # same shape rules and messages as mmalign.logprobs
     vocab = logits.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, V={vocab}], got {k}")
@@ -458,10 +456,10 @@ def _side_mask(extras: Mapping[str, Any], side: str) -> torch.Tensor | None:
 class Diagnostics:
     """Alignment diagnostics computed every ``every_n_steps`` optimizer steps.
 
-    The engine calls ``compute(model, outputs, step=step)`` when ``should_run(step)`` with the
-    *live* :class:`~mmalign.adapter.ChosenRejected` of the step (before the loss backward; the
-    graph is retained). Each diagnostic runs only when its inputs are present (see the module
-    docstring for the ``extras`` keys). Metric names:
+    The engine calls ``compute(model, outputs, step=step, adapter=adapter, batch=batch)`` when
+    ``should_run(step)``, with the step's :class:`~mmalign.adapter.ChosenRejected` (after the
+    backward is fine: entanglement then re-runs the adapter on ``batch``). Each diagnostic runs only
+    when its inputs are present (see the module docstring for the ``extras`` keys). Metric names:
 
     * CHES: ``diag/ches_mean``, ``diag/ches_max``, ``diag/ches_ln_mean`` (length-normalised).
     * entanglement: ``diag/grad_inner``, ``diag/grad_inner_rel``, ``diag/grad_inner_rel_rejected``,
@@ -493,10 +491,48 @@ class Diagnostics:
         if self.value_kind not in ("sequence", "diffusion"):
             raise ValueError(f"value_kind must be 'sequence' or 'diffusion', got {self.value_kind!r}")
         self.tracker = DisplacementTracker(self.displacement_threshold, self.displacement_window)
-        self._warned = False
+        self._warned: set[str] = set()
 
     def should_run(self, step: int) -> bool:
         return step % self.every_n_steps == 0
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+    def _entanglement(
+        self,
+        model: torch.nn.Module,
+        outputs: ChosenRejected,
+        sign: float,
+        adapter: Adapter | None,
+        batch: dict[str, Any] | None,
+        params: Sequence[torch.Tensor] | None,
+    ) -> dict[str, float] | None:
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        try:
+            if adapter is not None and batch is not None:
+                # A fresh forward: the step's own graph is usually freed by the loss backward.
+                with torch.enable_grad():
+                    fresh = adapter.logps(model, batch)
+                return gradient_entanglement(sign * fresh.chosen, sign * fresh.rejected, params, retain_graph=False)
+            if outputs.chosen.requires_grad and outputs.rejected.requires_grad:
+                return gradient_entanglement(sign * outputs.chosen, sign * outputs.rejected, params)
+            self._warn_once(
+                "no-graph",
+                "gradient entanglement skipped: the outputs carry no autograd graph; pass adapter= and "
+                "batch= to Diagnostics.compute",
+            )
+        except RuntimeError as exc:  # freed graph, reentrant checkpointing, ...: never stop training
+            self._warn_once(
+                "runtime",
+                "gradient entanglement skipped (%s); call Diagnostics.compute before the loss backward or "
+                "pass adapter= and batch= (reentrant gradient checkpointing does not support autograd.grad)",
+                exc,
+            )
+        return None
 
     def compute(
         self,
@@ -504,21 +540,33 @@ class Diagnostics:
         outputs: ChosenRejected,
         *,
         step: int = 0,
+        adapter: Adapter | None = None,
+        batch: dict[str, Any] | None = None,
         params: Sequence[torch.Tensor] | None = None,
     ) -> dict[str, float]:
         """Run the enabled diagnostics on one step's outputs; returns ``{"diag/...": float}``.
 
-        ``params`` defaults to the model's trainable parameters (for entanglement).
+        Args:
+            model: the (unwrapped) policy.
+            outputs: the step's :class:`~mmalign.adapter.ChosenRejected` (live or detached).
+            step: optimizer step, recorded by the displacement tracker.
+            adapter, batch: when given, entanglement runs ``adapter.logps(model, batch)`` once more
+                with gradients (one extra forward and two backwards), so it works after the loss
+                backward has freed the step's graph; ``adapter.value_kind`` overrides ``value_kind``.
+                Without them entanglement uses ``outputs``' graph, which must still be alive.
+            params: parameters for entanglement; default the model's trainable ones.
+
+        A diagnostic that cannot run (missing extras, freed graph) is skipped, never raised: it
+        must not stop a training run. Bad shapes in the extras still raise.
         """
         metrics: dict[str, float] = {}
-        sign = -1.0 if self.value_kind == "diffusion" else 1.0
-        chosen, rejected = sign * outputs.chosen, sign * outputs.rejected
+        value_kind = getattr(adapter, "value_kind", None) or self.value_kind
+        sign = -1.0 if value_kind == "diffusion" else 1.0
+        chosen, rejected = sign * outputs.chosen.detach(), sign * outputs.rejected.detach()
         extras = outputs.extras
 
-        if self.entanglement and chosen.requires_grad and rejected.requires_grad:
-            if params is None:
-                params = [p for p in model.parameters() if p.requires_grad]
-            ent = gradient_entanglement(chosen, rejected, params)
+        ent = self._entanglement(model, outputs, sign, adapter, batch, params) if self.entanglement else None
+        if ent is not None:
             metrics.update(
                 {
                     "diag/grad_inner": ent["inner"],
@@ -553,9 +601,9 @@ class Diagnostics:
                     metrics[f"diag/topk_mass{suffix}"] = float(stats["mass"])
                     metrics[f"diag/topk_entropy{suffix}"] = float(stats["entropy"])
 
-            if self.tracker.update(step, chosen.detach(), rejected.detach()) and not self._warned:
-                self._warned = True
-                logger.warning(
+            if self.tracker.update(step, chosen, rejected):
+                self._warn_once(
+                    "displacement",
                     "likelihood displacement at step %d: chosen log-prob fell %.3f below its start "
                     "while the margin grew (consider filtering high-CHES pairs or adding an SFT term)",
                     step,

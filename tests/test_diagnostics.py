@@ -20,6 +20,7 @@ from mmalign.diagnostics import (
     score_pairs,
     topk_stats,
 )
+from mmalign.logprobs import sequence_logps
 
 # ----------------------------------------------------------------------------- masks
 
@@ -29,6 +30,22 @@ def test_prediction_mask_shifts_labels_by_one() -> None:
     labels = torch.tensor([[-100, -100, 7, 8], [-100, 5, 6, -100]])
     expected = torch.tensor([[False, True, True, False], [True, True, False, False]])
     assert torch.equal(prediction_mask(labels), expected)
+
+
+def test_prediction_mask_matches_logprobs_shift() -> None:
+    """Summing log-softmax at prediction_mask positions, gathered at the next label, must equal
+    mmalign.logprobs.sequence_logps: the diagnostics and the losses score the same positions."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 6, 5, generator=gen)
+    labels = torch.randint(0, 5, (2, 6), generator=gen)
+    labels[0, :3] = -100
+    labels[1, :1] = -100
+    labels[1, 5] = -100
+    mask = prediction_mask(labels)
+    logp = torch.log_softmax(logits, -1)
+    nxt = torch.roll(labels, -1, dims=1).clamp(min=0)
+    manual = (torch.gather(logp, 2, nxt.unsqueeze(-1)).squeeze(-1) * mask).sum(1)
+    torch.testing.assert_close(manual, sequence_logps(logits, labels)[0])
 
 
 # ----------------------------------------------------------------------------- CHES
@@ -282,17 +299,9 @@ def test_diagnostics_compute_on_tiny_model(tiny_lm: torch.nn.Module) -> None:
     labels_c, labels_r = chosen_ids.clone(), rejected_ids.clone()
     labels_c[:, :2] = -100
     labels_r[:, :2] = -100
-
-    def summed_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(logits[:, :-1].float(), -1)
-        tgt = labels[:, 1:]
-        mask = tgt != -100
-        tok = torch.gather(logp, 2, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (tok * mask).sum(1)
-
     outputs = ChosenRejected(
-        summed_logps(out_c.logits, labels_c),
-        summed_logps(out_r.logits, labels_r),
+        sequence_logps(out_c.logits, labels_c)[0],
+        sequence_logps(out_r.logits, labels_r)[0],
         extras={
             "chosen_hidden": out_c.hidden_states[-1],
             "rejected_hidden": out_r.hidden_states[-1],
@@ -329,6 +338,46 @@ def test_diagnostics_compute_on_tiny_model(tiny_lm: torch.nn.Module) -> None:
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     model.zero_grad(set_to_none=True)
     model.eval()
+
+
+def test_diagnostics_after_backward_skips_or_reruns_entanglement(
+    tiny_lm: torch.nn.Module, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine calls compute after the loss backward: the step's graph is freed. Without an
+    adapter the entanglement is skipped with a warning (training must not stop); with adapter and
+    batch it re-runs the forward and reports the metrics."""
+    adapter = _ToyAdapter()
+    batch = adapter.collate([([1, 2, 3, 4], [1, 2, 5, 6]), ([7, 8, 9, 10], [7, 8, 11, 12])])
+    model = tiny_lm.train()
+    outputs = adapter.logps(model, batch)
+    (outputs.rejected - outputs.chosen).sum().backward()  # frees the graph
+    model.zero_grad(set_to_none=True)
+    diag = Diagnostics(every_n_steps=1, topk=4)
+    with caplog.at_level("WARNING", logger="mmalign.diagnostics"):
+        skipped = diag.compute(model, outputs, step=1)
+    assert "diag/grad_cosine" not in skipped and "diag/ches_mean" in skipped
+    assert "gradient entanglement skipped" in caplog.text
+    rerun = diag.compute(model, outputs, step=2, adapter=adapter, batch=batch)
+    assert -1.0 <= rerun["diag/grad_cosine"] <= 1.0 and rerun["diag/grad_norm_chosen"] > 0
+    assert {"diag/topk_mass_rejected", "diag/topk_entropy_rejected"} <= set(rerun)
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()
+
+
+def test_diagnostics_diffusion_values_are_negated() -> None:
+    """Diffusion outputs are MSEs (lower is better): chosen MSE 0.10 -> 0.30 while rejected
+    0.20 -> 0.60 means -mse_c fell by 0.2 > threshold 0.1 and the margin (-mse_c + mse_r) rose
+    0.1 -> 0.3: displacement. In 'sequence' reading the same numbers would not be flagged."""
+    steps = [(torch.tensor([0.10]), torch.tensor([0.20])), (torch.tensor([0.30]), torch.tensor([0.60]))]
+    model = torch.nn.Linear(1, 1)
+    diffusion = Diagnostics(every_n_steps=1, entanglement=False, displacement_threshold=0.1, value_kind="diffusion")
+    sequence = Diagnostics(every_n_steps=1, entanglement=False, displacement_threshold=0.1)
+    for step, (c, r) in enumerate(steps):
+        m_diff = diffusion.compute(model, ChosenRejected(c, r), step=step)
+        m_seq = sequence.compute(model, ChosenRejected(c, r), step=step)
+    assert m_diff["diag/displacement"] == 1.0
+    assert m_diff["diag/chosen_logps_change"] == pytest.approx(-0.2)
+    assert m_seq["diag/displacement"] == 0.0
 
 
 def test_diagnostics_validates_config() -> None:
