@@ -84,8 +84,8 @@ def test_stic_lowres_keeps_only_20_px_of_detail(source: str) -> None:
     # ... while the original does not (so the test could fail).
     assert projection_residual(x[0], small) > 0.05
     # Spectrum: energy above the 20-px Nyquist (10 cycles per shorter side) at least halves and
-    # is under 8% (measured: synthetic 0.323 -> 0.051, astronaut 0.109 -> 0.034, coffee 0.111 -> 0.038, camera 0.044 -> 0.018;
-    # what remains is the kinks of bilinear upsampling).
+    # is under 8% (measured: synthetic 0.323 -> 0.051, astronaut 0.109 -> 0.034, coffee 0.111 ->
+    # 0.038, camera 0.044 -> 0.018; what remains is the kinks of bilinear upsampling).
     assert hf_fraction(y, 10.0) < min(0.08, 0.5 * hf_fraction(x, 10.0))
 
 
