@@ -151,9 +151,14 @@ class SkippedRow:
     field: str | None
     reason: str
     source: str = ""
+    unit: str = "line"
 
     def __str__(self) -> str:
-        return str(PairFormatError(self.reason, source=self.source or None, line=self.line, field=self.field))
+        return str(
+            PairFormatError(
+                self.reason, source=self.source or None, line=self.line, field=self.field, unit=self.unit
+            )
+        )
 
 
 @dataclass
@@ -696,7 +701,7 @@ def _collect_pairs(
             err = exc.at(source, lineno, unit)
             if not skip_bad:
                 raise err from None
-            skipped.append(SkippedRow(lineno, err.field, err.reason, source))
+            skipped.append(SkippedRow(lineno, err.field, err.reason, source, unit))
             continue
         seen[pair.id] = lineno
         pair.with_root(root)
@@ -1226,7 +1231,7 @@ class PairDataset(Dataset):
                         err = exc.at("<pairs>", i, "item")
                         if not skip_bad:
                             raise err from None
-                        self.skipped.append(SkippedRow(i, err.field, err.reason, "<pairs>"))
+                        self.skipped.append(SkippedRow(i, err.field, err.reason, "<pairs>", "item"))
                         continue
                     pair.with_root(self.root)
                 self.pairs.append(pair.oriented() if orient else pair)
@@ -1313,7 +1318,10 @@ class _MediaSink:
             try:
                 value = resolve_media(self.image_root, str(value))
             except PairFormatError as exc:
-                raise PairFormatError(exc.reason, field=name) from exc
+                reason = (
+                    f"{exc.reason} (source image paths are relative to image_root {str(self.image_root)!r})"
+                )
+                raise PairFormatError(reason, field=name) from exc
         try:
             data = _media_bytes(value)
             if self.verify:
@@ -1376,7 +1384,7 @@ def _convert(
                     err = exc.at(source, lineno, unit)
                     if not skip_bad:
                         raise err from None
-                    report.skipped.append(SkippedRow(lineno, err.field, err.reason, source))
+                    report.skipped.append(SkippedRow(lineno, err.field, err.reason, source, unit))
                     continue
                 report.kept += 1
         if durable:
