@@ -6,11 +6,12 @@ that is not scored (prompt, padding, image placeholders). The prediction of ``la
 ``logits[:, t - 1]``; :func:`token_logps` does that shift itself and returns a ``(B, T)`` tensor
 aligned with ``labels`` (column 0 is always 0: nothing predicts the first token).
 
-Memory: with bf16/fp16 logits of a large vocabulary, ``logits.float().log_softmax(-1)`` would make
-two full fp32 copies (plus one kept for backward). Here the log-normaliser ``logsumexp`` is computed
-in fp32 one chunk of rows at a time (at most ``chunk_elements`` fp32 values alive), and a custom
-backward recomputes the softmax chunk by chunk from the original logits, so nothing of size
-``B*T*V`` is stored besides the logits themselves and, in training, their gradient.
+Memory: with bf16/fp16 logits of a large vocabulary, ``logits.float().log_softmax(-1)`` makes two
+full fp32 copies, one of them kept for backward. Here the log-normaliser is computed in fp32 one
+slice of positions at a time (at most ``chunk_elements`` fp32 values alive, updated in place), and
+a custom backward recomputes the softmax slice by slice from the original logits. Nothing of size
+``B*T*V`` is allocated besides the logits themselves and, in training, their gradient (same dtype).
+The price is a Python loop over ``B*T*V / chunk_elements`` slices and recomputing ``exp`` in backward.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch
 
 __all__ = ["response_labels", "sequence_logps", "token_logps"]
 
-#: Default number of fp32 elements materialised at once (64 Mi values = 256 MiB).
-DEFAULT_CHUNK_ELEMENTS = 1 << 26
+#: Default number of fp32 elements materialised at once (16 Mi values = 64 MiB).
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,12 +31,22 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rows_per_chunk(t: int, v: int, chunk_elements: int) -> int:
-    return max(1, chunk_elements // max(1, t * v))
+def _chunks(b: int, t: int, v: int, chunk_elements: int) -> list[tuple[int, int, int]]:
+    """``(row, start, stop)`` slices of the ``T - 1`` predicting positions, each <= chunk_elements values.
+
+    Slicing a single row along time keeps every chunk a view of ``logits`` (no copy of the
+    non-contiguous ``logits[:, :-1]``) and bounds memory even for one long row of a big vocabulary.
+    """
+    step = max(1, chunk_elements // max(1, v))
+    return [(row, s, min(t - 1, s + step)) for row in range(b) for s in range(0, t - 1, step)]
 
 
 class _ShiftedTokenLogps(torch.autograd.Function):
-    """``out[b, t] = log softmax(logits[b, t - 1])[labels[b, t]]`` where ``mask[b, t]``, else 0."""
+    """``out[b, t] = log softmax(logits[b, t - 1])[labels[b, t]]`` where ``mask[b, t]``, else 0.
+
+    Forward and backward each hold one fp32 ``(chunk, V)`` temporary, updated in place; backward
+    recomputes the softmax from the saved (original dtype) logits and the fp32 log-normaliser.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -49,15 +60,18 @@ class _ShiftedTokenLogps(torch.autograd.Function):
         acc = _acc_dtype(logits.dtype)
         out = torch.zeros(b, t, dtype=acc, device=logits.device)
         lse = torch.zeros(b, t - 1, dtype=acc, device=logits.device)
-        rows = _rows_per_chunk(t - 1, v, chunk_elements)
-        for start in range(0, b, rows):
-            stop = min(b, start + rows)
-            chunk = logits[start:stop, :-1].to(acc)  # (rows, T-1, V), the only fp32 temporary
-            lse[start:stop] = torch.logsumexp(chunk, dim=-1)
-            picked = chunk.gather(-1, safe_labels[start:stop, 1:, None]).squeeze(-1)
-            out[start:stop, 1:] = picked - lse[start:stop]
-            del chunk
-        out[:, 1:] *= mask[:, 1:]
+        for row, start, stop in _chunks(b, t, v, chunk_elements):
+            z = logits[row, start:stop].to(acc, copy=True)  # (n, V): the only large temporary
+            picked = z.gather(-1, safe_labels[row, start + 1 : stop + 1, None]).squeeze(-1)
+            peak = z.amax(dim=-1, keepdim=True)
+            # a row of all -inf would give nan; keep it finite (its label is then -inf, as it should be)
+            peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+            z.sub_(peak).exp_()
+            lse[row, start:stop] = z.sum(dim=-1).log_().add_(peak.squeeze(-1))
+            out[row, start + 1 : stop + 1] = picked - lse[row, start:stop]
+            del z
+        # where, not multiply: a masked position's placeholder label may have a -inf logit
+        out = torch.where(mask, out, torch.zeros_like(out))
         ctx.save_for_backward(logits, safe_labels, mask, lse)
         ctx.chunk_elements = chunk_elements
         return out
@@ -70,17 +84,15 @@ class _ShiftedTokenLogps(torch.autograd.Function):
             return None, None, None, None
         b, t, v = logits.shape
         grad = torch.zeros_like(logits)
-        g = grad_out[:, 1:].to(lse.dtype) * mask[:, 1:]  # (B, T-1)
-        rows = _rows_per_chunk(t - 1, v, ctx.chunk_elements)
-        for start in range(0, b, rows):
-            stop = min(b, start + rows)
-            # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z)
-            soft = torch.exp(logits[start:stop, :-1].to(lse.dtype) - lse[start:stop, :, None])
-            g_chunk = g[start:stop, :, None]
-            local = -soft * g_chunk
-            local.scatter_add_(-1, safe_labels[start:stop, 1:, None], g_chunk)
-            grad[start:stop, :-1] = local.to(grad.dtype)
-            del soft, local
+        g = torch.where(mask[:, 1:], grad_out[:, 1:].to(lse.dtype), torch.zeros_like(lse))  # (B, T-1)
+        for row, start, stop in _chunks(b, t, v, ctx.chunk_elements):
+            # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z), times the incoming gradient
+            gz = g[row, start:stop, None]
+            z = logits[row, start:stop].to(lse.dtype, copy=True)
+            z.sub_(lse[row, start:stop, None]).exp_().mul_(-gz)
+            z.scatter_add_(-1, safe_labels[row, start + 1 : stop + 1, None], gz)
+            grad[row, start:stop] = z
+            del z
         return grad, None, None, None
 
 
@@ -145,7 +157,7 @@ def token_logps(
             f"and is not ignore_index={ignore_index}"
         )
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
-    return _ShiftedTokenLogps.apply(logits, safe_labels, mask.to(_acc_dtype(logits.dtype)), int(chunk_elements))
+    return _ShiftedTokenLogps.apply(logits, safe_labels, mask, int(chunk_elements))
 
 
 def sequence_logps(

@@ -194,3 +194,19 @@ def test_single_token_sequences() -> None:
     logits, ids = make(b=2, t=1, v=4)
     logps, n = sequence_logps(logits, ids)
     assert logps.tolist() == [0.0, 0.0] and n.tolist() == [0, 0]
+
+
+def test_minus_inf_logits_at_masked_positions_stay_exactly_zero() -> None:
+    """Vocab masking (-inf logits) on the placeholder id of ignored positions must not leak NaN."""
+    logits, ids = make(b=2, t=5, v=6)
+    logits[..., 0] = float("-inf")
+    labels = ids.clamp(min=1)
+    labels[0, 1:3] = IGNORE
+    leaf = logits.clone().requires_grad_()
+    out = token_logps(leaf, labels)
+    assert torch.isfinite(out).all()
+    assert (out[0, 1:3] == 0).all()
+    assert out.tolist() == [pytest.approx(r, abs=1e-5) for r in brute_token_logps(torch.where(
+        torch.isinf(logits), torch.full_like(logits, -1e30), logits), labels)]
+    out.sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
