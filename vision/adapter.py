@@ -222,27 +222,28 @@ class VLMAdapter:
 
     # ------------------------------------------------------------------ data side
 
-    def _load(self, item: Media, pair_id: str, side: str) -> Any:
+    def _load(self, item: Media, pair: Any, side: str) -> Any:
+        """Load one media item of ``pair`` as RGB PIL (relative paths resolve against ``pair.root``,
+        else :attr:`media_root`)."""
         from PIL import Image
+
+        from mmalign.pairs import load_image, resolve_media
 
         if isinstance(item, Image.Image):
             return item.convert("RGB") if item.mode != "RGB" else item
         path = Path(item)
         if not path.is_absolute():
-            if self.media_root is None:
+            root = getattr(pair, "root", None) or self.media_root
+            if root is None:
                 raise ValueError(
-                    f"pair {pair_id!r}: {side}_media {str(item)!r} is relative but the adapter has no "
-                    "media_root (pass the pair dataset folder)"
+                    f"pair {pair.id!r}, field {side}_media: {str(item)!r} is relative but neither the pair "
+                    "nor the adapter knows the dataset folder (pass media_root)"
                 )
-            from mmalign.pairs import resolve_media
-
-            path = resolve_media(self.media_root, str(item))
-        from mmalign.pairs import load_image
-
+            path = resolve_media(root, str(item))
         try:
             return load_image(path)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the pair and field named
-            raise ValueError(f"pair {pair_id!r}, field {side}_media: cannot read image {str(path)!r}: {exc}") from exc
+        except ValueError as exc:
+            raise ValueError(f"pair {pair.id!r}, field {side}_media: {exc}") from exc
 
     @staticmethod
     def _media_key(media: Sequence[Media]) -> tuple[Any, ...]:
@@ -262,7 +263,7 @@ class VLMAdapter:
             system_prompt=self.system_prompt, prompt_template=self.prompt_template,
         )
         chosen_key = (chosen_text, self._media_key(chosen_media))
-        chosen = _Unit(chosen_text, [self._load(m, pair.id, "chosen") for m in chosen_media], chosen_key)
+        chosen = _Unit(chosen_text, [self._load(m, pair, "chosen") for m in chosen_media], chosen_key)
         if self.share_image_encoding and self._media_key(rejected_media) == self._media_key(chosen_media):
             return chosen, chosen
         rejected_text = render_prompt(
@@ -270,7 +271,7 @@ class VLMAdapter:
             system_prompt=self.system_prompt, prompt_template=self.prompt_template,
         )
         rejected = _Unit(
-            rejected_text, [self._load(m, pair.id, "rejected") for m in rejected_media],
+            rejected_text, [self._load(m, pair, "rejected") for m in rejected_media],
             (rejected_text, self._media_key(rejected_media)),
         )
         return chosen, rejected
