@@ -62,7 +62,7 @@ from typing import Any, TypeVar
 import torch
 
 from mmalign.adapter import Adapter, ChosenRejected
-from mmalign.logprobs import _check_logits_labels
+from mmalign.logprobs import _check_logits_labels, sequence_logps
 
 __all__ = [
     "Diagnostics",
@@ -621,6 +621,40 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+def _stacked_sequence_batch(batch: Mapping[str, Any]) -> bool:
+    """The layout of the sequence adapters: ``input_ids``/``labels`` ``(2B, T)``, chosen rows first."""
+    ids, labels = batch.get("input_ids"), batch.get("labels")
+    return (
+        isinstance(ids, torch.Tensor)
+        and isinstance(labels, torch.Tensor)
+        and ids.ndim == 2
+        and ids.shape == labels.shape
+        and ids.shape[0] % 2 == 0
+    )
+
+
+def _forward_with_hidden(model: torch.nn.Module, adapter: Adapter, batch: dict[str, Any]) -> ChosenRejected:
+    """One forward over a stacked sequence batch, returning log-probs and the diagnostics extras."""
+    model_inputs = getattr(adapter, "model_inputs", None)
+    if callable(model_inputs):
+        kwargs = dict(model_inputs(model, batch))
+    else:
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    out = model(**kwargs, output_hidden_states=True)
+    labels = batch["labels"]
+    logps, n_tokens = sequence_logps(out.logits, labels)
+    b = labels.shape[0] // 2
+    hidden = out.hidden_states[-1]
+    extras = {
+        "chosen_hidden": hidden[:b],
+        "rejected_hidden": hidden[b:],
+        "chosen_labels": labels[:b],
+        "rejected_labels": labels[b:],
+        "chosen_logits": out.logits[:b],
+    }
+    return ChosenRejected(logps[:b], logps[b:], n_tokens[:b], n_tokens[b:], extras)
+
+
 def score_pairs(
     model: torch.nn.Module,
     adapter: Adapter,
@@ -630,15 +664,17 @@ def score_pairs(
     topk: int = 10,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Per-pair diagnostics over a dataset, without training.
+    """Per-pair diagnostics over a dataset, without training (``torch.no_grad``).
 
-    Runs ``adapter.collate`` / ``prepare`` / ``logps`` under ``torch.no_grad`` and reads the
-    ``extras`` listed in the module docstring (``chosen_hidden`` etc. are required; top-k stats
-    are added when logits and labels are there).
+    Batches come from ``adapter.collate`` / ``prepare``. When a batch has the layout of the
+    sequence adapters (``input_ids`` and ``labels`` of ``(2B, T)``, chosen rows first; model inputs
+    from ``adapter.model_inputs(model, batch)`` when the adapter has it), one forward with
+    ``output_hidden_states=True`` gives everything, with the CHES positions derived from the labels.
+    Otherwise ``adapter.logps`` must put the ``extras`` listed in the module docstring.
 
     Returns:
         One row per pair, in order: ``{"id", "ches", "ches_ln", "chosen", "rejected"}`` plus
-        ``"topk_mass"``, ``"topk_entropy"`` when available (chosen side).
+        ``"topk_mass"``, ``"topk_entropy"`` when logits are available (chosen side).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -649,7 +685,10 @@ def score_pairs(
         chunk = pairs[start : start + batch_size]
         batch = adapter.prepare(_to_device(adapter.collate(list(chunk)), device), generator=generator)
         with torch.no_grad():
-            out = adapter.logps(model, batch)
+            if _stacked_sequence_batch(batch) and batch["input_ids"].shape[0] == 2 * len(chunk):
+                out = _forward_with_hidden(model, adapter, batch)
+            else:
+                out = adapter.logps(model, batch)
         extras = out.extras
         missing = [k for k in ("chosen_hidden", "rejected_hidden") if k not in extras]
         chosen_mask, rejected_mask = _side_mask(extras, "chosen"), _side_mask(extras, "rejected")

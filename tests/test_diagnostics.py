@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -431,3 +432,40 @@ def test_score_pairs_and_filter_end_to_end(tiny_lm: torch.nn.Module) -> None:
     assert len(dropped) == 1 and len(kept) == 2
     top = max(range(3), key=lambda i: rows[i]["ches"])
     assert dropped == [pairs[top]]
+
+
+def test_score_pairs_with_causal_lm_adapter() -> None:
+    """Through the real text adapter (stacked 2B-row batch): an identical chosen/rejected pair has
+    CHES 0, and pair 0's CHES equals model_ches_scores on the same tokens (positions derived from
+    the adapter's labels with the logprobs shift)."""
+    from mmalign.pairs import PreferencePair
+    from mmalign.text import CausalLMAdapter
+    from mmalign.tiny import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    vocab = len(tokenizer)
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    adapter = CausalLMAdapter(tokenizer, max_length=64)
+    pairs = [
+        PreferencePair(id="a", prompt="a cat on a mat", chosen="the cat sits", rejected="a dog runs far"),
+        # PreferencePair refuses identical sides, but the diagnostic must handle them: a plain record
+        SimpleNamespace(id="b", prompt="a red ball", chosen="it is red", rejected="it is red", meta={}),
+    ]
+    rows = score_pairs(model, adapter, pairs, batch_size=2, topk=5)
+    assert [r["id"] for r in rows] == ["a", "b"]
+    assert rows[1]["ches"] == pytest.approx(0.0, abs=1e-4)
+    batch = adapter.collate(pairs[:1])
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    expected = model_ches_scores(
+        model,
+        {"input_ids": ids[:1], "attention_mask": mask[:1], "labels": labels[:1]},
+        {"input_ids": ids[1:], "attention_mask": mask[1:], "labels": labels[1:]},
+    )
+    assert rows[0]["ches"] == pytest.approx(float(expected), rel=1e-4, abs=1e-4)
+    assert rows[0]["chosen"] == pytest.approx(float(adapter.logps(model, batch).chosen[0].detach()), rel=1e-5)
