@@ -116,6 +116,44 @@ def test_llava_batch_with_left_padding(tmp_path: Path) -> None:
     assert out.logits.shape[:2] == inputs["input_ids"].shape
 
 
+def test_qwen2vl_loads_runs_images_and_video(tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = tiny.make_tiny_qwen2vl(tmp_path / "qwen")
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert type(processor).__name__ == "Qwen2VLProcessor"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt.endswith(
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    # smart_resize: 48x64 -> 56x56 (min_pixels), 4x4 patches of 14, 2x2 merge -> 4 tokens;
+    # 512x512 -> 112x112 (max_pixels), 8x8 patches -> 16 tokens.
+    for (h, w), grid, n_tokens in [((48, 64), [1, 4, 4], 4), ((512, 512), [1, 8, 8], 16)]:
+        inputs = processor(text=[prompt], images=[_photo(h, w)], return_tensors="pt")
+        assert inputs["image_grid_thw"].tolist() == [grid]
+        assert inputs["pixel_values"].shape == (grid[1] * grid[2], 3 * 2 * 14 * 14)
+        assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == n_tokens
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        assert logits.shape == (1, inputs["input_ids"].shape[1], len(processor.tokenizer))
+    generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+
+    # video: 8 frames of 56x56 -> temporal patches of 2 frames: grid (4, 4, 4) -> 4 * 4 * 4 / 4 = 16 tokens
+    video_messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What?"}]}]
+    video_prompt = processor.apply_chat_template(video_messages, add_generation_prompt=True)
+    frames = np.random.default_rng(0).integers(0, 256, size=(8, 56, 56, 3), dtype=np.uint8)
+    inputs = processor(text=[video_prompt], videos=[frames], return_tensors="pt")
+    assert inputs["video_grid_thw"].tolist() == [[4, 4, 4]]
+    assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == 16
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
 def test_causal_lm_loads_and_runs(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -214,6 +252,7 @@ def test_sd3_loads_and_samples(tmp_path: Path) -> None:
 
 _BUILDERS = {
     "llava": (tiny.make_tiny_llava, 300_000),
+    "qwen2vl": (tiny.make_tiny_qwen2vl, 300_000),
     "causal_lm": (tiny.make_tiny_causal_lm, 200_000),
     "sd": (tiny.make_tiny_sd, 3_000_000),
     "sdxl": (tiny.make_tiny_sdxl, 3_000_000),
