@@ -952,7 +952,12 @@ def write_pairs(
     folder.mkdir(parents=True, exist_ok=True)
     if format == "jsonl":
         lines = [json.dumps(p.to_dict(), ensure_ascii=False, allow_nan=False) + "\n" for p in pairs]
-        _atomic_write_bytes(dest, "".join(lines).encode("utf-8"))
+        with contextlib.ExitStack() as stack:
+            if dest.exists():  # do not swap the file under an open PairWriter
+                fd = os.open(dest, os.O_RDONLY)
+                stack.callback(os.close, fd)
+                PairWriter._lock(fd)
+            _atomic_write_bytes(dest, "".join(lines).encode("utf-8"))
     elif format == "parquet":
         write_parquet(pairs, dest, overwrite=True)
     else:
@@ -1410,7 +1415,7 @@ def _json_scalars(rec: dict[str, Any], skip: Iterable[str]) -> dict[str, Any]:
     for key, value in rec.items():
         if key in skip or not isinstance(key, str):
             continue
-        if value is None or isinstance(value, bool | int | str):
+        if isinstance(value, bool | int | str):
             out[key] = value
         elif isinstance(value, float) and math.isfinite(value):
             out[key] = value

@@ -349,6 +349,8 @@ def test_writer_checks_media_and_lock(tmp_path: Path) -> None:
             writer.write(_text_pair(0, chosen_media=["media/nope.png"], rejected_media=["media/b.png"]))
         with pytest.raises(RuntimeError, match="another PairWriter"):
             PairWriter(folder).open()
+        with pytest.raises(RuntimeError, match="another PairWriter"):
+            write_pairs(folder, [_text_pair(1)], overwrite=True)
     assert read_pairs(folder) == []
 
 
@@ -517,6 +519,22 @@ def test_pickapic_ties_dropped_and_counted(tmp_path: Path) -> None:
     assert (kept.kept, kept.ties_dropped) == (4, 0)
     ties = [p for p in read_pairs(tmp_path / "ties") if p.label == 0.5]
     assert [p.prompt for p in ties] == ["tie one", "tie two"]
+
+    # the same rows from a parquet file (jpg columns as binary, or HF-style {"bytes", "path"} structs)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table_rows = [{**r, "jpg_1": imgs["b"] if r["jpg_1"] == "blue.png" else r["jpg_1"]} for r in rows]
+    table_rows = [
+        {**r, "jpg_0": r["jpg_0"]["bytes"] if isinstance(r["jpg_0"], dict) else r["jpg_0"]}
+        for r in table_rows
+    ]
+    keys = sorted({k for r in table_rows for k in r})  # from_pylist takes its columns from row 1
+    table_rows = [{k: r.get(k) for k in keys} for r in table_rows]
+    pq.write_table(pa.Table.from_pylist(table_rows), tmp_path / "train-0000.parquet")
+    from_parquet = from_pickapic(tmp_path / "train-0000.parquet", tmp_path / "pq")
+    assert (from_parquet.kept, from_parquet.ties_dropped, from_parquet.unlabeled_dropped) == (2, 2, 1)
+    assert read_pairs(tmp_path / "pq") == pairs
 
     back = to_pickapic(pairs)
     assert back[1]["jpg_0"] == imgs["b"] and back[1]["label_0"] == 1.0 and back[1]["label_1"] == 0.0
