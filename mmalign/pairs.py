@@ -720,7 +720,9 @@ class PairWriter:
     same folder fails fast), repairs a torn last line (see the module docstring) and loads the
     existing ids, so a duplicate id raises instead of being written. :meth:`write` validates the
     pair, checks its media exist inside the folder (``check_media``) and appends it with a single
-    ``write`` (+ ``fsync`` when ``durable``).
+    ``write`` (+ ``fsync`` when ``durable``). ``durable=False`` skips the per-line ``fsync``
+    (measured ~4.5 ms per line on ext4): a crashed *process* still loses nothing written, an OS
+    crash may lose the latest lines, and in no case is a torn line read as a pair.
 
     Example::
 
