@@ -182,6 +182,7 @@ def test_sd_loads_and_samples_fast(tmp_path: Path, prediction_type: str) -> None
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.prediction_type == prediction_type
     assert pipe.safety_checker is None and pipe.feature_extractor is None
+    pipe("a cat", num_inference_steps=1, output_type="pt")  # warm-up: first-call allocations
     start = time.perf_counter()
     images = pipe(
         "a red cube",
@@ -257,6 +258,7 @@ _BUILDERS = {
     "sd": (tiny.make_tiny_sd, 3_000_000),
     "sdxl": (tiny.make_tiny_sdxl, 3_000_000),
     "sd3": (tiny.make_tiny_sd3, 3_000_000),
+    "open_clip": (tiny.make_tiny_open_clip, 2_000_000),  # 1.58M of it: the 49408 x 32 token embedding
 }
 
 
@@ -330,3 +332,30 @@ def test_cached_tiny_real_sd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     path = tiny.cached_tiny("sd", prediction_type="v_prediction")
     pipe = StableDiffusionPipeline.from_pretrained(path)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+# ------------------------------------------------------------------------------------------------
+# open_clip
+
+
+def test_open_clip_roundtrip(tmp_path: Path) -> None:
+    pytest.importorskip("open_clip")
+    import open_clip
+
+    path = tiny.make_tiny_open_clip(tmp_path / "clip")
+    assert sorted(p.name for p in path.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    model, preprocess_cfg, tokenizer = tiny.load_tiny_open_clip(path)
+    assert preprocess_cfg["size"] == 32
+    saved = load_file(path / "open_clip_model.safetensors")
+    assert _same(saved, dict(model.state_dict()))  # the loader really read our weights
+    ids = tokenizer(["a red cube", "a cat"])
+    assert ids.shape == (2, 16) and ids.dtype == torch.int64
+    with torch.no_grad():
+        image_features = model.encode_image(torch.rand(2, 3, 32, 32))
+        text_features = model.encode_text(ids)
+    assert image_features.shape == (2, 32) and text_features.shape == (2, 32)
+    # open_clip's own one-call API reads the same folder, with our preprocessing
+    _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")
+    assert preprocess(_photo(48, 64)).shape == (3, 32, 32)
+    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+        tiny.load_tiny_open_clip(tmp_path)
