@@ -287,17 +287,19 @@ def gradient_entanglement(
     grads_rejected = torch.autograd.grad(
         rejected_logps.sum(), params, retain_graph=retain_graph, allow_unused=True
     )
-    inner = torch.zeros((), dtype=torch.float64)
-    sq_chosen = torch.zeros((), dtype=torch.float64)
-    sq_rejected = torch.zeros((), dtype=torch.float64)
+    # Partial sums stay on the device (float64); one transfer at the end, i.e. a single sync.
+    device = params[0].device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # inner, ||g_c||^2, ||g_r||^2
     for g_c, g_r in zip(grads_chosen, grads_rejected, strict=True):
-        if g_c is not None:
-            sq_chosen += g_c.double().pow(2).sum().cpu()
-        if g_r is not None:
-            sq_rejected += g_r.double().pow(2).sum().cpu()
-        if g_c is not None and g_r is not None:
-            inner += (g_c.double() * g_r.double()).sum().cpu()
-    inner_f, sq_c, sq_r = float(inner), float(sq_chosen), float(sq_rejected)
+        c = g_c.double() if g_c is not None else None
+        r = g_r.double() if g_r is not None else None
+        if c is not None and r is not None:
+            totals[0] += (c * r).sum().to(device)
+        if c is not None:
+            totals[1] += c.pow(2).sum().to(device)
+        if r is not None:
+            totals[2] += r.pow(2).sum().to(device)
+    inner_f, sq_c, sq_r = totals.tolist()
     norm_c, norm_r = math.sqrt(sq_c), math.sqrt(sq_r)
     return {
         "inner": inner_f,
