@@ -584,15 +584,17 @@ class Diagnostics:
             if self.ches and "chosen_hidden" in extras and "rejected_hidden" in extras:
                 chosen_mask, rejected_mask = _side_mask(extras, "chosen"), _side_mask(extras, "rejected")
                 if chosen_mask is None or rejected_mask is None:
-                    raise KeyError(
-                        "CHES needs 'chosen_mask'/'rejected_mask' or 'chosen_labels'/'rejected_labels' "
-                        "in ChosenRejected.extras next to the hidden states"
+                    self._warn_once(
+                        "ches-mask",
+                        "CHES skipped: ChosenRejected.extras has hidden states but neither "
+                        "'chosen_mask'/'rejected_mask' nor 'chosen_labels'/'rejected_labels'",
                     )
-                args = (extras["chosen_hidden"], chosen_mask, extras["rejected_hidden"], rejected_mask)
-                scores = ches_scores(*args)
-                metrics["diag/ches_mean"] = float(scores.mean())
-                metrics["diag/ches_max"] = float(scores.max())
-                metrics["diag/ches_ln_mean"] = float(ches_scores(*args, length_normalize=True).mean())
+                else:
+                    args = (extras["chosen_hidden"], chosen_mask, extras["rejected_hidden"], rejected_mask)
+                    scores = ches_scores(*args)
+                    metrics["diag/ches_mean"] = float(scores.mean())
+                    metrics["diag/ches_max"] = float(scores.max())
+                    metrics["diag/ches_ln_mean"] = float(ches_scores(*args, length_normalize=True).mean())
 
             if self.topk:
                 for side, suffix in (("chosen", ""), ("rejected", "_rejected")):
