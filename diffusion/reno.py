@@ -1,0 +1,554 @@
+"""ReNO: reward-based noise optimisation of one-step / few-step text-to-image pipelines.
+
+ReNO (Eyring et al., 2024) keeps the generator frozen and optimises its *initial noise* ``z``
+against a weighted sum of differentiable rewards:
+
+    min_z  sum_r w_r * loss_r(G(z, c), c)  +  reg * (0.5 * ||z||^2 - (d - 1) * log ||z||)
+
+The second term is the negative log-density of ``||z||`` under ``z ~ N(0, I_d)`` (a chi
+distribution), which keeps ``z`` near the Gaussian shell of radius ``sqrt(d - 1)``; it is computed
+in fp32. Defaults follow the paper: SGD, lr 5, Nesterov momentum 0.9, gradient-norm clip 0.1,
+reg 0.01, 50 iterations, keep the best image.
+
+The sampler ``G`` is ours, written for differentiation (``pipe.__call__`` runs under
+``no_grad``): prompt embeddings are computed once, then 1-4 denoiser calls with the
+deterministic x0-prediction update, then the VAE decode.
+
+* UNet pipelines (SD 1.x/2.x, SD-Turbo, SDXL/SDXL-Turbo with ``text_time`` conditioning):
+  variance-preserving DDIM (eta = 0) on the scheduler's ``alphas_cumprod``. ``z`` *is* ``x_T``,
+  which is what SD-Turbo's Euler pipeline feeds its UNet after ``scale_model_input``; one step
+  gives ``x0 = (z - sqrt(1 - abar_T) * eps) / sqrt(abar_T)``, equal to one Euler step to sigma 0.
+  Timesteps use the trailing spacing (``999``; ``999, 499``; ...), whatever the scheduler's
+  ``timestep_spacing``: sampling from pure noise needs the first step at ``T - 1``.
+  ``epsilon``, ``v_prediction`` and ``sample`` prediction types are converted exactly.
+* Transformer pipelines with ``FlowMatchEulerDiscreteScheduler`` (SD3-class): Euler on the
+  velocity, ``x <- x + (sigma_next - sigma) * v`` over the scheduler's (shifted) sigmas.
+* PixArt-class transformers (epsilon schedulers, ``encoder_attention_mask``, learned-sigma
+  output halves) use the UNet update. Flux (packed latents, dynamic shifting) is not supported.
+
+Batched prompts: one latent per prompt (prompt ``i`` starts from ``seed + i``); gradients are
+clipped per prompt and the best image is tracked per prompt, so a batch gives the same
+result as running its prompts one by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmalign.rewards import Reward, WeightedRewards
+
+__all__ = [
+    "NoiseSampler",
+    "ReNOResult",
+    "noise_norm_penalty",
+    "optimize_noise",
+    "to_pil",
+]
+
+
+def noise_norm_penalty(z: Tensor) -> Tensor:
+    """Negative log-likelihood of ``||z||`` under ``N(0, I_d)`` up to a constant, per sample, in fp32.
+
+    ``z``: ``(B, ...)``; returns ``(B,)`` = ``0.5 * ||z||^2 - (d - 1) * log ||z||`` with ``d`` the
+    number of elements per sample. Minimised at ``||z|| = sqrt(d - 1)`` (the chi mode).
+    """
+    flat = z.float().flatten(1)
+    d = flat.shape[1]
+    sq = flat.pow(2).sum(1)
+    return 0.5 * sq - (d - 1) * 0.5 * torch.log(sq)
+
+
+def to_pil(images: Tensor) -> list[Any]:
+    """``(B, 3, H, W)`` in [0, 1] -> list of PIL RGB images."""
+    from PIL import Image
+
+    arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arr]
+
+
+@dataclass
+class ReNOResult:
+    """What :func:`optimize_noise` returns. ``B`` prompts, ``S`` optimisation steps.
+
+    Row ``k`` of the per-iteration tensors is the image made from the latent after ``k`` updates
+    (row 0: the initial noise, row ``S``: the final latent, evaluated without gradient).
+    ``rewards`` is the total reward ``-sum_r w_r * loss_r`` (without the noise regulariser);
+    ``reward_scores[name]`` are the raw scores of each reward.
+    """
+
+    prompts: list[str]
+    images: list[Any]  # best image per prompt, PIL
+    image_tensors: Tensor  # (B, 3, H, W) in [0, 1]
+    initial_images: list[Any]
+    initial_image_tensors: Tensor  # (B, 3, H, W)
+    latents: Tensor  # (B, C, h, w) the latent that gave the best image
+    initial_latents: Tensor  # (B, C, h, w)
+    final_latents: Tensor  # (B, C, h, w) after the last update
+    rewards: Tensor  # (S + 1, B)
+    reward_scores: dict[str, Tensor]  # name -> (S + 1, B)
+    noise_penalty: Tensor  # (S + 1, B) the regulariser before its weight
+    iteration_times: Tensor  # (S,) seconds per update (forward, backward, step, bookkeeping)
+    best_iteration: Tensor  # (B,) long, row of `rewards` that gave `images`
+    best_rewards: Tensor  # (B,)
+    nan_skipped: Tensor  # (B,) long, updates skipped for a non-finite gradient
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def initial_rewards(self) -> Tensor:
+        """``(B,)`` total reward of the initial images."""
+        return self.rewards[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# differentiable sampler
+
+
+def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(module.parameters())
+    return p.device, p.dtype
+
+
+
+
+class NoiseSampler:
+    """A differentiable map from initial noise to images for one pipeline and a fixed prompt list.
+
+    ``sampler(z (B, C, h, w)) -> images (B, 3, H, W)`` in [0, 1]. Prompt embeddings are
+    computed once in the constructor. ``latent_shape`` is ``(C, h, w)``.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        prompts: list[str],
+        *,
+        num_inference_steps: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float = 0.0,
+        negative_prompt: str | list[str] | None = None,
+        timesteps: Sequence[int] | None = None,
+        encode_kwargs: dict[str, Any] | None = None,
+        vae_checkpointing: bool = False,
+    ) -> None:
+        self.pipe = pipe
+        self.prompts = prompts
+        self.vae = pipe.vae
+        self.denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        self.device, self.dtype = _module_device_dtype(self.denoiser)
+        self.guidance_scale = float(guidance_scale)
+        self.cfg = self.guidance_scale > 1.0
+        self.vae_checkpointing = vae_checkpointing
+        self.vae_per_block = vae_checkpointing and getattr(self.vae, "_supports_gradient_checkpointing", False)
+        name = type(pipe).__name__
+        sched = pipe.scheduler
+        self.flow = "FlowMatch" in type(sched).__name__
+        if "Flux" in name:
+            raise NotImplementedError(f"optimize_noise: {name} (packed latents, dynamic shifting) is not supported")
+        if getattr(pipe, "unet", None) is not None:
+            self.kind = "sdxl" if getattr(self.denoiser.config, "addition_embed_type", None) == "text_time" else "sd"
+        elif self.flow:
+            self.kind = "sd3"
+        else:
+            self.kind = "pixart"
+        if self.flow != (self.kind == "sd3"):
+            raise NotImplementedError(f"optimize_noise: {name} with {type(sched).__name__} is not supported")
+
+        vsf = int(getattr(pipe, "vae_scale_factor", 2 ** (len(self.vae.config.block_out_channels) - 1)))
+        sample = self.denoiser.config.sample_size
+        sample = sample if isinstance(sample, int) else sample[0]
+        height = height or sample * vsf
+        width = width or sample * vsf
+        multiple = vsf * int(getattr(self.denoiser.config, "patch_size", None) or 1)
+        if height % multiple or width % multiple:
+            raise ValueError(f"optimize_noise: height and width must be multiples of {multiple}, got {height}x{width}")
+        self.height, self.width = height, width
+        self.latent_shape = (int(self.denoiser.config.in_channels), height // vsf, width // vsf)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self._encode(negative_prompt, dict(encode_kwargs or {}))
+        self._schedule(num_inference_steps, timesteps)
+
+    # -- conditioning, computed once -------------------------------------------------------------
+    def _encode(self, negative_prompt: str | list[str] | None, extra: dict[str, Any]) -> None:
+        pipe, prompts, dev = self.pipe, self.prompts, self.device
+        common = dict(device=dev, num_images_per_prompt=1, do_classifier_free_guidance=self.cfg,
+                      negative_prompt=negative_prompt, **extra)
+        b = len(prompts)
+        with torch.no_grad():
+            if self.kind == "sd":
+                embeds, neg = pipe.encode_prompt(prompt=prompts, **common)[:2]
+                self.cond = {"encoder_hidden_states": self._cat(neg, embeds)}
+            elif self.kind == "sdxl":
+                embeds, neg, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, **common)
+                h, w = self.height, self.width
+                time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=dev, dtype=embeds.dtype).repeat(b, 1)
+                self.cond = {
+                    "encoder_hidden_states": self._cat(neg, embeds),
+                    "added_cond_kwargs": {
+                        "text_embeds": self._cat(neg_pooled, pooled),
+                        "time_ids": self._cat(time_ids, time_ids),
+                    },
+                }
+            elif self.kind == "sd3":
+                embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+                    prompt=prompts, prompt_2=None, prompt_3=None, **common
+                )
+                self.cond = {
+                    "encoder_hidden_states": self._cat(neg, embeds),
+                    "pooled_projections": self._cat(neg_pooled, pooled),
+                }
+            else:  # pixart
+                common.pop("negative_prompt")
+                embeds, mask, neg, neg_mask = pipe.encode_prompt(
+                    prompt=prompts, negative_prompt=negative_prompt or "", **common
+                )
+                self.cond = {
+                    "encoder_hidden_states": self._cat(neg, embeds),
+                    "encoder_attention_mask": self._cat(neg_mask, mask),
+                    "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+                }
+
+    def _cat(self, negative: Tensor | None, positive: Tensor) -> Tensor:
+        if not self.cfg:
+            return positive
+        assert negative is not None
+        return torch.cat([negative, positive])
+
+    # -- timesteps -------------------------------------------------------------------------------
+    def _schedule(self, n: int, timesteps: Sequence[int] | None) -> None:
+        sched = self.pipe.scheduler
+        if self.flow:
+            if getattr(sched.config, "use_dynamic_shifting", False):
+                raise NotImplementedError("optimize_noise: flow schedulers with dynamic shifting need mu (Flux)")
+            sched.set_timesteps(n, device=self.device)
+            self.timesteps = sched.timesteps.clone()
+            self.sigmas = sched.sigmas.to(self.device, torch.float32).clone()  # n + 1, last is 0
+            return
+        total = int(sched.config.num_train_timesteps)
+        if timesteps is None:
+            timesteps = [round(total * (1 - i / n)) - 1 for i in range(n)]  # trailing spacing
+        if len(timesteps) != n or any(not 0 <= t < total for t in timesteps):
+            raise ValueError(f"optimize_noise: timesteps must be {n} values in [0, {total}), got {list(timesteps)}")
+        abar = sched.alphas_cumprod.to(torch.float64)
+        self.timesteps = torch.tensor(list(timesteps), device=self.device)
+        self.alphas = [float(abar[t].sqrt()) for t in timesteps]
+        self.sigmas_vp = [float((1 - abar[t]).sqrt()) for t in timesteps]
+        self.prediction_type = getattr(sched.config, "prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise NotImplementedError(f"optimize_noise: prediction_type {self.prediction_type!r} is not supported")
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _denoise(self, x: Tensor, t: Tensor) -> Tensor:
+        b = x.shape[0]
+        x_in = torch.cat([x, x]) if self.cfg else x
+        t_in = t.expand(x_in.shape[0])
+        if self.kind in ("sd", "sdxl"):
+            out = self.denoiser(x_in, t_in, **self.cond, return_dict=False)[0]
+        elif self.kind == "sd3":
+            out = self.denoiser(hidden_states=x_in, timestep=t_in, **self.cond, return_dict=False)[0]
+        else:
+            out = self.denoiser(x_in, timestep=t_in, **self.cond, return_dict=False)[0]
+            if out.shape[1] == 2 * x.shape[1]:  # learned sigma: keep the mean prediction
+                out = out[:, : x.shape[1]]
+        if self.cfg:
+            uncond, cond = out[:b], out[b:]
+            out = uncond + self.guidance_scale * (cond - uncond)
+        return out
+
+    def latents_to_x0(self, z: Tensor) -> Tensor:
+        """Run the 1-4 denoising steps from ``z`` (= ``x_T``) to the clean latent ``(B, C, h, w)``."""
+        x = z.to(self.dtype)
+        n = len(self.timesteps)
+        for i in range(n):
+            out = self._denoise(x, self.timesteps[i])
+            if self.flow:  # Euler on the velocity field
+                x = x + (self.sigmas[i + 1] - self.sigmas[i]).to(x.dtype) * out
+                continue
+            a, s = self.alphas[i], self.sigmas_vp[i]
+            if self.prediction_type == "epsilon":
+                x0, eps = (x - s * out) / a, out
+            elif self.prediction_type == "v_prediction":
+                x0, eps = a * x - s * out, s * x + a * out
+            else:
+                x0, eps = out, (x - a * out) / s
+            x = x0 if i == n - 1 else self.alphas[i + 1] * x0 + self.sigmas_vp[i + 1] * eps
+        return x
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """Clean latent -> images ``(B, 3, H, W)`` in [0, 1] (clamped, as the pipelines do)."""
+        latents = x0 / self.scaling_factor + self.shift_factor
+        vdtype = next(self.vae.parameters()).dtype
+
+        def run(lat: Tensor) -> Tensor:
+            return self.vae.decode(lat.to(vdtype), return_dict=False)[0]
+
+        if self.vae_checkpointing and not self.vae_per_block and torch.is_grad_enabled():
+            images = torch.utils.checkpoint.checkpoint(run, latents, use_reentrant=False)
+        else:
+            images = run(latents)
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return self.decode(self.latents_to_x0(z))
+
+
+# --------------------------------------------------------------------------------------------------
+# the optimisation loop
+
+
+def _check_pipeline(pipe: Any) -> None:
+    name = type(pipe).__name__
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    missing = [a for a, ok in (("unet or transformer", denoiser is not None),
+                               ("vae", getattr(pipe, "vae", None) is not None),
+                               ("scheduler", getattr(pipe, "scheduler", None) is not None),
+                               ("encode_prompt", callable(getattr(pipe, "encode_prompt", None)))) if not ok]
+    if missing:
+        raise ValueError(
+            f"optimize_noise: {name} cannot take latents: it lacks {', '.join(missing)}; "
+            "ReNO needs a diffusers text-to-image pipeline with a UNet or transformer, a VAE and encode_prompt"
+        )
+
+
+def _as_weighted(rewards: Any) -> WeightedRewards:
+    if isinstance(rewards, WeightedRewards):
+        return rewards
+    if isinstance(rewards, (list, tuple)):
+        return WeightedRewards(rewards)
+    if isinstance(rewards, Reward) or (callable(rewards) and hasattr(rewards, "loss")):
+        return WeightedRewards([rewards])
+    raise TypeError(f"optimize_noise: rewards must be a Reward, a list of them or WeightedRewards, got {rewards!r}")
+
+
+@contextlib.contextmanager
+def _frozen(pipe: Any, gradient_checkpointing: bool, vae_per_block: bool) -> Iterator[None]:
+    """Generator frozen (eval, no parameter grads) and checkpointing switched on, restored afterwards."""
+    modules = [m for m in (getattr(pipe, k, None) for k in (
+        "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")) if isinstance(m, torch.nn.Module)]
+    saved = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in modules]
+    toggled: list[torch.nn.Module] = []
+    try:
+        for m in modules:
+            m.eval()
+            m.requires_grad_(False)
+        denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        for module, want in ((denoiser, gradient_checkpointing), (pipe.vae, vae_per_block)):
+            if want and not getattr(module, "is_gradient_checkpointing", False):
+                module.enable_gradient_checkpointing()
+                toggled.append(module)
+        yield
+    finally:
+        for module in toggled:
+            module.disable_gradient_checkpointing()
+        for m, training, flags in saved:
+            m.train(training)
+            for p, flag in zip(m.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
+
+
+def _initial_noise(shape: tuple[int, ...], n: int, seed: int, device: torch.device) -> Tensor:
+    """Prompt ``i`` draws from a CPU generator seeded ``seed + i`` (device independent, batch independent)."""
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]
+    return torch.stack(rows).to(device)
+
+
+def _per_sample(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.view(-1, *([1] * (like.ndim - 1)))
+
+
+def optimize_noise(
+    pipe: Any,
+    prompt: str | list[str],
+    rewards: Reward | WeightedRewards | Sequence[Reward | tuple[Reward, float]],
+    *,
+    steps: int = 50,
+    lr: float = 5.0,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    grad_clip: float | None = 0.1,
+    reg_weight: float = 0.01,
+    seed: int = 0,
+    num_inference_steps: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    guidance_scale: float = 0.0,
+    negative_prompt: str | list[str] | None = None,
+    timesteps: Sequence[int] | None = None,
+    encode_kwargs: dict[str, Any] | None = None,
+    gradient_checkpointing: bool = False,
+    vae_checkpointing: bool = False,
+    progress: bool = True,
+) -> ReNOResult:
+    """Optimise the initial noise of ``pipe`` for ``prompt`` against ``rewards`` (ReNO).
+
+    Args:
+        pipe: a diffusers text-to-image pipeline with a UNet or transformer, a VAE and
+            ``encode_prompt`` (SD, SD-Turbo, SDXL(-Turbo), SD3-class, PixArt-class).
+        prompt: one prompt or a list; one latent per prompt, optimised jointly but independently.
+        rewards: a :class:`~mmalign.rewards.Reward`, a list of rewards / ``(reward, weight)``
+            pairs, or a :class:`~mmalign.rewards.WeightedRewards`.
+        steps: number of updates of the noise (ReNO: 50).
+        lr, optimizer, momentum, nesterov: ``"sgd"`` (ReNO: lr 5, Nesterov momentum 0.9) or ``"adam"``.
+        grad_clip: max L2 norm of each prompt's latent gradient (ReNO: 0.1); ``None`` disables.
+        reg_weight: weight of :func:`noise_norm_penalty` (ReNO: 0.01), computed in fp32.
+        seed: prompt ``i`` starts from ``N(0, I)`` drawn with seed ``seed + i``.
+        num_inference_steps: denoiser calls per image (1 for turbo models; 2-4 backpropagate
+            through all steps).
+        height, width: image size; default the denoiser's native size.
+        guidance_scale: classifier-free guidance when > 1 (turbo models use 0).
+        negative_prompt: for guidance.
+        timesteps: explicit UNet timesteps (default trailing spacing from ``T - 1``).
+        encode_kwargs: extra keyword arguments for ``pipe.encode_prompt`` (e.g.
+            ``{"max_sequence_length": 77}`` for SD3).
+        gradient_checkpointing: checkpoint the denoiser's blocks (diffusers' own switch).
+        vae_checkpointing: checkpoint the VAE decoder's blocks (or the whole decode).
+        progress: show a tqdm bar.
+
+    Returns:
+        :class:`ReNOResult`. An update whose gradient is not finite is skipped for that prompt
+        (latent and optimizer state restored) and counted in ``nan_skipped``; the best image so
+        far is kept.
+
+    Raises:
+        ValueError: empty reward list, empty prompt (list) or empty prompt string, a pipeline
+            without a denoiser/VAE/``encode_prompt``, bad sizes or hyperparameters.
+        FileNotFoundError: raised by reward constructors for missing weights.
+    """
+    _check_pipeline(pipe)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("optimize_noise: the prompt list is empty")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"optimize_noise: prompt {i} is empty ({p!r}); every prompt needs text")
+    weighted = _as_weighted(rewards)
+    if steps < 0:
+        raise ValueError(f"optimize_noise: steps must be >= 0, got {steps}")
+    if num_inference_steps < 1:
+        raise ValueError(f"optimize_noise: num_inference_steps must be >= 1, got {num_inference_steps}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"optimize_noise: lr must be a positive number, got {lr}")
+    if grad_clip is not None and grad_clip <= 0:
+        raise ValueError(f"optimize_noise: grad_clip must be positive or None, got {grad_clip}")
+    if reg_weight < 0:
+        raise ValueError(f"optimize_noise: reg_weight must be >= 0, got {reg_weight}")
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimize_noise: optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    if optimizer == "sgd" and nesterov and momentum <= 0:
+        raise ValueError("optimize_noise: nesterov needs momentum > 0")
+
+    sampler = NoiseSampler(
+        pipe, prompts, num_inference_steps=num_inference_steps, height=height, width=width,
+        guidance_scale=guidance_scale, negative_prompt=negative_prompt, timesteps=timesteps,
+        encode_kwargs=encode_kwargs, vae_checkpointing=vae_checkpointing,
+    )
+    b = len(prompts)
+    z = _initial_noise(sampler.latent_shape, b, seed, sampler.device).requires_grad_(True)
+    initial_latents = z.detach().clone()
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD([z], lr=lr, momentum=momentum, nesterov=nesterov)
+    else:
+        opt = torch.optim.Adam([z], lr=lr)
+
+    history_total: list[Tensor] = []
+    history_scores: dict[str, list[Tensor]] = {n: [] for n in weighted.names}
+    history_penalty: list[Tensor] = []
+    times: list[float] = []
+    best_reward = torch.full((b,), -math.inf, device=sampler.device)
+    best_iter = torch.zeros(b, dtype=torch.long, device=sampler.device)
+    best_images: Tensor | None = None
+    best_latents = initial_latents.clone()
+    initial_images: Tensor | None = None
+    nan_skipped = torch.zeros(b, dtype=torch.long, device=sampler.device)
+    sync = torch.cuda.synchronize if sampler.device.type == "cuda" else (lambda: None)
+
+    def record(it: int, images: Tensor, terms: Any, penalty: Tensor) -> None:
+        nonlocal best_images, best_reward, best_latents, best_iter, initial_images
+        total = -terms.total_loss.detach().float()
+        history_total.append(total)
+        for name, score in terms.scores.items():
+            history_scores[name].append(score.detach().float())
+        history_penalty.append(penalty.detach())
+        images = images.detach()
+        if initial_images is None:
+            initial_images = images.clone()
+        better = total > best_reward  # NaN never wins: the best image so far is kept
+        best_reward = torch.where(better, total, best_reward)
+        best_iter = torch.where(better, torch.full_like(best_iter, it), best_iter)
+        best_latents = torch.where(_per_sample(better, z), z.detach(), best_latents)
+        best_images = images.clone() if best_images is None else torch.where(
+            _per_sample(better, images), images, best_images)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="ReNO", leave=False)
+    with _frozen(pipe, gradient_checkpointing, sampler.vae_per_block):
+        for it in range(steps):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            images = sampler(z)
+            terms = weighted.evaluate(images, prompts)
+            penalty = noise_norm_penalty(z)
+            (terms.total_loss + reg_weight * penalty).sum().backward()
+            record(it, images, terms, penalty)
+            grad = z.grad
+            assert grad is not None
+            bad = ~torch.isfinite(grad).flatten(1).all(1)  # (B,)
+            grad = torch.where(_per_sample(bad, grad), torch.zeros_like(grad), grad)
+            if grad_clip is not None:
+                norms = grad.flatten(1).norm(dim=1)
+                grad = grad * _per_sample((grad_clip / (norms + 1e-6)).clamp(max=1.0), grad)
+            z.grad = grad
+            before = z.detach().clone()
+            state_before = {k: v.clone() for k, v in opt.state[z].items() if isinstance(v, Tensor) and v.shape == z.shape}
+            opt.step()
+            with torch.no_grad():  # undo the update (and optimizer state) where the gradient was not finite
+                keep = _per_sample(bad, z)
+                z.copy_(torch.where(keep, before, z))
+                for k, v in state_before.items():
+                    opt.state[z][k].copy_(torch.where(keep, v, opt.state[z][k]))
+            nan_skipped += bad.long()
+            sync()
+            times.append(time.perf_counter() - t0)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{history_total[-1].mean().item():.4g}")
+        with torch.no_grad():
+            images = sampler(z)
+            record(steps, images, weighted.evaluate(images, prompts), noise_norm_penalty(z))
+    if bar is not None:
+        bar.close()
+
+    assert best_images is not None and initial_images is not None
+    best_images = best_images.cpu()
+    return ReNOResult(
+        prompts=prompts,
+        images=to_pil(best_images),
+        image_tensors=best_images,
+        initial_images=to_pil(initial_images),
+        initial_image_tensors=initial_images.cpu(),
+        latents=best_latents.cpu(),
+        initial_latents=initial_latents.cpu(),
+        final_latents=z.detach().cpu(),
+        rewards=torch.stack(history_total).cpu(),
+        reward_scores={n: torch.stack(v).cpu() for n, v in history_scores.items()},
+        noise_penalty=torch.stack(history_penalty).cpu(),
+        iteration_times=torch.tensor(times, dtype=torch.float64),
+        best_iteration=best_iter.cpu(),
+        best_rewards=best_reward.cpu(),
+        nan_skipped=nan_skipped.cpu(),
+        extras={"kind": sampler.kind, "timesteps": sampler.timesteps.tolist(), "height": sampler.height,
+                "width": sampler.width},
+    )
