@@ -25,8 +25,9 @@ pass of the same step does not re-run the VAE and text encoders.
 
 Image handling (documented, not silent):
 
-* modes: every image is converted to RGB; images with transparency (RGBA, LA, P with a
-  transparency key) are composited over white first; grayscale and CMYK are converted by PIL.
+* modes: images are read with :func:`mmalign.pairs.load_image`: every image becomes RGB; images with
+  transparency (RGBA, LA, P with a transparency key) are composited over white, 16-bit grayscale is
+  scaled to 8 bit, grayscale and CMYK are converted by PIL, EXIF orientation is applied.
 * size: a pair whose two images differ in size has its rejected image resized to the chosen image's
   size (bicubic), then both go through the *same* resize (shorter side to ``resolution``) and centre
   crop, so both sides share one crop and one SDXL size conditioning. A warning is logged once.
@@ -55,7 +56,6 @@ __all__ = [
     "DiffusionAdapter",
     "detect_architecture",
     "drop_ties",
-    "load_rgb",
     "resize_center_crop",
 ]
 
@@ -108,31 +108,6 @@ def drop_ties(pairs: Sequence[Any]) -> tuple[list[Any], int]:
     return kept, len(pairs) - len(kept)
 
 
-def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image as RGB: transparency composited over white, grayscale/CMYK converted by PIL."""
-    path = Path(path)
-    try:
-        with Image.open(path) as raw:
-            raw.load()
-            image = raw.copy()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}") from None
-    except Exception as error:  # PIL raises several types for corrupt files
-        raise ValueError(f"cannot read image {path}: {error}") from error
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "RGBa", "La"):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: scale to 8 bit before converting (PIL would clip at 255)
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
-    return image.convert("RGB")
-
-
 def resize_center_crop(image: Image.Image, resolution: int) -> tuple[Image.Image, tuple[int, int]]:
     """Resize the shorter side to ``resolution`` (bicubic) and centre-crop a square.
 
@@ -174,9 +149,13 @@ class DiffusionAdapter:
         timestep_sampling: ``"uniform"`` or ``"logit_normal"`` (flow-matching models only).
         cache_dir: a folder written by :func:`diffusion.cache.build_cache`; when set, ``collate``
             reads latents and text embeddings from it and no VAE or text encoder runs.
+        max_sequence_length: T5 tokens of SD3-style pipelines (ignored by UNet pipelines); sample
+            with the same value.
     """
 
     value_kind = "diffusion"
+    #: attention projections LoRA adapts (diffusers' convention for UNets and SD3 transformers)
+    lora_target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
 
     def __init__(
         self,
@@ -190,6 +169,7 @@ class DiffusionAdapter:
         expect_prediction_type: str | None = None,
         timestep_sampling: str = "uniform",
         cache_dir: str | os.PathLike[str] | None = None,
+        max_sequence_length: int = 256,
     ) -> None:
         if caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {caption_mode!r}")
@@ -206,6 +186,7 @@ class DiffusionAdapter:
         self.empty_prompt_prob = float(empty_prompt_prob)
         self.label_flip_prob = float(label_flip_prob)
         self.timestep_sampling = timestep_sampling
+        self.max_sequence_length = int(max_sequence_length) if detect_architecture(pipeline) == "flow" else None
 
         self.vae = pipeline.vae
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -295,16 +276,15 @@ class DiffusionAdapter:
         media = getattr(pair, f"{side}_media", None) or []
         if not media:
             raise ValueError(f"pair {_pair_id(pair)}: field '{side}_media' is empty (a diffusion pair needs an image)")
-        rel = media[0]
-        if self.dataset_dir is None:
-            raise ValueError("DiffusionAdapter needs dataset_dir to load images (or a cache_dir)")
-        try:
-            from mmalign.pairs import resolve_media
-        except ImportError:  # pragma: no cover - mmalign.pairs is part of the core
-            resolve_media = None
-        if resolve_media is not None:
-            return Path(resolve_media(self.dataset_dir, rel))
-        return self.dataset_dir / rel
+        from mmalign.pairs import resolve_media
+
+        folder = self.dataset_dir if self.dataset_dir is not None else getattr(pair, "root", None)
+        if folder is None:
+            raise ValueError(
+                f"pair {_pair_id(pair)}: no dataset folder to resolve '{side}_media' against; pass "
+                "dataset_dir to DiffusionAdapter (or read pairs with mmalign.pairs.read_pairs, or use a cache_dir)"
+            )
+        return resolve_media(folder, media[0])
 
     def load_pair_images(self, pair: Any) -> dict[str, Any]:
         """Load, size-match and crop one pair's images (pair order, no label swap).
@@ -312,8 +292,10 @@ class DiffusionAdapter:
         Returns ``{"chosen_pixel_values": (3,R,R), "rejected_pixel_values": (3,R,R),
         "chosen_time_ids": (6,), "rejected_time_ids": (6,)}`` with pixels in [-1, 1].
         """
-        chosen = load_rgb(self._media_path(pair, "chosen"))
-        rejected = load_rgb(self._media_path(pair, "rejected"))
+        from mmalign.pairs import load_image
+
+        chosen = load_image(self._media_path(pair, "chosen"))
+        rejected = load_image(self._media_path(pair, "rejected"))
         if chosen.size != rejected.size:
             if not self._warned_size:
                 logger.warning(
@@ -430,7 +412,8 @@ class DiffusionAdapter:
             )
         else:
             embeds, _, pooled, _ = pipe.encode_prompt(
-                texts, texts, texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                texts, texts, texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length,
             )
         return {"prompt_embeds": embeds.float(), "pooled_embeds": pooled.float()}
 

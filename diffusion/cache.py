@@ -1,0 +1,216 @@
+"""Precomputed VAE latents and text embeddings, so training steps run no VAE and no text encoder.
+
+Layout of a cache folder::
+
+    index.json                 meta (architecture, resolution, caption mode, shapes) + shard list
+    empty.safetensors          the empty prompt's conditioning (for empty-prompt dropout)
+    shard-00000.safetensors    per pair: "<id>/chosen_latents" (C,h,w), "<id>/rejected_latents",
+    shard-00001.safetensors    "<id>/chosen_prompt_embeds" (L,D), "<id>/rejected_prompt_embeds",
+    ...                        SDXL/flow: "<id>/{side}_pooled_embeds" (P,); SDXL: "<id>/{side}_time_ids" (6,)
+
+Sides are stored in the pair's own order (before any label swap; ``collate`` swaps). Shards hold a
+fixed run of ``shard_size`` consecutive pairs, are written to a temporary name and renamed, and the
+index is rewritten after each one: an interrupted build resumes by skipping the shards that exist.
+Latents are the VAE posterior *mean* (no sampling), scaled like the adapter scales them, so a run
+with the cache sees exactly the inputs a run without it sees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = ["CACHE_VERSION", "LatentCache", "build_cache"]
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+_SIDES = ("chosen", "rejected")
+
+
+def _meta_for(adapter: Any) -> dict[str, Any]:
+    return {
+        "version": CACHE_VERSION,
+        "architecture": adapter.architecture,
+        "pipeline_class": type(adapter.pipeline).__name__,
+        "resolution": adapter.resolution,
+        "caption_mode": adapter.caption_mode,
+        "latent_channels": adapter.latent_channels,
+        "max_sequence_length": getattr(adapter, "max_sequence_length", None),
+    }
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def build_cache(
+    adapter: Any,
+    pairs: Sequence[Any],
+    cache_dir: str | os.PathLike[str],
+    *,
+    shard_size: int = 64,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+) -> Path:
+    """Encode every pair's images and texts once and store them under ``cache_dir``.
+
+    Args:
+        adapter: a :class:`~diffusion.adapter.DiffusionAdapter` *without* a cache (it loads images).
+        pairs: the training pairs (ties already dropped); their order fixes the shards.
+        shard_size: pairs per shard file. batch_size: pairs per VAE/text-encoder call.
+        device: where the VAE and text encoders run (default: where they are).
+
+    Returns the cache folder. Re-running with the same pairs skips finished shards; a cache built for
+    another resolution, caption mode or pipeline family is an error (use a new folder).
+    """
+    if adapter.cache is not None:
+        raise ValueError("build_cache needs an adapter that reads images, not one already using a cache")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
+    ids = [str(p.id) for p in pairs]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"pair ids must be unique to be cached; duplicated: {dup}")
+    root = Path(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    meta = _meta_for(adapter)
+    index_path = root / "index.json"
+    index: dict[str, Any] = {"meta": meta, "shard_size": shard_size, "shards": []}
+    if index_path.is_file():
+        old = json.loads(index_path.read_text())
+        if old.get("meta") != meta or old.get("shard_size") != shard_size:
+            raise ValueError(
+                f"{index_path}: cache was built with {old.get('meta')} (shard_size {old.get('shard_size')}), "
+                f"this run needs {meta} (shard_size {shard_size}); use another cache_dir"
+            )
+        index = old
+    if device is None:
+        device = next(adapter.vae.parameters()).device
+    device = torch.device(device)
+    adapter._place(device)
+
+    empty_path = root / "empty.safetensors"
+    if not empty_path.is_file():
+        empty = adapter.empty_embeds(device)
+        tmp = empty_path.with_name(empty_path.name + ".tmp")
+        save_file({k: v.cpu().contiguous() for k, v in empty.items()}, str(tmp))
+        os.replace(tmp, empty_path)
+
+    done = {s["file"]: s for s in index["shards"]}
+    shards = []
+    for number, start in enumerate(range(0, len(pairs), shard_size)):
+        chunk = list(pairs[start : start + shard_size])
+        name = f"shard-{number:05d}.safetensors"
+        entry = {"file": name, "ids": [str(p.id) for p in chunk]}
+        if name in done and (root / name).is_file():
+            if done[name]["ids"] != entry["ids"]:
+                raise ValueError(f"{root / name} holds other pairs than this dataset's shard {number}; use another cache_dir")
+            shards.append(entry)
+            continue
+        tensors: dict[str, torch.Tensor] = {}
+        for b in range(0, len(chunk), batch_size):
+            group = chunk[b : b + batch_size]
+            rows = [adapter.load_pair_images(p) for p in group]
+            texts = [adapter.side_texts(p) for p in group]
+            batch = {
+                "chosen_pixel_values": torch.stack([r["chosen_pixel_values"] for r in rows]),
+                "rejected_pixel_values": torch.stack([r["rejected_pixel_values"] for r in rows]),
+                "chosen_texts": [t[0] for t in texts],
+                "rejected_texts": [t[1] for t in texts],
+            }
+            if adapter.architecture == "sdxl":
+                for side in _SIDES:
+                    batch[f"{side}_time_ids"] = torch.stack([r[f"{side}_time_ids"] for r in rows])
+            encoded = adapter.encode_batch(batch, device)
+            n = len(group)
+            for i, pair in enumerate(group):
+                for s, side in enumerate(_SIDES):
+                    j = s * n + i
+                    tensors[f"{pair.id}/{side}_latents"] = encoded["latents"][j]
+                    tensors[f"{pair.id}/{side}_prompt_embeds"] = encoded["prompt_embeds"][j]
+                    if "pooled_embeds" in encoded:
+                        tensors[f"{pair.id}/{side}_pooled_embeds"] = encoded["pooled_embeds"][j]
+                    if "time_ids" in encoded:
+                        tensors[f"{pair.id}/{side}_time_ids"] = encoded["time_ids"][j]
+        tmp = root / (name + ".tmp")
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, root / name)
+        shards.append(entry)
+        index["shards"] = shards + [s for s in index["shards"] if s["file"] not in {e["file"] for e in shards}]
+        _write_json_atomic(index_path, index)
+        logger.info("cache: wrote %s (%d pairs)", name, len(chunk))
+    index["shards"] = shards
+    index["num_pairs"] = len(pairs)
+    _write_json_atomic(index_path, index)
+    return root
+
+
+class LatentCache:
+    """Read side of a cache folder written by :func:`build_cache` (lazy, one open handle per shard)."""
+
+    def __init__(self, cache_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(cache_dir)
+        index_path = self.root / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path} not found: build the cache first (diffusion.cache.build_cache)")
+        self.index = json.loads(index_path.read_text())
+        self.meta = self.index["meta"]
+        self.where: dict[str, str] = {}
+        for shard in self.index["shards"]:
+            for pair_id in shard["ids"]:
+                self.where[pair_id] = shard["file"]
+        self._handles: dict[str, Any] = {}
+        self._keys: dict[str, set[str]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # safetensors handles do not pickle (DataLoader workers)
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def check_compatible(self, adapter: Any) -> None:
+        """Raise if the cache was built for another pipeline family, resolution or caption mode."""
+        want = _meta_for(adapter)
+        for key in ("architecture", "resolution", "caption_mode", "latent_channels", "max_sequence_length"):
+            if self.meta.get(key) != want[key]:
+                raise ValueError(
+                    f"{self.root / 'index.json'}: cache has {key}={self.meta.get(key)!r} but the adapter "
+                    f"needs {want[key]!r}; rebuild the cache in another folder"
+                )
+
+    def _handle(self, file: str) -> Any:
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(self.root / file), framework="pt")
+        return self._handles[file]
+
+    def load_pair(self, pair_id: str) -> dict[str, torch.Tensor]:
+        """The cached tensors of one pair, keyed ``{side}_latents``, ``{side}_prompt_embeds`` ..."""
+        file = self.where.get(pair_id)
+        if file is None:
+            raise KeyError(f"pair {pair_id}: not in the cache at {self.root}; rebuild it for this dataset")
+        handle = self._handle(file)
+        keys = self._keys.setdefault(file, set(handle.keys()))
+        out = {}
+        for side in _SIDES:
+            for name in ("latents", "prompt_embeds", "pooled_embeds", "time_ids"):
+                key = f"{pair_id}/{side}_{name}"
+                if key in keys:
+                    out[f"{side}_{name}"] = handle.get_tensor(key)
+        return out
+
+    def load_empty(self) -> dict[str, torch.Tensor]:
+        """The empty prompt's conditioning, ``{"prompt_embeds": (1,L,D)[, "pooled_embeds": (1,P)]}``."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.root / "empty.safetensors"))

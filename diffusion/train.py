@@ -1,0 +1,409 @@
+"""Glue for text-to-image preference training: config -> pipeline, adapter, data -> engine -> outputs.
+
+``run(DiffusionTrainConfig(...))`` loads a diffusers pipeline (hub name, local folder, or
+``tiny:<name>`` from :mod:`mmalign.tiny`), builds a :class:`~diffusion.adapter.DiffusionAdapter`,
+reads the pair dataset (ties dropped and counted), optionally builds the latent cache and the PSO
+pairs, calls :func:`mmalign.engine.train` and writes, into ``output_dir``:
+
+* ``lora/pytorch_lora_weights.safetensors`` (LoRA runs; ``pipeline.load_lora_weights(output_dir/"lora")``
+  loads it) and/or ``pipeline/`` (full fine-tuning, or ``save_full_pipeline``: ``save_pretrained``);
+* ``diffusion_config.yaml`` (the resolved config), ``summary.json`` (counts, final metrics, paths),
+  the engine's ``metrics.jsonl``/``metrics.png``/``config.yaml``/``checkpoints/``;
+* ``grid.png``: the fixed ``grid_prompts`` sampled with the same seeds before (top row) and after
+  (bottom row) training.
+
+Objectives (``objective``) map to :mod:`mmalign.losses`:
+
+=============== ================= ===================== ============================================
+objective       loss              reference             notes
+=============== ================= ===================== ============================================
+diffusion_dpo   diffusion_dpo     frozen / LoRA-off     beta default 5000 (Salesforce convention)
+mapo            mapo              none                  beta 0.1, scale 0.5, T = train timesteps
+dcpo            diffusion_dpo     frozen / LoRA-off     per-side captions; beta default 500
+pso             diffusion_dpo     frozen / LoRA-off     rejected = the model's own few-step samples
+=============== ================= ===================== ============================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from mmalign.engine import TrainConfig
+
+__all__ = [
+    "OBJECTIVES",
+    "DiffusionRunResult",
+    "DiffusionTrainConfig",
+    "image_grid",
+    "load_pipeline",
+    "run",
+    "save_lora",
+    "set_attention",
+]
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = ("diffusion_dpo", "mapo", "dcpo", "pso")
+_DEFAULT_BETA = {"diffusion_dpo": 5000.0, "dcpo": 500.0, "mapo": 0.1, "pso": 5000.0}
+_LOSS = {"diffusion_dpo": "diffusion_dpo", "dcpo": "diffusion_dpo", "mapo": "mapo", "pso": "diffusion_dpo"}
+
+DEFAULT_GRID_PROMPTS = ["a red cube on a table", "a cat in the sky", "a blue house", "a dog with a small car"]
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig(loss="diffusion_dpo", output_dir="runs/diffusion")
+
+
+@dataclass
+class DiffusionTrainConfig:
+    """Text-to-image preference training (Diffusion-DPO, MaPO, DCPO, PSO); every field is a flag and a YAML key."""
+
+    pretrained: str = field(
+        default="tiny:sd", metadata=_help("diffusers pipeline: hub name, local folder or tiny:<sd|sdxl|sd3>")
+    )
+    tiny: bool = field(default=False, metadata=_help("replace pretrained by tiny_pretrained (tests, smoke runs)"))
+    tiny_pretrained: str = field(default="tiny:sd", metadata=_help("the tiny pipeline --tiny uses"))
+    tiny_kwargs: dict[str, Any] = field(
+        default_factory=dict, metadata=_help("builder kwargs of the tiny pipeline, e.g. {prediction_type: v_prediction}")
+    )
+    data: str = field(default="", metadata=_help("pair dataset folder (pairs.jsonl / parquet / HF datasets)"))
+    output_dir: str = field(default="runs/diffusion", metadata=_help("where weights, metrics and the grid go"))
+    objective: Literal["diffusion_dpo", "mapo", "dcpo", "pso"] = field(
+        default="diffusion_dpo", metadata=_help("diffusion_dpo | mapo | dcpo | pso")
+    )
+    beta: float | None = field(
+        default=None, metadata=_help("loss beta; default 5000 (DPO, PSO), 500 (DCPO), 0.1 (MaPO)")
+    )
+    mapo_scale: float = field(default=0.5, metadata=_help("MaPO's s in s*L/(exp(s*L)-1)"))
+    prediction_type: str | None = field(
+        default=None,
+        metadata=_help("prediction type the objective expects; an error if it differs from the model's (never forced)"),
+    )
+    resolution: int | None = field(default=None, metadata=_help("training resolution (default: the model's native)"))
+    empty_prompt_prob: float = field(default=0.0, metadata=_help("probability of training a pair on the empty prompt"))
+    label_flip_prob: float = field(default=0.0, metadata=_help("label noise: probability of swapping a pair's sides"))
+    timestep_sampling: Literal["uniform", "logit_normal"] = field(
+        default="uniform", metadata=_help("flow-matching timestep density")
+    )
+    max_sequence_length: int = field(default=77, metadata=_help("T5 tokens of SD3-style pipelines"))
+    frozen_dtype: Literal["float32", "float16", "bfloat16"] = field(
+        default="float32", metadata=_help("dtype of the frozen VAE and text encoders")
+    )
+    cache_dir: str | None = field(
+        default=None, metadata=_help("latent/text-embedding cache folder (built when missing, resumable)")
+    )
+    cache_shard_size: int = field(default=64, metadata=_help("pairs per cache shard"))
+    attention: Literal["sdpa", "xformers"] = field(
+        default="sdpa", metadata=_help("xformers memory-efficient attention where CUDA+xformers exist, else SDPA")
+    )
+    save_full_pipeline: bool = field(
+        default=False, metadata=_help("also save the whole pipeline (LoRA merged) with save_pretrained")
+    )
+    grid_prompts: list[str] = field(
+        default_factory=lambda: list(DEFAULT_GRID_PROMPTS), metadata=_help("prompts of the before/after grid")
+    )
+    grid_steps: int = field(default=25, metadata=_help("sampling steps of the grid (0 = no grid)"))
+    grid_guidance_scale: float = field(default=5.0, metadata=_help("CFG scale of the grid"))
+    grid_seed: int = field(default=0, metadata=_help("seed of the grid's noise"))
+    pso_mode: Literal["offline", "online"] = field(
+        default="offline", metadata=_help("PSO: sample rejected images once, or again every pso_every_n_steps")
+    )
+    pso_every_n_steps: int = field(default=10, metadata=_help("PSO online: re-sample period in optimizer steps"))
+    pso_refresh_per_call: int | None = field(default=None, metadata=_help("PSO online: pairs re-sampled per call"))
+    pso_num_inference_steps: int = field(default=1, metadata=_help("PSO: sampler steps of the distilled model"))
+    pso_guidance_scale: float = field(default=0.0, metadata=_help("PSO: CFG scale when sampling (turbo: 0)"))
+    pso_sampler: Literal["euler_ancestral", "euler", "lcm", "ddim", "flow_euler", "keep"] = field(
+        default="keep", metadata=_help("PSO and grid: few-step scheduler to sample with")
+    )
+    pso_data_dir: str | None = field(default=None, metadata=_help("PSO pair folder (default output_dir/pso_pairs)"))
+    train: TrainConfig = field(default_factory=_default_train, metadata=_help("engine settings (mmalign.engine)"))
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.beta is not None and self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.empty_prompt_prob <= 1.0:
+            raise ValueError(f"empty_prompt_prob must be in [0, 1], got {self.empty_prompt_prob}")
+        if not 0.0 <= self.label_flip_prob <= 0.5:
+            raise ValueError(f"label_flip_prob must be in [0, 0.5], got {self.label_flip_prob}")
+        if self.prediction_type not in (None, "epsilon", "v_prediction", "sample", "flow_velocity"):
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not epsilon/v_prediction/sample/flow_velocity")
+        for name in ("grid_steps", "pso_every_n_steps", "pso_num_inference_steps", "cache_shard_size", "max_sequence_length"):
+            if getattr(self, name) < (0 if name == "grid_steps" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.objective == "pso" and self.pso_mode == "online" and self.cache_dir:
+            raise ValueError("online PSO re-samples rejected images during training; it cannot use cache_dir")
+        if self.tiny:
+            if not self.tiny_pretrained.startswith("tiny:"):
+                raise ValueError(f"tiny_pretrained must look like 'tiny:sd', got {self.tiny_pretrained!r}")
+            self.pretrained = self.tiny_pretrained
+            self.resolution = None
+            self.grid_steps = min(self.grid_steps, 2)
+            if not torch.cuda.is_available():
+                self.train = dataclasses.replace(self.train, mixed_precision="no")
+        # the objective decides the engine's loss and its hyperparameters
+        beta = self.beta if self.beta is not None else _DEFAULT_BETA[self.objective]
+        loss_kwargs: dict[str, Any] = {"beta": beta}
+        if self.objective == "mapo":
+            loss_kwargs["scale"] = self.mapo_scale
+        self.train = dataclasses.replace(
+            self.train, loss=_LOSS[self.objective], loss_kwargs=loss_kwargs, output_dir=self.output_dir
+        )
+
+
+@dataclass
+class DiffusionRunResult:
+    output_dir: Path
+    lora_dir: Path | None
+    pipeline_dir: Path | None
+    grid_path: Path | None
+    metrics: list[dict[str, float]]
+    ties_dropped: int
+    attention: str
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_pipeline(pretrained: str, *, torch_dtype: torch.dtype | None = None, **tiny_kwargs: Any) -> Any:
+    """Load a diffusers pipeline from a hub name, a local folder or ``tiny:<name>`` (mmalign.tiny).
+
+    Components a local folder's ``model_index.json`` lists as ``[null, null]`` (e.g. an SD3 pipeline
+    saved without its T5 encoder) are passed as ``None``.
+    """
+    from diffusers import DiffusionPipeline
+
+    if pretrained.startswith("tiny:"):
+        from mmalign.tiny import cached_tiny
+
+        path: str | Path = cached_tiny(pretrained[len("tiny:"):], **tiny_kwargs)
+    else:
+        if tiny_kwargs:
+            raise ValueError(f"tiny_kwargs {sorted(tiny_kwargs)} only apply to tiny:<name> pipelines")
+        path = pretrained
+    kwargs: dict[str, Any] = {}
+    index = Path(path) / "model_index.json"
+    if index.is_file():
+        for key, value in json.loads(index.read_text()).items():
+            if isinstance(value, list) and len(value) == 2 and value[0] is None and value[1] is None:
+                kwargs[key] = None
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    return DiffusionPipeline.from_pretrained(str(path), **kwargs)
+
+
+def set_attention(model: torch.nn.Module, backend: str) -> str:
+    """Pick the attention backend of ``model``: ``"xformers"`` or ``"sdpa"``; returns the one in use.
+
+    Uses :func:`mmalign.attention.set_attention_backend` when the core provides it; otherwise enables
+    diffusers' xformers attention when CUDA and xformers exist and warns clearly when it falls back.
+    """
+    if backend not in ("sdpa", "xformers"):
+        raise ValueError(f"attention must be 'sdpa' or 'xformers', got {backend!r}")
+    try:
+        from mmalign.attention import set_attention_backend
+    except ImportError:
+        set_attention_backend = None
+    if set_attention_backend is not None:
+        return str(set_attention_backend(model, backend))
+    if backend == "sdpa":
+        return "sdpa"
+    if not torch.cuda.is_available():
+        warnings.warn("attention='xformers' needs CUDA; falling back to torch SDPA", stacklevel=2)
+        return "sdpa"
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        warnings.warn("attention='xformers' but xformers is not installed; falling back to torch SDPA", stacklevel=2)
+        return "sdpa"
+    model.enable_xformers_memory_efficient_attention()
+    return "xformers"
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def save_lora(pipeline: Any, peft_model: torch.nn.Module, out_dir: str | os.PathLike[str]) -> Path:
+    """Save the LoRA of ``peft_model`` (the trained denoiser) where ``pipeline.load_lora_weights`` reads it."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model)
+    prefix = "base_model.model."
+    state = {(k[len(prefix):] if k.startswith(prefix) else k): v.detach().cpu() for k, v in state.items()}
+    state = convert_state_dict_to_diffusers(state)
+    peft_config = getattr(peft_model, "peft_config", {}).get("default")
+    metadata = None
+    if peft_config is not None:
+        metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in peft_config.to_dict().items()}
+        metadata = {k: v for k, v in metadata.items() if k in ("r", "lora_alpha", "target_modules", "lora_dropout",
+                                                               "use_dora", "use_rslora", "bias")}
+    out = Path(out_dir)
+    if getattr(pipeline, "transformer", None) is not None:
+        type(pipeline).save_lora_weights(
+            out, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata
+        )
+    else:
+        type(pipeline).save_lora_weights(out, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
+    return out
+
+
+def image_grid(rows: list[list[Any]]) -> Any:
+    """Paste rows of equally sized PIL images into one image (row-major)."""
+    from PIL import Image
+
+    if not rows or not rows[0]:
+        raise ValueError("image_grid needs at least one image")
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image.convert("RGB").resize((width, height)), (c * width, r * height))
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
+    """Train as ``config`` says and write the outputs (see the module docstring)."""
+    from accelerate import PartialState
+
+    from diffusion.adapter import DiffusionAdapter, drop_ties
+    from diffusion.pso import OnlinePSO, few_step_scheduler, make_pso_pairs, sample_images
+    from mmalign.engine import train
+    from mmalign.pairs import read_pairs
+
+    if not config.data:
+        raise ValueError("config.data: give the pair dataset folder (--data path)")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = PartialState()
+    device = state.device
+    tiny_kwargs = dict(config.tiny_kwargs) if config.pretrained.startswith("tiny:") else {}
+    pipe = load_pipeline(config.pretrained, **tiny_kwargs)
+    frozen_dtype = getattr(torch, config.frozen_dtype)
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.to(device=device, dtype=frozen_dtype)
+    denoiser = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+    denoiser.to(device)
+    attention = set_attention(denoiser, config.attention)
+    if config.pso_sampler != "keep":
+        few_step_scheduler(pipe, config.pso_sampler)
+    sampling = {"resolution": config.resolution, "max_sequence_length": config.max_sequence_length}
+
+    pairs = read_pairs(config.data)
+    pairs, ties = drop_ties(pairs)
+    if ties:
+        logger.warning("dropped %d tied pair(s) (label 0.5) from %s", ties, config.data)
+    if not pairs:
+        raise ValueError(f"{config.data}: no pairs left after dropping {ties} tie(s)")
+
+    callbacks = []
+    if config.objective == "pso":
+        pso_dir = Path(config.pso_data_dir or out / "pso_pairs")
+        if state.is_main_process:
+            make_pso_pairs(
+                pipe, pairs, pso_dir, num_inference_steps=config.pso_num_inference_steps,
+                guidance_scale=config.pso_guidance_scale, seed=config.train.seed, **sampling,
+            )
+        state.wait_for_everyone()
+        pairs = read_pairs(pso_dir)
+        if config.pso_mode == "online":
+            callbacks.append(OnlinePSO(
+                pipe, pairs, every_n_steps=config.pso_every_n_steps, refresh_per_call=config.pso_refresh_per_call,
+                num_inference_steps=config.pso_num_inference_steps, guidance_scale=config.pso_guidance_scale,
+                seed=config.train.seed, **sampling,
+            ))
+
+    adapter_kwargs: dict[str, Any] = {
+        "resolution": config.resolution,
+        "caption_mode": "per_side" if config.objective == "dcpo" else "prompt",
+        "empty_prompt_prob": config.empty_prompt_prob,
+        "label_flip_prob": config.label_flip_prob,
+        "expect_prediction_type": config.prediction_type,
+        "timestep_sampling": config.timestep_sampling,
+        "max_sequence_length": config.max_sequence_length,
+    }
+    adapter = DiffusionAdapter(pipe, **adapter_kwargs)
+    if config.objective == "dcpo":
+        for pair in pairs:
+            adapter.side_texts(pair)  # fail before any compute on a pair without both captions
+    if config.cache_dir:
+        from diffusion.cache import build_cache
+
+        if state.is_main_process:
+            build_cache(adapter, pairs, config.cache_dir, shard_size=config.cache_shard_size, device=device)
+        state.wait_for_everyone()
+        adapter = DiffusionAdapter(pipe, cache_dir=config.cache_dir, **adapter_kwargs)
+
+    train_cfg = config.train
+    if train_cfg.loss == "mapo":
+        train_cfg = dataclasses.replace(
+            train_cfg, loss_kwargs={**train_cfg.loss_kwargs, "num_train_timesteps": adapter.num_train_timesteps}
+        )
+
+    grid_seed = config.grid_seed
+    before = None
+    if config.grid_steps and state.is_main_process:
+        before = sample_images(pipe, config.grid_prompts, num_inference_steps=config.grid_steps,
+                               guidance_scale=config.grid_guidance_scale, seed=grid_seed, **sampling)
+
+    result = train(denoiser, adapter, pairs, train_cfg, callbacks=callbacks)
+
+    lora_dir = pipeline_dir = grid_path = None
+    trained = result.model
+    if state.is_main_process:
+        from mmalign.config import save_config
+
+        if train_cfg.lora_r > 0:
+            lora_dir = save_lora(pipe, trained, out / "lora")
+        if config.grid_steps and before is not None:
+            after = sample_images(pipe, config.grid_prompts, num_inference_steps=config.grid_steps,
+                                  guidance_scale=config.grid_guidance_scale, seed=grid_seed, **sampling)
+            grid_path = out / "grid.png"
+            image_grid([before, after]).save(grid_path)
+        if train_cfg.lora_r == 0 or config.save_full_pipeline:
+            if train_cfg.lora_r > 0:
+                merged = trained.merge_and_unload()
+                if getattr(pipe, "transformer", None) is not None:
+                    pipe.transformer = merged
+                else:
+                    pipe.unet = merged
+            pipeline_dir = out / "pipeline"
+            pipe.save_pretrained(pipeline_dir, safe_serialization=True)
+        save_config(config, out / "diffusion_config.yaml")
+        summary = {
+            "objective": config.objective,
+            "loss": train_cfg.loss,
+            "loss_kwargs": train_cfg.loss_kwargs,
+            "architecture": adapter.architecture,
+            "prediction_type": adapter.prediction_type,
+            "pairs": len(pairs),
+            "ties_dropped": ties,
+            "attention": attention,
+            "steps": result.global_step,
+            "final_metrics": result.metrics[-1] if result.metrics else {},
+            "lora_dir": str(lora_dir) if lora_dir else None,
+            "pipeline_dir": str(pipeline_dir) if pipeline_dir else None,
+            "grid": str(grid_path) if grid_path else None,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    state.wait_for_everyone()
+    return DiffusionRunResult(out, lora_dir, pipeline_dir, grid_path, result.metrics, ties, attention)
