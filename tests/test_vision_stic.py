@@ -1,0 +1,143 @@
+"""STIC stage 1 on tiny LLaVA: corruption applied and seen by the model, resume, shards, bad images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmalign.pairs import PreferencePair, read_pairs
+from vision.stic import STICConfig, build_description_infused_set, build_stic_pairs
+
+
+@pytest.fixture(scope="module")
+def llava() -> tuple[torch.nn.Module, object]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmalign.tiny import cached_tiny
+
+    path = cached_tiny("llava")
+    return AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True).eval(), AutoProcessor.from_pretrained(path)
+
+
+def _image_folder(root, n_good: int = 6):  # noqa: ANN001, ANN202
+    rng = np.random.default_rng(1)
+    folder = root / "images"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(n_good):
+        Image.fromarray((rng.random((48, 56, 3)) * 255).astype("uint8")).save(folder / f"img{i}.png")
+    Image.fromarray((rng.random((40, 40)) * 255).astype("uint8"), "L").save(folder / "sub" / "gray.png")
+    Image.fromarray((rng.random((40, 40, 4)) * 255).astype("uint8"), "RGBA").save(folder / "sub" / "alpha.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def _config(root, **kw) -> STICConfig:  # noqa: ANN001
+    return STICConfig(image_dir=str(root / "images"), out_dir=str(root / "out"), max_new_tokens=6, batch_size=3, temperature=1.0, **kw)
+
+
+def test_stage1_pairs_corruption_applied_and_seen(llava, tmp_path) -> None:  # noqa: ANN001
+    model, processor = llava
+    _image_folder(tmp_path)
+    seen: list[torch.Tensor] = []
+    hook = model.model.vision_tower.register_forward_pre_hook(
+        lambda m, args, kw: seen.append((args[0] if args else kw["pixel_values"]).detach().clone()), with_kwargs=True
+    )
+    try:
+        report = build_stic_pairs(model, processor, _config(tmp_path), rank=0, world_size=1)
+    finally:
+        hook.remove()
+    out = tmp_path / "out"
+    pairs = read_pairs(out)
+    assert report.written == 8 == report.merged == len(pairs)  # 6 RGB + grayscale + RGBA (converted)
+    assert set(report.converted) == {str(tmp_path / "images/sub/gray.png"), str(tmp_path / "images/sub/alpha.png")}
+    assert list(report.skipped) == ["unsupported extension '.txt'", "unreadable image"]
+    branches = [p.meta["stic"]["branch"] for p in pairs]
+    assert "corruption" in branches and "hallucination" in branches
+    all_seen = torch.cat(seen)
+    for pair in pairs:
+        clean = np.asarray(Image.open(out / pair.chosen_media[0]))
+        rejected = Image.open(out / pair.rejected_media[0])
+        if pair.meta["stic"]["branch"] == "corruption":
+            corruption = pair.meta["stic"]["corruption"]
+            assert corruption["name"] in ("stic_lowres", "stic_color_jitter")
+            assert pair.rejected_media != pair.chosen_media
+            assert np.abs(np.asarray(rejected).astype(int) - clean.astype(int)).mean() > 1.0  # pixels changed
+            # the model saw exactly the saved corrupted image
+            pixels = processor.image_processor(images=[rejected], return_tensors="pt")["pixel_values"]
+            assert any(torch.allclose(row, pixels[0]) for row in all_seen)
+        else:
+            assert pair.rejected_media == pair.chosen_media
+            assert pair.meta["stic"]["rejected_prompt"] != pair.meta["stic"]["chosen_prompt"]
+
+
+def test_stage1_resume_after_crash_no_duplicate_or_missing(llava, tmp_path) -> None:  # noqa: ANN001
+    from vision.generate import generate_responses
+
+    model, processor = llava
+    _image_folder(tmp_path)
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] > 2:  # first batch (chosen + rejected calls) succeeds, then "crash"
+            raise RuntimeError("simulated crash")
+        return generate_responses(*args, **kwargs)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_stic_pairs(model, processor, _config(tmp_path), rank=0, world_size=1, generate_fn=crashing)
+    first = [json.loads(x)["id"] for x in (tmp_path / "out/shards/rank00000/pairs.jsonl").read_text().splitlines()]
+    assert first == ["stic/img0.png", "stic/img1.png"]  # first batch: broken.jpg (skipped), img0, img1
+    report = build_stic_pairs(model, processor, _config(tmp_path), rank=0, world_size=1)
+    assert report.already_done == 2 and report.written == 6
+    ids = [p.id for p in read_pairs(tmp_path / "out")]
+    assert len(ids) == len(set(ids)) == 8
+    assert ids[:2] == first
+
+
+def test_stage1_shards_merge(llava, tmp_path) -> None:  # noqa: ANN001
+    model, processor = llava
+    _image_folder(tmp_path, n_good=3)
+    r1 = build_stic_pairs(model, processor, _config(tmp_path), rank=1, world_size=2, merge=False)
+    r0 = build_stic_pairs(model, processor, _config(tmp_path), rank=0, world_size=2)
+    assert r0.written + r1.written == 5
+    pairs = read_pairs(tmp_path / "out")
+    assert len(pairs) == 5 and len({p.id for p in pairs}) == 5
+    assert {p.meta["stic"]["shard"] for p in pairs} == {"shards/rank00000", "shards/rank00001"}
+    for p in pairs:  # media resolve inside the merged dataset folder
+        assert (tmp_path / "out" / p.chosen_media[0]).is_file()
+
+
+def test_stage1_non_rgb_skip_and_missing_folder(llava, tmp_path) -> None:  # noqa: ANN001
+    model, processor = llava
+    _image_folder(tmp_path, n_good=1)
+    report = build_stic_pairs(model, processor, _config(tmp_path, non_rgb="skip"), rank=0, world_size=1)
+    assert report.written == 1 and len(report.skipped["non-RGB image"]) == 2
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_stic_pairs(model, processor, STICConfig(image_dir=str(tmp_path / "nope"), out_dir=str(tmp_path / "o")),
+                         rank=0, world_size=1)
+    with pytest.raises(ValueError, match="non_rgb"):
+        STICConfig(non_rgb="maybe")
+
+
+def test_description_infused_set(tmp_path) -> None:  # noqa: ANN001
+    from mmalign.pairs import write_pairs
+
+    src = tmp_path / "instr"
+    (src / "media").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(src / "media" / "a.png")
+    write_pairs(src, [
+        PreferencePair("q1", "What colour is it?", "Red.", "Blue.", ["media/a.png"], ["media/a.png"]),
+        PreferencePair("q2", "How many?", "One.", "Two.", ["media/a.png"], ["media/a.png"]),
+    ])
+    written, skipped = build_description_infused_set(
+        read_pairs(src), {"media/a.png": "A red square."}, tmp_path / "sft", key=lambda p: p.chosen_media[0]
+    )
+    assert written == 2 and skipped == {}
+    out = read_pairs(tmp_path / "sft")
+    assert out[0].prompt == "Image description:\nA red square.\n\nWhat colour is it?"
+    assert out[0].chosen == "Red." and (tmp_path / "sft" / out[0].chosen_media[0]).is_file()

@@ -1,0 +1,420 @@
+"""STIC: self-training on image comprehension (Deng et al. 2024), three stages.
+
+1. :func:`build_stic_pairs` makes a pair dataset from a folder of unlabeled images with the policy
+   itself. Preferred: the model's description of the *clean* image under the step-by-step prompt
+   (:data:`mmalign.prompts.STIC_DESCRIBE_PROMPT`, temperature 0.2). Dispreferred, 50/50
+   (:func:`mmalign.prompts.stic_negative_plan`): a hallucination prompt on the clean image, or a
+   plain describe prompt on a *corrupted* image (``stic_lowres`` or ``stic_color_jitter``, 50/50).
+   The corrupted image is saved into the dataset as the pair's ``rejected_media`` and its corruption
+   (name, parameters, seed) recorded in ``meta["stic"]["corruption"]``: the released STIC code never
+   applied the corruption (the flag was not passed); here the model is shown exactly the saved
+   corrupted pixels, and a test checks it.
+2. :func:`train_stic_dpo`: DPO (beta 0.1) plus the chosen-NLL term ``-log pi(y_c) / 1024`` through
+   :func:`mmalign.engine.train`.
+3. :func:`build_description_infused_set` prepends the model's own description to instruction data
+   (``"Image description:\\n{desc}\\n\\n{instruction}"``); :func:`train_description_infused` runs the
+   SFT through the engine.
+
+Stage 1 details:
+
+* Pair ids are ``"stic/<image path relative to the image folder>"``; the plan (branch, prompts,
+  corruption seed) is a function of ``(seed, image id)`` only, so it does not depend on batching,
+  sharding or resumption.
+* Resumable: each process appends to its own shard ``out_dir/shards/rankNNNNN/pairs.jsonl`` through
+  :class:`mmalign.pairs.PairWriter` (one crash-safe line per pair, media written before the line).
+  On start, the ids in *all* shards count as done, so a re-run after a crash (with any number of
+  processes) continues with no duplicate and no missing pair.
+* Sharded: ``rank``/``world_size`` default to accelerate's ``PartialState``; image ``i`` (sorted
+  order) belongs to rank ``i % world_size``. After all ranks finish, rank 0 merges the shards into
+  ``out_dir/pairs.jsonl`` (media paths stay inside ``out_dir``: ``shards/rankNNNNN/media/...``).
+* Bad images: unreadable or truncated files and files with other extensions are skipped and
+  counted with their reason; non-RGB images (grayscale, RGBA, palette, 16-bit, CMYK) are converted
+  to RGB by :func:`mmalign.pairs.load_image` and counted (``non_rgb="skip"`` skips them instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.prompts import DESCRIBE_PROMPTS, STIC_DESCRIBE_PROMPT, description_infused, stic_negative_plan
+from vision.generate import GenerationSettings, generate_responses
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "STICConfig",
+    "STICReport",
+    "build_description_infused_set",
+    "build_stic_pairs",
+    "merge_shards",
+    "train_description_infused",
+    "train_stic_dpo",
+]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class STICConfig:
+    """Stage-1 settings (each field a CLI flag / YAML key through :mod:`mmalign.config`)."""
+
+    image_dir: str = field(default="", metadata=_help("folder of unlabeled images (searched recursively)"))
+    out_dir: str = field(default="", metadata=_help("pair dataset folder to create or resume"))
+    max_new_tokens: int = field(default=256, metadata=_help("tokens per generated description"))
+    temperature: float = field(default=0.2, metadata=_help("sampling temperature (STIC: 0.2)"))
+    batch_size: int = field(default=8, metadata=_help("images per generate() call"))
+    seed: int = field(default=0, metadata=_help("seed of plans, corruptions and sampling"))
+    pair_prompt: str | None = field(
+        default=None, metadata=_help("prompt stored in the pairs (None: a plain describe prompt per image)")
+    )
+    lowres_size: int = field(default=20, metadata=_help("stic_lowres: shorter side of the low-res image"))
+    non_rgb: str = field(default="convert", metadata=_help("convert | skip non-RGB images"))
+    limit: int | None = field(default=None, metadata=_help("use only the first N images (sorted)"))
+    system_prompt: str | None = field(default=None, metadata=_help("system message for generation"))
+
+    def __post_init__(self) -> None:
+        if self.non_rgb not in ("convert", "skip"):
+            raise ValueError(f"STICConfig.non_rgb must be 'convert' or 'skip', got {self.non_rgb!r}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("STICConfig: batch_size and max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"STICConfig.temperature must be >= 0, got {self.temperature}")
+        if self.lowres_size < 1:
+            raise ValueError(f"STICConfig.lowres_size must be >= 1, got {self.lowres_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"STICConfig.limit must be >= 1 or None, got {self.limit}")
+
+
+@dataclass
+class STICReport:
+    """What one call of :func:`build_stic_pairs` did (this process only, except ``merged``)."""
+
+    written: int = 0
+    already_done: int = 0
+    other_ranks: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    converted: dict[str, str] = field(default_factory=dict)
+    merged: int | None = None
+    out_dir: str = ""
+
+    def skip(self, reason: str, path: str) -> None:
+        self.skipped.setdefault(reason, []).append(path)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
+
+
+def _image_files(image_dir: Path) -> list[Path]:
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"STIC image folder {str(image_dir)!r} does not exist or is not a folder")
+    return sorted((p for p in image_dir.rglob("*") if p.is_file()), key=lambda p: p.relative_to(image_dir).as_posix())
+
+
+def _media_name(image_id: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(image_id).stem)[:60] or "image"
+    return f"{stem}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
+
+
+def _int_seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:7], "big")
+
+
+def _done_ids(out_dir: Path) -> set[str]:
+    import json
+
+    done: set[str] = set()
+    for shard in sorted((out_dir / "shards").glob("rank*/pairs.jsonl")):
+        for line in shard.read_bytes().split(b"\n"):
+            try:
+                rec = json.loads(line)
+            except ValueError:  # blank or torn last line: not done
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+                done.add(rec["id"])
+    return done
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int, Any]:
+    if rank is not None and world_size is not None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        return rank, world_size, None
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes, state
+
+
+def build_stic_pairs(
+    model: torch.nn.Module,
+    processor: Any,
+    config: STICConfig,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    merge: bool = True,
+    generate_fn: Callable[..., list[str]] = generate_responses,
+) -> STICReport:
+    """STIC stage 1: write (or resume) a pair dataset in ``config.out_dir`` from ``config.image_dir``.
+
+    Args:
+        model, processor: the policy (an ``AutoModelForImageTextToText``) and its ``AutoProcessor``.
+        rank, world_size: this process's shard; default from ``accelerate.PartialState``.
+        merge: after all ranks finish, rank 0 merges the shards into ``out_dir/pairs.jsonl``.
+        generate_fn: the batched generator (``vision.generate.generate_responses`` signature).
+
+    Returns:
+        A :class:`STICReport` (pairs written now, already done, skipped with reasons, converted).
+    """
+    from mmalign.corruptions import apply_corruption, describe, pil_to_tensor, tensor_to_pil
+    from mmalign.pairs import PairWriter, PreferencePair, load_image
+
+    image_dir, out_dir = Path(config.image_dir), Path(config.out_dir)
+    rank, world_size, state = _rank_world(rank, world_size)
+    files = _image_files(image_dir)
+    if config.limit is not None:
+        files = files[: config.limit]
+    report = STICReport(out_dir=str(out_dir))
+    done = _done_ids(out_dir)
+    shard_dir = out_dir / "shards" / f"rank{rank:05d}"
+    settings = GenerationSettings(
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+        batch_size=config.batch_size, seed=config.seed,
+    )
+    # independent sampling noise for the rejected side (same seed would correlate the two samples)
+    rejected_settings = GenerationSettings(
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+        batch_size=config.batch_size, seed=_int_seed(config.seed, "rejected") % (2**31),
+    )
+
+    todo: list[tuple[str, Path]] = []
+    for i, path in enumerate(files):
+        image_id = path.relative_to(image_dir).as_posix()
+        if i % world_size != rank:
+            report.other_ranks += 1
+        elif f"stic/{image_id}" in done:
+            report.already_done += 1
+        elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+            report.skip(f"unsupported extension {path.suffix or '(none)'!r}", str(path))
+        else:
+            todo.append((image_id, path))
+
+    with PairWriter(shard_dir) as writer:
+        for start in range(0, len(todo), config.batch_size):
+            items: list[dict[str, Any]] = []
+            for image_id, path in todo[start : start + config.batch_size]:
+                notes: list[str] = []
+                try:
+                    clean = load_image(path, notes=notes)
+                except ValueError as exc:
+                    report.skip("unreadable image", f"{path}: {exc}")
+                    continue
+                conversions = [n for n in notes if n.startswith("converted")]
+                if conversions and config.non_rgb == "skip":
+                    report.skip("non-RGB image", f"{path}: {conversions[0]}")
+                    continue
+                if conversions:
+                    report.converted[str(path)] = "; ".join(conversions)
+                rng = random.Random(_int_seed(config.seed, image_id))
+                plan = stic_negative_plan(rng)
+                pair_prompt = config.pair_prompt or rng.choice(DESCRIBE_PROMPTS)
+                item: dict[str, Any] = {
+                    "id": image_id, "path": path, "clean": clean, "plan": plan, "prompt": pair_prompt,
+                    "notes": notes, "rejected_image": clean, "corruption": None,
+                }
+                if plan.corruption is not None:
+                    if plan.corruption == "stic_lowres" and min(clean.size) <= config.lowres_size:
+                        report.skip(f"image smaller than stic_lowres size {config.lowres_size}", str(path))
+                        continue
+                    kwargs = {"size": config.lowres_size} if plan.corruption == "stic_lowres" else {}
+                    seed = _int_seed(config.seed, image_id, plan.corruption)
+                    generator = torch.Generator().manual_seed(seed)
+                    corrupted = apply_corruption(plan.corruption, pil_to_tensor(clean), generator=generator, **kwargs)
+                    # the PNG written below is lossless, so the model sees exactly the saved pixels
+                    item["rejected_image"] = tensor_to_pil(corrupted)
+                    item["corruption"] = describe(plan.corruption, seed=seed, **kwargs)
+                items.append(item)
+            if not items:
+                continue
+            chosen = generate_fn(
+                model, processor, [STIC_DESCRIBE_PROMPT] * len(items), [[it["clean"]] for it in items],
+                settings, system_prompt=config.system_prompt,
+            )
+            rejected = generate_fn(
+                model, processor, [it["plan"].prompt for it in items], [[it["rejected_image"]] for it in items],
+                rejected_settings, system_prompt=config.system_prompt,
+            )
+            for it, chosen_text, rejected_text in zip(items, chosen, rejected, strict=True):
+                name = _media_name(it["id"])
+                shard_rel = f"shards/rank{rank:05d}/"
+                clean_rel = writer.add_media(it["clean"], f"media/{name}.png", overwrite=True)
+                rejected_rel = clean_rel
+                if it["corruption"] is not None:
+                    rejected_rel = writer.add_media(
+                        it["rejected_image"], f"media/{name}-{it['corruption']['name']}.png", overwrite=True
+                    )
+                if chosen_text == rejected_text and rejected_rel == clean_rel:
+                    report.skip("identical chosen and rejected description", str(it["path"]))
+                    continue
+                meta = {
+                    "stic": {
+                        "image_id": it["id"],
+                        "branch": "hallucination" if it["corruption"] is None else "corruption",
+                        "chosen_prompt": STIC_DESCRIBE_PROMPT,
+                        "rejected_prompt": it["plan"].prompt,
+                        "corruption": it["corruption"],
+                        "notes": it["notes"],
+                        "shard": shard_rel.rstrip("/"),
+                    }
+                }
+                writer.write(
+                    PreferencePair(
+                        id=f"stic/{it['id']}", prompt=it["prompt"], chosen=chosen_text, rejected=rejected_text,
+                        chosen_media=[clean_rel], rejected_media=[rejected_rel], meta=meta,
+                    )
+                )
+                report.written += 1
+
+    if state is not None:
+        state.wait_for_everyone()
+    if merge and rank == 0:
+        report.merged = merge_shards(out_dir, order=[f"stic/{p.relative_to(image_dir).as_posix()}" for p in files])
+    return report
+
+
+def merge_shards(out_dir: str | Path, *, order: Sequence[str] | None = None) -> int:
+    """Merge ``out_dir/shards/*/pairs.jsonl`` into ``out_dir/pairs.jsonl`` (atomic); return the pair count.
+
+    Media paths are rewritten relative to ``out_dir`` (``shards/rankNNNNN/media/...``). A duplicate id
+    across shards keeps the first; ``order`` (pair ids) sorts the output, others go last by id.
+    """
+    from mmalign.pairs import PreferencePair, read_pairs, write_pairs
+
+    out_dir = Path(out_dir)
+    merged: dict[str, PreferencePair] = {}
+    for shard in sorted((out_dir / "shards").glob("rank*")):
+        if not (shard / "pairs.jsonl").exists():
+            continue
+        prefix = shard.relative_to(out_dir).as_posix()
+        for pair in read_pairs(shard):
+            if pair.id in merged:
+                continue
+            data = pair.to_dict()
+            data["chosen_media"] = [f"{prefix}/{m}" for m in pair.chosen_media]
+            data["rejected_media"] = [f"{prefix}/{m}" for m in pair.rejected_media]
+            merged[pair.id] = PreferencePair.from_dict(data)
+    rank_of = {pid: i for i, pid in enumerate(order or [])}
+    pairs = sorted(merged.values(), key=lambda p: (rank_of.get(p.id, len(rank_of)), p.id))
+    write_pairs(out_dir, pairs, overwrite=True)
+    return len(pairs)
+
+
+def train_stic_dpo(
+    model: torch.nn.Module,
+    processor: Any,
+    pairs_dir: str | Path,
+    config: Any = None,
+    *,
+    adapter_kwargs: dict[str, Any] | None = None,
+) -> Any:
+    """STIC stage 2: DPO (beta 0.1) + ``sft_weight * (-log pi(y_c) / 1024)`` through the engine.
+
+    ``config`` is a :class:`mmalign.engine.TrainConfig`; ``None`` gives STIC's objective with the
+    engine's other defaults (loss ``"dpo"``, ``loss_kwargs={"beta": 0.1}``, ``sft_weight=1.0``,
+    ``sft_normaliser=1024``). Returns the engine's ``TrainResult``.
+    """
+    from mmalign.engine import TrainConfig, train
+    from mmalign.pairs import PairDataset
+    from vision.adapter import VLMAdapter
+
+    if config is None:
+        config = TrainConfig(loss="dpo", loss_kwargs={"beta": 0.1}, sft_weight=1.0, sft_normaliser=1024.0)
+    adapter = VLMAdapter(processor, media_root=pairs_dir, **(adapter_kwargs or {}))
+    adapter.check_model(model)
+    return train(model, adapter, PairDataset(pairs_dir), config)
+
+
+def build_description_infused_set(
+    instructions: Sequence[Any],
+    descriptions: dict[str, str],
+    out_dir: str | Path,
+    *,
+    key: Callable[[Any], str] | None = None,
+) -> tuple[int, dict[str, int]]:
+    """STIC stage 3 data: instruction pairs with the model's description prepended to the prompt.
+
+    Args:
+        instructions: :class:`~mmalign.pairs.PreferencePair` records whose ``chosen`` is the reference
+            answer (``rejected`` is ignored), with ``root`` set (as read by ``read_pairs``) so their
+            images can be copied into ``out_dir``.
+        descriptions: description per image, keyed by ``key(pair)`` (default: the first chosen media path).
+        out_dir: new dataset folder; pairs keep their media (copied) and get
+            ``prompt = "Image description:\\n{desc}\\n\\n{prompt}"``; for SFT the rejected side is empty
+            text on the same image (scored but unused).
+
+    Returns:
+        ``(written, skipped reasons)``; a pair without a description is skipped and counted.
+    """
+    from mmalign.pairs import PairWriter, PreferencePair
+
+    key = key or (lambda p: p.chosen_media[0] if p.chosen_media else p.id)
+    skipped: dict[str, int] = {}
+    written = 0
+    with PairWriter(out_dir) as writer:
+        for pair in instructions:
+            desc = descriptions.get(key(pair), "").strip()
+            if not desc:
+                skipped["no description"] = skipped.get("no description", 0) + 1
+                continue
+            media = []
+            for rel, path in zip(pair.chosen_media, pair.media_paths()[0], strict=True):
+                media.append(writer.add_media(path, rel, overwrite=True))
+            writer.write(
+                PreferencePair(
+                    id=pair.id, prompt=description_infused(desc, pair.prompt), chosen=pair.chosen, rejected="",
+                    chosen_media=media, rejected_media=media,
+                    meta={**pair.meta, "stic_description": desc},
+                )
+            )
+            written += 1
+    return written, skipped
+
+
+def train_description_infused(
+    model: torch.nn.Module,
+    processor: Any,
+    sft_dir: str | Path,
+    config: Any = None,
+) -> Any:
+    """STIC stage 3: supervised fine-tuning on the description-infused set, through the engine.
+
+    Uses the engine's reference-free ``"sft"`` objective (a zero preference term; the engine's
+    ``sft_weight`` chosen-NLL term does the work, mean NLL per token). Raises ``ValueError`` when
+    the installed :data:`mmalign.losses.LOSSES` has no ``"sft"`` entry.
+    """
+    from mmalign.engine import TrainConfig, train
+    from mmalign.losses import LOSSES
+    from mmalign.pairs import PairDataset
+    from vision.adapter import VLMAdapter
+
+    if "sft" not in LOSSES:
+        raise ValueError(
+            "STIC stage 3 needs an 'sft' objective in mmalign.losses.LOSSES (zero preference term, "
+            "reference-free); it is not there in this version"
+        )
+    if config is None:
+        config = TrainConfig(loss="sft", sft_weight=1.0, learning_rate=2e-5)
+    adapter = VLMAdapter(processor, media_root=sft_dir)
+    return train(model, adapter, PairDataset(sft_dir), config)
