@@ -1,0 +1,272 @@
+"""Tests for mmalign.rewards: preprocessing, open_clip scorers, aesthetic head, callables, weighted sums."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmalign.rewards import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    AestheticHead,
+    CallableReward,
+    ClipScore,
+    HPSv2Like,
+    PickScoreLike,
+    Reward,
+    WeightedRewards,
+    preprocess_images,
+)
+
+TINY_CLIP_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny open_clip model in open_clip's local folder layout (config json + safetensors)."""
+    open_clip = pytest.importorskip("open_clip")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**TINY_CLIP_CFG)
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}}))
+    save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def _images(b: int = 2, h: int = 24, w: int = 40, seed: int = 0) -> torch.Tensor:
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+
+
+def test_preprocess_constant_image_hand_values() -> None:
+    """A constant 0.5 image stays 0.5 after resize/crop, so channel c is (0.5 - mean_c) / std_c:
+    red (0.5 - 0.48145466) / 0.26862954 = 0.069037..."""
+    x = torch.full((1, 3, 40, 60), 0.5)
+    out = preprocess_images(x, size=20)
+    assert out.shape == (1, 3, 20, 20)
+    expected = [(0.5 - m) / s for m, s in zip(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, strict=True)]
+    assert out[0, 0, 0, 0].item() == pytest.approx(0.0690373, abs=1e-5)
+    for c in range(3):
+        torch.testing.assert_close(out[0, c], torch.full((20, 20), expected[c]), atol=1e-5, rtol=0)
+
+
+def test_preprocess_center_crop_and_squash() -> None:
+    """40x60 -> shortest side 20 gives 20x30, centre crop drops 5 columns each side. A bright stripe in
+    the outer 8 source columns on each side (4 resized columns, plus the 2-pixel antialias kernel) is
+    cropped away; squash keeps it."""
+    x = torch.zeros(1, 3, 40, 60)
+    x[..., :8] = 1.0
+    x[..., 52:] = 1.0
+    cropped = preprocess_images(x, size=20, mean=(0, 0, 0), std=(1, 1, 1), interpolation="bilinear")
+    squashed = preprocess_images(x, size=20, mean=(0, 0, 0), std=(1, 1, 1), resize_mode="squash")
+    assert cropped.abs().max().item() < 1e-6
+    assert squashed.max().item() > 0.5
+
+
+def test_preprocess_is_differentiable() -> None:
+    x = _images(1, 48, 48).requires_grad_(True)
+    preprocess_images(x, size=32).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum().item() > 0
+
+
+def test_preprocess_rejects_bad_options() -> None:
+    with pytest.raises(ValueError, match="interpolation"):
+        preprocess_images(_images(), size=8, interpolation="nearest")
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        preprocess_images(torch.zeros(3, 8, 8), size=8)
+
+
+# ---------------------------------------------------------------------------------------------- open_clip scorers
+
+
+def test_clip_score_matches_manual_and_has_gradient(tiny_clip_dir: Path) -> None:
+    reward = ClipScore(pretrained=tiny_clip_dir)
+    assert isinstance(reward, Reward)
+    model = reward.encoder.model
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    images = _images().requires_grad_(True)
+    prompts = ["a red square", "a blue circle"]
+    score = reward(images, prompts)
+    assert score.shape == (2,)
+    with torch.no_grad():
+        pixels = preprocess_images(images, size=32, interpolation="bicubic")
+        img = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+        txt = torch.nn.functional.normalize(model.encode_text(reward.encoder.tokenizer(prompts)), dim=-1)
+        manual = model.logit_scale.exp() * (img * txt).sum(-1)
+    torch.testing.assert_close(score.detach(), manual, atol=1e-4, rtol=1e-4)
+    loss = reward.loss(images, prompts)
+    torch.testing.assert_close(loss.detach(), 100.0 - score.detach())
+    loss.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum().item() > 0
+
+
+def test_clip_text_features_are_cached_per_prompt_list(tiny_clip_dir: Path) -> None:
+    reward = ClipScore(pretrained=tiny_clip_dir)
+    first = reward.encoder.text_features(["a cat", "a dog"])
+    assert reward.encoder.text_features(["a cat", "a dog"]) is first
+    other = reward.encoder.text_features(["a dog", "a cat"])
+    torch.testing.assert_close(other, first.flip(0))
+
+
+def test_clip_score_wraps_a_model_object(tiny_clip_dir: Path) -> None:
+    import open_clip
+
+    model = open_clip.create_model(f"local-dir:{tiny_clip_dir}")
+    from_obj = ClipScore(model=model, tokenizer=open_clip.get_tokenizer(f"local-dir:{tiny_clip_dir}"))
+    from_dir = ClipScore(pretrained=tiny_clip_dir)
+    images = _images()
+    torch.testing.assert_close(from_obj(images, ["x", "y"]), from_dir(images, ["x", "y"]))
+
+
+def test_pickscore_and_hps_loss_forms(tiny_clip_dir: Path) -> None:
+    """PickScore: loss = 1 - score/100; HPSv2: score = cos in [-1, 1], loss = 1 - score; both share the
+    cosine of ClipScore, so pick_score == clip_score and hps_score * exp(logit_scale) == clip_score."""
+    images, prompts = _images(), ["one", "two"]
+    clip = ClipScore(pretrained=tiny_clip_dir)(images, prompts)
+    pick = PickScoreLike(tiny_clip_dir)
+    hps = HPSv2Like(tiny_clip_dir)
+    pick_score, hps_score = pick(images, prompts), hps(images, prompts)
+    torch.testing.assert_close(pick_score, clip)
+    torch.testing.assert_close(pick.loss(images, prompts), 1 - clip / 100)
+    scale = hps.encoder.logit_scale()
+    torch.testing.assert_close(hps_score * scale, clip, atol=1e-4, rtol=1e-4)
+    assert hps_score.abs().max().item() <= 1.0
+    torch.testing.assert_close(hps.loss(images, prompts), 1 - hps_score)
+    assert (pick.weight, hps.weight) == (0.05, 5.0)
+
+
+def test_weights_file_for_a_named_architecture(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    """A bare safetensors file plus an architecture name (registered with open_clip) loads the same weights."""
+    import open_clip
+
+    (tmp_path / "mmalign-tiny-reward-test.json").write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(tmp_path / "mmalign-tiny-reward-test.json")
+    file = tiny_clip_dir / "open_clip_model.safetensors"
+    hps_file = HPSv2Like(file, model_name="mmalign-tiny-reward-test")
+    hps_dir = HPSv2Like(tiny_clip_dir)
+    images = _images()
+    torch.testing.assert_close(hps_file(images, ["a", "b"]), hps_dir(images, ["a", "b"]), atol=1e-5, rtol=1e-5)
+
+
+def test_missing_weights_name_the_expected_file(tmp_path: Path) -> None:
+    missing = tmp_path / "PickScore_v1.safetensors"
+    with pytest.raises(FileNotFoundError, match="PickScore_v1.safetensors"):
+        PickScoreLike(missing)
+    with pytest.raises(FileNotFoundError, match="HPS_v2.1_compressed.pt"):
+        HPSv2Like(tmp_path / "HPS_v2.1_compressed.pt")
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG}))
+    with pytest.raises(FileNotFoundError, match="open_clip_model.safetensors"):
+        ClipScore(pretrained=folder)
+    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+        ClipScore(pretrained=tmp_path)
+    with pytest.raises(ValueError, match="random weights"):
+        ClipScore("ViT-B-32")
+
+
+def test_batch_and_prompt_count_must_match(tiny_clip_dir: Path) -> None:
+    with pytest.raises(ValueError, match="2 images but 3 prompts"):
+        ClipScore(pretrained=tiny_clip_dir)(_images(), ["a", "b", "c"])
+
+
+# ---------------------------------------------------------------------------------------------- aesthetic head
+
+
+def test_aesthetic_head_mlp_matches_manual(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    """LAION-v2 style numbered layers (0 and 2; 1 would be dropout): score = (f W0^T + b0) W2^T + b2."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    state = {
+        "layers.0.weight": torch.randn(4, 16, generator=g),
+        "layers.0.bias": torch.randn(4, generator=g),
+        "layers.2.weight": torch.randn(1, 4, generator=g),
+        "layers.2.bias": torch.tensor([5.0]),
+    }
+    save_file(state, str(tmp_path / "head.safetensors"))
+    head = AestheticHead(tmp_path / "head.safetensors", pretrained=tiny_clip_dir)
+    images = _images().requires_grad_(True)
+    score = head(images, ["", ""])
+    feats = head.encoder.image_features(images).detach()
+    manual = (feats @ state["layers.0.weight"].T + state["layers.0.bias"]) @ state["layers.2.weight"].T + 5.0
+    torch.testing.assert_close(score.detach(), manual.squeeze(-1), atol=1e-5, rtol=1e-5)
+    head.loss(images, ["", ""]).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum().item() > 0
+    torch.testing.assert_close(head.loss_from_score(score), 10.0 - score)
+
+
+def test_aesthetic_head_linear_and_errors(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.ones(1, 16), "bias": torch.zeros(1)}, str(tmp_path / "linear.safetensors"))
+    head = AestheticHead(tmp_path / "linear.safetensors", pretrained=tiny_clip_dir)
+    images = _images()
+    feats = head.encoder.image_features(images)
+    torch.testing.assert_close(head(images, ["a", "b"]), feats.sum(-1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="aesthetic_v2.safetensors"):
+        AestheticHead(tmp_path / "aesthetic_v2.safetensors", pretrained=tiny_clip_dir)
+    save_file({"weight": torch.ones(2, 16)}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(ValueError, match="output 1 value"):
+        AestheticHead(tmp_path / "two.safetensors", pretrained=tiny_clip_dir)
+
+
+# ---------------------------------------------------------------------------------------------- callables, sums
+
+
+def _redness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    return (images[:, 0] - (images[:, 1] + images[:, 2]) / 2).mean((1, 2))
+
+
+def _brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    return images.mean((1, 2, 3))
+
+
+def test_callable_and_weighted_rewards_hand_values() -> None:
+    """Image with RGB (0.6, 0.2, 0.4): redness = 0.6 - (0.2 + 0.4)/2 = 0.3, brightness = 1.2/3 = 0.4.
+    Weights 2 and 0.5: loss = 2 * (-0.3) + 0.5 * (-0.4) = -0.8, total reward = 0.8."""
+    images = torch.tensor([0.6, 0.2, 0.4]).view(1, 3, 1, 1).expand(1, 3, 4, 4)
+    red = CallableReward(_redness, "redness")
+    bright = CallableReward(_brightness, "brightness")
+    assert red(images, ["p"]).item() == pytest.approx(0.3)
+    assert red.loss(images, ["p"]).item() == pytest.approx(-0.3)
+    total = WeightedRewards([(red, 2.0), (bright, 0.5)])
+    assert total.loss(images, ["p"]).item() == pytest.approx(-0.8)
+    assert total(images, ["p"]).item() == pytest.approx(0.8)
+    terms = total.evaluate(images, ["p"])
+    assert set(terms.scores) == {"redness", "brightness"}
+    assert terms.losses["brightness"].item() == pytest.approx(-0.4)
+    custom = CallableReward(_redness, "red1", weight=3.0, loss_fn=lambda s: 1 - s)
+    assert WeightedRewards([custom]).loss(images, ["p"]).item() == pytest.approx(3 * 0.7)
+
+
+def test_weighted_rewards_bad_input() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        WeightedRewards([])
+    red = CallableReward(_redness, "redness")
+    with pytest.raises(ValueError, match="duplicate"):
+        WeightedRewards([red, red])
+    with pytest.raises(ValueError, match="weight"):
+        WeightedRewards([(red, math.nan)])
+    with pytest.raises(TypeError, match="not a Reward"):
+        WeightedRewards([(_redness, 1.0)])  # type: ignore[list-item]
+
+
+def test_callable_reward_checks_output_shape() -> None:
+    bad = CallableReward(lambda images, prompts: images.mean(), "scalar")
+    with pytest.raises(ValueError, match=r"\(2,\) tensor"):
+        bad(_images(), ["a", "b"])
+    with pytest.raises(ValueError, match="name"):
+        CallableReward(_redness, "")
