@@ -1,0 +1,181 @@
+"""Dataclass configs: one parser turns every field into a CLI flag and a YAML key.
+
+A config is a (possibly nested) dataclass. Each field carries ``metadata={"help": ...}``.
+``load_config(Cls, argv)`` reads an optional ``--config file.yaml`` first, then applies CLI
+flags on top (``--lr 1e-5``; nested fields as ``--train.lr 1e-5``), then builds the dataclass,
+whose ``__post_init__`` validates. Unknown YAML keys and unknown flags are errors that name the
+key and the file, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+__all__ = ["ConfigError", "config_to_dict", "diff_configs", "from_dict", "load_config", "save_config"]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or flag that cannot be turned into the dataclass."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _strip_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Turn a YAML/CLI value into ``tp``; raise ConfigError naming ``where``."""
+    if value is None:
+        return None
+    tp = _strip_optional(tp)
+    origin = typing.get_origin(tp)
+    try:
+        if _is_dataclass_type(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+            return from_dict(tp, value, where=where)
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+        if origin in (list, Sequence, tuple):
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v] if not value.startswith("[") else json.loads(value)
+            (arg,) = typing.get_args(tp)[:1] or (Any,)
+            return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+        if origin is dict:
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            return dict(value)
+        if origin is typing.Literal:
+            if value not in typing.get_args(tp):
+                raise ConfigError(f"{where}: {value!r} is not one of {typing.get_args(tp)}")
+            return value
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{where}: cannot read {value!r} as {tp}: {exc}") from exc
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys raise ``ConfigError``."""
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-Python (JSON/YAML-safe) view of a config dataclass."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def diff_configs(a: dict[str, Any], b: dict[str, Any], *, ignore: Sequence[str] = (), prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two config dicts (ignoring ``ignore``)."""
+    out: list[str] = []
+    for key in sorted(set(a) | set(b)):
+        name = f"{prefix}{key}"
+        if name in ignore or key in ignore:
+            continue
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_configs(va, vb, ignore=ignore, prefix=f"{name}.")
+        elif va != vb:
+            out.append(f"{name}: {va!r} != {vb!r}")
+    return out
+
+
+def _flatten_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+    hints = _field_types(cls)
+    out: list[tuple[str, Any, str]] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = _strip_optional(hints[f.name])
+        if _is_dataclass_type(tp):
+            out += _flatten_fields(tp, f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", tp, f.metadata.get("help", "")))
+    return out
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[leaf] = value
+
+
+def load_config(cls: type[T], argv: Sequence[str] | None = None, *, description: str | None = None) -> T:
+    """Parse ``--config path.yaml`` plus per-field flags into ``cls``."""
+    parser = argparse.ArgumentParser(description=description or cls.__doc__)
+    parser.add_argument("--config", type=str, default=None, help="YAML file with the config's keys")
+    for name, _tp, help_ in _flatten_fields(cls):
+        parser.add_argument(f"--{name}", dest=name, default=None, help=help_)
+    args = parser.parse_args(argv)
+    data: dict[str, Any] = {}
+    where = "command line"
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data = loaded
+        where = str(path)
+    for name, _tp, _ in _flatten_fields(cls):
+        value = getattr(args, name)
+        if value is not None:
+            _set_dotted(data, name, yaml.safe_load(value) if isinstance(value, str) else value)
+    return from_dict(cls, data, where=where)

@@ -1,0 +1,838 @@
+"""The one training loop, on accelerate, for every modality.
+
+``train(model, adapter, dataset, config)`` runs preference optimisation of ``model``: the
+adapter (``mmalign.adapter.Adapter``) turns pairs into per-pair values, a loss from
+``mmalign.losses`` turns them into a scalar. The loop never branches on modality.
+
+What it does, top to bottom:
+
+1. validate the config, the loss name and the dataset before any compute;
+2. wrap the model in LoRA (peft) when ``lora_r > 0``; build the reference: a frozen copy, the same
+   model with adapters disabled, or log-probs precomputed once and cached (keyed by a hash of the
+   model and the data), or none for reference-free losses;
+3. iterate a deterministic, seeded order of pairs (the same order for any number of processes: a
+   global batch is ``batch_size * num_processes`` pairs, each process takes its slice, so two
+   processes equal one process with the doubled batch);
+4. per micro-batch, inside ``accelerator.accumulate``: ``adapter.prepare`` draws the step's
+   randomness, ``adapter.logps`` runs the policy (and the reference), the loss is computed per pair,
+   weighted (``batch["weight"]`` when present) and averaged; a non-finite loss stops the run;
+5. every ``save_every`` optimizer steps, an atomic checkpoint (safetensors: trainable weights,
+   optimizer, scheduler, RNG states, data position, resolved config); ``resume=True`` continues
+   from the newest complete one and ends bitwise equal to an uninterrupted run on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmalign.adapter import Adapter, ChosenRejected
+from mmalign.config import config_to_dict, diff_configs
+
+__all__ = [
+    "CheckpointError",
+    "NonFiniteLossError",
+    "StepInfo",
+    "TrainConfig",
+    "TrainResult",
+    "compute_loss",
+    "evaluate",
+    "latest_checkpoint",
+    "plot_metrics",
+    "train",
+]
+
+Reference = Literal["auto", "frozen", "lora_disabled", "precomputed", "none"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the last good checkpoint is left intact."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from (missing tensors, different config)."""
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    """Everything the engine needs; every field is a CLI flag and a YAML key."""
+
+    output_dir: str = field(default="runs/default", metadata=_help("folder for checkpoints, metrics, plots"))
+    loss: str = field(default="dpo", metadata=_help("name in mmalign.losses.LOSSES"))
+    loss_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help("loss hyperparameters, e.g. {beta: 0.1}"))
+    sft_weight: float | None = field(
+        default=None,
+        metadata=_help("weight of the chosen-NLL term added to the loss; default 1 for orpo/asft (their papers' "
+                       "objective includes it), else 0"),
+    )
+    sft_normaliser: float = field(
+        default=0.0, metadata=_help("divide the chosen NLL by this constant (STIC: 1024); 0 = by token count")
+    )
+    reference: Reference = field(
+        default="auto",
+        metadata=_help("frozen | lora_disabled | precomputed | none | auto (lora_disabled with LoRA, else frozen)"),
+    )
+    ref_cache_dir: str | None = field(default=None, metadata=_help("where precomputed reference values are cached"))
+    batch_size: int = field(default=4, metadata=_help("pairs per process per micro-batch"))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    max_steps: int = field(default=100, metadata=_help("optimizer steps (0 = num_epochs decides)"))
+    num_epochs: int = field(default=1, metadata=_help("epochs when max_steps is 0"))
+    learning_rate: float = field(default=1e-5, metadata=_help("peak learning rate"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_help("AdamW betas"))
+    adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
+    optimizer: Literal["adamw", "adamw8bit", "sgd"] = field(
+        default="adamw", metadata=_help("adamw | adamw8bit (needs bitsandbytes) | sgd")
+    )
+    lr_scheduler: Literal["constant", "cosine", "linear"] = field(default="constant", metadata=_help("after warmup"))
+    warmup_steps: int = field(default=0, metadata=_help("linear warmup steps"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0 = off)"))
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata=_help("no | fp16 | bf16"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("trade compute for activation memory"))
+    lora_r: int = field(default=0, metadata=_help("LoRA rank (0 = full fine-tuning)"))
+    lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha"))
+    lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout"))
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata=_help("module names for LoRA; default: the adapter's lora_target_modules")
+    )
+    seed: int = field(default=0, metadata=_help("seed of data order, noise and initialisation"))
+    save_every: int = field(default=0, metadata=_help("checkpoint every N optimizer steps (0 = only at the end)"))
+    keep_last: int = field(default=2, metadata=_help("checkpoints kept"))
+    resume: bool = field(default=False, metadata=_help("continue from the newest complete checkpoint"))
+    log_every: int = field(default=1, metadata=_help("write metrics every N optimizer steps"))
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=_help("accelerate trackers"))
+    diagnostics_every: int = field(default=0, metadata=_help("diagnostics every N steps (0 = off)"))
+    progress: bool = field(default=True, metadata=_help("show a tqdm progress bar"))
+    plot: bool = field(default=True, metadata=_help("draw metrics.png at the end"))
+
+    def __post_init__(self) -> None:
+        from mmalign.losses import LOSSES
+
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; known: {sorted(LOSSES)}")
+        for name in ("batch_size", "grad_accum", "num_epochs", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "save_every", "lora_r", "diagnostics_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.reference == "lora_disabled" and self.lora_r == 0:
+            raise ValueError("reference='lora_disabled' needs LoRA (lora_r > 0)")
+        if self.sft_weight is None:
+            self.sft_weight = 1.0 if self.loss in ("orpo", "asft") else 0.0
+        if len(self.adam_betas) != 2:
+            raise ValueError(f"adam_betas needs two values, got {self.adam_betas}")
+
+    def resolved_reference(self) -> str:
+        from mmalign.losses import REFERENCE_FREE
+
+        if self.loss in REFERENCE_FREE:
+            return "none"
+        if self.reference == "auto":
+            return "lora_disabled" if self.lora_r > 0 else "frozen"
+        if self.reference == "none":
+            raise ValueError(f"loss {self.loss!r} needs a reference model; pick frozen, lora_disabled or precomputed")
+        return self.reference
+
+
+#: Config fields that may change between a run and its resumption.
+RESUMABLE_CHANGES = (
+    "output_dir", "resume", "max_steps", "num_epochs", "save_every", "keep_last", "log_every",
+    "trackers", "progress", "plot", "diagnostics_every", "ref_cache_dir",
+)
+
+
+@dataclass
+class StepInfo:
+    """What a callback sees after each optimizer step."""
+
+    step: int
+    metrics: dict[str, float]
+    model: torch.nn.Module
+    accelerator: Any
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    output_dir: Path
+    final_checkpoint: Path | None
+    metrics: list[dict[str, float]]
+    model: torch.nn.Module
+
+
+# --------------------------------------------------------------------------- data order
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, data: Sequence[Any]) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.data[i]
+
+
+def _epoch_batches(n: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """Global batches of one epoch in a seeded order; the ragged tail is dropped."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    return [perm[i : i + global_batch] for i in range(0, n - global_batch + 1, global_batch)]
+
+
+# --------------------------------------------------------------------------- checkpoint I/O
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, st in sd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"state.{pid}.{key}"] = val.detach().cpu().contiguous()
+            else:
+                scalars[f"state.{pid}.{key}"] = val
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, val in list(tensors.items()) + list(meta["scalars"].items()):
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = val
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state(), "step_generator": generator.get_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    generator.set_state(tensors["step_generator"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+    p = meta["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint folder (``checkpoints/step-N`` holding ``COMPLETE``), or None."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("step-*") if (p / "COMPLETE").is_file() and not p.name.endswith(".tmp")]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- plotting
+
+
+def plot_metrics(metrics_path: str | Path, out_png: str | Path | None = None) -> Path:
+    """Draw loss, reward margins/accuracy and chosen vs rejected values from ``metrics.jsonl``.
+
+    Chosen and rejected log-probs (or MSEs) share one axis, so likelihood displacement (both
+    falling while the margin grows) is visible at a glance.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics_path = Path(metrics_path)
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{metrics_path}: no metrics to plot")
+    out_png = Path(out_png) if out_png else metrics_path.with_name("metrics.png")
+    steps = [r["step"] for r in rows]
+
+    def series(key: str) -> list[float]:
+        return [r.get(key, math.nan) for r in rows]
+
+    value_name = "logps" if any("logps/chosen" in r for r in rows) else "mse"
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(steps, series("loss"), label="loss")
+    axes[0].set_title("loss")
+    axes[1].plot(steps, series("rewards/margins"), label="margin")
+    axes[1].plot(steps, series("rewards/accuracies"), label="accuracy")
+    axes[1].set_title("implicit rewards")
+    axes[2].plot(steps, series(f"{value_name}/chosen"), label="chosen", color="tab:green")
+    axes[2].plot(steps, series(f"{value_name}/rejected"), label="rejected", color="tab:red")
+    axes[2].set_title(f"{value_name}: chosen vs rejected")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _hash_model(model: torch.nn.Module) -> str:
+    """Cheap, stable fingerprint: names, shapes and a strided sample of every tensor."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 256)
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _hash_data(dataset: Sequence[Any]) -> str:
+    h = hashlib.sha256()
+    for item in dataset:
+        h.update(json.dumps(dataclasses.asdict(item) if dataclasses.is_dataclass(item) else repr(item),
+                            sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def compute_loss(
+    config: TrainConfig,
+    policy: ChosenRejected,
+    ref: ChosenRejected | None,
+    weight: torch.Tensor | None = None,
+    value_name: str = "logps",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The batch's scalar loss and its standard metrics, from policy (and reference) values.
+
+    Length-normalised losses get log-probs divided by token counts; the SFT term and per-pair
+    weights (``batch["weight"]``) are applied here, once, for every modality.
+    """
+    from mmalign.losses import LENGTH_NORMALISED, LOSSES, sft_nll
+
+    pc, pr = policy.chosen.float(), policy.rejected.float()
+    if config.loss in LENGTH_NORMALISED:
+        if policy.chosen_tokens is None or policy.rejected_tokens is None:
+            raise ValueError(f"loss {config.loss!r} needs token counts; the adapter gave none")
+        pc = pc / policy.chosen_tokens.clamp_min(1)
+        pr = pr / policy.rejected_tokens.clamp_min(1)
+    fn = LOSSES[config.loss]
+    if ref is None:
+        out = fn(pc, pr, **config.loss_kwargs)
+    else:
+        out = fn(pc, pr, ref.chosen.float(), ref.rejected.float(), **config.loss_kwargs)
+    losses = out.losses
+    if config.sft_weight:
+        norm = config.sft_normaliser or None
+        tokens = None if norm else policy.chosen_tokens
+        losses = losses + config.sft_weight * sft_nll(policy.chosen.float(), tokens, normaliser=norm)
+    if weight is not None:
+        losses = losses * weight.to(losses.dtype)
+    loss = losses.mean()
+    stats = {
+        "loss": loss.detach(),
+        "rewards/chosen": out.chosen_rewards.mean(),
+        "rewards/rejected": out.rejected_rewards.mean(),
+        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+        f"{value_name}/chosen": policy.chosen.detach().float().mean(),
+        f"{value_name}/rejected": policy.rejected.detach().float().mean(),
+    }
+    return loss, stats
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    adapter: Adapter,
+    pairs: Sequence[Any],
+    *,
+    ref_model: torch.nn.Module | None = None,
+    config: TrainConfig | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean loss and implicit-reward metrics of ``model`` on ``pairs`` (held-out evaluation).
+
+    ``ref_model`` is needed for reference-based losses. Diffusion noise is drawn from a generator
+    seeded with ``seed``, so two models are compared on the same noise.
+    """
+    from mmalign.losses import REFERENCE_FREE
+
+    config = config or TrainConfig(trackers=[])
+    if ref_model is None and config.loss not in REFERENCE_FREE:
+        raise ValueError(f"evaluating loss {config.loss!r} needs ref_model (it is reference-based)")
+    value_name = "mse" if adapter.value_kind == "diffusion" else "logps"
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    for start in range(0, len(pairs), batch_size):
+        chunk = list(pairs[start : start + batch_size])
+        batch = _to_device(adapter.prepare(adapter.collate(chunk), generator=generator), device)
+        policy = adapter.logps(model, batch)
+        ref = adapter.logps(ref_model, batch) if ref_model is not None else None
+        _, stats = compute_loss(config, policy, ref, batch.get("weight"), value_name)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
+    model.train(was_training)
+    return {k: v / len(pairs) for k, v in sums.items()}
+
+
+class _Engine:
+    """State of one run; ``train()`` is the public entry point."""
+
+    def __init__(self, model, adapter, dataset, config: TrainConfig, ref_model, callbacks) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from mmalign.losses import LENGTH_NORMALISED
+
+        if not isinstance(adapter, Adapter):
+            raise TypeError(f"{type(adapter).__name__} does not implement the Adapter protocol (mmalign.adapter)")
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty: nothing to train on")
+        self.cfg = config
+        self.adapter = adapter
+        self.dataset = dataset
+        self.callbacks = list(callbacks)
+        self.reference = config.resolved_reference()
+        self.value_name = "mse" if adapter.value_kind == "diffusion" else "logps"
+        if self.reference == "precomputed" and adapter.value_kind == "diffusion":
+            raise ValueError(
+                "reference='precomputed' needs fixed inputs per pair; diffusion draws fresh noise and "
+                "timesteps each step, so use 'frozen' or 'lora_disabled'"
+            )
+        if config.loss in LENGTH_NORMALISED and adapter.value_kind == "diffusion":
+            raise ValueError(f"loss {config.loss!r} is length-normalised and needs sequence log-probs")
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.grad_accum,
+            mixed_precision=config.mixed_precision,
+            log_with=config.trackers or None,
+            project_dir=str(self.out),
+        )
+        world = self.accelerator.num_processes
+        self.global_batch = config.batch_size * world
+        if len(dataset) < self.global_batch:
+            raise ValueError(
+                f"the dataset has {len(dataset)} pairs, fewer than one global batch "
+                f"({config.batch_size} x {world} processes)"
+            )
+        set_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed + 7919 * self.accelerator.process_index)
+
+        if config.gradient_checkpointing:
+            if not hasattr(model, "gradient_checkpointing_enable") and not hasattr(model, "enable_gradient_checkpointing"):
+                raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+            if hasattr(model, "gradient_checkpointing_enable"):
+                model.gradient_checkpointing_enable()
+            else:
+                model.enable_gradient_checkpointing()
+        if self.reference == "frozen" and ref_model is None:
+            ref_model = copy.deepcopy(model)
+        if config.lora_r > 0:
+            model = self._wrap_lora(model)
+        self.ref_model = None
+        if self.reference == "frozen":
+            ref_model.requires_grad_(False).eval()
+            self.ref_model = ref_model.to(self.accelerator.device)
+        self.ref_cache: torch.Tensor | None = None
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameters")
+        model.train()
+        optimizer = self._make_optimizer(trainable)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # The scheduler is stepped by hand once per optimizer step, not prepared: accelerate would
+        # step it once per process, which breaks "two processes == one with the doubled batch".
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, self._lr_lambda)
+        self.global_step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.metrics: list[dict[str, float]] = []
+        self.diagnostics = None
+        if config.diagnostics_every:
+            from mmalign.diagnostics import Diagnostics
+
+            self.diagnostics = Diagnostics(every_n_steps=config.diagnostics_every, value_kind=adapter.value_kind)
+
+    # ---- setup helpers
+
+    def _wrap_lora(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        targets = self.cfg.lora_target_modules or getattr(self.adapter, "lora_target_modules", None) or "all-linear"
+        lcfg = LoraConfig(
+            r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
+            target_modules=targets, init_lora_weights=True,
+        )
+        return get_peft_model(model, lcfg)
+
+    def _make_optimizer(self, params):
+        c = self.cfg
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        if c.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as exc:
+                raise ImportError("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes") from exc
+            return bnb.optim.AdamW8bit(params, lr=c.learning_rate, betas=tuple(c.adam_betas),
+                                       eps=c.adam_eps, weight_decay=c.weight_decay)
+        return torch.optim.AdamW(params, lr=c.learning_rate, betas=tuple(c.adam_betas), eps=c.adam_eps,
+                                 weight_decay=c.weight_decay, foreach=False)
+
+    def total_steps(self) -> int:
+        if self.cfg.max_steps:
+            return self.cfg.max_steps
+        per_epoch = (len(self.dataset) // self.global_batch) // self.cfg.grad_accum
+        return max(1, per_epoch * self.cfg.num_epochs)
+
+    def _lr_lambda(self, step: int) -> float:
+        c = self.cfg
+        if c.warmup_steps and step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        if c.lr_scheduler == "constant":
+            return 1.0
+        total = max(1, self.total_steps() - c.warmup_steps)
+        frac = min(1.0, (step - c.warmup_steps) / total)
+        if c.lr_scheduler == "linear":
+            return 1.0 - frac
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    # ---- data
+
+    def _collate(self, items: list[tuple[int, Any]]) -> dict[str, Any]:
+        batch = self.adapter.collate([p for _, p in items])
+        batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
+        return batch
+
+    def _micro_batches(self) -> Iterator[dict[str, Any]]:
+        """Yield this process's micro-batches from the current data position on, forever by epochs."""
+        rank, bs = self.accelerator.process_index, self.cfg.batch_size
+        indexed = _Indexed(self.dataset)
+        while True:
+            batches = _epoch_batches(len(self.dataset), self.global_batch, self.cfg.seed, self.epoch)
+            usable = len(batches) - len(batches) % self.cfg.grad_accum
+            if usable == 0:
+                raise ValueError(
+                    f"one epoch ({len(self.dataset)} pairs) is shorter than one optimizer step "
+                    f"({self.global_batch} pairs x {self.cfg.grad_accum} accumulation)"
+                )
+            while self.batch_in_epoch < usable:
+                ids = batches[self.batch_in_epoch][rank * bs : (rank + 1) * bs]
+                self.batch_in_epoch += 1
+                yield self._collate([indexed[i] for i in ids])
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    # ---- reference
+
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    @torch.no_grad()
+    def _reference_values(self, batch: dict[str, Any]) -> ChosenRejected | None:
+        if self.reference == "none":
+            return None
+        if self.reference == "precomputed":
+            vals = self.ref_cache[batch["index"].cpu()].to(self.accelerator.device)
+            return ChosenRejected(vals[:, 0], vals[:, 1])
+        if self.reference == "frozen":
+            return self.adapter.logps(self.ref_model, batch).detach()
+        model = self._unwrapped()
+        with model.disable_adapter():
+            was_training = model.training
+            model.eval()
+            out = self.adapter.logps(model, batch).detach()
+            model.train(was_training)
+            return out
+
+    def _precompute_reference(self) -> None:
+        """One pass with the reference before training; cached beside the dataset, keyed by hashes."""
+        folder = self.cfg.ref_cache_dir or getattr(self.dataset, "folder", None) or self.out
+        model = self._unwrapped()
+        key = f"{_hash_model(model)}-{_hash_data(self.dataset)}-{self.adapter.value_kind}"
+        path = Path(folder) / f"ref_logps-{key}.safetensors"
+        if self.accelerator.is_main_process and not path.is_file():
+            from tqdm.auto import tqdm
+
+            values = torch.zeros(len(self.dataset), 2, dtype=torch.float64)
+            indexed = _Indexed(self.dataset)
+            bs = self.cfg.batch_size
+            ctx = model.disable_adapter() if self.cfg.lora_r > 0 else _nullcontext()
+            was_training = model.training
+            model.eval()
+            with ctx, torch.no_grad():
+                for start in tqdm(range(0, len(self.dataset), bs), desc="reference log-probs",
+                                  disable=not self.cfg.progress):
+                    ids = list(range(start, min(start + bs, len(self.dataset))))
+                    batch = _to_device(self._collate([indexed[i] for i in ids]), self.accelerator.device)
+                    batch = self.adapter.prepare(batch, generator=torch.Generator().manual_seed(0))
+                    with self.accelerator.autocast():
+                        out = self.adapter.logps(model, batch)
+                    values[ids, 0] = out.chosen.double().cpu()
+                    values[ids, 1] = out.rejected.double().cpu()
+            model.train(was_training)
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({"values": values.float()}, str(tmp), metadata={"pairs": str(len(self.dataset))})
+            os.replace(tmp, path)
+        self.accelerator.wait_for_everyone()
+        self.ref_cache = load_file(str(path))["values"]
+        self.ref_cache_path = path
+
+    # ---- checkpoints
+
+    def _save_checkpoint(self) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        root = self.out / "checkpoints"
+        final = root / f"step-{self.global_step:08d}"
+        tmp = root / f"step-{self.global_step:08d}.tmp"
+        rng_t, rng_m = _rng_state(self.generator)
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        save_file(rng_t, str(tmp / f"rng_{acc.process_index}.safetensors"))
+        (tmp / f"rng_{acc.process_index}.json").write_text(json.dumps(rng_m))
+        if acc.is_main_process:
+            save_file(_trainable_state(self._unwrapped()), str(tmp / "model.safetensors"))
+            opt_t, opt_m = _optimizer_to_tensors(self.optimizer.optimizer)
+            save_file(opt_t, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(opt_m))
+            state = {
+                "global_step": self.global_step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "num_processes": acc.num_processes,
+                "scheduler": self.scheduler.state_dict(),
+                "config": config_to_dict(self.cfg),
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / "COMPLETE").write_text("ok\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            done = sorted((p for p in root.glob("step-*") if not p.name.endswith(".tmp")),
+                          key=lambda p: int(p.name.split("-")[1]))
+            for old in done[: -self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def _load_checkpoint(self, ckpt: Path) -> None:
+        acc = self.accelerator
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        differ = diff_configs(state["config"], config_to_dict(self.cfg), ignore=RESUMABLE_CHANGES)
+        if differ:
+            raise CheckpointError(f"{ckpt} was written by a different config; fields that differ: " + "; ".join(differ))
+        if state["num_processes"] != acc.num_processes:
+            raise CheckpointError(
+                f"{ckpt} was written by {state['num_processes']} processes, this run has {acc.num_processes}"
+            )
+        weights = load_file(str(ckpt / "model.safetensors"))
+        model = self._unwrapped()
+        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+        missing = sorted(expected - set(weights))
+        if missing:
+            raise CheckpointError(f"{ckpt / 'model.safetensors'} lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in expected:
+                params[name].copy_(weights[name])
+        opt_t = load_file(str(ckpt / "optimizer.safetensors"))
+        opt_m = json.loads((ckpt / "optimizer.json").read_text())
+        self.optimizer.optimizer.load_state_dict(_optimizer_from_tensors(opt_t, opt_m))
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng_path = ckpt / f"rng_{acc.process_index}.safetensors"
+        _set_rng_state(load_file(str(rng_path)), json.loads(rng_path.with_suffix(".json").read_text()), self.generator)
+        self.global_step = state["global_step"]
+        self.epoch = state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.metrics = [m for m in self._read_metrics() if m["step"] <= self.global_step]
+
+    def _read_metrics(self) -> list[dict[str, float]]:
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a killed run
+        return rows
+
+    # ---- one step
+
+    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with self.accelerator.autocast():
+            policy = self.adapter.logps(self.model, batch)
+            ref = self._reference_values(batch)
+        self._last_policy = policy
+        return compute_loss(self.cfg, policy, ref, batch.get("weight"), self.value_name)
+
+    def run(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        acc, cfg = self.accelerator, self.cfg
+        if cfg.resume:
+            ckpt = latest_checkpoint(self.out)
+            if ckpt is not None:
+                self._load_checkpoint(ckpt)
+                acc.print(f"resumed from {ckpt} at step {self.global_step}")
+        if self.reference == "precomputed":
+            self._precompute_reference()
+        if acc.is_main_process:
+            from mmalign.config import save_config
+
+            save_config(cfg, self.out / "config.yaml")
+        acc.init_trackers("mmalign", config={k: str(v) for k, v in config_to_dict(cfg).items()})
+        total = self.total_steps()
+        bar = tqdm(total=total, initial=self.global_step, desc=f"train {cfg.loss}",
+                   disable=not (cfg.progress and acc.is_local_main_process))
+        metrics_file = self.out / "metrics.jsonl"
+        if acc.is_main_process:
+            # Rewrite the metrics to what the resumed checkpoint had seen: no duplicated steps.
+            _atomic_write_text(metrics_file, "".join(json.dumps(m) + "\n" for m in self.metrics))
+        sums: dict[str, torch.Tensor] = {}
+        n_micro = 0
+        t0 = time.perf_counter()
+        final_ckpt = None
+        batches = self._micro_batches()
+        while self.global_step < total:
+            batch = next(batches)
+            with acc.accumulate(self.model):
+                batch = self.adapter.prepare(batch, generator=self.generator)
+                batch = _to_device(batch, acc.device)
+                loss, stats = self._loss(batch)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at optimizer step {self.global_step} (epoch {self.epoch}, "
+                        f"micro-batch {self.batch_in_epoch}); stopping. The last good checkpoint is "
+                        f"{latest_checkpoint(self.out)}. Lower the learning rate or beta, or check the data."
+                    )
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            n_micro += 1
+            if not acc.sync_gradients:
+                continue
+            self.scheduler.step()
+            self.global_step += 1
+            bar.update(1)
+            row = {k: acc.reduce(v / n_micro, reduction="mean").item() for k, v in sums.items()}
+            row["lr"] = self.scheduler.get_last_lr()[0]
+            row["step"] = self.global_step
+            row["seconds"] = time.perf_counter() - t0
+            if self.diagnostics is not None and self.global_step % cfg.diagnostics_every == 0:
+                row.update(self.diagnostics.compute(self._unwrapped(), self._last_policy, step=self.global_step,
+                                                    adapter=self.adapter, batch=batch))
+            sums, n_micro = {}, 0
+            self.metrics.append(row)
+            if acc.is_main_process and self.global_step % cfg.log_every == 0:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            acc.log({k: v for k, v in row.items() if k != "step"}, step=self.global_step)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+            for cb in self.callbacks:
+                cb(StepInfo(self.global_step, row, self._unwrapped(), acc))
+            if cfg.save_every and self.global_step % cfg.save_every == 0:
+                final_ckpt = self._save_checkpoint()
+        bar.close()
+        if final_ckpt is None or not final_ckpt.name.endswith(f"{self.global_step:08d}"):
+            final_ckpt = self._save_checkpoint()
+        acc.end_training()
+        if cfg.plot and acc.is_main_process and self.metrics:
+            plot_metrics(metrics_file)
+        return TrainResult(self.global_step, self.out, final_ckpt, self.metrics, self._unwrapped())
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def train(
+    model: torch.nn.Module,
+    adapter: Adapter,
+    dataset: Sequence[Any],
+    config: TrainConfig,
+    *,
+    ref_model: torch.nn.Module | None = None,
+    callbacks: Sequence[Callable[[StepInfo], None]] = (),
+) -> TrainResult:
+    """Train ``model`` on preference pairs; see the module docstring for the steps.
+
+    Args:
+        model: the policy (a HF model, a diffusers UNet/transformer, any ``nn.Module`` the adapter runs).
+        adapter: turns pairs into per-pair values (``mmalign.adapter.Adapter``).
+        dataset: a sequence of pairs (``PreferencePair`` or whatever the adapter collates).
+        config: the run's ``TrainConfig``.
+        ref_model: the reference for ``reference='frozen'``; default: a deep copy of ``model``.
+        callbacks: called after every optimizer step with a ``StepInfo`` (e.g. PSO's online sampling).
+    """
+    return _Engine(model, adapter, dataset, config, ref_model, callbacks).run()

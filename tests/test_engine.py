@@ -1,0 +1,287 @@
+"""Tests of the training loop itself, on the tiny causal LM and toy colour pairs."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mmalign.adapter import ChosenRejected
+from mmalign.engine import (
+    CheckpointError,
+    NonFiniteLossError,
+    TrainConfig,
+    evaluate,
+    latest_checkpoint,
+    train,
+)
+from mmalign.text import CausalLMAdapter
+from mmalign.tiny import cached_tiny
+from mmalign.toy import colour_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = ROOT / "tests" / "engine_child.py"
+
+
+@pytest.fixture(scope="module")
+def lm_path() -> Path:
+    return cached_tiny("causal_lm")
+
+
+@pytest.fixture()
+def lm(lm_path):
+    tok = AutoTokenizer.from_pretrained(lm_path)
+    model = AutoModelForCausalLM.from_pretrained(lm_path)
+    return model, CausalLMAdapter(tok, max_length=32)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return colour_pairs(seed=0)
+
+
+def _cfg(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=4, learning_rate=1e-3,
+                trackers=[], progress=False, plot=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_every_trainable_parameter_changes_and_frozen_do_not(tmp_path, lm, pairs):
+    model, adapter = lm
+    model.model.embed_tokens.weight.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = train(model, adapter, pairs[0][:8], _cfg(tmp_path))
+    after = dict(res.model.named_parameters())
+    for name, p in after.items():
+        if name == "model.embed_tokens.weight":
+            assert torch.equal(p, before[name]), "a frozen parameter moved"
+        else:
+            assert not torch.equal(p, before[name]), f"{name} did not change after one step"
+
+
+def test_lora_trains_only_adapters_and_reference_is_lora_disabled(tmp_path, lm, pairs):
+    model, adapter = lm
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = train(model, adapter, pairs[0][:8], _cfg(tmp_path, lora_r=4, lora_alpha=8, max_steps=2))
+    assert res.metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # LoRA B=0: policy == reference
+    changed = [n for n, p in res.model.named_parameters() if "lora_" in n and p.requires_grad]
+    assert changed
+    for n, p in res.model.named_parameters():
+        if "lora_" not in n:
+            key = n.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p, base[key]), f"base weight {n} moved under LoRA"
+
+
+def test_batch4_equals_batch1_times_accum4(tmp_path, lm_path, pairs):
+    tok = AutoTokenizer.from_pretrained(lm_path)
+    results = []
+    for bs, ga in ((4, 1), (1, 4)):
+        model = AutoModelForCausalLM.from_pretrained(lm_path)
+        res = train(model, CausalLMAdapter(tok, max_length=32), pairs[0][:8],
+                    _cfg(tmp_path / f"{bs}x{ga}", batch_size=bs, grad_accum=ga, optimizer="sgd", learning_rate=0.5))
+        results.append(dict(res.model.named_parameters()))
+    moved = 0
+    for name, p in results[0].items():
+        torch.testing.assert_close(p, results[1][name], atol=2e-6, rtol=1e-5)
+        moved += 1
+    assert moved > 0
+
+
+def test_dpo_learns_held_out_preference(tmp_path, lm, pairs):
+    """DPO on the colour-copy rule: held-out (unseen colour/object combinations) accuracy > 0.9."""
+    model, adapter = lm
+    ref = copy.deepcopy(model)
+    train_pairs, held_out = pairs
+    before = evaluate(model, adapter, held_out, ref_model=ref)
+    res = train(model, adapter, train_pairs,
+                _cfg(tmp_path, max_steps=120, batch_size=8, learning_rate=3e-3, loss_kwargs={"beta": 0.1}))
+    after = evaluate(res.model, adapter, held_out, ref_model=ref)
+    assert before["rewards/accuracies"] == 0.0  # policy == reference: no pair is ranked yet
+    assert after["rewards/accuracies"] > 0.9, after
+    assert after["rewards/margins"] > 0
+
+
+def test_precomputed_reference_matches_frozen_and_is_cached(tmp_path, lm_path, pairs):
+    tok = AutoTokenizer.from_pretrained(lm_path)
+    losses = {}
+    for mode in ("frozen", "precomputed"):
+        model = AutoModelForCausalLM.from_pretrained(lm_path)
+        res = train(model, CausalLMAdapter(tok, max_length=32), pairs[0][:16],
+                    _cfg(tmp_path / mode, reference=mode, max_steps=3, ref_cache_dir=str(tmp_path / "cache")))
+        losses[mode] = [m["loss"] for m in res.metrics]
+    assert losses["frozen"] == pytest.approx(losses["precomputed"], abs=1e-5)
+    cached = list((tmp_path / "cache").glob("ref_logps-*.safetensors"))
+    assert len(cached) == 1
+    values = load_file(str(cached[0]))["values"]
+    assert values.shape == (16, 2) and torch.isfinite(values).all()
+
+
+def test_metrics_jsonl_and_plot(tmp_path, lm, pairs):
+    model, adapter = lm
+    res = train(model, adapter, pairs[0][:8], _cfg(tmp_path, max_steps=3, plot=True))
+    lines = (res.output_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected"):
+        assert key in res.metrics[-1]
+    png = res.output_dir / "metrics.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tensorboard_tracker_writes_events(tmp_path, lm, pairs):
+    pytest.importorskip("tensorboard")
+    model, adapter = lm
+    res = train(model, adapter, pairs[0][:8], _cfg(tmp_path, max_steps=2, trackers=["tensorboard"]))
+    assert list(res.output_dir.rglob("events.out.tfevents.*"))
+
+
+class _NaNAfter:
+    """Wraps an adapter and returns NaN log-probs from call ``n`` on."""
+
+    def __init__(self, inner, n: int) -> None:
+        self.inner, self.n, self.calls = inner, n, 0
+        self.value_kind = inner.value_kind
+
+    def collate(self, pairs):
+        return self.inner.collate(pairs)
+
+    def prepare(self, batch, *, generator):
+        return batch
+
+    def logps(self, model, batch):
+        out = self.inner.logps(model, batch)
+        if model.training:
+            self.calls += 1
+            if self.calls >= self.n:
+                return ChosenRejected(out.chosen * float("nan"), out.rejected, out.chosen_tokens, out.rejected_tokens)
+        return out
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, lm, pairs):
+    model, adapter = lm
+    cfg = _cfg(tmp_path, max_steps=10, save_every=1)
+    with pytest.raises(NonFiniteLossError, match="loss is nan at optimizer step 3"):
+        train(model, _NaNAfter(adapter, 4), pairs[0][:16], cfg)
+    ckpt = latest_checkpoint(cfg.output_dir)
+    assert ckpt is not None and ckpt.name == "step-00000003"
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_bad_inputs_fail_before_compute(tmp_path, lm, pairs):
+    model, adapter = lm
+    with pytest.raises(ValueError, match="unknown loss 'dpoo'"):
+        _cfg(tmp_path, loss="dpoo")
+    with pytest.raises(ValueError, match="empty"):
+        train(model, adapter, [], _cfg(tmp_path))
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        ChosenRejected(torch.zeros(2), torch.zeros(3))
+    with pytest.raises(ValueError, match="lora_disabled"):
+        _cfg(tmp_path, reference="lora_disabled")
+    with pytest.raises(TypeError, match="Adapter protocol"):
+        train(model, object(), pairs[0][:8], _cfg(tmp_path))
+
+
+def test_resume_rejects_other_config_and_missing_tensors(tmp_path, lm_path, pairs):
+    tok = AutoTokenizer.from_pretrained(lm_path)
+    adapter = CausalLMAdapter(tok, max_length=32)
+    cfg = _cfg(tmp_path, max_steps=2, save_every=1)
+    train(AutoModelForCausalLM.from_pretrained(lm_path), adapter, pairs[0][:8], cfg)
+    other = _cfg(tmp_path, max_steps=4, learning_rate=5e-4, loss_kwargs={"beta": 0.2}, resume=True)
+    with pytest.raises(CheckpointError, match=r"learning_rate: 0.001 != 0.0005.*|loss_kwargs"):
+        train(AutoModelForCausalLM.from_pretrained(lm_path), adapter, pairs[0][:8], other)
+    ckpt = latest_checkpoint(cfg.output_dir)
+    weights = load_file(str(ckpt / "model.safetensors"))
+    weights.pop("lm_head.weight")
+    save_file(weights, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="lacks 1 tensor.*lm_head.weight"):
+        train(AutoModelForCausalLM.from_pretrained(lm_path), adapter, pairs[0][:8],
+              _cfg(tmp_path, max_steps=4, save_every=1, resume=True))
+
+
+def _run_child(args: list[str], **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(CHILD), *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(latest_checkpoint(out) / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bitwise_equal(tmp_path):
+    """Kill a training child with SIGKILL at a random step, resume, compare to an uninterrupted run."""
+    steps = 8
+    full = _run_child([str(tmp_path / "full"), str(steps), "2", "2"])
+    assert full.wait(timeout=600) == 0, full.stdout.read().decode()[-3000:]
+
+    kill_after = random.Random(os.getpid()).randint(2, steps - 2)
+    out = tmp_path / "killed"
+    child = _run_child([str(out), str(steps), "2", "2", "--sleep", "0.3"])
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        ckpt = latest_checkpoint(out)
+        if ckpt is not None and int(ckpt.name.split("-")[1]) >= kill_after:
+            break
+        if child.poll() is not None:
+            pytest.fail("child ended before it could be killed: " + child.stdout.read().decode()[-2000:])
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    killed_at = int(latest_checkpoint(out).name.split("-")[1])
+    assert killed_at < steps, "the child finished before the kill"
+    resumed = _run_child([str(out), str(steps), "2", "2", "--resume"])
+    log = resumed.communicate(timeout=600)[0].decode()
+    assert resumed.returncode == 0, log[-3000:]
+    assert "resumed from" in log
+    a, b = _final_weights(tmp_path / "full"), _final_weights(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume (killed after step {killed_at})"
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_with_doubled_batch(tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` on the CPU (MULTI_CPU, gloo)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                str(29500 + os.getpid() % 1000)]
+    dist = subprocess.run([*launcher, str(CHILD), str(tmp_path / "ddp"), "3", "2", "1"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert dist.returncode == 0, dist.stdout[-2000:] + dist.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(CHILD), str(tmp_path / "one"), "3", "4", "1"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    state = (latest_checkpoint(tmp_path / "ddp") / "trainer_state.json").read_text()
+    assert '"num_processes": 2' in state
+    a, b = _final_weights(tmp_path / "ddp"), _final_weights(tmp_path / "one")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+    start = load_file(str(Path(cached_tiny("causal_lm")) / "model.safetensors"))
+    assert not torch.equal(a["lm_head.weight"], start["lm_head.weight"])
+
+
+def test_diagnostics_during_training(tmp_path, lm_path, pairs):
+    tok = AutoTokenizer.from_pretrained(lm_path)
+    model = AutoModelForCausalLM.from_pretrained(lm_path)
+    adapter = CausalLMAdapter(tok, max_length=32, output_hidden=True)
+    res = train(model, adapter, pairs[0][:8], _cfg(tmp_path, max_steps=2, diagnostics_every=2))
+    assert "diag/ches_mean" not in res.metrics[0]
+    row = res.metrics[1]
+    for key in ("diag/ches_mean", "diag/grad_cosine", "diag/topk_mass", "diag/topk_entropy"):
+        assert key in row and row[key] == row[key], key  # present and not NaN
+    assert -1.0 <= row["diag/grad_cosine"] <= 1.0
+    assert 0.0 < row["diag/topk_mass"] <= 1.0
