@@ -1,0 +1,21 @@
+"""Preference-optimise a vision-language model: ``python scripts/train_vlm.py --config c.yaml [--flag v ...]``.
+
+Multi-GPU / multi-node: ``accelerate launch scripts/train_vlm.py --config ...``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mmalign.config import load_config
+from vision.train import VLMTrainConfig, run
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = load_config(VLMTrainConfig, argv, description=__doc__)
+    result = run(config)
+    print(result)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

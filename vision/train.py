@@ -1,0 +1,93 @@
+"""Glue: load a VLM and its processor, build the adapter and dataset, call the engine.
+
+``run(VLMTrainConfig(...))`` is what ``scripts/train_vlm.py`` calls. Models load through
+``AutoModelForImageTextToText`` / ``AutoProcessor`` from a local folder or a hub name, with
+``trust_remote_code=False`` unless the config turns it on, and weights from safetensors only
+(``use_safetensors=True``: a checkpoint with only pickle ``.bin`` weights is refused).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.engine import TrainConfig
+
+__all__ = ["VLMTrainConfig", "load_vlm", "run"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class VLMTrainConfig:
+    """Preference optimisation of a vision-language model (every field a CLI flag and a YAML key)."""
+
+    model: str = field(default="", metadata=_help("model folder or hub name (AutoModelForImageTextToText)"))
+    data: str = field(default="", metadata=_help("pair dataset folder, or a TRL file/folder with data_format=trl"))
+    data_format: str = field(default="pairs", metadata=_help("pairs (our folder) | trl (converted first)"))
+    trust_remote_code: bool = field(default=False, metadata=_help("allow the checkpoint's own Python code"))
+    dtype: str = field(default="float32", metadata=_help("float32 | bfloat16 | float16 weights"))
+    max_length: int | None = field(default=2048, metadata=_help("max tokens per row (image tokens are never cut)"))
+    truncation: str = field(default="response", metadata=_help("response (cut the response) | drop (drop the pair)"))
+    share_image_encoding: bool = field(default=True, metadata=_help("encode a pair's shared image once"))
+    system_prompt: str | None = field(default=None, metadata=_help("system message for every prompt"))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=_help("engine settings"))
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("VLMTrainConfig.model is required (a model folder or name)")
+        if not self.data:
+            raise ValueError("VLMTrainConfig.data is required (a pair dataset folder)")
+        if self.data_format not in ("pairs", "trl"):
+            raise ValueError(f"VLMTrainConfig.data_format must be 'pairs' or 'trl', got {self.data_format!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"VLMTrainConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.truncation not in ("response", "drop"):
+            raise ValueError(f"VLMTrainConfig.truncation must be 'response' or 'drop', got {self.truncation!r}")
+
+
+def load_vlm(
+    name_or_path: str | Path, *, trust_remote_code: bool = False, dtype: str = "float32"
+) -> tuple[torch.nn.Module, Any]:
+    """``(model, processor)`` from a folder or name; safetensors weights only, remote code off by default."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(name_or_path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=_DTYPES[dtype]
+    )
+    return model, processor
+
+
+def run(config: VLMTrainConfig) -> Any:
+    """Train ``config.model`` on ``config.data`` with the engine; returns its ``TrainResult``."""
+    from mmalign.engine import train
+    from mmalign.pairs import PairDataset, from_trl
+    from vision.adapter import VLMAdapter
+
+    data = Path(config.data)
+    if config.data_format == "trl":
+        converted = Path(config.train.output_dir) / "pairs_from_trl"
+        if not (converted / "pairs.jsonl").exists():
+            from_trl(str(data), converted)
+        data = converted
+    model, processor = load_vlm(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype)
+    adapter = VLMAdapter(
+        processor, media_root=data, max_length=config.max_length, truncation=config.truncation,
+        share_image_encoding=config.share_image_encoding, system_prompt=config.system_prompt,
+    )
+    adapter.check_model(model)
+    dataset = PairDataset(data)
+    kept, dropped = adapter.filter_pairs(dataset.pairs)
+    if dropped:
+        print(f"vision.train: dropped {sum(dropped.values())} of {len(dataset)} pairs: {dict(dropped)}")
+    if not kept:
+        raise ValueError(f"no pair of {data} fits max_length={config.max_length}")
+    return train(model, adapter, PairDataset(kept, root=data), config.train)
