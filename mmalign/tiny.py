@@ -16,7 +16,8 @@ Shapes other code relies on (all CPU-fast, forward passes in milliseconds):
   ``max_pixels = 112*112`` so an image becomes 4 to 16 image tokens (a square photo: 112x112 -> 16).
 * Stable Diffusion (1.x style): 32x32 images, VAE downscale 2 -> 4x16x16 latents; text 16 tokens x 32.
 * SDXL: 32x32 images, 4x16x16 latents; two text encoders (32 + 32 hidden -> 64 cross-attention dim).
-* SD3: 32x32 images, VAE downscale 2 -> 4x16x16 latents, transformer patch 2.
+* SD3: 32x32 images, VAE downscale 2 -> 16x16x16 latents (16 channels), transformer patch 2 -> 64 tokens;
+  text: two CLIP encoders + a tiny T5 (pass ``max_sequence_length=8`` to sample fast).
 * open_clip: 32x32 images, patch 8, embedding dim 32, context length 16.
 """
 

@@ -370,3 +370,19 @@ def test_open_clip_roundtrip(tmp_path: Path) -> None:
     assert preprocess(_photo(48, 64)).shape == (3, 32, 32)
     with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
         tiny.load_tiny_open_clip(tmp_path)
+
+
+def test_import_is_light_and_bad_out_dir_is_clear(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mmalign.tiny\n"
+        "heavy = [m for m in ('open_clip', 'diffusers', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    not_a_dir = tmp_path / "file.txt"
+    not_a_dir.write_text("x")
+    with pytest.raises(NotADirectoryError, match="file.txt"):
+        tiny.make_tiny_causal_lm(not_a_dir)
