@@ -2,4 +2,24 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from diffusion.adapter import DiffusionAdapter, detect_architecture, drop_ties
+from diffusion.cache import LatentCache, build_cache
+from diffusion.pso import OnlinePSO, few_step_scheduler, make_pso_pairs, sample_images
+from diffusion.train import DiffusionRunResult, DiffusionTrainConfig, load_pipeline, run, save_lora
+
+__all__ = [
+    "DiffusionAdapter",
+    "DiffusionRunResult",
+    "DiffusionTrainConfig",
+    "LatentCache",
+    "OnlinePSO",
+    "build_cache",
+    "detect_architecture",
+    "drop_ties",
+    "few_step_scheduler",
+    "load_pipeline",
+    "make_pso_pairs",
+    "run",
+    "sample_images",
+    "save_lora",
+]

@@ -102,8 +102,10 @@ def sample_images(
             generators = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
             # noise drawn on the CPU from per-image generators, then moved: same images on any device
             latents = _initial_latents(pipeline, len(chunk), resolution, generators).to(device)
+            # the generators also seed stochastic samplers' per-step noise (DDPM, Euler ancestral)
             out = pipeline(
                 prompt=chunk,
+                generator=generators,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 latents=latents,

@@ -153,8 +153,9 @@ class DiffusionTrainConfig:
             self.pretrained = self.tiny_pretrained
             self.resolution = None
             self.grid_steps = min(self.grid_steps, 2)
-            if not torch.cuda.is_available():
-                self.train = dataclasses.replace(self.train, mixed_precision="no")
+            if not torch.cuda.is_available():  # half precision on CPU is slow or unsupported
+                self.frozen_dtype = "float32"
+                self.train = dataclasses.replace(self.train, mixed_precision="no", gradient_checkpointing=False)
         # the objective decides the engine's loss and its hyperparameters
         beta = self.beta if self.beta is not None else _DEFAULT_BETA[self.objective]
         loss_kwargs: dict[str, Any] = {"beta": beta}
