@@ -15,9 +15,11 @@ The sampler ``G`` is ours, written for differentiation (``pipe.__call__`` runs u
 deterministic x0-prediction update, then the VAE decode.
 
 * UNet pipelines (SD 1.x/2.x, SD-Turbo, SDXL/SDXL-Turbo with ``text_time`` conditioning):
-  variance-preserving DDIM (eta = 0) on the scheduler's ``alphas_cumprod``. ``z`` *is* ``x_T``,
-  which is what SD-Turbo's Euler pipeline feeds its UNet after ``scale_model_input``; one step
-  gives ``x0 = (z - sqrt(1 - abar_T) * eps) / sqrt(abar_T)``, equal to one Euler step to sigma 0.
+  variance-preserving DDIM (eta = 0) on the scheduler's ``alphas_cumprod``, starting from
+  ``x_T = sqrt(1 - abar_T) * z``, which is what SD-Turbo's Euler pipeline (trailing spacing,
+  ``init_noise_sigma = sigma_max``) feeds its UNet after ``scale_model_input``; one step gives
+  ``x0 = (x_T - sqrt(1 - abar_T) * eps) / sqrt(abar_T)``, one Euler step to sigma 0, and the
+  deterministic DDIM update equals the Euler update for more steps (tested against the pipeline).
   Timesteps use the trailing spacing (``999``; ``999, 499``; ...), whatever the scheduler's
   ``timestep_spacing``: sampling from pure noise needs the first step at ``T - 1``.
   ``epsilon``, ``v_prediction`` and ``sample`` prediction types are converted exactly.
@@ -267,6 +269,8 @@ class NoiseSampler:
     def latents_to_x0(self, z: Tensor) -> Tensor:
         """Run the 1-4 denoising steps from ``z`` (= ``x_T``) to the clean latent ``(B, C, h, w)``."""
         x = z.to(self.dtype)
+        if not self.flow:  # x_T = sqrt(1 - abar_T) * z: the noise part of x_T, as diffusers' Euler pipelines start
+            x = x * self.sigmas_vp[0]
         n = len(self.timesteps)
         for i in range(n):
             out = self._denoise(x, self.timesteps[i])

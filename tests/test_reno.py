@@ -1,0 +1,251 @@
+"""Tests for diffusion.reno: the differentiable sampler, the noise optimisation loop and its bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from diffusion.reno import NoiseSampler, ReNOResult, noise_norm_penalty, optimize_noise
+from mmalign.rewards import CallableReward, ClipScore, WeightedRewards
+from mmalign.tiny import cached_tiny
+
+PROMPTS8 = [
+    "a red apple", "a blue car", "a green field", "a cat on a mat",
+    "a sunset over the sea", "a city at night", "a bowl of soup", "an old castle",
+]
+
+
+def _redness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Mean of R - (G + B) / 2 over the image, (B,)."""
+    return (images[:, 0] - (images[:, 1] + images[:, 2]) / 2).mean((1, 2))
+
+
+REDNESS = CallableReward(_redness, "redness")
+
+
+def _load(name: str, **kw: Any) -> Any:
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}[name]
+    pipe = cls.from_pretrained(cached_tiny(name, **kw))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd_pipe() -> Any:
+    return _load("sd", scheduler="euler")
+
+
+# ---------------------------------------------------------------------------------------------- regulariser
+
+
+def test_noise_norm_penalty_hand_value() -> None:
+    """z = (1, 1, 1, 1): ||z|| = 2, d = 4: 0.5 * 4 - 3 * ln 2 = 2 - 2.0794415 = -0.0794415."""
+    z = torch.ones(1, 4, dtype=torch.float16)
+    out = noise_norm_penalty(z)
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(2 - 3 * math.log(2), abs=1e-6)
+    assert out.item() == pytest.approx(-0.0794415, abs=1e-6)
+
+
+def test_noise_norm_penalty_minimum_on_the_shell() -> None:
+    """Minimised at ||z|| = sqrt(d - 1): radius sqrt(3) beats 1.5 and 2.0 for d = 4; per-sample output."""
+    direction = torch.ones(1, 4) / 2
+    radii = torch.tensor([1.5, math.sqrt(3), 2.0]).view(3, 1)
+    values = noise_norm_penalty(direction * radii)
+    assert values.shape == (3,)
+    assert values.argmin().item() == 1
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_sampler_matches_the_diffusers_pipeline(sd_pipe: Any, steps: int) -> None:
+    """Our differentiable sampler gives the latent the (no-grad) pipeline gives from the same noise."""
+    sampler = NoiseSampler(sd_pipe, ["a red cat"], num_inference_steps=steps)
+    z = torch.randn(1, *sampler.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = sampler.latents_to_x0(z)
+        ref = sd_pipe("a red cat", num_inference_steps=steps, guidance_scale=0.0, latents=z,
+                      output_type="latent").images
+    torch.testing.assert_close(ours, ref, atol=1e-3, rtol=1e-4)
+
+
+def test_sampler_sd3_flow_matches_pipeline_and_has_gradient() -> None:
+    pipe = _load("sd3")
+    kw = {"max_sequence_length": 8}
+    sampler = NoiseSampler(pipe, ["a red cat"], num_inference_steps=2, encode_kwargs=kw)
+    assert sampler.kind == "sd3" and sampler.latent_shape == (16, 16, 16)
+    z = torch.randn(1, *sampler.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = pipe("a red cat", num_inference_steps=2, guidance_scale=0.0, latents=z, output_type="latent",
+                   max_sequence_length=8).images
+        torch.testing.assert_close(sampler.latents_to_x0(z), ref, atol=1e-4, rtol=1e-4)
+    res = optimize_noise(pipe, "a red cat", REDNESS, steps=1, num_inference_steps=2, encode_kwargs=kw,
+                         progress=False)
+    assert not torch.equal(res.final_latents, res.initial_latents)
+
+
+def test_sdxl_added_conditioning_and_gradient() -> None:
+    pipe = _load("sdxl")
+    sampler = NoiseSampler(pipe, ["a", "b"])
+    assert sampler.kind == "sdxl"
+    assert sampler.cond["added_cond_kwargs"]["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 2
+    z = torch.randn(2, *sampler.latent_shape, requires_grad=True)
+    _redness(sampler(z), ["a", "b"]).sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------- toy evidence
+
+
+def test_redness_rises_on_every_prompt(sd_pipe: Any) -> None:
+    """Toy evidence at 16x16 px, 8 prompts, 10 updates (the 8 x 50 run at 32x32 is in scripts/bench_reno.py)."""
+    res = optimize_noise(sd_pipe, PROMPTS8, REDNESS, steps=10, height=16, width=16, progress=False)
+    assert isinstance(res, ReNOResult)
+    assert res.rewards.shape == (11, 8) and res.reward_scores["redness"].shape == (11, 8)
+    assert (res.best_rewards > res.initial_rewards).all(), (res.initial_rewards, res.best_rewards)
+    assert (res.rewards[-1] > res.rewards[0]).all()
+    # the kept image is the best one seen, and it is the image its latent makes
+    rows = res.rewards[res.best_iteration, torch.arange(8)]
+    torch.testing.assert_close(rows, res.best_rewards)
+    torch.testing.assert_close(res.best_rewards, _redness(res.image_tensors, PROMPTS8), atol=1e-5, rtol=1e-4)
+    assert len(res.images) == 8 and res.images[0].size == (16, 16)
+    assert res.iteration_times.shape == (10,) and (res.iteration_times > 0).all()
+    assert res.nan_skipped.tolist() == [0] * 8
+
+
+def test_generator_is_frozen_and_restored(sd_pipe: Any) -> None:
+    sd_pipe.unet.train()
+    before = [p.requires_grad for p in sd_pipe.unet.parameters()]
+    res = optimize_noise(sd_pipe, "a red apple", REDNESS, steps=2, height=16, width=16, progress=False,
+                         gradient_checkpointing=True, vae_checkpointing=True)
+    assert all(p.grad is None for p in sd_pipe.unet.parameters())
+    assert all(p.grad is None for p in sd_pipe.vae.parameters())
+    assert [p.requires_grad for p in sd_pipe.unet.parameters()] == before
+    assert sd_pipe.unet.training and not sd_pipe.unet.is_gradient_checkpointing
+    assert not sd_pipe.vae.is_gradient_checkpointing
+    sd_pipe.unet.eval()
+    assert res.final_latents.shape == (1, 4, 8, 8)
+
+
+def test_checkpointing_gives_the_same_updates(sd_pipe: Any) -> None:
+    kw = dict(steps=2, height=16, width=16, progress=False)
+    plain = optimize_noise(sd_pipe, ["a red apple"], REDNESS, **kw)
+    ckpt = optimize_noise(sd_pipe, ["a red apple"], REDNESS, gradient_checkpointing=True, vae_checkpointing=True,
+                          **kw)
+    torch.testing.assert_close(ckpt.final_latents, plain.final_latents, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_equals_prompts_one_by_one(sd_pipe: Any) -> None:
+    """Per-prompt seeds (seed + i), per-prompt gradient clipping: a batch of 2 equals two single runs."""
+    kw = dict(steps=2, height=16, width=16, progress=False)
+    both = optimize_noise(sd_pipe, ["a red apple", "a blue car"], REDNESS, **kw)
+    first = optimize_noise(sd_pipe, ["a red apple"], REDNESS, seed=0, **kw)
+    second = optimize_noise(sd_pipe, ["a blue car"], REDNESS, seed=1, **kw)
+    torch.testing.assert_close(both.final_latents[0], first.final_latents[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(both.final_latents[1], second.final_latents[0], atol=1e-4, rtol=1e-4)
+
+
+def test_update_size_is_clipped(sd_pipe: Any) -> None:
+    """First SGD step with empty momentum: Nesterov update = lr * (g + 0.9 g) = 1.9 * lr * g, and
+    ||g|| = 0.1 after clipping (the gradient of 1000 * redness is about 6), so ||dz|| = 1.9 * 5 * 0.1 = 0.95."""
+    strong = CallableReward(lambda images, prompts: 1000 * _redness(images, prompts), "redness1000")
+    res = optimize_noise(sd_pipe, "a red apple", strong, steps=1, reg_weight=0.0, height=16, width=16,
+                         progress=False)
+    assert res.extras["kind"] == "sd"
+    step = (res.final_latents - res.initial_latents).flatten().norm().item()
+    assert step == pytest.approx(0.95, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- tiny CLIP reward
+
+
+def test_clip_reward_gradient_reaches_the_latent(sd_pipe: Any, tmp_path: Path) -> None:
+    open_clip = pytest.importorskip("open_clip")
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**cfg)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    save_file(model.state_dict(), str(tmp_path / "open_clip_model.safetensors"))
+    clip = ClipScore(pretrained=tmp_path, weight=1.0)
+    sampler = NoiseSampler(sd_pipe, ["a red apple", "a blue car"], height=16, width=16)
+    z = torch.randn(2, *sampler.latent_shape, requires_grad=True)
+    clip.loss(sampler(z), ["a red apple", "a blue car"]).sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+    assert (z.grad.flatten(1).norm(dim=1) > 0).all()
+    res = optimize_noise(sd_pipe, ["a red apple", "a blue car"], [(clip, 1.0), (REDNESS, 10.0)], steps=2,
+                         height=16, width=16, progress=False)
+    assert set(res.reward_scores) == {"clip", "redness"}
+    total = -(1.0 * (100 - res.reward_scores["clip"]) + 10.0 * -res.reward_scores["redness"])
+    torch.testing.assert_close(res.rewards, total, atol=1e-4, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_rejected(sd_pipe: Any, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="reward list is empty"):
+        optimize_noise(sd_pipe, "a cat", [], steps=1, progress=False)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        optimize_noise(sd_pipe, ["a cat", "  "], REDNESS, steps=1, progress=False)
+    with pytest.raises(ValueError, match="prompt list is empty"):
+        optimize_noise(sd_pipe, [], REDNESS, steps=1, progress=False)
+    with pytest.raises(FileNotFoundError, match="clip_weights.safetensors"):
+        optimize_noise(sd_pipe, "a cat", ClipScore("ViT-B-32", tmp_path / "clip_weights.safetensors"))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        optimize_noise(sd_pipe, "a cat", REDNESS, height=17, width=16, progress=False)
+    with pytest.raises(ValueError, match="optimizer"):
+        optimize_noise(sd_pipe, "a cat", REDNESS, optimizer="lbfgs", progress=False)
+
+
+def test_pipeline_without_latents_is_rejected() -> None:
+    class TextOnly:
+        def __call__(self, prompt: str) -> str:
+            return prompt
+
+    with pytest.raises(ValueError, match=r"TextOnly cannot take latents: it lacks unet or transformer, vae"):
+        optimize_noise(TextOnly(), "a cat", REDNESS, progress=False)
+
+
+def test_nan_gradient_skips_the_update_for_that_prompt_only(sd_pipe: Any) -> None:
+    """The reward of prompt 0 turns NaN on its 2nd call (iteration 1): that update is skipped for prompt 0
+    (counted once, latent and momentum restored, so iteration 2 redraws the iteration-1 image), prompt 1
+    goes on, and the NaN never becomes the best."""
+    calls = {"n": 0}
+
+    def flaky(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        calls["n"] += 1
+        score = _redness(images, prompts)
+        if calls["n"] == 2:
+            score = score * torch.tensor([math.nan, 1.0])
+        return score
+
+    res = optimize_noise(sd_pipe, ["a red apple", "a blue car"], CallableReward(flaky, "flaky"), steps=3,
+                         height=16, width=16, progress=False)
+    assert res.nan_skipped.tolist() == [1, 0]
+    assert math.isnan(res.rewards[1, 0].item()) and torch.isfinite(res.rewards[:, 1]).all()
+    assert res.best_iteration[0].item() != 1 and torch.isfinite(res.best_rewards).all()
+    # prompt 0 made updates at iterations 0 and 2 only: the same two updates as a clean 2-step run
+    clean = optimize_noise(sd_pipe, ["a red apple", "a blue car"], REDNESS, steps=2, height=16, width=16,
+                           progress=False)
+    assert res.rewards[2, 0].item() == pytest.approx(clean.rewards[1, 0].item(), rel=1e-5)
+    torch.testing.assert_close(res.final_latents[0], clean.final_latents[0], atol=1e-5, rtol=1e-5)
+
+
+def test_weighted_rewards_object_is_accepted(sd_pipe: Any) -> None:
+    res = optimize_noise(sd_pipe, "a red apple", WeightedRewards([(REDNESS, 2.0)]), steps=0, height=16,
+                         width=16, progress=False)
+    assert res.rewards.shape == (1, 1) and res.iteration_times.numel() == 0
+    torch.testing.assert_close(res.rewards[0], 2.0 * res.reward_scores["redness"][0])
