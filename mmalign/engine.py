@@ -140,7 +140,7 @@ class TrainConfig:
         if self.reference == "lora_disabled" and self.lora_r == 0:
             raise ValueError("reference='lora_disabled' needs LoRA (lora_r > 0)")
         if self.sft_weight is None:
-            self.sft_weight = 1.0 if self.loss in ("orpo", "asft") else 0.0
+            self.sft_weight = 1.0 if self.loss in ("orpo", "asft", "sft") else 0.0
         if len(self.adam_betas) != 2:
             raise ValueError(f"adam_betas needs two values, got {self.adam_betas}")
 
@@ -428,6 +428,16 @@ def evaluate(
     return {k: v / len(pairs) for k, v in sums.items()}
 
 
+def _distributed_on_cpu() -> bool:
+    """True when launched with several processes on a machine without CUDA.
+
+    ``accelerate launch --multi_gpu`` then sets WORLD_SIZE but accelerate (1.x) only picks its
+    MULTI_CPU (gloo) mode when the Accelerator is built with ``cpu=True``; without it every process
+    would silently train alone. Other devices (MPS, XPU, NPU) never take this path with one process.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 class _Engine:
     """State of one run; ``train()`` is the public entry point."""
 
@@ -435,7 +445,7 @@ class _Engine:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from mmalign.losses import LENGTH_NORMALISED
+        from mmalign.losses import DIFFUSION_LOSSES
 
         if not isinstance(adapter, Adapter):
             raise TypeError(f"{type(adapter).__name__} does not implement the Adapter protocol (mmalign.adapter)")
@@ -452,11 +462,15 @@ class _Engine:
                 "reference='precomputed' needs fixed inputs per pair; diffusion draws fresh noise and "
                 "timesteps each step, so use 'frozen' or 'lora_disabled'"
             )
-        if config.loss in LENGTH_NORMALISED and adapter.value_kind == "diffusion":
-            raise ValueError(f"loss {config.loss!r} is length-normalised and needs sequence log-probs")
+        if (config.loss in DIFFUSION_LOSSES) != (adapter.value_kind == "diffusion"):
+            raise ValueError(
+                f"loss {config.loss!r} does not fit a {adapter.value_kind!r} adapter; diffusion adapters take "
+                f"{sorted(DIFFUSION_LOSSES)}, sequence adapters the others"
+            )
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.accelerator = Accelerator(
+            cpu=_distributed_on_cpu(),
             gradient_accumulation_steps=config.grad_accum,
             mixed_precision=config.mixed_precision,
             log_with=config.trackers or None,

@@ -467,6 +467,20 @@ def mapo(
 # ---------------------------------------------------------------------------- helpers
 
 
+def sft(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor) -> LossOutput:
+    """No preference term: zero loss per example, for plain supervised fine-tuning.
+
+    The engine adds its chosen-NLL term (``sft_nll``, weight ``TrainConfig.sft_weight``, default 1 for
+    this objective), so ``loss="sft"`` trains on the chosen responses only (STIC's description-infused
+    stage). Rewards are the detached log-probs, so the logged margin still shows how the rejected side
+    moves.
+    """
+    _check_shapes("sft", policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    return LossOutput(
+        torch.zeros_like(policy_chosen_logps), policy_chosen_logps.detach(), policy_rejected_logps.detach()
+    )
+
+
 def implicit_accuracy(out: LossOutput) -> torch.Tensor:
     """Per-example implicit accuracy ``(B,)``: 1.0 where ``chosen_rewards > rejected_rewards``."""
     return (out.chosen_rewards > out.rejected_rewards).float()
@@ -483,10 +497,11 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "asft": asft,
     "diffusion_dpo": diffusion_dpo,
     "mapo": mapo,
+    "sft": sft,
 }
 
 #: Objectives that take only ``(policy_chosen, policy_rejected)``: no reference model needed.
-REFERENCE_FREE: frozenset[str] = frozenset({"simpo", "orpo", "asft", "mapo"})
+REFERENCE_FREE: frozenset[str] = frozenset({"simpo", "orpo", "asft", "mapo", "sft"})
 
 #: Objectives whose sequence inputs are length-averaged log-probs (``average=True``).
 LENGTH_NORMALISED: frozenset[str] = frozenset({"simpo", "orpo", "asft"})
