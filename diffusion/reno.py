@@ -36,10 +36,13 @@ result as running its prompts one by one.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +55,7 @@ __all__ = [
     "ReNOResult",
     "noise_norm_penalty",
     "optimize_noise",
+    "save_report",
     "to_pil",
 ]
 
@@ -556,3 +560,48 @@ def optimize_noise(
         extras={"kind": sampler.kind, "timesteps": sampler.timesteps.tolist(), "height": sampler.height,
                 "width": sampler.width},
     )
+
+
+def save_report(result: ReNOResult, out_dir: str | Path) -> list[Path]:
+    """Write ``<i>_<slug>.png`` (initial | optimised, side by side), ``rewards.png`` (total reward per
+    iteration, one line per prompt) and ``rewards.json`` into ``out_dir``; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for i, (prompt, before, after) in enumerate(zip(result.prompts, result.initial_images, result.images, strict=True)):
+        pair = Image.new("RGB", (before.width + after.width, max(before.height, after.height)))
+        pair.paste(before, (0, 0))
+        pair.paste(after, (before.width, 0))
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:40] or "prompt"
+        written.append(out / f"{i:03d}_{slug}.png")
+        pair.save(written[-1])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, prompt in enumerate(result.prompts):
+        ax.plot(result.rewards[:, i].numpy(), label=prompt[:30])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("total reward (-weighted loss)")
+    if len(result.prompts) <= 10:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out / "rewards.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+    summary = {
+        "prompts": result.prompts,
+        "initial_rewards": result.initial_rewards.tolist(),
+        "best_rewards": result.best_rewards.tolist(),
+        "best_iteration": result.best_iteration.tolist(),
+        "nan_skipped": result.nan_skipped.tolist(),
+        "rewards": result.rewards.tolist(),
+        "reward_scores": {k: v.tolist() for k, v in result.reward_scores.items()},
+        "iteration_times_s": result.iteration_times.tolist(),
+    }
+    written.append(out / "rewards.json")
+    written[-1].write_text(json.dumps(summary, indent=1))
+    return written

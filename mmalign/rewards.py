@@ -55,7 +55,9 @@ __all__ = [
     "RewardTerms",
     "WeightedRewards",
     "load_open_clip",
+    "mean_redness",
     "preprocess_images",
+    "reward_from_spec",
 ]
 
 OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -579,3 +581,47 @@ class WeightedRewards:
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         return -self.loss(images, prompts)
+
+
+def mean_redness(images: Tensor, prompts: Sequence[str]) -> Tensor:
+    """Toy reward: mean of ``R - (G + B) / 2`` per image, ``(B, 3, H, W)`` -> ``(B,)`` in [-1, 1]."""
+    return (images[:, 0] - (images[:, 1] + images[:, 2]) / 2).mean((1, 2))
+
+
+_SPEC_NAMES = ("clip", "pickscore", "hpsv2", "aesthetic", "redness")
+
+
+def reward_from_spec(
+    spec: str, *, model_name: str | None = None, device: torch.device | str | None = None
+) -> tuple[Reward, float]:
+    """Parse a command-line reward spec into ``(reward, weight)``.
+
+    Forms: ``NAME[=SOURCE][:WEIGHT]`` with NAME one of ``clip=<open_clip folder or weights file>``,
+    ``pickscore=<...>``, ``hpsv2=<...>``, ``aesthetic=<head.safetensors>,<open_clip folder or file>``,
+    ``redness`` (:func:`mean_redness`). ``WEIGHT`` defaults to the reward's ReNO weight.
+    ``model_name`` names the open_clip architecture when SOURCE is a bare weights file.
+    Examples: ``clip=/models/clip:0.01``, ``hpsv2=/models/HPS_v2.1.safetensors:5``, ``redness:1``.
+    """
+    body, weight = spec, None
+    head, sep, tail = spec.rpartition(":")
+    if sep and re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?", tail):
+        body, weight = head, float(tail)
+    name, _, source = body.partition("=")
+    if name not in _SPEC_NAMES:
+        raise ValueError(f"reward spec {spec!r}: unknown reward {name!r}; known: {', '.join(_SPEC_NAMES)}")
+    if name == "redness":
+        reward: Reward = CallableReward(mean_redness, "redness")
+    elif not source:
+        raise ValueError(f"reward spec {spec!r}: {name} needs weights, e.g. {name}=/path/to/weights")
+    elif name == "clip":
+        reward = ClipScore(model_name, source, device=device)
+    elif name == "pickscore":
+        reward = PickScoreLike(source, model_name or "ViT-H-14", device=device)
+    elif name == "hpsv2":
+        reward = HPSv2Like(source, model_name or "ViT-H-14", device=device)
+    else:
+        head_path, comma, clip_source = source.partition(",")
+        if not comma:
+            raise ValueError(f"reward spec {spec!r}: aesthetic needs <head.safetensors>,<open_clip folder or file>")
+        reward = AestheticHead(head_path, model_name or "ViT-L-14", clip_source, device=device)
+    return reward, reward.weight if weight is None else weight

@@ -249,3 +249,18 @@ def test_weighted_rewards_object_is_accepted(sd_pipe: Any) -> None:
                          width=16, progress=False)
     assert res.rewards.shape == (1, 1) and res.iteration_times.numel() == 0
     torch.testing.assert_close(res.rewards[0], 2.0 * res.reward_scores["redness"][0])
+
+
+def test_save_report_writes_pairs_plot_and_json(sd_pipe: Any, tmp_path: Path) -> None:
+    from diffusion.reno import save_report
+
+    res = optimize_noise(sd_pipe, ["a red apple", "a blue car"], REDNESS, steps=1, height=16, width=16,
+                         progress=False)
+    paths = save_report(res, tmp_path)
+    names = sorted(p.name for p in paths)
+    assert names == ["000_a_red_apple.png", "001_a_blue_car.png", "rewards.json", "rewards.png"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "000_a_red_apple.png").size == (32, 16)
+    summary = json.loads((tmp_path / "rewards.json").read_text())
+    assert summary["best_rewards"] == pytest.approx(res.best_rewards.tolist())

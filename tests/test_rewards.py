@@ -270,3 +270,22 @@ def test_callable_reward_checks_output_shape() -> None:
         bad(_images(), ["a", "b"])
     with pytest.raises(ValueError, match="name"):
         CallableReward(_redness, "")
+
+
+def test_reward_from_spec(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    from mmalign.rewards import mean_redness, reward_from_spec
+
+    reward, weight = reward_from_spec("redness:2.5")
+    assert (reward.name, weight) == ("redness", 2.5)
+    images = torch.tensor([0.6, 0.2, 0.4]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    assert mean_redness(images, ["p"]).item() == pytest.approx(0.3)
+    clip, clip_weight = reward_from_spec(f"clip={tiny_clip_dir}")
+    assert isinstance(clip, ClipScore) and clip_weight == 0.01
+    hps, hps_weight = reward_from_spec(f"hpsv2={tiny_clip_dir}:1e-1")
+    assert isinstance(hps, HPSv2Like) and hps_weight == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="unknown reward 'imagereward'"):
+        reward_from_spec("imagereward=/x:1")
+    with pytest.raises(ValueError, match="needs weights"):
+        reward_from_spec("pickscore:0.05")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        reward_from_spec(f"pickscore={tmp_path / 'missing.safetensors'}")
