@@ -253,3 +253,16 @@ def test_xformers_attention_on_cuda(tmp_path):
     batch = adapter.prepare(adapter.collate(pairs), generator=torch.Generator().manual_seed(0))
     out = adapter.logps(pipe.unet, batch)
     assert torch.isfinite(out.chosen).all()
+
+
+def test_script_entry_point(dataset, tmp_path, capsys):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_diffusion.py"
+    spec = importlib.util.spec_from_file_location("train_diffusion_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert len(script.read_text().splitlines()) < 100
+    assert module.main(_argv("sd3_diffusion_dpo", dataset, tmp_path / "o", "--grid_steps", "0")) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["lora"].endswith("lora") and printed["ties_dropped"] == 1 and "loss" in printed["final"]
