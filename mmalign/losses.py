@@ -476,9 +476,9 @@ def sft(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor) 
     moves.
     """
     _check_shapes("sft", policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
-    return LossOutput(
-        torch.zeros_like(policy_chosen_logps), policy_chosen_logps.detach(), policy_rejected_logps.detach()
-    )
+    # ``0 * logps`` rather than zeros: the loss stays on the autograd graph (zero gradient), so
+    # backward works even when the caller adds no SFT term.
+    return LossOutput(0.0 * policy_chosen_logps, policy_chosen_logps.detach(), policy_rejected_logps.detach())
 
 
 def implicit_accuracy(out: LossOutput) -> torch.Tensor:

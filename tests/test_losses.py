@@ -317,8 +317,9 @@ def test_get_loss_and_registries() -> None:
     assert L.get_loss("dpo") is L.dpo
     with pytest.raises(ValueError, match="known losses: asft, diffusion_dpo, dpo"):
         L.get_loss("sigmoid")
-    assert set(L.LOSSES) == {"dpo", "ipo", "hinge", "robust", "simpo", "orpo", "asft", "diffusion_dpo", "mapo"}
-    assert L.REFERENCE_FREE == {"simpo", "orpo", "asft", "mapo"}
+    assert set(L.LOSSES) == {"dpo", "ipo", "hinge", "robust", "simpo", "orpo", "asft", "diffusion_dpo", "mapo",
+                             "sft"}
+    assert L.REFERENCE_FREE == {"simpo", "orpo", "asft", "mapo", "sft"}
     assert L.LENGTH_NORMALISED <= L.REFERENCE_FREE <= set(L.LOSSES)
     assert L.DIFFUSION_LOSSES <= set(L.LOSSES)
 
@@ -331,3 +332,13 @@ def test_implicit_accuracy() -> None:
     assert L.implicit_accuracy(d).tolist() == [1.0, 0.0]
     m = L.mapo(t(0.1, 0.3), t(0.2, 0.2))
     assert L.implicit_accuracy(m).tolist() == [1.0, 0.0]
+
+
+def test_sft_objective_has_no_preference_term() -> None:
+    """``sft`` adds nothing itself (the engine adds sft_nll): zero loss, zero gradient, logps as rewards."""
+    chosen = t(-2.0, -5.0).requires_grad_()
+    out = L.sft(chosen, t(-1.0, -1.0))
+    assert out.losses.tolist() == [0.0, 0.0]
+    out.losses.sum().backward()
+    assert chosen.grad.tolist() == [0.0, 0.0]
+    assert out.chosen_rewards.tolist() == [-2.0, -5.0] and out.rejected_rewards.tolist() == [-1.0, -1.0]

@@ -1,0 +1,73 @@
+"""Benchmarks: `python scripts/bench.py {engine,reno,diffusion,vision,all}`.
+
+Each section measures ratios against a baseline run in the same process (this machine is noisy)
+and writes its figures, the command and the machine into BENCHMARKS.md between markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+SECTIONS = {
+    "engine": ("bench_engine", "bench_engine"),
+    "reno": ("bench_reno", "bench_reno"),
+    "diffusion": ("bench_diffusion", "bench_diffusion"),
+    "vision": ("bench_vision", "bench_vision"),
+}
+
+
+def _machine() -> str:
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return f"{dev}, torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}"
+
+
+def write_section(name: str, command: str, figures: dict) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n\nWritten by `scripts/bench.py`.\n"
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    body = (f"{start}\n## {name}\n\n- command: `{command}`\n- machine: {_machine()}\n"
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
+            f"```json\n{json.dumps(figures, indent=2, default=str)}\n```\n{end}")
+    if start in text and end in text:
+        text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + body + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("section", choices=[*SECTIONS, "all"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args, extra = ap.parse_known_args()
+    args.extra = extra
+    names = list(SECTIONS) if args.section == "all" else [args.section]
+    for name in names:
+        module, func = SECTIONS[name]
+        try:
+            fn = getattr(__import__(module), func)
+        except ImportError as exc:
+            print(f"[{name}] not available: {exc}")
+            continue
+        figures = fn(args)
+        print(f"[{name}]", json.dumps(figures, indent=2, default=str))
+        if not args.no_write:
+            write_section(name, "python " + " ".join(["scripts/bench.py", name, *sys.argv[2:]]), figures)
+
+
+if __name__ == "__main__":
+    main()
