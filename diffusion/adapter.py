@@ -289,8 +289,9 @@ class DiffusionAdapter:
     def load_pair_images(self, pair: Any) -> dict[str, Any]:
         """Load, size-match and crop one pair's images (pair order, no label swap).
 
-        Returns ``{"chosen_pixel_values": (3,R,R), "rejected_pixel_values": (3,R,R),
-        "chosen_time_ids": (6,), "rejected_time_ids": (6,)}`` with pixels in [-1, 1].
+        Returns ``{"chosen_pixel_values": (3,R,R), "rejected_pixel_values": (3,R,R)}`` with pixels in
+        [-1, 1], plus for SDXL ``"chosen_time_ids"``/``"rejected_time_ids"`` (6,): (orig_h, orig_w,
+        crop_top, crop_left, R, R).
         """
         from mmalign.pairs import load_image
 
@@ -310,16 +311,17 @@ class DiffusionAdapter:
         for side, image in zip(_SIDES, (chosen, rejected), strict=True):
             crop, (top, left) = resize_center_crop(image, self.resolution)
             out[f"{side}_pixel_values"] = _to_tensor(crop)
-            out[f"{side}_time_ids"] = torch.tensor(
-                [*original, top, left, self.resolution, self.resolution], dtype=torch.float32
-            )
+            if self.architecture == "sdxl":
+                out[f"{side}_time_ids"] = torch.tensor(
+                    [*original, top, left, self.resolution, self.resolution], dtype=torch.float32
+                )
         return out
 
     def collate(self, pairs: list[Any]) -> dict[str, Any]:
         """Pairs -> a CPU batch, sides already ordered so that ``chosen`` is the preferred one.
 
         Without a cache: ``chosen_pixel_values``/``rejected_pixel_values`` (B,3,R,R) in [-1,1],
-        ``chosen_texts``/``rejected_texts`` (lists of B str), ``chosen_time_ids``/``rejected_time_ids``
+        ``chosen_texts``/``rejected_texts`` (lists of B str), for SDXL ``chosen_time_ids``/``rejected_time_ids``
         (B,6). With a cache: ``{side}_latents`` (B,C,h,w), ``{side}_prompt_embeds`` (B,L,D) and, for
         SDXL/flow, ``{side}_pooled_embeds`` (B,P) instead of pixels and texts. Always ``ids``.
         """
