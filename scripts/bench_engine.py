@@ -11,6 +11,7 @@ measured in the same process, alternating with the engine runs; medians over rep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -36,10 +37,10 @@ def _model(seed: int = 0):
 
 def _pairs(n: int):
     train_pairs, held = colour_pairs(seed=0)
-    pairs = (train_pairs + held) * 4
-    for p in pairs:  # longer responses: ~40 tokens a row
-        p.chosen = (p.chosen + " and ") * 6
-        p.rejected = (p.rejected + " and ") * 6
+    # longer responses, ~40 tokens a row
+    pairs = [dataclasses.replace(p, id=f"{p.id}-{i}", chosen=(p.chosen + " and ") * 6,
+                                 rejected=(p.rejected + " and ") * 6)
+             for i in range(4) for p in train_pairs + held]
     return pairs[:n]
 
 
