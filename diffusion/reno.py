@@ -217,10 +217,15 @@ class NoiseSampler:
                 embeds, mask, neg, neg_mask = pipe.encode_prompt(
                     prompt=prompts, negative_prompt=negative_prompt or "", **common
                 )
+                micro: dict[str, Tensor | None] = {"resolution": None, "aspect_ratio": None}
+                if self.denoiser.config.sample_size == 128:  # PixArt-alpha 1024 px models take micro-conditions
+                    res = torch.tensor([[self.height, self.width]], device=dev, dtype=embeds.dtype).repeat(b, 1)
+                    ratio = torch.full((b, 1), self.height / self.width, device=dev, dtype=embeds.dtype)
+                    micro = {"resolution": self._cat(res, res), "aspect_ratio": self._cat(ratio, ratio)}
                 self.cond = {
                     "encoder_hidden_states": self._cat(neg, embeds),
                     "encoder_attention_mask": self._cat(neg_mask, mask),
-                    "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+                    "added_cond_kwargs": micro,
                 }
 
     def _cat(self, negative: Tensor | None, positive: Tensor) -> Tensor:

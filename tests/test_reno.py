@@ -103,6 +103,45 @@ def test_sdxl_added_conditioning_and_gradient() -> None:
     assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_sampler_pixart_class_matches_pipeline(steps: int) -> None:
+    """PixArt-class: transformer with learned-sigma output halves, attention mask, DDIM. Text encoding is
+    stubbed (a T5 would need sentencepiece files); the pipeline then runs from the same prompt_embeds.
+    Our x_T is sqrt(1 - abar_999) * z, so the pipeline (init_noise_sigma 1) is given that latent."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+        cross_attention_dim=16, sample_size=16, patch_size=2, caption_channels=32, norm_num_groups=2)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+    vae = _load("sd").vae
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                               scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    embeds, mask = torch.randn(1, 5, 32), torch.ones(1, 5, dtype=torch.long)
+
+    def stub(**kw: Any) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        n = len(kw["prompt"])
+        return embeds.repeat(n, 1, 1), mask.repeat(n, 1), None, None
+
+    pipe.encode_prompt = stub
+    sampler = NoiseSampler(pipe, ["a"], num_inference_steps=steps)
+    assert sampler.kind == "pixart"
+    z = torch.randn(1, *sampler.latent_shape)
+    del pipe.encode_prompt
+    with torch.no_grad():
+        ours = sampler.latents_to_x0(z)
+        ref = pipe(prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, guidance_scale=1.0,
+                   num_inference_steps=steps, latents=z * sampler.sigmas_vp[0], output_type="latent",
+                   use_resolution_binning=False).images
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    pipe.encode_prompt = stub
+    res = optimize_noise(pipe, ["a", "b"], REDNESS, steps=1, num_inference_steps=steps, progress=False)
+    assert not torch.equal(res.final_latents, res.initial_latents)
+
+
 # ---------------------------------------------------------------------------------------------- toy evidence
 
 
