@@ -144,6 +144,7 @@ class NoiseSampler:
         timesteps: Sequence[int] | None = None,
         encode_kwargs: dict[str, Any] | None = None,
         vae_checkpointing: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         self.pipe = pipe
         self.prompts = prompts
@@ -154,6 +155,11 @@ class NoiseSampler:
         self.cfg = self.guidance_scale > 1.0
         self.vae_checkpointing = vae_checkpointing
         self.vae_per_block = vae_checkpointing and getattr(self.vae, "_supports_gradient_checkpointing", False)
+        # per-block checkpointing through diffusers' own switch where the model has one (see `_frozen`),
+        # else the whole denoiser call is checkpointed
+        self.denoiser_per_block = gradient_checkpointing and getattr(
+            self.denoiser, "_supports_gradient_checkpointing", False)
+        self.denoiser_whole = gradient_checkpointing and not self.denoiser_per_block
         name = type(pipe).__name__
         sched = pipe.scheduler
         self.flow = "FlowMatch" in type(sched).__name__
@@ -259,6 +265,11 @@ class NoiseSampler:
 
     # -- forward ---------------------------------------------------------------------------------
     def _denoise(self, x: Tensor, t: Tensor) -> Tensor:
+        if self.denoiser_whole and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._denoise_once, x, t, use_reentrant=False)
+        return self._denoise_once(x, t)
+
+    def _denoise_once(self, x: Tensor, t: Tensor) -> Tensor:
         b = x.shape[0]
         x_in = torch.cat([x, x]) if self.cfg else x
         t_in = t.expand(x_in.shape[0])
@@ -343,7 +354,7 @@ def _as_weighted(rewards: Any) -> WeightedRewards:
 
 
 @contextlib.contextmanager
-def _frozen(pipe: Any, gradient_checkpointing: bool, vae_per_block: bool) -> Iterator[None]:
+def _frozen(pipe: Any, denoiser_per_block: bool, vae_per_block: bool) -> Iterator[None]:
     """Generator frozen (eval, no parameter grads) and checkpointing switched on, restored afterwards."""
     modules = [m for m in (getattr(pipe, k, None) for k in (
         "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")) if isinstance(m, torch.nn.Module)]
@@ -354,7 +365,7 @@ def _frozen(pipe: Any, gradient_checkpointing: bool, vae_per_block: bool) -> Ite
             m.eval()
             m.requires_grad_(False)
         denoiser = getattr(pipe, "unet", None) or pipe.transformer
-        for module, want in ((denoiser, gradient_checkpointing), (pipe.vae, vae_per_block)):
+        for module, want in ((denoiser, denoiser_per_block), (pipe.vae, vae_per_block)):
             if want and not getattr(module, "is_gradient_checkpointing", False):
                 module.enable_gradient_checkpointing()
                 toggled.append(module)
@@ -423,7 +434,8 @@ def optimize_noise(
         timesteps: explicit UNet timesteps (default trailing spacing from ``T - 1``).
         encode_kwargs: extra keyword arguments for ``pipe.encode_prompt`` (e.g.
             ``{"max_sequence_length": 77}`` for SD3).
-        gradient_checkpointing: checkpoint the denoiser's blocks (diffusers' own switch).
+        gradient_checkpointing: checkpoint the denoiser's blocks (diffusers' own switch, restored
+            afterwards), or the whole denoiser call for models without one.
         vae_checkpointing: checkpoint the VAE decoder's blocks (or the whole decode).
         progress: show a tqdm bar.
 
@@ -464,6 +476,7 @@ def optimize_noise(
         pipe, prompts, num_inference_steps=num_inference_steps, height=height, width=width,
         guidance_scale=guidance_scale, negative_prompt=negative_prompt, timesteps=timesteps,
         encode_kwargs=encode_kwargs, vae_checkpointing=vae_checkpointing,
+        gradient_checkpointing=gradient_checkpointing,
     )
     b = len(prompts)
     z = _initial_noise(sampler.latent_shape, b, seed, sampler.device).requires_grad_(True)
@@ -507,7 +520,7 @@ def optimize_noise(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc="ReNO", leave=False)
-    with _frozen(pipe, gradient_checkpointing, sampler.vae_per_block):
+    with _frozen(pipe, sampler.denoiser_per_block, sampler.vae_per_block):
         for it in range(steps):
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)

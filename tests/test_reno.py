@@ -181,6 +181,16 @@ def test_checkpointing_gives_the_same_updates(sd_pipe: Any) -> None:
     ckpt = optimize_noise(sd_pipe, ["a red apple"], REDNESS, gradient_checkpointing=True, vae_checkpointing=True,
                           **kw)
     torch.testing.assert_close(ckpt.final_latents, plain.final_latents, atol=1e-5, rtol=1e-5)
+    # a denoiser without diffusers' per-block switch is checkpointed as a whole
+    sd_pipe.unet._supports_gradient_checkpointing = False
+    try:
+        sampler = NoiseSampler(sd_pipe, ["a red apple"], height=16, width=16, gradient_checkpointing=True)
+        assert sampler.denoiser_whole and not sampler.denoiser_per_block
+        whole = optimize_noise(sd_pipe, ["a red apple"], REDNESS, gradient_checkpointing=True, **kw)
+    finally:
+        del sd_pipe.unet._supports_gradient_checkpointing
+    assert not sd_pipe.unet.is_gradient_checkpointing
+    torch.testing.assert_close(whole.final_latents, plain.final_latents, atol=1e-5, rtol=1e-5)
 
 
 def test_batch_equals_prompts_one_by_one(sd_pipe: Any) -> None:
