@@ -285,3 +285,11 @@ def test_diagnostics_during_training(tmp_path, lm_path, pairs):
         assert key in row and row[key] == row[key], key  # present and not NaN
     assert -1.0 <= row["diag/grad_cosine"] <= 1.0
     assert 0.0 < row["diag/topk_mass"] <= 1.0
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "scripts" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_documented_accelerate_configs_load_with_accelerate(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes >= 2 and cfg.mixed_precision == "bf16"
