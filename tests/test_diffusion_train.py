@@ -233,12 +233,18 @@ def test_online_pso_with_cache_is_a_config_error(tmp_path):
         DiffusionTrainConfig(objective="pso", pso_mode="online", cache_dir=str(tmp_path))
 
 
-def test_xformers_falls_back_to_sdpa_without_cuda():
+def test_xformers_falls_back_to_sdpa_without_cuda(caplog):
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU fallback")
+    import logging
+    import warnings
+
     unet = load_pipeline("tiny:sd").unet
-    with pytest.warns(UserWarning, match="falling back"):
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert set_attention(unet, "xformers") == "sdpa"
+    said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in caught]
+    assert any("falling back" in m and "SDPA" in m for m in said), said  # the fallback is announced
 
 
 @pytest.mark.xformers
