@@ -217,18 +217,9 @@ def test_update_size_is_clipped(sd_pipe: Any) -> None:
 # ---------------------------------------------------------------------------------------------- tiny CLIP reward
 
 
-def test_clip_reward_gradient_reaches_the_latent(sd_pipe: Any, tmp_path: Path) -> None:
-    open_clip = pytest.importorskip("open_clip")
-    from safetensors.torch import save_file
-
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(**cfg)
-    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
-    save_file(model.state_dict(), str(tmp_path / "open_clip_model.safetensors"))
-    clip = ClipScore(pretrained=tmp_path, weight=1.0)
+def test_clip_reward_gradient_reaches_the_latent(sd_pipe: Any) -> None:
+    pytest.importorskip("open_clip")
+    clip = ClipScore(pretrained=cached_tiny("open_clip"), weight=1.0)
     sampler = NoiseSampler(sd_pipe, ["a red apple", "a blue car"], height=16, width=16)
     z = torch.randn(2, *sampler.latent_shape, requires_grad=True)
     clip.loss(sampler(z), ["a red apple", "a blue car"]).sum().backward()

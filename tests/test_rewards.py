@@ -21,26 +21,17 @@ from mmalign.rewards import (
     WeightedRewards,
     preprocess_images,
 )
+from mmalign.tiny import OPEN_CLIP_MODEL_CFG, cached_tiny
 
-TINY_CLIP_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+TINY_CLIP_CFG = OPEN_CLIP_MODEL_CFG
+EMBED = OPEN_CLIP_MODEL_CFG["embed_dim"]  # 32
 
 
 @pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny open_clip model in open_clip's local folder layout (config json + safetensors)."""
-    open_clip = pytest.importorskip("open_clip")
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(**TINY_CLIP_CFG)
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}}))
-    save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
-    return folder
+def tiny_clip_dir() -> Path:
+    """mmalign.tiny's open_clip model in open_clip's local folder layout (config json + safetensors)."""
+    pytest.importorskip("open_clip")
+    return cached_tiny("open_clip")
 
 
 def _images(b: int = 2, h: int = 24, w: int = 40, seed: int = 0) -> torch.Tensor:
@@ -166,7 +157,7 @@ def test_missing_weights_name_the_expected_file(tmp_path: Path) -> None:
         PickScoreLike(missing)
     with pytest.raises(FileNotFoundError, match="HPS_v2.1_compressed.pt"):
         HPSv2Like(tmp_path / "HPS_v2.1_compressed.pt")
-    folder = tmp_path / "clip"
+    folder = tmp_path / "clip"  # a config without weights
     folder.mkdir()
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG}))
     with pytest.raises(FileNotFoundError, match="open_clip_model.safetensors"):
@@ -191,7 +182,7 @@ def test_aesthetic_head_mlp_matches_manual(tiny_clip_dir: Path, tmp_path: Path) 
 
     g = torch.Generator().manual_seed(1)
     state = {
-        "layers.0.weight": torch.randn(4, 16, generator=g),
+        "layers.0.weight": torch.randn(4, EMBED, generator=g),
         "layers.0.bias": torch.randn(4, generator=g),
         "layers.2.weight": torch.randn(1, 4, generator=g),
         "layers.2.bias": torch.tensor([5.0]),
@@ -211,14 +202,14 @@ def test_aesthetic_head_mlp_matches_manual(tiny_clip_dir: Path, tmp_path: Path) 
 def test_aesthetic_head_linear_and_errors(tiny_clip_dir: Path, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({"weight": torch.ones(1, 16), "bias": torch.zeros(1)}, str(tmp_path / "linear.safetensors"))
+    save_file({"weight": torch.ones(1, EMBED), "bias": torch.zeros(1)}, str(tmp_path / "linear.safetensors"))
     head = AestheticHead(tmp_path / "linear.safetensors", pretrained=tiny_clip_dir)
     images = _images()
     feats = head.encoder.image_features(images)
     torch.testing.assert_close(head(images, ["a", "b"]), feats.sum(-1), atol=1e-5, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="aesthetic_v2.safetensors"):
         AestheticHead(tmp_path / "aesthetic_v2.safetensors", pretrained=tiny_clip_dir)
-    save_file({"weight": torch.ones(2, 16)}, str(tmp_path / "two.safetensors"))
+    save_file({"weight": torch.ones(2, EMBED)}, str(tmp_path / "two.safetensors"))
     with pytest.raises(ValueError, match="output 1 value"):
         AestheticHead(tmp_path / "two.safetensors", pretrained=tiny_clip_dir)
 
