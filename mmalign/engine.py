@@ -276,6 +276,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------- plotting
 
 
+def _ema(values: list[float], weight: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average (TensorBoard-style smoothing); NaNs are skipped."""
+    out, avg, n = [], 0.0, 0
+    for v in values:
+        if not math.isnan(v):
+            avg, n = weight * avg + (1 - weight) * v, n + 1
+        out.append(avg / (1 - weight**n) if n else math.nan)
+    return out
+
+
 def plot_metrics(metrics_path: str | Path, out_png: str | Path | None = None) -> Path:
     """Draw loss, reward margins/accuracy and chosen vs rejected values from ``metrics.jsonl``.
 
@@ -298,16 +308,20 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path | None = None) ->
         return [r.get(key, math.nan) for r in rows]
 
     value_name = "logps" if any("logps/chosen" in r for r in rows) else "mse"
+    panels = [
+        ("loss", [("loss", "loss", "tab:blue")]),
+        ("implicit rewards", [("rewards/margins", "margin", "tab:blue"),
+                              ("rewards/accuracies", "accuracy", "tab:orange")]),
+        (f"{value_name}: chosen vs rejected", [(f"{value_name}/chosen", "chosen", "tab:green"),
+                                               (f"{value_name}/rejected", "rejected", "tab:red")]),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(steps, series("loss"), label="loss")
-    axes[0].set_title("loss")
-    axes[1].plot(steps, series("rewards/margins"), label="margin")
-    axes[1].plot(steps, series("rewards/accuracies"), label="accuracy")
-    axes[1].set_title("implicit rewards")
-    axes[2].plot(steps, series(f"{value_name}/chosen"), label="chosen", color="tab:green")
-    axes[2].plot(steps, series(f"{value_name}/rejected"), label="rejected", color="tab:red")
-    axes[2].set_title(f"{value_name}: chosen vs rejected")
-    for ax in axes:
+    for ax, (title, curves) in zip(axes, panels, strict=True):
+        for key, label, colour in curves:
+            values = series(key)
+            ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)  # raw, faint
+            ax.plot(steps, _ema(values), color=colour, label=label)  # smoothed
+        ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.legend()
         ax.grid(alpha=0.3)
@@ -356,7 +370,7 @@ def compute_loss(
     Length-normalised losses get log-probs divided by token counts; the SFT term and per-pair
     weights (``batch["weight"]``) are applied here, once, for every modality.
     """
-    from mmalign.losses import LENGTH_NORMALISED, LOSSES, sft_nll
+    from mmalign.losses import LENGTH_NORMALISED, LOSSES, REFERENCE_FREE, sft_nll
 
     pc, pr = policy.chosen.float(), policy.rejected.float()
     if config.loss in LENGTH_NORMALISED:
@@ -365,8 +379,10 @@ def compute_loss(
         pc = pc / policy.chosen_tokens.clamp_min(1)
         pr = pr / policy.rejected_tokens.clamp_min(1)
     fn = LOSSES[config.loss]
-    if ref is None:
+    if config.loss in REFERENCE_FREE:
         out = fn(pc, pr, **config.loss_kwargs)
+    elif ref is None:
+        raise ValueError(f"loss {config.loss!r} needs reference values")
     else:
         out = fn(pc, pr, ref.chosen.float(), ref.rejected.float(), **config.loss_kwargs)
     losses = out.losses
@@ -399,11 +415,15 @@ def evaluate(
     config: TrainConfig | None = None,
     batch_size: int = 16,
     seed: int = 0,
+    draws: int = 1,
 ) -> dict[str, float]:
     """Mean loss and implicit-reward metrics of ``model`` on ``pairs`` (held-out evaluation).
 
     ``ref_model`` is needed for reference-based losses. Diffusion noise is drawn from a generator
-    seeded with ``seed``, so two models are compared on the same noise.
+    seeded with ``seed``, so two models are compared on the same noise; ``draws`` repeats the pass
+    over fresh draws (diffusion) and averages. Besides the training metrics it reports
+    ``preference/accuracy``: the fraction of pairs whose policy value alone ranks them right
+    (chosen log-prob above rejected; chosen MSE below rejected).
     """
     from mmalign.losses import REFERENCE_FREE
 
@@ -415,17 +435,20 @@ def evaluate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    sign = -1.0 if adapter.value_kind == "diffusion" else 1.0
     sums: dict[str, float] = {}
-    for start in range(0, len(pairs), batch_size):
-        chunk = list(pairs[start : start + batch_size])
-        batch = _to_device(adapter.prepare(adapter.collate(chunk), generator=generator), device)
-        policy = adapter.logps(model, batch)
-        ref = adapter.logps(ref_model, batch) if ref_model is not None else None
-        _, stats = compute_loss(config, policy, ref, batch.get("weight"), value_name)
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
+    for _ in range(draws):
+        for start in range(0, len(pairs), batch_size):
+            chunk = list(pairs[start : start + batch_size])
+            batch = _to_device(adapter.prepare(adapter.collate(chunk), generator=generator), device)
+            policy = adapter.logps(model, batch)
+            ref = adapter.logps(ref_model, batch) if ref_model is not None else None
+            _, stats = compute_loss(config, policy, ref, batch.get("weight"), value_name)
+            stats["preference/accuracy"] = (sign * (policy.chosen - policy.rejected) > 0).float().mean()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
     model.train(was_training)
-    return {k: v / len(pairs) for k, v in sums.items()}
+    return {k: v / (len(pairs) * draws) for k, v in sums.items()}
 
 
 def _distributed_on_cpu() -> bool:

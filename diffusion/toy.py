@@ -1,0 +1,91 @@
+"""Toy text-to-image preference (no downloads): "chosen images are brighter".
+
+Used by ``scripts/toy_diffusion.py`` (the evidence run), ``scripts/demo.py`` and tests.
+
+1. ``brightness_pairs``: 32x32 smooth random patterns; in each pair the chosen image is brighter
+   than the rejected one by 0.2-0.3. Prompt "a photo"; per-side captions "a bright photo" /
+   "a dark photo" (for DCPO).
+2. ``pretrain_denoiser``: the tiny SD UNet (random init) first learns to denoise both sides' images,
+   so its samples look like the data: half bright, half dark.
+3. ``brightness_score``: the tiny pipeline's VAE is random, so brightness is measured in *latent*
+   space: a sample's score is its projection on the axis from the mean latent of dark images (0) to
+   the mean latent of bright images (1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffusion.adapter import DiffusionAdapter
+from diffusion.pso import sample_images
+from mmalign.pairs import PairWriter, PreferencePair, read_pairs
+
+__all__ = ["brightness_axis", "brightness_pairs", "brightness_score", "pattern", "pretrain_denoiser"]
+
+
+def pattern(rng: np.random.Generator, brightness: float, size: int = 32) -> np.ndarray:
+    """A smooth ``size x size x 3`` uint8 pattern with mean ~``brightness`` (upsampled 4x4 noise)."""
+    coarse = rng.standard_normal((4, 4, 3)) * 0.12
+    smooth = np.kron(coarse, np.ones((size // 4, size // 4, 1)))
+    return (np.clip(brightness + smooth, 0, 1) * 255).astype(np.uint8)
+
+
+def brightness_pairs(folder: str | Path, n: int, *, seed: int, prefix: str) -> list[PreferencePair]:
+    """Write ``n`` pairs (chosen brighter) with their images into ``folder``; return them as read back."""
+    rng = np.random.default_rng(seed)
+    with PairWriter(folder, durable=False) as writer:
+        for i in range(n):
+            dark = rng.uniform(0.15, 0.55)
+            bright = dark + rng.uniform(0.2, 0.3)
+            c = writer.add_media(pattern(rng, bright), f"img/{prefix}{i}_c.png")
+            r = writer.add_media(pattern(rng, dark), f"img/{prefix}{i}_r.png")
+            writer.write(PreferencePair(id=f"{prefix}{i}", prompt="a photo", chosen="", rejected="",
+                                        chosen_media=[c], rejected_media=[r],
+                                        chosen_caption="a bright photo", rejected_caption="a dark photo"))
+    return read_pairs(folder)
+
+
+def pretrain_denoiser(pipe: Any, adapter: DiffusionAdapter, pairs: list[PreferencePair], steps: int, *,
+                      seed: int = 0, lr: float = 1e-3, batch_size: int = 8) -> list[float]:
+    """Plain denoising loss on both sides' images: the base model a preference run starts from."""
+    unet = pipe.unet.train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(pairs), (batch_size,), generator=g).tolist()
+        batch = adapter.prepare(adapter.collate([pairs[i] for i in idx]), generator=g)
+        out = adapter.logps(unet, batch)
+        loss = (out.chosen + out.rejected).mean() / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    unet.eval()
+    return losses
+
+
+@torch.no_grad()
+def brightness_axis(adapter: DiffusionAdapter, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dark mean latent, bright mean latent)``, flattened, from the pairs' rejected/chosen images."""
+    enc = adapter.collate(pairs)
+    lat = adapter.encode_images(torch.cat([enc["chosen_pixel_values"], enc["rejected_pixel_values"]])).flatten(1)
+    return lat[len(pairs):].mean(0), lat[: len(pairs)].mean(0)
+
+
+@torch.no_grad()
+def brightness_score(pipe: Any, adapter: DiffusionAdapter, axis: tuple[torch.Tensor, torch.Tensor], *,
+                     n: int = 32, steps: int = 20, seed: int = 4242) -> float:
+    """Mean latent-brightness score of ``n`` fresh samples of "a photo" (same seeds every call)."""
+    images = sample_images(pipe, ["a photo"] * n, num_inference_steps=steps, guidance_scale=1.0, seed=seed,
+                           batch_size=16)
+    pixels = torch.stack([torch.from_numpy(np.asarray(i, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                          for i in images])
+    latents = adapter.encode_images(pixels).flatten(1)
+    dark, bright = axis
+    direction = bright - dark
+    return float(((latents - dark) @ direction / direction.dot(direction)).mean())
