@@ -461,6 +461,22 @@ def _distributed_on_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def _allow_new_precision(mixed_precision: str) -> None:
+    """Let a second ``train()`` in the same single process use another mixed precision.
+
+    accelerate keeps one global AcceleratorState per process and refuses a different
+    ``mixed_precision`` later (a notebook running fp32 then bf16). In a single process the state
+    holds nothing else worth keeping, so it is cleared; a distributed launch is left untouched.
+    """
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        current = str(shared.get("_mixed_precision", mixed_precision))
+        if current != mixed_precision:
+            AcceleratorState._reset_state()
+
+
 class _Engine:
     """State of one run; ``train()`` is the public entry point."""
 
@@ -492,6 +508,7 @@ class _Engine:
             )
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        _allow_new_precision(config.mixed_precision)
         self.accelerator = Accelerator(
             cpu=_distributed_on_cpu(),
             gradient_accumulation_steps=config.grad_accum,

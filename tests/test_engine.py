@@ -293,3 +293,38 @@ def test_documented_accelerate_configs_load_with_accelerate(path):
 
     cfg = load_config_from_file(str(path))
     assert cfg.num_processes >= 2 and cfg.mixed_precision == "bf16"
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, lm_path, pairs):
+    tok = AutoTokenizer.from_pretrained(lm_path)
+    results = []
+    for ckpt in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(lm_path)
+        res = train(model, CausalLMAdapter(tok, max_length=32), pairs[0][:8],
+                    _cfg(tmp_path / str(ckpt), gradient_checkpointing=ckpt, optimizer="sgd", learning_rate=0.5))
+        assert res.model.is_gradient_checkpointing == ckpt
+        results.append(dict(res.model.named_parameters()))
+    for name, p in results[0].items():
+        torch.testing.assert_close(p, results[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_mixed_precision_runs_and_keeps_fp32_master_weights(tmp_path, lm, pairs):
+    model, adapter = lm
+    res = train(model, adapter, pairs[0][:8], _cfg(tmp_path, mixed_precision="bf16", max_steps=2))
+    assert all(p.dtype == torch.float32 for p in res.model.parameters())
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in res.metrics)
+    # the first step is taken at policy == reference, so the loss is ln 2 up to bf16 rounding
+    assert res.metrics[0]["loss"] == pytest.approx(0.6931, abs=2e-2)
+    # the same process can go back to full precision (accelerate's global state is reset)
+    again = train(res.model, adapter, pairs[0][:8], _cfg(tmp_path / "fp32", mixed_precision="no", max_steps=1))
+    assert again.global_step == 1
+
+
+def test_cosine_schedule_with_warmup(tmp_path, lm, pairs):
+    model, adapter = lm
+    res = train(model, adapter, pairs[0][:8], _cfg(tmp_path, max_steps=6, warmup_steps=2, lr_scheduler="cosine",
+                                                   learning_rate=1e-3))
+    lrs = [m["lr"] for m in res.metrics]  # lr after each step's scheduler.step()
+    assert lrs[0] == pytest.approx(1e-3)  # warmup 2/2
+    assert lrs[1] == pytest.approx(1e-3)  # cosine start
+    assert lrs[-1] < lrs[2] < lrs[1] and lrs[-1] == pytest.approx(0.0, abs=1e-9)
