@@ -79,11 +79,11 @@ def _trl_trainer(path: Path, processor: Any, dataset: Any, out: Path, batch: int
                  callbacks: list[Any] = ()) -> Any:
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-5,
-                     bf16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=10_000,
-                     gradient_checkpointing=checkpointing, disable_tqdm=True, seed=0, dataloader_num_workers=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames gradient_checkpointing
+        args = DPOConfig(output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-5,
+                         bf16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=10_000,
+                         gradient_checkpointing=checkpointing, disable_tqdm=True, seed=0, dataloader_num_workers=0)
         return DPOTrainer(model=_load(path), args=args, train_dataset=dataset, processing_class=processor,
                           callbacks=list(callbacks))
 

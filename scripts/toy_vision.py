@@ -6,6 +6,12 @@ The logic lives in :func:`vision.toy.run_stic_toy` (see its module docstring for
 steps and the measures). Prints the held-out log-prob margins before (SFT model) and after (STIC
 DPO) and writes every number to ``<out>/results.json``. One torch thread (``--threads``) is much
 faster than several for these tiny shapes on a shared CPU.
+
+Defaults, seed 0 (about 2 minutes on one CPU thread): the SFT model describes 100% of held-out clean
+images right; STIC stage 1 keeps 67 of 96 pairs. After 40 DPO steps (lr 1e-4, full fine-tuning) the
+pair margin logp(y_true|clean) - logp(y_corrupt|corrupted) rises 0.07 -> 0.52, but through likelihood
+displacement (both sides fall), the text margin logp(y_true|clean) - logp(y_corrupt|clean) falls
+6.11 -> 5.81 and greedy accuracy 1.00 -> 0.90; larger steps move all three further the same way.
 """
 
 from __future__ import annotations
