@@ -14,14 +14,17 @@ Figures:
 * ``memory``: peak resident memory of one process running ``optimize_noise`` with both
   checkpointing options off vs on. Method: a fresh subprocess per setting loads the model, runs
   one warm-up iteration, resets the kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs``),
-  runs the loop, and reports ``VmHWM - VmRSS_before`` from ``/proc/self/status`` (CPU; on CUDA it
-  reports ``torch.cuda.max_memory_allocated`` deltas instead).
+  runs the loop, and reports ``VmHWM - VmRSS_before`` from ``/proc/self/status``. The child runs
+  with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc unmaps every freed block over 64 KiB and RSS
+  tracks live tensor memory rather than the allocator's cache. (On CUDA it reports
+  ``torch.cuda.max_memory_allocated`` deltas instead.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,7 +46,8 @@ from mmalign.tiny import cached_tiny  # noqa: E402
 PROMPTS = ["a red apple", "a blue car", "a green field", "a cat on a mat", "a sunset over the sea",
            "a city at night", "a bowl of soup", "an old castle"]
 DEFAULTS = {"prompts": 8, "steps": 50, "size": 32, "repeats": 8, "iters": 6, "time_batch": 1, "mem_size": 64,
-            "mem_batch": 4, "device": "cuda" if torch.cuda.is_available() else "cpu", "skip_toy": False}
+            "mem_batch": 4, "device": "cuda" if torch.cuda.is_available() else "cpu", "skip_toy": False,
+            "threads": 1}
 
 
 def _pipe(device: str) -> Any:
@@ -159,8 +163,11 @@ def bench_memory(o: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"batch": o["mem_batch"], "size": o["mem_size"]}
     for flag in (False, True):
         cmd = [sys.executable, __file__, "--memory-child", "on" if flag else "off", "--device", o["device"],
-               "--mem-size", str(o["mem_size"]), "--mem-batch", str(o["mem_batch"])]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+               "--mem-size", str(o["mem_size"]), "--mem-batch", str(o["mem_batch"]), "--threads", str(o["threads"])]
+        # a fixed mmap threshold makes glibc return every freed block over 64 KiB to the kernel at once, so
+        # RSS follows the live tensor bytes instead of what the allocator kept from the warm-up iteration
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
         child = json.loads(proc.stdout.strip().splitlines()[-1])
         out["on" if flag else "off"] = {"peak_mib": round(child["peak_bytes"] / 2**20, 2)}
         out["method"] = child["method"]
@@ -173,6 +180,8 @@ def bench_reno(args: Any = None) -> dict[str, Any]:
     o = {k: getattr(args, k, v) if args is not None else v for k, v in DEFAULTS.items()}
     if o["device"] == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("bench_reno: --device cuda but no CUDA device")
+    if o["threads"] > 0:  # on a shared CPU, one intra-op thread is far faster and steadier than spinning two
+        torch.set_num_threads(o["threads"])
     figures: dict[str, Any] = {"device": o["device"], "torch_threads": torch.get_num_threads()}
     if not o["skip_toy"]:
         figures["toy"] = bench_toy(o)
@@ -193,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
     if args.memory_child:
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
         print(json.dumps(_memory_child(vars(args), args.memory_child == "on")))
         return
     figures = bench_reno(args)
