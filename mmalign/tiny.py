@@ -18,6 +18,8 @@ Shapes other code relies on (all CPU-fast, forward passes in milliseconds):
 * SDXL: 32x32 images, 4x16x16 latents; two text encoders (32 + 32 hidden -> 64 cross-attention dim).
 * SD3: 32x32 images, VAE downscale 2 -> 16x16x16 latents (16 channels), transformer patch 2 -> 64 tokens;
   text: two CLIP encoders + a tiny T5 (pass ``max_sequence_length=8`` to sample fast).
+* Flux: 32x32 images, VAE downscale 2 -> 16x16x16 latents packed in 2x2 patches -> 64 tokens x 64;
+  text: CLIP (pooled) + a tiny T5; sample with ``height=width=32, max_sequence_length=8``.
 * open_clip: 32x32 images, patch 8, embedding dim 32, context length 16.
 """
 
@@ -47,7 +49,9 @@ __all__ = [
     "load_tiny_open_clip",
     "OPEN_CLIP_MODEL_CFG",
     "OPEN_CLIP_PREPROCESS_CFG",
+    "FLUX_VARIANTS",
     "make_tiny_causal_lm",
+    "make_tiny_flux",
     "make_tiny_llava",
     "make_tiny_open_clip",
     "make_tiny_qwen2vl",
@@ -773,6 +777,98 @@ def make_tiny_sd3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
     return out
 
 
+FLUX_VARIANTS = ("schnell", "dev")
+
+
+def make_tiny_flux(out_dir: str | os.PathLike[str], *, seed: int = 0, variant: str = "schnell") -> Path:
+    """Tiny ``FluxPipeline`` folder (flow matching, packed latents), loadable with a plain ``from_pretrained``.
+
+    VAE: 16 latent channels, downscale 2 (``pipe.vae_scale_factor == 2``), FLUX.1's ``scaling_factor``
+    0.3611 / ``shift_factor`` 0.1159, no quant convs; 32x32 images -> latents 16x16x16, which the pipeline
+    packs into 2x2 patches: 8x8 = 64 image tokens of 16 * 4 = 64 channels. Pass ``height=width=32``
+    when sampling: ``FluxPipeline`` defaults to ``128 * vae_scale_factor`` pixels whatever the model.
+    ``FluxTransformer2DModel``: ``in_channels=64``, one double-stream and one single-stream block,
+    2 heads x 16 dims (rotary axes 4 + 6 + 6), ``joint_attention_dim=32`` (the T5 width),
+    ``pooled_projection_dim=32`` (the CLIP width). Text: ``CLIPTextModel`` (pooled output only, hidden 32,
+    max length 16) and a tiny ``T5EncoderModel`` (d_model 32, 2 layers) with the Unigram tokenizer of
+    :func:`make_tiny_sd3`; pass ``max_sequence_length=8`` (default 512) to sample fast.
+
+    ``variant="schnell"`` (timestep-distilled): no guidance embedding, ``FlowMatchEulerDiscreteScheduler``
+    with ``shift=1.0`` and no dynamic shifting. ``variant="dev"`` (guidance-distilled):
+    ``guidance_embeds=True`` and dynamic shifting (``shift=3.0``, ``base_shift=0.5``, ``max_shift=1.15``),
+    as the FLUX.1 checkpoints are configured.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    if variant not in FLUX_VARIANTS:
+        raise ValueError(f"make_tiny_flux: variant must be one of {FLUX_VARIANTS}, got {variant!r}")
+    dev = variant == "dev"
+    out = _prepare_dir(out_dir)
+    tokenizer = _clip_tokenizer()
+    tokenizer_2 = _t5_tokenizer()
+    with _seeded(seed):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=dev,
+            axes_dims_rope=(4, 6, 6),
+        )
+    with _seeded(seed + 1):
+        vae = _tiny_vae(
+            latent_channels=16,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    with _seeded(seed + 2):
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    with _seeded(seed + 3):
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_2),
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=32,
+                pad_token_id=tokenizer_2.pad_token_id,
+                eos_token_id=tokenizer_2.eos_token_id,
+                decoder_start_token_id=tokenizer_2.pad_token_id,
+            )
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0 if dev else 1.0,
+        use_dynamic_shifting=dev,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    _write_clip_vocab_files(out / "tokenizer")
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # open_clip
 
@@ -865,6 +961,7 @@ TINY_BUILDERS: dict[str, Callable[..., Path]] = {
     "sd": make_tiny_sd,
     "sdxl": make_tiny_sdxl,
     "sd3": make_tiny_sd3,
+    "flux": make_tiny_flux,
     "open_clip": make_tiny_open_clip,
 }
 
