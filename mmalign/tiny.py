@@ -14,6 +14,11 @@ Shapes other code relies on (all CPU-fast, forward passes in milliseconds):
   (CLS dropped by the ``"default"`` feature strategy); the processor expands one ``<image>`` to 16.
 * Qwen2-VL: patch 14, spatial merge 2 -> one image token per 28x28 pixels; ``min_pixels = 56*56``,
   ``max_pixels = 112*112`` so an image becomes 4 to 16 image tokens (a square photo: 112x112 -> 16).
+* LLaVA-NeXT: LLaVA's towers + anyres tiles of 32x32 on the grid 32x32 / 32x64 / 64x32; 36 to 44 image
+  tokens per image (base 16 + unpadded tile features + newlines).
+* Qwen2.5-VL: Qwen2-VL's pixel budget and token counts; window attention (56 px) in vision block 0.
+* Idefics3 / SmolVLM: 32x32 tiles, patch 8, pixel shuffle 2 -> 4 tokens per tile; images split into up to
+  2x2 tiles + a global view (longest edge 64) -> 12 or 20 image tokens.
 * Stable Diffusion (1.x style): 32x32 images, VAE downscale 2 -> 4x16x16 latents; text 16 tokens x 32.
 * SDXL: 32x32 images, 4x16x16 latents; two text encoders (32 + 32 hidden -> 64 cross-attention dim).
 * SD3: 32x32 images, VAE downscale 2 -> 16x16x16 latents (16 channels), transformer patch 2 -> 64 tokens;
@@ -39,7 +44,10 @@ from typing import Any
 import torch
 
 __all__ = [
+    "IDEFICS3_IMAGE_SEQ_LEN",
+    "IDEFICS3_TILE_SIZE",
     "LLAVA_IMAGE_SIZE",
+    "LLAVA_NEXT_GRID_PINPOINTS",
     "LLAVA_NUM_IMAGE_TOKENS",
     "QWEN2VL_MAX_PIXELS",
     "QWEN2VL_MIN_PIXELS",
@@ -52,8 +60,11 @@ __all__ = [
     "FLUX_VARIANTS",
     "make_tiny_causal_lm",
     "make_tiny_flux",
+    "make_tiny_idefics3",
     "make_tiny_llava",
+    "make_tiny_llava_next",
     "make_tiny_open_clip",
+    "make_tiny_qwen2_5_vl",
     "make_tiny_qwen2vl",
     "make_tiny_sd",
     "make_tiny_sd3",
@@ -66,6 +77,11 @@ LLAVA_PATCH_SIZE = 8
 LLAVA_NUM_IMAGE_TOKENS = (LLAVA_IMAGE_SIZE // LLAVA_PATCH_SIZE) ** 2  # 16
 QWEN2VL_MIN_PIXELS = 56 * 56
 QWEN2VL_MAX_PIXELS = 112 * 112
+LLAVA_NEXT_GRID_PINPOINTS: tuple[tuple[int, int], ...] = ((32, 32), (32, 64), (64, 32))  # (height, width)
+IDEFICS3_TILE_SIZE = 32
+IDEFICS3_PATCH_SIZE = 8
+IDEFICS3_SCALE_FACTOR = 2
+IDEFICS3_IMAGE_SEQ_LEN = (IDEFICS3_TILE_SIZE // IDEFICS3_PATCH_SIZE) ** 2 // IDEFICS3_SCALE_FACTOR**2  # 4
 SD_IMAGE_SIZE = 32
 CLIP_MAX_LENGTH = 16
 
@@ -112,6 +128,19 @@ _QWEN_CHAT_TEMPLATE = (
     "{{ '<|im_end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_IDEFICS3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}"
+    "{% else %}{{ ':' }}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif c['type'] == 'text' %}{{ ' ' + c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<end_of_utterance>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
 
@@ -464,6 +493,241 @@ def make_tiny_qwen2vl(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path
         tokenizer=tokenizer,
         video_processor=video_processor,
         chat_template=_QWEN_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def _tiny_clip_vision_config() -> Any:
+    """The CLIP vision tower of the tiny LLaVA models: 32x32 images, patch 8, hidden 32, 2 layers."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=LLAVA_IMAGE_SIZE,
+        patch_size=LLAVA_PATCH_SIZE,
+        projection_dim=32,
+    )
+
+
+def make_tiny_llava_next(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Tiny ``LlavaNextForConditionalGeneration`` (anyres tiling) with a ``LlavaNextProcessor``.
+
+    Vision tower and text model as :func:`make_tiny_llava` (CLIP 32x32, patch 8 -> 4x4 patch features per
+    tile, CLS dropped; Llama hidden 32). Anyres grid :data:`LLAVA_NEXT_GRID_PINPOINTS` (height, width):
+    ``[[32, 32], [32, 64], [64, 32]]``, so an image becomes a 32x32 base tile plus one or two 32x32 tiles,
+    and ``pixel_values`` is ``(n_images, max_tiles, 3, 32, 32)`` with ``image_sizes`` ``(n_images, 2)``.
+    Image tokens = 16 (base) + unpadded grid features + one newline per feature row, e.g. a 40x50 (h x w)
+    image picks 32x64: 16 + 4 * 6 + 4 = 44 tokens; a square image picks 32x32: 16 + 4 * 4 + 4 = 36.
+    Loads with ``AutoModelForImageTextToText`` / ``AutoProcessor``.
+    """
+    from transformers import (
+        GenerationConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    out = _prepare_dir(out_dir)
+    tokenizer = make_tiny_tokenizer(flavour="llava")
+    pinpoints = [list(p) for p in LLAVA_NEXT_GRID_PINPOINTS]
+    text_config = _llama_text_config(
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlavaNextConfig(
+        vision_config=_tiny_clip_vision_config(),
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=LLAVA_NUM_IMAGE_TOKENS,
+    )
+    with _seeded(seed):
+        model = LlavaNextForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": LLAVA_IMAGE_SIZE},
+        crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE},
+        image_grid_pinpoints=pinpoints,
+        do_center_crop=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=LLAVA_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_LLAVA_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def make_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Tiny ``Qwen2_5_VLForConditionalGeneration`` with a ``Qwen2_5_VLProcessor``, saved to ``out_dir``.
+
+    Same tokenizer, chat template, text model and pixel budget as :func:`make_tiny_qwen2vl` (one image
+    token per 28x28 pixels, 4 to 16 tokens per image). Vision: Qwen2.5-VL's RMSNorm/SwiGLU tower, depth 2,
+    hidden 32, 2 heads, ``out_hidden_size=32``; window attention with ``window_size=56`` pixels (2x2 merged
+    tokens per window) in block 0 and full attention in block 1 (``fullatt_block_indexes=[1]``), so both
+    paths run; ``tokens_per_second=2`` for video M-RoPE (``second_per_grid_ts``).
+    """
+    from transformers import (
+        GenerationConfig,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    out = _prepare_dir(out_dir)
+    tokenizer = make_tiny_tokenizer(flavour="qwen")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.extra_special_tokens}
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 1024,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision_config = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 32,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+        "tokens_per_second": 2,
+    }
+    config = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    with _seeded(seed):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    size = {"shortest_edge": QWEN2VL_MIN_PIXELS, "longest_edge": QWEN2VL_MAX_PIXELS}
+    image_processor = Qwen2VLImageProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2)
+    video_processor = Qwen2VLVideoProcessor(
+        size=size,
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+        min_frames=2,
+        max_frames=16,
+        cap_pixels_per_frame=True,
+    )
+    processor = Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=_QWEN_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def make_tiny_idefics3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Tiny ``Idefics3ForConditionalGeneration`` with an ``Idefics3Processor`` (the Idefics3 / SmolVLM design).
+
+    Vision: SigLIP-style, 32x32 tiles (:data:`IDEFICS3_TILE_SIZE`), patch 8 -> 16 patch features, pixel
+    shuffle ``scale_factor=2`` -> :data:`IDEFICS3_IMAGE_SEQ_LEN` = 16 / 2**2 = 4 image tokens per tile.
+    Image splitting on: an image is resized to longest edge 64, then split into 32x32 tiles plus a 32x32
+    global view, so most photos give 2x2 + 1 = 5 tiles = 20 image tokens and one about twice as wide as
+    tall (or more) 1x2 + 1 = 3 tiles = 12; ``pixel_values`` is ``(n_samples, max_tiles, 3, 32, 32)`` (all-zero padding
+    tiles) with ``pixel_attention_mask`` ``(n_samples, max_tiles, 32, 32)``. The prompt carries Idefics3's
+    ``<fake_token_around_image>``, ``<row_r_col_c>`` and ``<global-img>`` markers around the image tokens.
+    Text: Llama, hidden 32, 2 layers; the LLaVA-flavour tokenizer plus those tokens and
+    ``<end_of_utterance>`` (the eos); chat template ``"User:<image> {prompt}<end_of_utterance>\\nAssistant:"``.
+    SmolVLM checkpoints use the same architecture under the ``smolvlm`` model type.
+    """
+    from transformers import (
+        GenerationConfig,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
+
+    out = _prepare_dir(out_dir)
+    tokenizer = make_tiny_tokenizer(flavour="llava")
+    markers = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+    markers += [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    tokenizer.add_tokens(markers, special_tokens=True)
+    end_of_utterance = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    text_config = _llama_text_config(
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=end_of_utterance,
+    )
+    vision_config = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": IDEFICS3_TILE_SIZE,
+        "patch_size": IDEFICS3_PATCH_SIZE,
+    }
+    config = Idefics3Config(
+        vision_config=vision_config,
+        text_config=text_config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=IDEFICS3_SCALE_FACTOR,
+        tie_word_embeddings=False,
+    )
+    with _seeded(seed):
+        model = Idefics3ForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=end_of_utterance, pad_token_id=tokenizer.pad_token_id
+    )
+    image_processor = Idefics3ImageProcessor(
+        size={"longest_edge": 2 * IDEFICS3_TILE_SIZE},
+        max_image_size={"longest_edge": IDEFICS3_TILE_SIZE},
+        do_image_splitting=True,
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=IDEFICS3_IMAGE_SEQ_LEN,
+        chat_template=_IDEFICS3_CHAT_TEMPLATE,
     )
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -957,6 +1221,9 @@ def load_tiny_open_clip(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, 
 TINY_BUILDERS: dict[str, Callable[..., Path]] = {
     "llava": make_tiny_llava,
     "qwen2vl": make_tiny_qwen2vl,
+    "llava_next": make_tiny_llava_next,
+    "qwen2_5_vl": make_tiny_qwen2_5_vl,
+    "idefics3": make_tiny_idefics3,
     "causal_lm": make_tiny_causal_lm,
     "sd": make_tiny_sd,
     "sdxl": make_tiny_sdxl,
