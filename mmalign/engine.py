@@ -517,6 +517,13 @@ class _Engine:
             project_dir=str(self.out),
         )
         world = self.accelerator.num_processes
+        self.sharded = self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+        if self.sharded and config.resume:
+            raise NotImplementedError(
+                f"resume under {self.accelerator.distributed_type.value} is not supported yet: its checkpoints "
+                "hold the gathered weights but not the sharded optimizer state. Use DDP (or one process) for "
+                "exact resume, or start a new run from the saved weights."
+            )
         self.global_batch = config.batch_size * world
         if len(dataset) < self.global_batch:
             raise ValueError(
@@ -703,11 +710,20 @@ class _Engine:
         acc.wait_for_everyone()
         save_file(rng_t, str(tmp / f"rng_{acc.process_index}.safetensors"))
         (tmp / f"rng_{acc.process_index}.json").write_text(json.dumps(rng_m))
+        if self.sharded:
+            # FSDP / DeepSpeed: parameters are shards; gather the full weights (a collective on every
+            # rank). The sharded optimizer state is not written, so such checkpoints cannot be resumed.
+            full = acc.get_state_dict(self.model)
+            trainable = {n for n, p in self._unwrapped().named_parameters() if p.requires_grad}
+            weights = {n: t.detach().cpu().contiguous() for n, t in full.items() if n in trainable} or full
         if acc.is_main_process:
-            save_file(_trainable_state(self._unwrapped()), str(tmp / "model.safetensors"))
-            opt_t, opt_m = _optimizer_to_tensors(self.optimizer.optimizer)
-            save_file(opt_t, str(tmp / "optimizer.safetensors"))
-            (tmp / "optimizer.json").write_text(json.dumps(opt_m))
+            if self.sharded:
+                save_file(weights, str(tmp / "model.safetensors"))
+            else:
+                save_file(_trainable_state(self._unwrapped()), str(tmp / "model.safetensors"))
+                opt_t, opt_m = _optimizer_to_tensors(self.optimizer.optimizer)
+                save_file(opt_t, str(tmp / "optimizer.safetensors"))
+                (tmp / "optimizer.json").write_text(json.dumps(opt_m))
             state = {
                 "global_step": self.global_step,
                 "epoch": self.epoch,
