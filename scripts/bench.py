@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+GENERIC_DEFAULTS = {"repeats": 5, "steps": 10, "threads": 1, "batch": 8}
 SECTIONS = {
     "engine": ("bench_engine", "bench_engine"),
     "reno": ("bench_reno", "bench_reno"),
@@ -49,22 +50,25 @@ def write_section(name: str, command: str, figures: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("section", choices=[*SECTIONS, "all"])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=8, help="pairs per step (vision)")
+    # Unset options are left out, so each section keeps its own defaults.
+    ap.add_argument("--repeats", type=int, default=argparse.SUPPRESS, help="repeats (median over them)")
+    ap.add_argument("--steps", type=int, default=argparse.SUPPRESS, help="steps per repeat")
+    ap.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="torch threads (default 1)")
+    ap.add_argument("--batch", type=int, default=argparse.SUPPRESS, help="pairs per step (vision)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args, extra = ap.parse_known_args()
-    args.extra = extra
+    args = ap.parse_args()
     names = list(SECTIONS) if args.section == "all" else [args.section]
     for name in names:
         module, func = SECTIONS[name]
         try:
-            fn = getattr(__import__(module), func)
+            mod = __import__(module)
         except ImportError as exc:
             print(f"[{name}] not available: {exc}")
             continue
-        figures = fn(args)
+        # A section's own DEFAULTS win over the generic ones; options given on the command line win over both.
+        given = {k: v for k, v in vars(args).items() if k in ("repeats", "steps", "threads", "batch")}
+        section_args = argparse.Namespace(**{**GENERIC_DEFAULTS, **getattr(mod, "DEFAULTS", {}), **given})
+        figures = getattr(mod, func)(section_args)
         print(f"[{name}]", json.dumps(figures, indent=2, default=str))
         if not args.no_write:
             write_section(name, "python " + " ".join(["scripts/bench.py", name, *sys.argv[2:]]), figures)

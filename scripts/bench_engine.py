@@ -55,15 +55,16 @@ def _baseline_step(model, adapter, batch, opt) -> float:
 
 
 def bench_engine(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
-    bs, steps, warm = 8, args.steps, 3
+    repeats, steps = getattr(args, "repeats", 5), getattr(args, "steps", 10)
+    torch.set_num_threads(getattr(args, "threads", 1))
+    bs, warm = 8, 3
     pairs = _pairs(bs * (steps + warm))
     model, tok = _model()
     adapter = CausalLMAdapter(tok, max_length=64)
     batch = adapter.collate(pairs[:bs])
     results: dict[str, list[float]] = {"fwd_bwd": [], "fwd_bwd_adamw": [], "precomputed": [], "frozen": []}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for _ in range(warm):
             _baseline_step(model, adapter, batch, None)
         results["fwd_bwd"].append(statistics.median(_baseline_step(model, adapter, batch, None) for _ in range(steps)))
@@ -83,7 +84,7 @@ def bench_engine(args: argparse.Namespace) -> dict:
     return {
         "batch": f"{bs} pairs (2x{bs} rows, ~{int(batch['attention_mask'].sum(1).float().mean())} tokens each)",
         "model": "Llama hidden 256, 4 layers, random init",
-        "repeats": args.repeats,
+        "repeats": repeats,
         "steps_per_repeat": steps,
         "seconds": med,
         "ratio_precomputed_vs_fwd_bwd": med["precomputed"] / med["fwd_bwd"],
