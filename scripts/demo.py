@@ -32,7 +32,7 @@ def diffusion_dpo(out: Path, steps: int) -> None:
     held = brightness_pairs(out / "held_out", 32, seed=1, prefix="h")
     pipe = load_pipeline("tiny:sd")
     adapter = DiffusionAdapter(pipe)
-    pretrain_denoiser(pipe, adapter, pairs, 300)
+    pretrain_denoiser(pipe, adapter, pairs, 400)
     base = copy.deepcopy(pipe.unet)
     axis = brightness_axis(adapter, pairs)
     cfg = TrainConfig(output_dir=str(out / "run"), loss="diffusion_dpo", loss_kwargs={"beta": 5000.0}, lora_r=8,
@@ -81,7 +81,7 @@ def text_dpo(out: Path, steps: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("demo_out"))
-    ap.add_argument("--steps", type=int, default=150, help="training steps of each preference run")
+    ap.add_argument("--steps", type=int, default=200, help="training steps of each preference run")
     ap.add_argument("--reno-steps", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(1)  # tiny models: one thread is fastest, and never spin-waits
