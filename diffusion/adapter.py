@@ -8,6 +8,13 @@ a checkpoint path):
   ``add_time_ids = (orig_h, orig_w, crop_top, crop_left, target_h, target_w)``.
 * ``"flow"``: an SD3-style transformer with ``FlowMatchEulerDiscreteScheduler``:
   ``x_t = (1 - sigma) * x_0 + sigma * noise`` and velocity target ``noise - x_0``.
+* ``"flux"``: a Flux transformer (``FluxPipeline``): the same flow-matching interpolation, target and
+  timestep sampling as ``"flow"``, but the transformer sees the latents packed into 2x2 patches
+  (``(B, C, h, w) -> (B, h/2 * w/2, 4C)``, :func:`pack_latents`) with rotary position ids
+  (``img_ids`` rows ``(0, row, col)``, ``txt_ids`` zeros), timesteps divided by 1000, the T5 sequence
+  embeddings and the pooled CLIP embedding, and, for guidance-distilled (dev) models
+  (``transformer.config.guidance_embeds``), a constant guidance value (``flux_guidance``). Noise,
+  latents and the cache stay unpacked ``(B, C, h, w)``; the prediction is unpacked before the MSE.
 
 For the UNet families the regression target follows ``scheduler.config.prediction_type``
 (``"epsilon"`` -> noise, ``"v_prediction"`` -> ``scheduler.get_velocity``, ``"sample"`` -> x_0); it is
@@ -56,12 +63,17 @@ __all__ = [
     "DiffusionAdapter",
     "detect_architecture",
     "drop_ties",
+    "flux_image_ids",
+    "pack_latents",
     "resize_center_crop",
+    "unpack_latents",
 ]
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("sd", "sdxl", "flow")
+ARCHITECTURES = ("sd", "sdxl", "flow", "flux")
+#: architectures trained with the flow-matching interpolation and velocity target
+FLOW_MATCHING = ("flow", "flux")
 #: ``"prompt"``: both sides use ``pair.prompt`` (Diffusion-DPO, MaPO, PSO);
 #: ``"per_side"``: chosen uses ``chosen_caption``, rejected ``rejected_caption`` (DCPO).
 CAPTION_MODES = ("prompt", "per_side")
@@ -72,25 +84,28 @@ _SIDES = ("chosen", "rejected")
 
 
 def detect_architecture(pipeline: Any) -> str:
-    """Return ``"sd"``, ``"sdxl"`` or ``"flow"`` from the pipeline's components.
+    """Return ``"sd"``, ``"sdxl"``, ``"flow"`` (SD3) or ``"flux"`` from the pipeline's components.
 
-    Raises ``ValueError`` for pipelines this adapter does not know (e.g. Flux, whose packed latents
-    and guidance embedding need their own code path).
+    Raises ``ValueError`` for pipelines this adapter does not know (other transformer pipelines).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
     if getattr(pipeline, "transformer", None) is not None:
-        if not isinstance(pipeline, StableDiffusion3Pipeline):
+        if isinstance(pipeline, FluxPipeline):
+            architecture = "flux"
+        elif isinstance(pipeline, StableDiffusion3Pipeline):
+            architecture = "flow"
+        else:
             raise ValueError(
-                f"{type(pipeline).__name__}: only SD3-style flow-matching transformer pipelines are "
-                "supported (StableDiffusion3Pipeline); Flux-style packed latents are not implemented"
+                f"{type(pipeline).__name__}: only flow-matching transformer pipelines of the SD3 "
+                "(StableDiffusion3Pipeline) and Flux (FluxPipeline) families are supported"
             )
         if not isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
             raise ValueError(
                 f"{type(pipeline).__name__} has scheduler {type(pipeline.scheduler).__name__}; "
                 "the flow-matching path needs FlowMatchEulerDiscreteScheduler"
             )
-        return "flow"
+        return architecture
     if getattr(pipeline, "unet", None) is None:
         raise ValueError(f"{type(pipeline).__name__} has neither a unet nor a transformer")
     if getattr(pipeline, "text_encoder_2", None) is not None:
@@ -131,6 +146,40 @@ def _pair_id(pair: Any) -> str:
     return str(getattr(pair, "id", "?"))
 
 
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """Flux packing: ``(B, C, h, w) -> (B, (h/2) * (w/2), 4C)``, one token per 2x2 latent patch.
+
+    Tokens run row-major over the patch grid; a token's 4C channels are ``(c, dy, dx)`` row-major,
+    the layout ``FluxPipeline`` feeds its transformer. ``h`` and ``w`` must be even.
+    """
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"pack_latents: latent height and width must be even, got {h}x{w}")
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents`: ``(B, (h/2) * (w/2), 4C) -> (B, C, h, w)`` for latent size ``h x w``."""
+    b, n, d = tokens.shape
+    if n != (height // 2) * (width // 2) or d % 4:
+        raise ValueError(f"unpack_latents: {tuple(tokens.shape)} is not a packing of a {height}x{width} latent")
+    x = tokens.reshape(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
+def flux_image_ids(height: int, width: int, *, device: torch.device | None = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rotary position ids of the packed image tokens, ``((h/2) * (w/2), 3)``: ``(0, row, col)`` per token.
+
+    ``height``/``width`` are the *unpacked* latent size. Text tokens get ``(0, 0, 0)`` ids.
+    """
+    rows = torch.arange(height // 2, device=device).view(-1, 1).expand(height // 2, width // 2)
+    cols = torch.arange(width // 2, device=device).view(1, -1).expand(height // 2, width // 2)
+    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
+    return ids.reshape(-1, 3).to(dtype)
+
+
 class DiffusionAdapter:
     """Adapter for diffusers text-to-image pipelines (``value_kind = "diffusion"``).
 
@@ -149,8 +198,11 @@ class DiffusionAdapter:
         timestep_sampling: ``"uniform"`` or ``"logit_normal"`` (flow-matching models only).
         cache_dir: a folder written by :func:`diffusion.cache.build_cache`; when set, ``collate``
             reads latents and text embeddings from it and no VAE or text encoder runs.
-        max_sequence_length: T5 tokens of SD3-style pipelines (ignored by UNet pipelines); sample
+        max_sequence_length: T5 tokens of SD3 and Flux pipelines (ignored by UNet pipelines); sample
             with the same value.
+        flux_guidance: the value given to the guidance embedding of guidance-distilled Flux models
+            (FLUX.1-dev class, ``transformer.config.guidance_embeds``) during training; diffusers'
+            Flux DreamBooth script uses 3.5 (the default). Ignored by every other model.
     """
 
     value_kind = "diffusion"
@@ -170,6 +222,7 @@ class DiffusionAdapter:
         timestep_sampling: str = "uniform",
         cache_dir: str | os.PathLike[str] | None = None,
         max_sequence_length: int = 256,
+        flux_guidance: float = 3.5,
     ) -> None:
         if caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {caption_mode!r}")
@@ -179,6 +232,8 @@ class DiffusionAdapter:
             raise ValueError(f"label_flip_prob must be in [0, 0.5], got {label_flip_prob}")
         if timestep_sampling not in TIMESTEP_SAMPLING:
             raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
+        if not (np.isfinite(flux_guidance) and flux_guidance >= 0):
+            raise ValueError(f"flux_guidance must be a finite number >= 0, got {flux_guidance}")
         self.pipeline = pipeline
         self.architecture = detect_architecture(pipeline)
         self.dataset_dir = Path(dataset_dir) if dataset_dir is not None else None
@@ -186,13 +241,17 @@ class DiffusionAdapter:
         self.empty_prompt_prob = float(empty_prompt_prob)
         self.label_flip_prob = float(label_flip_prob)
         self.timestep_sampling = timestep_sampling
-        self.max_sequence_length = int(max_sequence_length) if detect_architecture(pipeline) == "flow" else None
+        self.flow_matching = self.architecture in FLOW_MATCHING
+        self.max_sequence_length = int(max_sequence_length) if self.flow_matching else None
+        self.flux_guidance = float(flux_guidance)
+        self.guidance_embeds = self.architecture == "flux" and bool(
+            getattr(pipeline.transformer.config, "guidance_embeds", False))
 
         self.vae = pipeline.vae
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         shift = getattr(self.vae.config, "shift_factor", None)
-        self.shift_factor = float(shift) if (shift is not None and self.architecture == "flow") else 0.0
+        self.shift_factor = float(shift) if (shift is not None and self.flow_matching) else 0.0
         self.latent_channels = int(self.vae.config.latent_channels)
         self.text_encoders = [
             enc
@@ -207,19 +266,25 @@ class DiffusionAdapter:
             module.requires_grad_(False)
             module.eval()
 
-        denoiser = pipeline.transformer if self.architecture == "flow" else pipeline.unet
-        patch = int(getattr(denoiser.config, "patch_size", 1) or 1)
+        denoiser = pipeline.transformer if self.flow_matching else pipeline.unet
+        # Flux packs 2x2 latent patches itself (its transformer's patch_size is 1)
+        patch = 2 if self.architecture == "flux" else int(getattr(denoiser.config, "patch_size", 1) or 1)
         if resolution is None:
-            resolution = int(denoiser.config.sample_size) * self.vae_scale_factor
+            if self.architecture == "flux":  # the transformer has no sample_size; FLUX.1's VAE says 1024
+                resolution = int(self.vae.config.sample_size)
+            else:
+                resolution = int(denoiser.config.sample_size) * self.vae_scale_factor
         multiple = self.vae_scale_factor * patch
         if resolution <= 0 or resolution % multiple:
             raise ValueError(f"resolution {resolution} must be a positive multiple of {multiple} for this pipeline")
         self.resolution = int(resolution)
 
-        if self.architecture == "flow":
+        if self.flow_matching:
             from diffusers import FlowMatchEulerDiscreteScheduler
 
             # a fresh copy: its sigmas/timesteps are the training ones, untouched by set_timesteps
+            # (with dynamic shifting, FLUX.1-dev, these are the unshifted sigmas, as diffusers' Flux
+            # training scripts sample them)
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
             self.prediction_type = "flow_velocity"
             if expect_prediction_type not in (None, "flow_velocity"):
@@ -368,7 +433,7 @@ class DiffusionAdapter:
         out = dict(batch)
         out.pop("_encoded", None)
         out["noise"] = torch.randn(self.latent_shape(size), generator=generator, device=device)
-        if self.architecture == "flow":
+        if self.flow_matching:
             if self.timestep_sampling == "logit_normal":
                 u = torch.sigmoid(torch.randn(size, generator=generator, device=device))
             else:
@@ -402,7 +467,7 @@ class DiffusionAdapter:
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Texts -> ``{"prompt_embeds": (N,L,D)}`` plus ``"pooled_embeds": (N,P)`` for SDXL/flow."""
+        """Texts -> ``{"prompt_embeds": (N,L,D)}`` plus ``"pooled_embeds": (N,P)`` for SDXL/SD3/Flux."""
         pipe = self.pipeline
         if self.architecture == "sd":
             embeds, _ = pipe.encode_prompt(texts, device, 1, False)
@@ -411,6 +476,10 @@ class DiffusionAdapter:
             # DCPO on SDXL: both encoders see the side's own caption (the reference drops it for encoder 2)
             embeds, _, pooled, _ = pipe.encode_prompt(
                 texts, prompt_2=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        elif self.architecture == "flux":  # T5 sequence embeddings + the pooled CLIP embedding
+            embeds, pooled, _ = pipe.encode_prompt(
+                texts, texts, device=device, num_images_per_prompt=1, max_sequence_length=self.max_sequence_length,
             )
         else:
             embeds, _, pooled, _ = pipe.encode_prompt(
@@ -468,9 +537,9 @@ class DiffusionAdapter:
         """Noisy input and regression target for clean ``latents`` (N,C,h,w), ``noise`` and ``timesteps`` (N,).
 
         UNet models: ``x_t = sqrt(abar) x_0 + sqrt(1-abar) noise``; target by prediction type.
-        Flow models: ``x_t = (1-sigma) x_0 + sigma noise``; target ``noise - x_0``.
+        Flow models (SD3, Flux): ``x_t = (1-sigma) x_0 + sigma noise``; target ``noise - x_0``.
         """
-        if self.architecture == "flow":
+        if self.flow_matching:
             if sigmas is None:
                 raise ValueError("flow-matching targets need sigmas (from prepare)")
             s = sigmas.to(latents.device, latents.dtype).view(-1, 1, 1, 1)
@@ -516,7 +585,9 @@ class DiffusionAdapter:
             if pooled is not None:
                 pooled = torch.where(drop2.view(-1, 1), empty["pooled_embeds"], pooled)
 
-        if self.architecture == "flow":
+        if self.architecture == "flux":
+            prediction = self._flux_forward(model, noisy.to(dtype), timesteps2, prompt_embeds.to(dtype), pooled.to(dtype))
+        elif self.architecture == "flow":
             prediction = model(
                 hidden_states=noisy.to(dtype),
                 timestep=timesteps2.to(dtype),
@@ -536,6 +607,32 @@ class DiffusionAdapter:
             )[0]
         mse = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         return ChosenRejected(mse[:size], mse[size:], extras={"timesteps": timesteps})
+
+    def _flux_forward(
+        self, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+    ) -> torch.Tensor:
+        """Flux transformer on unpacked ``noisy`` (N,C,h,w) -> velocity prediction (N,C,h,w).
+
+        As ``FluxPipeline`` calls it: packed tokens, ``timestep / 1000`` (the transformer multiplies by
+        1000 again), image and text position ids, and the guidance value for guidance-distilled models.
+        """
+        n, _, h, w = noisy.shape
+        dtype, device = noisy.dtype, noisy.device
+        guidance = None
+        if self.guidance_embeds:
+            guidance = torch.full((n,), self.flux_guidance, device=device, dtype=torch.float32)
+        out = model(
+            hidden_states=pack_latents(noisy),
+            timestep=(timesteps.float() / 1000.0).to(dtype),
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
+            img_ids=flux_image_ids(h, w, device=device, dtype=dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, h, w)
 
 
 def _swap_sides(row: dict[str, Any], mask: torch.Tensor | None = None) -> dict[str, Any]:

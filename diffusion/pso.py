@@ -93,6 +93,8 @@ def sample_images(
     extra: dict[str, Any] = {}
     if max_sequence_length is not None and getattr(pipeline, "transformer", None) is not None:
         extra["max_sequence_length"] = max_sequence_length
+    if resolution is None and _is_flux(pipeline):  # FluxPipeline would default to 128 * vae_scale_factor px
+        resolution = int(pipeline.vae.config.sample_size)
     if resolution is not None:
         extra["height"] = extra["width"] = resolution
     images: list[Image.Image] = []
@@ -118,9 +120,21 @@ def sample_images(
     return images
 
 
+def _is_flux(pipeline: Any) -> bool:
+    from diffusers import FluxPipeline
+
+    return isinstance(pipeline, FluxPipeline)
+
+
 def _initial_latents(pipeline: Any, n: int, resolution: int | None, generators: list[torch.Generator]) -> torch.Tensor:
     denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
     scale = pipeline.vae_scale_factor
+    if _is_flux(pipeline):  # noise drawn unpacked (C, h, w), given to the pipeline packed in 2x2 patches
+        from diffusion.adapter import pack_latents
+
+        size = resolution or int(pipeline.vae.config.sample_size)
+        shape = (1, int(denoiser.config.in_channels) // 4, size // scale, size // scale)
+        return torch.cat([pack_latents(torch.randn(shape, generator=g)) for g in generators])
     size = resolution or int(denoiser.config.sample_size) * scale
     channels = int(denoiser.config.in_channels)
     shape = (1, channels, size // scale, size // scale)

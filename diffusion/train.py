@@ -72,7 +72,7 @@ class DiffusionTrainConfig:
     """Text-to-image preference training (Diffusion-DPO, MaPO, DCPO, PSO); every field is a flag and a YAML key."""
 
     pretrained: str = field(
-        default="tiny:sd", metadata=_help("diffusers pipeline: hub name, local folder or tiny:<sd|sdxl|sd3>")
+        default="tiny:sd", metadata=_help("diffusers pipeline: hub name, local folder or tiny:<sd|sdxl|sd3|flux>")
     )
     tiny: bool = field(default=False, metadata=_help("replace pretrained by tiny_pretrained (tests, smoke runs)"))
     tiny_pretrained: str = field(default="tiny:sd", metadata=_help("the tiny pipeline --tiny uses"))
@@ -98,7 +98,10 @@ class DiffusionTrainConfig:
     timestep_sampling: Literal["uniform", "logit_normal"] = field(
         default="uniform", metadata=_help("flow-matching timestep density")
     )
-    max_sequence_length: int = field(default=77, metadata=_help("T5 tokens of SD3-style pipelines"))
+    max_sequence_length: int = field(default=77, metadata=_help("T5 tokens of SD3 and Flux pipelines"))
+    flux_guidance: float = field(
+        default=3.5, metadata=_help("guidance-embedding value of guidance-distilled Flux (dev) models in training")
+    )
     frozen_dtype: Literal["float32", "float16", "bfloat16"] = field(
         default="float32", metadata=_help("dtype of the frozen VAE and text encoders")
     )
@@ -136,6 +139,8 @@ class DiffusionTrainConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.beta is not None and self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not self.flux_guidance >= 0 or self.flux_guidance == float("inf"):
+            raise ValueError(f"flux_guidance must be a finite number >= 0, got {self.flux_guidance}")
         if not 0.0 <= self.empty_prompt_prob <= 1.0:
             raise ValueError(f"empty_prompt_prob must be in [0, 1], got {self.empty_prompt_prob}")
         if not 0.0 <= self.label_flip_prob <= 0.5:
@@ -341,6 +346,7 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
         "expect_prediction_type": config.prediction_type,
         "timestep_sampling": config.timestep_sampling,
         "max_sequence_length": config.max_sequence_length,
+        "flux_guidance": config.flux_guidance,
     }
     adapter = DiffusionAdapter(pipe, **adapter_kwargs)
     if config.objective == "dcpo":
