@@ -21,10 +21,12 @@ What it does that TRL's VLM DPO does not:
 * **Clear errors** when the chat template has no image slot, when the processor's image token is not
   the model's, and when the number of image tokens differs from the number of image features.
 
-Families covered by tests: LLaVA-1.5 and Qwen2-VL (tiny models from :mod:`mmalign.tiny`); LLaVA-NeXT,
-Qwen2.5-VL and Idefics3/SmolVLM go through the same code (their ``get_image_features`` returns
-per-image or per-sample features whose rows match the image tokens; their per-image side inputs
-``image_sizes``/``image_grid_thw`` are reordered per row).
+Families covered by tests, each with a tiny model from :mod:`mmalign.tiny`: LLaVA-1.5 and Qwen2-VL
+(tests/test_vision_adapter.py), LLaVA-NeXT (anyres tiles, ``image_sizes``), Qwen2.5-VL (window attention)
+and Idefics3 (split tiles, ``pixel_attention_mask``; SmolVLM is the same design) in
+tests/test_vision_families.py. Their ``get_image_features`` return per-image or per-sample features
+whose rows match the image tokens; per-image side inputs (``image_sizes``/``image_grid_thw``) are
+reordered per row.
 """
 
 from __future__ import annotations
