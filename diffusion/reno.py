@@ -26,7 +26,13 @@ deterministic x0-prediction update, then the VAE decode.
 * Transformer pipelines with ``FlowMatchEulerDiscreteScheduler`` (SD3-class): Euler on the
   velocity, ``x <- x + (sigma_next - sigma) * v`` over the scheduler's (shifted) sigmas.
 * PixArt-class transformers (epsilon schedulers, ``encoder_attention_mask``, learned-sigma
-  output halves) use the UNet update. Flux (packed latents, dynamic shifting) is not supported.
+  output halves) use the UNet update.
+* ``FluxPipeline`` (Flux-schnell class, 1-4 steps): the same Euler update on the velocity, over the
+  sigmas the pipeline uses (``linspace(1, 1/n, n)``, shifted statically or, with dynamic shifting,
+  by ``mu`` from the packed sequence length). ``z`` and the returned latents stay unpacked
+  ``(B, C, h, w)``; each transformer call packs them into 2x2 patches with the image/text position
+  ids, ``timestep / 1000`` and, for guidance-distilled models (``guidance_embeds``), the guidance
+  value ``guidance_scale`` (Flux has no classifier-free guidance here, so no negative prompt).
 
 Batched prompts: one latent per prompt (prompt ``i`` starts from ``seed + i``); gradients are
 clipped per prompt and the best image is tracked per prompt, so a batch gives the same
@@ -163,27 +169,42 @@ class NoiseSampler:
         name = type(pipe).__name__
         sched = pipe.scheduler
         self.flow = "FlowMatch" in type(sched).__name__
-        if "Flux" in name:
-            raise NotImplementedError(f"optimize_noise: {name} (packed latents, dynamic shifting) is not supported")
-        if getattr(pipe, "unet", None) is not None:
+        self.flux = name == "FluxPipeline"
+        if "Flux" in name and not self.flux:
+            raise NotImplementedError(f"optimize_noise: {name} is not supported (of the Flux family: FluxPipeline)")
+        if self.flux:
+            if negative_prompt is not None:
+                raise ValueError("optimize_noise: FluxPipeline takes no negative_prompt (no classifier-free "
+                                 "guidance; guidance-distilled models get guidance_scale as an embedding)")
+            self.cfg = False  # guidance_scale goes to the guidance embedding, not to CFG
+        if self.flux:
+            self.kind = "flux"
+        elif getattr(pipe, "unet", None) is not None:
             self.kind = "sdxl" if getattr(self.denoiser.config, "addition_embed_type", None) == "text_time" else "sd"
         elif self.flow:
             self.kind = "sd3"
         else:
             self.kind = "pixart"
-        if self.flow != (self.kind == "sd3"):
+        if self.flow != (self.kind in ("sd3", "flux")):
             raise NotImplementedError(f"optimize_noise: {name} with {type(sched).__name__} is not supported")
 
         vsf = int(getattr(pipe, "vae_scale_factor", 2 ** (len(self.vae.config.block_out_channels) - 1)))
-        sample = self.denoiser.config.sample_size
-        sample = sample if isinstance(sample, int) else sample[0]
-        height = height or sample * vsf
-        width = width or sample * vsf
-        multiple = vsf * int(getattr(self.denoiser.config, "patch_size", None) or 1)
+        if self.flux:  # no transformer sample_size; FLUX.1's VAE says 1024 px. Latents pack in 2x2 patches
+            height = height or int(self.vae.config.sample_size)
+            width = width or int(self.vae.config.sample_size)
+            multiple = vsf * 2
+            channels = int(self.denoiser.config.in_channels) // 4
+        else:
+            sample = self.denoiser.config.sample_size
+            sample = sample if isinstance(sample, int) else sample[0]
+            height = height or sample * vsf
+            width = width or sample * vsf
+            multiple = vsf * int(getattr(self.denoiser.config, "patch_size", None) or 1)
+            channels = int(self.denoiser.config.in_channels)
         if height % multiple or width % multiple:
             raise ValueError(f"optimize_noise: height and width must be multiples of {multiple}, got {height}x{width}")
         self.height, self.width = height, width
-        self.latent_shape = (int(self.denoiser.config.in_channels), height // vsf, width // vsf)
+        self.latent_shape = (channels, height // vsf, width // vsf)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self._encode(negative_prompt, dict(encode_kwargs or {}))
@@ -192,6 +213,9 @@ class NoiseSampler:
     # -- conditioning, computed once -------------------------------------------------------------
     def _encode(self, negative_prompt: str | list[str] | None, extra: dict[str, Any]) -> None:
         pipe, prompts, dev = self.pipe, self.prompts, self.device
+        if self.flux:
+            self._encode_flux(extra)
+            return
         common = dict(device=dev, num_images_per_prompt=1, do_classifier_free_guidance=self.cfg,
                       negative_prompt=negative_prompt, **extra)
         b = len(prompts)
@@ -234,6 +258,24 @@ class NoiseSampler:
                     "added_cond_kwargs": micro,
                 }
 
+    def _encode_flux(self, extra: dict[str, Any]) -> None:
+        from diffusion.adapter import flux_image_ids
+
+        with torch.no_grad():
+            embeds, pooled, _ = self.pipe.encode_prompt(
+                prompt=self.prompts, prompt_2=None, device=self.device, num_images_per_prompt=1, **extra)
+        _, h, w = self.latent_shape
+        guidance = None
+        if getattr(self.denoiser.config, "guidance_embeds", False):
+            guidance = torch.full((len(self.prompts),), self.guidance_scale, device=self.device, dtype=torch.float32)
+        self.cond = {
+            "encoder_hidden_states": embeds.to(self.dtype),
+            "pooled_projections": pooled.to(self.dtype),
+            "txt_ids": torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype),
+            "img_ids": flux_image_ids(h, w, device=self.device, dtype=self.dtype),
+            "guidance": guidance,
+        }
+
     def _cat(self, negative: Tensor | None, positive: Tensor) -> Tensor:
         if not self.cfg:
             return positive
@@ -243,6 +285,18 @@ class NoiseSampler:
     # -- timesteps -------------------------------------------------------------------------------
     def _schedule(self, n: int, timesteps: Sequence[int] | None) -> None:
         sched = self.pipe.scheduler
+        if self.flux:  # the pipeline's sigmas; mu only matters with dynamic shifting (FLUX.1-dev)
+            _, h, w = self.latent_shape
+            cfg = sched.config
+            base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+            base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+            mu = base_shift + (max_shift - base_shift) * ((h // 2) * (w // 2) - base_len) / (max_len - base_len)
+            import numpy as np
+
+            sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), device=self.device, mu=mu)
+            self.timesteps = sched.timesteps.clone()
+            self.sigmas = sched.sigmas.to(self.device, torch.float32).clone()  # n + 1, last is 0
+            return
         if self.flow:
             if getattr(sched.config, "use_dynamic_shifting", False):
                 raise NotImplementedError("optimize_noise: flow schedulers with dynamic shifting need mu (Flux)")
@@ -273,7 +327,13 @@ class NoiseSampler:
         b = x.shape[0]
         x_in = torch.cat([x, x]) if self.cfg else x
         t_in = t.expand(x_in.shape[0])
-        if self.kind in ("sd", "sdxl"):
+        if self.kind == "flux":
+            from diffusion.adapter import pack_latents, unpack_latents
+
+            out = self.denoiser(hidden_states=pack_latents(x_in), timestep=t_in.to(x_in.dtype) / 1000,
+                                **self.cond, return_dict=False)[0]
+            out = unpack_latents(out, x_in.shape[2], x_in.shape[3])
+        elif self.kind in ("sd", "sdxl"):
             out = self.denoiser(x_in, t_in, **self.cond, return_dict=False)[0]
         elif self.kind == "sd3":
             out = self.denoiser(hidden_states=x_in, timestep=t_in, **self.cond, return_dict=False)[0]
@@ -418,7 +478,7 @@ def optimize_noise(
 
     Args:
         pipe: a diffusers text-to-image pipeline with a UNet or transformer, a VAE and
-            ``encode_prompt`` (SD, SD-Turbo, SDXL(-Turbo), SD3-class, PixArt-class).
+            ``encode_prompt`` (SD, SD-Turbo, SDXL(-Turbo), SD3-class, PixArt-class, Flux).
         prompt: one prompt or a list; one latent per prompt, optimised jointly but independently.
         rewards: a :class:`~mmalign.rewards.Reward`, a list of rewards / ``(reward, weight)``
             pairs, or a :class:`~mmalign.rewards.WeightedRewards`.
@@ -430,7 +490,8 @@ def optimize_noise(
         num_inference_steps: denoiser calls per image (1 for turbo models; 2-4 backpropagate
             through all steps).
         height, width: image size; default the denoiser's native size.
-        guidance_scale: classifier-free guidance when > 1 (turbo models use 0).
+        guidance_scale: classifier-free guidance when > 1 (turbo models use 0); for guidance-distilled
+            Flux models (``guidance_embeds``, FLUX.1-dev class: 3.5) the guidance-embedding value.
         negative_prompt: for guidance.
         timesteps: explicit UNet timesteps (default trailing spacing from ``T - 1``).
         encode_kwargs: extra keyword arguments for ``pipe.encode_prompt`` (e.g.
