@@ -549,6 +549,7 @@ class _Engine:
             ref_model.requires_grad_(False).eval()
             self.ref_model = ref_model.to(self.accelerator.device)
         self.ref_cache: torch.Tensor | None = None
+        self._lora_cache: tuple[list[Any], bool] | None = None
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
@@ -653,12 +654,33 @@ class _Engine:
         if self.reference == "frozen":
             return self.adapter.logps(self.ref_model, batch).detach()
         model = self._unwrapped()
-        with model.disable_adapter():
-            was_training = model.training
-            model.eval()
-            out = self.adapter.logps(model, batch).detach()
-            model.train(was_training)
-            return out
+        layers, has_dropout = self._lora_layers()
+        # Toggle the LoRA layers found once per run. peft's ``disable_adapter()`` context walks and
+        # describes every module on each call, which cost ~10% of a tiny diffusion step.
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            if has_dropout:
+                model.eval()
+            return self.adapter.logps(model, batch).detach()
+        finally:
+            if has_dropout:
+                model.train()
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    def _lora_layers(self) -> tuple[list[Any], bool]:
+        """The peft LoRA layers of the policy, and whether any dropout outside them is active."""
+        if self._lora_cache is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            modules = list(self._unwrapped().modules())
+            layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
+            inside = {id(d) for layer in layers for d in layer.modules()}
+            dropout = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and id(m) not in inside
+                          for m in modules)
+            self._lora_cache = (layers, dropout)
+        return self._lora_cache
 
     def _precompute_reference(self) -> None:
         """One pass with the reference before training; cached beside the dataset, keyed by hashes."""
