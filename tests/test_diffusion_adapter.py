@@ -16,15 +16,6 @@ from mmalign.adapter import Adapter
 from mmalign.pairs import PairWriter, PreferencePair, read_pairs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions on a shared 2-core machine are ~50x faster single-threaded
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sd():
     return load_pipeline("tiny:sd")

@@ -27,14 +27,6 @@ CONFIG = Path(__file__).resolve().parents[1] / "scripts" / "configs" / "flux_dif
 SEQ = 8  # T5 tokens: keeps the tiny runs fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def schnell():
     return load_pipeline("tiny:flux")

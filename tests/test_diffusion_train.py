@@ -24,14 +24,6 @@ DIFFUSION_CONFIGS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _image(value: float, seed: int, size: int = 32) -> Image.Image:
     rng = np.random.default_rng(seed)
     arr = np.clip(value + 0.15 * rng.standard_normal((size, size, 3)), 0, 1)

@@ -15,14 +15,6 @@ from mmalign.tiny import cached_tiny
 KW = {"max_sequence_length": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _redness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Mean of R - (G + B) / 2 over the image, (B,)."""
     return (images[:, 0] - (images[:, 1] + images[:, 2]) / 2).mean((1, 2))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +14,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mmalign import tiny
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP threads
-    spin-wait: 2 threads made a 2-step tiny SD sample 50x slower (3 s vs 0.05 s of CPU) under load."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

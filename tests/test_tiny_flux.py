@@ -11,14 +11,6 @@ import torch
 from mmalign.tiny import TINY_BUILDERS, cached_tiny, make_tiny_flux
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _load(path: Path):
     from diffusers import FluxPipeline
 

@@ -7,7 +7,6 @@ padded; Idefics3: 3 or 5 tiles, all-zero padding tiles; Qwen2.5-VL: different pa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,6 @@ from mmalign.pairs import PreferencePair
 from vision.adapter import VLMAdapter
 
 FAMILIES = ["llava_next", "qwen2_5_vl", "idefics3"]
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
