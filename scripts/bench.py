@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="torch threads (default 1)")
     ap.add_argument("--batch", type=int, default=argparse.SUPPRESS, help="pairs per step (vision)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = ap.parse_args()
+    args, extra = ap.parse_known_args()  # the rest goes to the section (e.g. diffusion's --peer DIR)
     names = list(SECTIONS) if args.section == "all" else [args.section]
     for name in names:
         module, func = SECTIONS[name]
@@ -67,7 +67,7 @@ def main() -> None:
             continue
         # A section's own DEFAULTS win over the generic ones; options given on the command line win over both.
         given = {k: v for k, v in vars(args).items() if k in ("repeats", "steps", "threads", "batch")}
-        section_args = argparse.Namespace(**{**GENERIC_DEFAULTS, **getattr(mod, "DEFAULTS", {}), **given})
+        section_args = argparse.Namespace(**{**GENERIC_DEFAULTS, **getattr(mod, "DEFAULTS", {}), **given}, extra=extra)
         figures = getattr(mod, func)(section_args)
         print(f"[{name}]", json.dumps(figures, indent=2, default=str))
         if not args.no_write:
