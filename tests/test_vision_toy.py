@@ -34,6 +34,18 @@ def test_toy_config_validates() -> None:
         ToyConfig(n_sft=0)
     with pytest.raises(ValueError, match="sft_long_prompt_fraction"):
         ToyConfig(sft_long_prompt_fraction=1.5)
+    with pytest.raises(ValueError, match="ches_drop_fraction"):
+        ToyConfig(ches_drop_fraction=1.0)
+    with pytest.raises(ValueError, match="lowres_size"):
+        ToyConfig(lowres_size=32)
+    with pytest.raises(ValueError, match="square_min"):
+        ToyConfig(square_min=9, square_max=8)
+
+
+def test_square_image_sides() -> None:
+    """``sides=(5, 5)`` gives exactly 25 square pixels."""
+    img = np.asarray(square_image("red", "blue", np.random.default_rng(0), sides=(5, 5)), dtype=int)
+    assert (np.abs(img - np.array(COLOURS["red"])).max(-1) <= 15).sum() == 25
 
 
 def test_stic_toy_smoke(tmp_path) -> None:  # noqa: ANN001
@@ -43,12 +55,15 @@ def test_stic_toy_smoke(tmp_path) -> None:  # noqa: ANN001
     ``beta * mean((pc - rc) - (pr - rr)) = beta * (after pair margin - before pair margin)``.
     """
     config = ToyConfig(out_dir=str(tmp_path / "toy"), n_sft=8, n_stic=8, n_heldout=3, sft_steps=3, dpo_steps=2,
-                       batch_size=4, max_new_tokens=6, sft_long_prompt_fraction=0.5)
+                       batch_size=4, max_new_tokens=6, sft_long_prompt_fraction=0.5, ches_drop_fraction=0.5)
     results = run_stic_toy(config)
     assert json.loads((tmp_path / "toy" / "results.json").read_text()) == json.loads(json.dumps(results))
     stage1 = results["stage1"]
     assert stage1["pairs"] + sum(stage1["skipped"].values()) == 8
     assert sum(stage1["branches"].values()) == stage1["pairs"]
+    ches = results["ches_filter"]  # floor(0.5 * pairs) dropped by CHES, the rest trained on
+    assert ches["dropped"] == stage1["pairs"] // 2 and ches["kept"] + ches["dropped"] == stage1["pairs"]
+    assert len((tmp_path / "toy" / "stic_pairs_ches" / "pairs.jsonl").read_text().splitlines()) == ches["kept"]
     held = results["heldout"]
     before, after = held["before"], held["after"]
     assert before["pair"]["n"] == after["pair"]["n"] == 2 * 3  # two corruptions per held-out image

@@ -61,8 +61,13 @@ def describe_square(square: str, background: str) -> str:
     return f"a {square} square on a {background} background"
 
 
-def square_image(square: str, background: str, rng: np.random.Generator, size: int = 32) -> Any:
-    """A ``size`` x ``size`` RGB PIL image: a ``square``-coloured square (side size/3..size/2) on ``background``."""
+def square_image(
+    square: str, background: str, rng: np.random.Generator, size: int = 32, sides: tuple[int, int] | None = None
+) -> Any:
+    """A ``size`` x ``size`` RGB PIL image: a ``square``-coloured square on ``background``.
+
+    The side is drawn uniformly from ``sides`` (inclusive; default ``(size // 3, size // 2)``).
+    """
     from PIL import Image
 
     def shade(name: str) -> np.ndarray:
@@ -70,18 +75,21 @@ def square_image(square: str, background: str, rng: np.random.Generator, size: i
 
     pixels = np.empty((size, size, 3), dtype=np.uint8)
     pixels[:] = shade(background)
-    side = int(rng.integers(size // 3, size // 2 + 1))
+    low, high = sides or (size // 3, size // 2)
+    if not 1 <= low <= high <= size:
+        raise ValueError(f"square sides must satisfy 1 <= low <= high <= {size}, got {(low, high)}")
+    side = int(rng.integers(low, high + 1))
     top, left = (int(v) for v in rng.integers(0, size - side + 1, 2))
     pixels[top : top + side, left : left + side] = shade(square)
     return Image.fromarray(pixels)
 
 
-def square_images(n: int, seed: int) -> list[tuple[Any, str, str]]:
+def square_images(n: int, seed: int, sides: tuple[int, int] | None = None) -> list[tuple[Any, str, str]]:
     """``n`` images ``(PIL image, square colour, background colour)``, cycling through all 30 combinations."""
     rng = np.random.default_rng(seed)
     combos = [(s, b) for s in COLOURS for b in COLOURS if s != b]
     random.Random(seed).shuffle(combos)
-    return [(square_image(*combos[i % len(combos)], rng), *combos[i % len(combos)]) for i in range(n)]
+    return [(square_image(*combos[i % len(combos)], rng, sides=sides), *combos[i % len(combos)]) for i in range(n)]
 
 
 @dataclass
@@ -101,6 +109,11 @@ class ToyConfig:
     dpo_sft_weight: float = 1.0
     dpo_sft_normaliser: float = 1024.0
     dpo_lora_r: int = 0
+    dpo_reference: str = "auto"
+    lowres_size: int = 8
+    ches_drop_fraction: float = 0.3
+    square_min: int = 10
+    square_max: int = 16
     batch_size: int = 8
     max_new_tokens: int = 24
     seed: int = 0
@@ -111,6 +124,12 @@ class ToyConfig:
                 raise ValueError(f"ToyConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.dpo_lora_r < 0 or self.dpo_sft_weight < 0 or self.dpo_sft_normaliser < 0:
             raise ValueError("ToyConfig: dpo_lora_r, dpo_sft_weight and dpo_sft_normaliser must be >= 0")
+        if not 1 <= self.lowres_size < 32:
+            raise ValueError(f"ToyConfig.lowres_size must be in [1, 31] (images are 32 px), got {self.lowres_size}")
+        if not 1 <= self.square_min <= self.square_max <= 32:
+            raise ValueError(f"ToyConfig: need 1 <= square_min <= square_max <= 32, got {self.square_min}, {self.square_max}")
+        if not 0.0 <= self.ches_drop_fraction < 1.0:
+            raise ValueError(f"ToyConfig.ches_drop_fraction must be in [0, 1), got {self.ches_drop_fraction}")
         if not 0.0 <= self.sft_long_prompt_fraction <= 1.0:
             raise ValueError(f"ToyConfig.sft_long_prompt_fraction must be in [0, 1], got {self.sft_long_prompt_fraction}")
 
@@ -136,8 +155,8 @@ def _heldout(folder: Path, model: Any, processor: Any, config: ToyConfig) -> dic
     from mmalign.pairs import PairWriter, PreferencePair, read_pairs
     from vision.generate import GenerationSettings, generate_responses
 
-    images = square_images(config.n_heldout, config.seed + 2)
-    corrupted = [[corrupt_pil(img, "stic_lowres", size=20), corrupt_pil(img, "stic_color_jitter", seed=config.seed + i)]
+    images = square_images(config.n_heldout, config.seed + 2, (config.square_min, config.square_max))
+    corrupted = [[corrupt_pil(img, "stic_lowres", size=config.lowres_size), corrupt_pil(img, "stic_color_jitter", seed=config.seed + i)]
                  for i, (img, _, _) in enumerate(images)]
     greedy = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=0.0, batch_size=32)
     flat = [c for cs in corrupted for c in cs]
@@ -191,6 +210,39 @@ def _describe_accuracy(model: Any, processor: Any, images: list[tuple[Any, str, 
     return float(np.mean([o.strip() == describe_square(s, b) for o, (_, s, b) in zip(out, images, strict=True)]))
 
 
+def _ches_filter(model: Any, processor: Any, pairs: list[Any], truth: dict[str, str], out: Path,
+                 config: ToyConfig) -> tuple[Path, dict[str, Any]]:
+    """Drop the ``ches_drop_fraction`` stage-1 pairs with the highest length-normalised CHES (SFT model).
+
+    The kept pairs (and their media) go to ``out/stic_pairs_ches``; returns that folder and a summary.
+    """
+    from mmalign.diagnostics import filter_by_ches, score_pairs
+    from mmalign.pairs import PairWriter, PreferencePair
+    from vision.adapter import VLMAdapter
+
+    rows = score_pairs(model, VLMAdapter(processor, media_root=out / "stic_pairs"), pairs, batch_size=8)
+    kept, dropped = filter_by_ches(pairs, [r["ches_ln"] for r in rows], config.ches_drop_fraction)
+    folder = out / "stic_pairs_ches"
+    with PairWriter(folder, durable=False) as writer:
+        for pair in kept:
+            chosen_paths, rejected_paths = pair.media_paths()
+            chosen_media = [writer.add_media(p, rel, overwrite=True)
+                            for p, rel in zip(chosen_paths, pair.chosen_media, strict=True)]
+            rejected_media = [writer.add_media(p, rel, overwrite=True)
+                              for p, rel in zip(rejected_paths, pair.rejected_media, strict=True)]
+            writer.write(PreferencePair.from_dict({**pair.to_dict(), "chosen_media": chosen_media,
+                                                   "rejected_media": rejected_media}))
+
+    def share(group: list[Any], field: str) -> float:
+        return float(np.mean([getattr(p, field).strip() == truth[p.id] for p in group])) if group else 0.0
+
+    summary = {"kept": len(kept), "dropped": len(dropped),
+               "dropped_ids": [p.id for p in dropped],
+               "chosen_is_true": {"kept": share(kept, "chosen"), "dropped": share(dropped, "chosen")},
+               "rejected_is_true": {"kept": share(kept, "rejected"), "dropped": share(dropped, "rejected")}}
+    return folder, summary
+
+
 def run_stic_toy(
     config: ToyConfig, *, llava_path: str | Path | None = None, describer: str | Path | None = None
 ) -> dict[str, Any]:
@@ -222,7 +274,7 @@ def run_stic_toy(
 
     if describer is None:
         t0 = time.perf_counter()
-        sft_pairs = _sft_dataset(out / "sft", square_images(config.n_sft, config.seed), config)
+        sft_pairs = _sft_dataset(out / "sft", square_images(config.n_sft, config.seed, (config.square_min, config.square_max)), config)
         sft_cfg = TrainConfig(output_dir=str(out / "sft_run"), loss="sft", learning_rate=config.sft_lr,
                               max_steps=config.sft_steps, lr_scheduler="cosine", warmup_steps=10, **common)
         sft_result = train(model, VLMAdapter(processor, media_root=out / "sft"), sft_pairs, sft_cfg)
@@ -237,12 +289,12 @@ def run_stic_toy(
     stic_dir = out / "stic_images"
     stic_dir.mkdir(parents=True)
     stic_truth = {}
-    for i, (img, square, background) in enumerate(square_images(config.n_stic, config.seed + 1)):
+    for i, (img, square, background) in enumerate(square_images(config.n_stic, config.seed + 1, (config.square_min, config.square_max))):
         img.save(stic_dir / f"s{i:04d}.png")
         stic_truth[f"stic/s{i:04d}.png"] = describe_square(square, background)
     report = build_stic_pairs(model, processor, STICConfig(
         image_dir=str(stic_dir), out_dir=str(out / "stic_pairs"), max_new_tokens=config.max_new_tokens,
-        temperature=0.2, batch_size=16, seed=config.seed), rank=0, world_size=1)
+        temperature=0.2, batch_size=16, seed=config.seed, lowres_size=config.lowres_size), rank=0, world_size=1)
     stic_pairs = read_pairs(out / "stic_pairs")
     results["seconds"]["stage1"] = time.perf_counter() - t0
     branches = [p.meta["stic"]["corruption"]["name"] if p.meta["stic"]["corruption"] else "hallucination"
@@ -262,9 +314,12 @@ def run_stic_toy(
     t0 = time.perf_counter()
     dpo_cfg = TrainConfig(output_dir=str(out / "dpo_run"), loss="dpo", loss_kwargs={"beta": config.beta},
                           sft_weight=config.dpo_sft_weight, sft_normaliser=config.dpo_sft_normaliser,
-                          lora_r=config.dpo_lora_r, lora_alpha=float(2 * config.dpo_lora_r),
+                          lora_r=config.dpo_lora_r, reference=config.dpo_reference, lora_alpha=float(2 * config.dpo_lora_r),
                           learning_rate=config.dpo_lr, max_steps=config.dpo_steps, **common)
-    dpo_result = train_stic_dpo(model, processor, out / "stic_pairs", dpo_cfg)
+    pairs_dir = out / "stic_pairs"
+    if config.ches_drop_fraction > 0:
+        pairs_dir, results["ches_filter"] = _ches_filter(model, processor, stic_pairs, stic_truth, out, config)
+    dpo_result = train_stic_dpo(model, processor, pairs_dir, dpo_cfg)
     policy = dpo_result.model.eval()
     results["seconds"]["dpo"] = time.perf_counter() - t0
     results["dpo_train"] = {k: dpo_result.metrics[-1][k] for k in ("loss", "rewards/margins", "rewards/accuracies")}
