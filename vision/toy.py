@@ -12,9 +12,15 @@
 3. **STIC stage 1** (:func:`vision.stic.build_stic_pairs`) on the unlabelled images: chosen = the
    model's description of the clean image (step-by-step prompt, temperature 0.2), rejected = its
    description under a hallucination prompt or of a corrupted image (``stic_lowres``/``stic_color_jitter``).
-4. **STIC stage 2** (:func:`vision.stic.train_stic_dpo`): DPO (beta 0.1) + chosen NLL / 1024, reference =
+   ``stic_lowres`` goes to ``lowres_size`` = 8 px (a quarter of the model's 32 px input; STIC's 20 px on a
+   336 px LLaVA input is a sixteenth; 20 px barely changes a 32 px image).
+4. **CHES filter** (``ches_drop_fraction``, default 0.3): the stage-1 pairs with the highest
+   length-normalised CHES under the SFT model (:func:`mmalign.diagnostics.filter_by_ches`, Razin et al.
+   2024), the ones most prone to likelihood displacement, are dropped; the rest go to
+   ``out_dir/stic_pairs_ches``.
+5. **STIC stage 2** (:func:`vision.stic.train_stic_dpo`): DPO (beta 0.1) + chosen NLL / 1024, reference =
    a frozen copy of the SFT model.
-5. **Held-out measures**, SFT model ("before") vs DPO model ("after"), on held-out images and both
+6. **Held-out measures**, SFT model ("before") vs DPO model ("after"), on held-out images and both
    corruptions of each, where ``y_true`` is the true description and ``y_corrupt`` the SFT model's greedy
    description of the corrupted image (fixed text for both models):
 
