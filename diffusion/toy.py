@@ -34,15 +34,15 @@ def pattern(rng: np.random.Generator, brightness: float, size: int = 32) -> np.n
     return (np.clip(brightness + smooth, 0, 1) * 255).astype(np.uint8)
 
 
-def brightness_pairs(folder: str | Path, n: int, *, seed: int, prefix: str) -> list[PreferencePair]:
-    """Write ``n`` pairs (chosen brighter) with their images into ``folder``; return them as read back."""
+def brightness_pairs(folder: str | Path, n: int, *, seed: int, prefix: str, size: int = 32) -> list[PreferencePair]:
+    """Write ``n`` pairs (chosen brighter, ``size`` px) with their images into ``folder``; return them as read back."""
     rng = np.random.default_rng(seed)
     with PairWriter(folder, durable=False) as writer:
         for i in range(n):
             dark = rng.uniform(0.15, 0.55)
             bright = dark + rng.uniform(0.2, 0.3)
-            c = writer.add_media(pattern(rng, bright), f"img/{prefix}{i}_c.png")
-            r = writer.add_media(pattern(rng, dark), f"img/{prefix}{i}_r.png")
+            c = writer.add_media(pattern(rng, bright, size), f"img/{prefix}{i}_c.png")
+            r = writer.add_media(pattern(rng, dark, size), f"img/{prefix}{i}_r.png")
             writer.write(PreferencePair(id=f"{prefix}{i}", prompt="a photo", chosen="", rejected="",
                                         chosen_media=[c], rejected_media=[r],
                                         chosen_caption="a bright photo", rejected_caption="a dark photo"))

@@ -79,7 +79,11 @@ class DiffusionTrainConfig:
     tiny_kwargs: dict[str, Any] = field(
         default_factory=dict, metadata=_help("builder kwargs of the tiny pipeline, e.g. {prediction_type: v_prediction}")
     )
-    data: str = field(default="", metadata=_help("pair dataset folder (pairs.jsonl / parquet / HF datasets)"))
+    data: str = field(
+        default="",
+        metadata=_help("pair dataset folder (pairs.jsonl / parquet / HF datasets), or toy:brightness for the "
+                       "built-in toy preference (chosen images brighter), written into output_dir/toy_pairs"),
+    )
     output_dir: str = field(default="runs/diffusion", metadata=_help("where weights, metrics and the grid go"))
     objective: Literal["diffusion_dpo", "mapo", "dcpo", "pso"] = field(
         default="diffusion_dpo", metadata=_help("diffusion_dpo | mapo | dcpo | pso")
@@ -314,7 +318,14 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
         few_step_scheduler(pipe, config.pso_sampler)
     sampling = {"resolution": config.resolution, "max_sequence_length": config.max_sequence_length}
 
-    pairs = read_pairs(config.data)
+    if config.data == "toy:brightness":
+        from diffusion.toy import brightness_pairs
+
+        folder = Path(config.output_dir) / "toy_pairs"
+        pairs = read_pairs(folder) if (folder / "pairs.jsonl").is_file() else brightness_pairs(
+            folder, 64, seed=config.train.seed, prefix="toy", size=config.resolution or 32)
+    else:
+        pairs = read_pairs(config.data)
     pairs, ties = drop_ties(pairs)
     if ties:
         logger.warning("dropped %d tied pair(s) (label 0.5) from %s", ties, config.data)
