@@ -264,3 +264,14 @@ def test_script_entry_point(dataset, tmp_path, capsys):
     assert module.main(_argv("sd3_diffusion_dpo", dataset, tmp_path / "o", "--grid_steps", "0")) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["lora"].endswith("lora") and printed["ties_dropped"] == 1 and "loss" in printed["final"]
+
+
+def test_toy_data_smoke_run(tmp_path):
+    """``--data toy:brightness`` writes the built-in toy pairs into the output folder and trains on them."""
+    out = tmp_path / "run"
+    argv = ["--config", str(CONFIGS / "sd15_diffusion_dpo.yaml"), "--tiny", "true", "--data", "toy:brightness",
+            "--output_dir", str(out), "--train.max_steps", "2", "--train.batch_size", "2", "--grid_steps", "0",
+            "--train.trackers", "[]", "--train.progress", "false"]
+    result = run(load_config(DiffusionTrainConfig, argv))
+    assert len(result.metrics) == 2
+    assert len(read_pairs(out / "toy_pairs")) == 64
