@@ -461,6 +461,14 @@ def _distributed_on_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def _set_lora_disabled(layers: list[Any], disabled: bool) -> None:
+    for layer in layers:
+        if hasattr(layer, "_disable_adapters"):
+            layer._disable_adapters = disabled
+        else:  # a peft without the private flag: the public (slower) call
+            layer.enable_adapters(not disabled)
+
+
 def _allow_new_precision(mixed_precision: str) -> None:
     """Let a second ``train()`` in the same single process use another mixed precision.
 
@@ -661,8 +669,10 @@ class _Engine:
         layers, has_dropout = self._lora_layers()
         # Toggle the LoRA layers found once per run. peft's ``disable_adapter()`` context walks and
         # describes every module on each call, which cost ~10% of a tiny diffusion step.
-        for layer in layers:
-            layer.enable_adapters(False)
+        # Under no_grad only the layers' "disabled" flag matters; peft's public enable_adapters()
+        # also re-derives requires_grad of every adapter weight (~3 ms a step), so the flag is set
+        # directly where the layer has it.
+        _set_lora_disabled(layers, True)
         try:
             if has_dropout:
                 model.eval()
@@ -670,8 +680,7 @@ class _Engine:
         finally:
             if has_dropout:
                 model.train()
-            for layer in layers:
-                layer.enable_adapters(True)
+            _set_lora_disabled(layers, False)
 
     def _lora_layers(self) -> tuple[list[Any], bool]:
         """The peft LoRA layers of the policy, and whether any dropout outside them is active."""

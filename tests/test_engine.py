@@ -75,6 +75,10 @@ def test_lora_trains_only_adapters_and_reference_is_lora_disabled(tmp_path, lm, 
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     res = train(model, adapter, pairs[0][:8], _cfg(tmp_path, lora_r=4, lora_alpha=8, max_steps=2))
     assert res.metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # LoRA B=0: policy == reference
+    # at step 2 the LoRA has moved, so the LoRA-disabled reference differs from the policy
+    assert res.metrics[1]["rewards/chosen"] != 0.0 and res.metrics[1]["rewards/rejected"] != 0.0
+    lora = [m for m in res.model.modules() if hasattr(m, "_disable_adapters")]
+    assert lora and not any(m._disable_adapters for m in lora)  # adapters are back on after the reference pass
     changed = [n for n, p in res.model.named_parameters() if "lora_" in n and p.requires_grad]
     assert changed
     for n, p in res.model.named_parameters():
