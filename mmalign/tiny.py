@@ -17,8 +17,8 @@ Shapes other code relies on (all CPU-fast, forward passes in milliseconds):
 * LLaVA-NeXT: LLaVA's towers + anyres tiles of 32x32 on the grid 32x32 / 32x64 / 64x32; 36 to 44 image
   tokens per image (base 16 + unpadded tile features + newlines).
 * Qwen2.5-VL: Qwen2-VL's pixel budget and token counts; window attention (56 px) in vision block 0.
-* Idefics3 / SmolVLM: 32x32 tiles, patch 8, pixel shuffle 2 -> 4 tokens per tile; images split into up to
-  2x2 tiles + a global view (longest edge 64) -> 12 or 20 image tokens.
+* Idefics3 and SmolVLM (own classes, same design): 32x32 tiles, patch 8, pixel shuffle 2 -> 4 tokens per
+  tile; images split into up to 2x2 tiles + a global view (longest edge 64) -> 12 or 20 image tokens.
 * Stable Diffusion (1.x style): 32x32 images, VAE downscale 2 -> 4x16x16 latents; text 16 tokens x 32.
 * SDXL: 32x32 images, 4x16x16 latents; two text encoders (32 + 32 hidden -> 64 cross-attention dim).
 * SD3: 32x32 images, VAE downscale 2 -> 16x16x16 latents (16 channels), transformer patch 2 -> 64 tokens;
@@ -69,6 +69,7 @@ __all__ = [
     "make_tiny_sd",
     "make_tiny_sd3",
     "make_tiny_sdxl",
+    "make_tiny_smolvlm",
     "make_tiny_tokenizer",
 ]
 
@@ -143,6 +144,22 @@ _IDEFICS3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
+
+# SmolVLM's own template shape: "<|im_start|>" once, no space between an image and the text after it.
+_SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>"
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}"
+    "{% else %}{{ ':' if message['content'][0]['type'] == 'image' else ': ' }}"
+    "{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<end_of_utterance>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -664,33 +681,29 @@ def make_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], *, seed: int = 0) -> P
     return out
 
 
-def make_tiny_idefics3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
-    """Tiny ``Idefics3ForConditionalGeneration`` with an ``Idefics3Processor`` (the Idefics3 / SmolVLM design).
+def _make_tiny_tiled_vlm(
+    out_dir: str | os.PathLike[str],
+    *,
+    seed: int,
+    config_cls: Any,
+    model_cls: Any,
+    make_processor: Callable[[Any, dict[str, Any]], Any],
+    extra_tokens: tuple[str, ...] = (),
+) -> Path:
+    """The Idefics3 design shared by :func:`make_tiny_idefics3` and :func:`make_tiny_smolvlm`.
 
-    Vision: SigLIP-style, 32x32 tiles (:data:`IDEFICS3_TILE_SIZE`), patch 8 -> 16 patch features, pixel
-    shuffle ``scale_factor=2`` -> :data:`IDEFICS3_IMAGE_SEQ_LEN` = 16 / 2**2 = 4 image tokens per tile.
-    Image splitting on: an image is resized to longest edge 64, then split into 32x32 tiles plus a 32x32
-    global view, so most photos give 2x2 + 1 = 5 tiles = 20 image tokens and one about twice as wide as
-    tall (or more) 1x2 + 1 = 3 tiles = 12; ``pixel_values`` is ``(n_samples, max_tiles, 3, 32, 32)`` (all-zero padding
-    tiles) with ``pixel_attention_mask`` ``(n_samples, max_tiles, 32, 32)``. The prompt carries Idefics3's
-    ``<fake_token_around_image>``, ``<row_r_col_c>`` and ``<global-img>`` markers around the image tokens.
-    Text: Llama, hidden 32, 2 layers; the LLaVA-flavour tokenizer plus those tokens and
-    ``<end_of_utterance>`` (the eos); chat template ``"User:<image> {prompt}<end_of_utterance>\\nAssistant:"``.
-    SmolVLM checkpoints use the same architecture under the ``smolvlm`` model type.
+    Builds the LLaVA-flavour tokenizer plus the tile markers, ``<end_of_utterance>`` (the eos) and
+    ``extra_tokens``; a Llama text model and a SigLIP-style vision tower (32x32 tiles, patch 8, pixel
+    shuffle 2) under ``config_cls`` / ``model_cls``; and the processor ``make_processor(tokenizer,
+    image_kwargs)``, where ``image_kwargs`` are the tile-splitting settings for the family's image processor.
     """
-    from transformers import (
-        GenerationConfig,
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessor,
-        Idefics3Processor,
-    )
+    from transformers import GenerationConfig
 
     out = _prepare_dir(out_dir)
     tokenizer = make_tiny_tokenizer(flavour="llava")
     markers = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
     markers += [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-    tokenizer.add_tokens(markers, special_tokens=True)
+    tokenizer.add_tokens(markers + list(extra_tokens), special_tokens=True)
     end_of_utterance = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
     text_config = _llama_text_config(
         len(tokenizer),
@@ -706,7 +719,7 @@ def make_tiny_idefics3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Pat
         "image_size": IDEFICS3_TILE_SIZE,
         "patch_size": IDEFICS3_PATCH_SIZE,
     }
-    config = Idefics3Config(
+    config = config_cls(
         vision_config=vision_config,
         text_config=text_config.to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -714,24 +727,97 @@ def make_tiny_idefics3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Pat
         tie_word_embeddings=False,
     )
     with _seeded(seed):
-        model = Idefics3ForConditionalGeneration(config)
+        model = model_cls(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=end_of_utterance, pad_token_id=tokenizer.pad_token_id
     )
-    image_processor = Idefics3ImageProcessor(
-        size={"longest_edge": 2 * IDEFICS3_TILE_SIZE},
-        max_image_size={"longest_edge": IDEFICS3_TILE_SIZE},
-        do_image_splitting=True,
-    )
-    processor = Idefics3Processor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        image_seq_len=IDEFICS3_IMAGE_SEQ_LEN,
-        chat_template=_IDEFICS3_CHAT_TEMPLATE,
-    )
+    image_kwargs = {
+        "size": {"longest_edge": 2 * IDEFICS3_TILE_SIZE},
+        "max_image_size": {"longest_edge": IDEFICS3_TILE_SIZE},
+        "do_image_splitting": True,
+    }
+    processor = make_processor(tokenizer, image_kwargs)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def make_tiny_idefics3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Tiny ``Idefics3ForConditionalGeneration`` with an ``Idefics3Processor``.
+
+    Vision: SigLIP-style, 32x32 tiles (:data:`IDEFICS3_TILE_SIZE`), patch 8 -> 16 patch features, pixel
+    shuffle ``scale_factor=2`` -> :data:`IDEFICS3_IMAGE_SEQ_LEN` = 16 / 2**2 = 4 image tokens per tile.
+    Image splitting on: an image is resized to longest edge 64, then split into 32x32 tiles plus a 32x32
+    global view, so most photos give 2x2 + 1 = 5 tiles = 20 image tokens and one about twice as wide as
+    tall (or more) 1x2 + 1 = 3 tiles = 12; ``pixel_values`` is ``(n_samples, max_tiles, 3, 32, 32)`` (all-zero padding
+    tiles) with ``pixel_attention_mask`` ``(n_samples, max_tiles, 32, 32)``. The prompt carries Idefics3's
+    ``<fake_token_around_image>``, ``<row_r_col_c>`` and ``<global-img>`` markers around the image tokens.
+    Text: Llama, hidden 32, 2 layers; the LLaVA-flavour tokenizer plus those tokens and
+    ``<end_of_utterance>`` (the eos); chat template ``"User:<image> {prompt}<end_of_utterance>\\nAssistant:"``.
+    SmolVLM checkpoints (model type ``smolvlm``) have their own classes: :func:`make_tiny_smolvlm`.
+    """
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
+
+    def make_processor(tokenizer: Any, image_kwargs: dict[str, Any]) -> Any:
+        return Idefics3Processor(
+            image_processor=Idefics3ImageProcessor(**image_kwargs),
+            tokenizer=tokenizer,
+            image_seq_len=IDEFICS3_IMAGE_SEQ_LEN,
+            chat_template=_IDEFICS3_CHAT_TEMPLATE,
+        )
+
+    return _make_tiny_tiled_vlm(
+        out_dir,
+        seed=seed,
+        config_cls=Idefics3Config,
+        model_cls=Idefics3ForConditionalGeneration,
+        make_processor=make_processor,
+    )
+
+
+def make_tiny_smolvlm(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Tiny ``SmolVLMForConditionalGeneration`` (model type ``smolvlm``) with a ``SmolVLMProcessor``.
+
+    The Idefics3 design under SmolVLM's classes: the same tiles, token counts, markers and weights layout as
+    :func:`make_tiny_idefics3` (4 image tokens per 32x32 tile; 12 or 20 per image), plus a
+    ``SmolVLMVideoProcessor`` (frames resized to one 32x32 tile) that the processor requires. The chat
+    template is SmolVLM's: ``"<|im_start|>User:<image>{prompt}<end_of_utterance>\\nAssistant:"`` (no space
+    after an image; ``<|im_start|>`` is an extra special token). The processor needs the ``num2words``
+    package (transformers raises ImportError without it).
+    """
+    from transformers import (
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessor,
+        SmolVLMProcessor,
+        SmolVLMVideoProcessor,
+    )
+
+    def make_processor(tokenizer: Any, image_kwargs: dict[str, Any]) -> Any:
+        video_processor = SmolVLMVideoProcessor(
+            size={"longest_edge": IDEFICS3_TILE_SIZE}, max_image_size={"longest_edge": IDEFICS3_TILE_SIZE}
+        )
+        return SmolVLMProcessor(
+            image_processor=SmolVLMImageProcessor(**image_kwargs),
+            tokenizer=tokenizer,
+            video_processor=video_processor,
+            image_seq_len=IDEFICS3_IMAGE_SEQ_LEN,
+            chat_template=_SMOLVLM_CHAT_TEMPLATE,
+        )
+
+    return _make_tiny_tiled_vlm(
+        out_dir,
+        seed=seed,
+        config_cls=SmolVLMConfig,
+        model_cls=SmolVLMForConditionalGeneration,
+        make_processor=make_processor,
+        extra_tokens=("<|im_start|>",),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1224,6 +1310,7 @@ TINY_BUILDERS: dict[str, Callable[..., Path]] = {
     "llava_next": make_tiny_llava_next,
     "qwen2_5_vl": make_tiny_qwen2_5_vl,
     "idefics3": make_tiny_idefics3,
+    "smolvlm": make_tiny_smolvlm,
     "causal_lm": make_tiny_causal_lm,
     "sd": make_tiny_sd,
     "sdxl": make_tiny_sdxl,

@@ -1,9 +1,11 @@
-"""The tiny LLaVA-NeXT, Qwen2.5-VL and Idefics3 builders of mmalign.tiny: they save, load back through
-``AutoModelForImageTextToText`` / ``AutoProcessor``, expand image tokens as documented, run forward and
-``generate``, and are deterministic under their seed."""
+"""The tiny LLaVA-NeXT, Qwen2.5-VL, Idefics3 and SmolVLM builders of mmalign.tiny: they save, load back
+through ``AutoModelForImageTextToText`` / ``AutoProcessor``, expand image tokens as documented, run forward
+and ``generate``, and are deterministic under their seed. SmolVLM's processor needs the ``num2words``
+package; its cases are skipped where that is not installed."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mmalign import tiny
+
+_NEEDS_NUM2WORDS = pytest.mark.skipif(
+    importlib.util.find_spec("num2words") is None, reason="SmolVLMProcessor needs the num2words package"
+)
 
 
 def _photo(h: int, w: int, seed: int = 0) -> Image.Image:
@@ -102,17 +108,30 @@ def test_qwen2_5_vl_window_and_full_attention(tmp_path: Path) -> None:
     assert not torch.allclose(windowed, full, atol=1e-4)
 
 
-def test_idefics3_tiles_and_markers(tmp_path: Path) -> None:
-    """4 tokens per 32x32 tile ((32/8)^2 = 16 patches / 2^2 pixel shuffle). 40x50 -> longest edge 64 ->
-    51x64 -> rounded up to 64x64 -> 2x2 tiles + global = 5 tiles = 20 tokens; 30x90 -> 21x64 -> 32x64 ->
-    1x2 + 1 = 3 tiles = 12 tokens."""
-    path = tiny.make_tiny_idefics3(tmp_path / "idefics3")
+@pytest.mark.parametrize(
+    ("name", "model_type", "prompt_expected"),
+    [
+        ("idefics3", "Idefics3", "User:<image> What is this?<end_of_utterance>\nAssistant:"),
+        pytest.param(
+            "smolvlm",
+            "SmolVLM",
+            "<|im_start|>User:<image>What is this?<end_of_utterance>\nAssistant:",
+            marks=_NEEDS_NUM2WORDS,
+        ),
+    ],
+)
+def test_idefics3_design_tiles_and_markers(tmp_path: Path, name: str, model_type: str, prompt_expected: str) -> None:
+    """Idefics3 and SmolVLM (own classes, model types "idefics3" / "smolvlm"): 4 tokens per 32x32 tile
+    ((32/8)^2 = 16 patches / 2^2 pixel shuffle). 40x50 -> longest edge 64 -> 51x64 -> rounded up to 64x64 ->
+    2x2 tiles + global = 5 tiles = 20 tokens; 30x90 -> 21x64 -> 32x64 -> 1x2 + 1 = 3 tiles = 12 tokens."""
+    path = tiny.TINY_BUILDERS[name](tmp_path / name)
     model, processor = _load(path)
-    assert type(model).__name__ == "Idefics3ForConditionalGeneration"
-    assert type(processor).__name__ == "Idefics3Processor"
+    assert model.config.model_type == name
+    assert type(model).__name__ == f"{model_type}ForConditionalGeneration"
+    assert type(processor).__name__ == f"{model_type}Processor"
     assert tiny.IDEFICS3_IMAGE_SEQ_LEN == processor.image_seq_len == 4
     prompt = _prompt(processor)
-    assert prompt == "User:<image> What is this?<end_of_utterance>\nAssistant:"
+    assert prompt == prompt_expected
     tok = processor.tokenizer
     marker_ids = [tok.convert_tokens_to_ids(t) for t in ("<fake_token_around_image>", "<global-img>", "<row_2_col_2>")]
     assert len(set(marker_ids)) == 3 and all(i is not None and i != tok.unk_token_id for i in marker_ids)
@@ -135,7 +154,13 @@ def test_idefics3_tiles_and_markers(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "builder", [tiny.make_tiny_llava_next, tiny.make_tiny_qwen2_5_vl, tiny.make_tiny_idefics3]
+    "builder",
+    [
+        tiny.make_tiny_llava_next,
+        tiny.make_tiny_qwen2_5_vl,
+        tiny.make_tiny_idefics3,
+        pytest.param(tiny.make_tiny_smolvlm, marks=_NEEDS_NUM2WORDS),
+    ],
 )
 def test_builder_is_deterministic_and_tiny(tmp_path: Path, builder) -> None:  # noqa: ANN001
     before = torch.random.get_rng_state()
@@ -148,7 +173,9 @@ def test_builder_is_deterministic_and_tiny(tmp_path: Path, builder) -> None:  # 
     assert sum(t.numel() for t in first.values()) < 300_000
 
 
-@pytest.mark.parametrize("name", ["llava_next", "qwen2_5_vl", "idefics3"])
+@pytest.mark.parametrize(
+    "name", ["llava_next", "qwen2_5_vl", "idefics3", pytest.param("smolvlm", marks=_NEEDS_NUM2WORDS)]
+)
 def test_registered_and_cached(name: str) -> None:
     assert name in tiny.TINY_BUILDERS
     path = tiny.cached_tiny(name)

@@ -1,12 +1,14 @@
-"""VLMAdapter on the tiny LLaVA-NeXT, Qwen2.5-VL and Idefics3 models: log-probs against a brute-force
+"""VLMAdapter on the tiny LLaVA-NeXT, Qwen2.5-VL, Idefics3 and SmolVLM models: log-probs against a brute-force
 loop, shared-image encoding against the naive path, per-side images, truncation that keeps image tokens.
 
 The brute force and the image set come from tests/test_vision_adapter.py (LLaVA-1.5 / Qwen2-VL); the pairs
 here add an image of another shape so that a batch mixes tile counts (LLaVA-NeXT: 2 or 3 anyres tiles,
-padded; Idefics3: 3 or 5 tiles, all-zero padding tiles; Qwen2.5-VL: different patch grids)."""
+padded; Idefics3 and SmolVLM: 3 or 5 tiles, all-zero padding tiles; Qwen2.5-VL: different patch grids).
+SmolVLM's processor needs the ``num2words`` package; its cases are skipped where that is not installed."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,10 @@ from test_vision_adapter import _brute, _images
 from mmalign.pairs import PreferencePair
 from vision.adapter import VLMAdapter
 
-FAMILIES = ["llava_next", "qwen2_5_vl", "idefics3"]
+_NEEDS_NUM2WORDS = pytest.mark.skipif(
+    importlib.util.find_spec("num2words") is None, reason="SmolVLMProcessor needs the num2words package"
+)
+FAMILIES = ["llava_next", "qwen2_5_vl", "idefics3", pytest.param("smolvlm", marks=_NEEDS_NUM2WORDS)]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -51,7 +56,12 @@ def pairs_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[P
 def _vision_rows(name: str, model: torch.nn.Module) -> tuple[torch.nn.Module, list[int]]:
     """The vision encoder module and a list its forward pre-hook fills with the rows (tiles or patches) seen."""
     base = model.model
-    module = {"llava_next": "vision_tower", "qwen2_5_vl": "visual", "idefics3": "vision_model"}[name]
+    module = {
+        "llava_next": "vision_tower",
+        "qwen2_5_vl": "visual",
+        "idefics3": "vision_model",
+        "smolvlm": "vision_model",
+    }[name]
     return getattr(base, module), []
 
 
@@ -81,7 +91,7 @@ def test_shared_path_equals_naive_and_encodes_less(family, pairs_folder) -> None
       Shared: units a, b-chosen, b-rejected, c = 3 + 2 + 3 + 3 = 11; naive: 2*3 + (2 + 3) + 2*3 = 17.
     * Qwen2.5-VL 14-px patches: 40x50 -> 56x84 = 24, 50x50 -> 56x56 = 16, 30x90 -> 56x112 = 32 (scaled up
       by sqrt(3136 / 2700) to reach min_pixels). Shared 24 + 16 + 32 + 32 = 104; naive 48 + 48 + 64 = 160.
-    * Idefics3 tiles: 40x50 and 50x50 -> 2x2 + global = 5, 30x90 -> 1x2 + global = 3.
+    * Idefics3 and SmolVLM tiles: 40x50 and 50x50 -> 2x2 + global = 5, 30x90 -> 1x2 + global = 3.
       Shared 5 + 5 + 3 + 3 = 16; naive 10 + 8 + 6 = 24.
     """
     name, model, processor = family
@@ -105,7 +115,12 @@ def test_shared_path_equals_naive_and_encodes_less(family, pairs_folder) -> None
             results[(share, "rows")] = sum(seen)
     finally:
         hook.remove()
-    expected_rows = {"llava_next": (11, 17), "qwen2_5_vl": (104, 160), "idefics3": (16, 24)}[name]
+    expected_rows = {
+        "llava_next": (11, 17),
+        "qwen2_5_vl": (104, 160),
+        "idefics3": (16, 24),
+        "smolvlm": (16, 24),
+    }[name]
     assert (results[(True, "rows")], results[(False, "rows")]) == expected_rows
     torch.testing.assert_close(results[True].chosen, results[False].chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(results[True].rejected, results[False].rejected, atol=1e-5, rtol=0)
