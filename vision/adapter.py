@@ -22,7 +22,7 @@ What it does that TRL's VLM DPO does not:
   the model's, and when the number of image tokens differs from the number of image features.
 
 Families covered by tests, each with a tiny model from :mod:`mmalign.tiny`: LLaVA-1.5 and Qwen2-VL
-(tests/test_vision_adapter.py), LLaVA-NeXT (anyres tiles, ``image_sizes``), Qwen2.5-VL (window attention)
+(tests/test_vision_adapter.py), LLaVA-NeXT (anyres tiles, ``image_sizes``), Qwen2.5-VL (window attention),
 Idefics3 (split tiles, ``pixel_attention_mask``) and SmolVLM (Idefics3's design under its own classes) in
 tests/test_vision_families.py. Their ``get_image_features`` return per-image or per-sample features
 whose rows match the image tokens; per-image side inputs (``image_sizes``/``image_grid_thw``) are
