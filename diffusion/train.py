@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import torch
 
+from mmalign.config import help_
 from mmalign.engine import TrainConfig
 
 __all__ = [
@@ -59,10 +60,6 @@ _LOSS = {"diffusion_dpo": "diffusion_dpo", "dcpo": "diffusion_dpo", "mapo": "map
 DEFAULT_GRID_PROMPTS = ["a red cube on a table", "a cat in the sky", "a blue house", "a dog with a small car"]
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 def _default_train() -> TrainConfig:
     return TrainConfig(loss="diffusion_dpo", output_dir="runs/diffusion")
 
@@ -72,71 +69,71 @@ class DiffusionTrainConfig:
     """Text-to-image preference training (Diffusion-DPO, MaPO, DCPO, PSO); every field is a flag and a YAML key."""
 
     pretrained: str = field(
-        default="tiny:sd", metadata=_help("diffusers pipeline: hub name, local folder or tiny:<sd|sdxl|sd3|flux>")
+        default="tiny:sd", metadata=help_("diffusers pipeline: hub name, local folder or tiny:<sd|sdxl|sd3|flux>")
     )
-    tiny: bool = field(default=False, metadata=_help("replace pretrained by tiny_pretrained (tests, smoke runs)"))
-    tiny_pretrained: str = field(default="tiny:sd", metadata=_help("the tiny pipeline --tiny uses"))
+    tiny: bool = field(default=False, metadata=help_("replace pretrained by tiny_pretrained (tests, smoke runs)"))
+    tiny_pretrained: str = field(default="tiny:sd", metadata=help_("the tiny pipeline --tiny uses"))
     tiny_kwargs: dict[str, Any] = field(
-        default_factory=dict, metadata=_help("builder kwargs of the tiny pipeline, e.g. {prediction_type: v_prediction}")
+        default_factory=dict, metadata=help_("builder kwargs of the tiny pipeline, e.g. {prediction_type: v_prediction}")
     )
     data: str = field(
         default="",
-        metadata=_help("pair dataset folder (pairs.jsonl / parquet / HF datasets), or toy:brightness for the "
+        metadata=help_("pair dataset folder (pairs.jsonl / parquet / HF datasets), or toy:brightness for the "
                        "built-in toy preference (chosen images brighter), written into output_dir/toy_pairs"),
     )
-    output_dir: str = field(default="runs/diffusion", metadata=_help("where weights, metrics and the grid go"))
+    output_dir: str = field(default="runs/diffusion", metadata=help_("where weights, metrics and the grid go"))
     objective: Literal["diffusion_dpo", "mapo", "dcpo", "pso"] = field(
-        default="diffusion_dpo", metadata=_help("diffusion_dpo | mapo | dcpo | pso")
+        default="diffusion_dpo", metadata=help_("diffusion_dpo | mapo | dcpo | pso")
     )
     beta: float | None = field(
-        default=None, metadata=_help("loss beta; default 5000 (DPO, PSO), 500 (DCPO), 0.1 (MaPO)")
+        default=None, metadata=help_("loss beta; default 5000 (DPO, PSO), 500 (DCPO), 0.1 (MaPO)")
     )
-    mapo_scale: float = field(default=0.5, metadata=_help("MaPO's s in s*L/(exp(s*L)-1)"))
+    mapo_scale: float = field(default=0.5, metadata=help_("MaPO's s in s*L/(exp(s*L)-1)"))
     prediction_type: str | None = field(
         default=None,
-        metadata=_help("prediction type the objective expects; an error if it differs from the model's (never forced)"),
+        metadata=help_("prediction type the objective expects; an error if it differs from the model's (never forced)"),
     )
-    resolution: int | None = field(default=None, metadata=_help("training resolution (default: the model's native)"))
-    empty_prompt_prob: float = field(default=0.0, metadata=_help("probability of training a pair on the empty prompt"))
-    label_flip_prob: float = field(default=0.0, metadata=_help("label noise: probability of swapping a pair's sides"))
+    resolution: int | None = field(default=None, metadata=help_("training resolution (default: the model's native)"))
+    empty_prompt_prob: float = field(default=0.0, metadata=help_("probability of training a pair on the empty prompt"))
+    label_flip_prob: float = field(default=0.0, metadata=help_("label noise: probability of swapping a pair's sides"))
     timestep_sampling: Literal["uniform", "logit_normal"] = field(
-        default="uniform", metadata=_help("flow-matching timestep density")
+        default="uniform", metadata=help_("flow-matching timestep density")
     )
-    max_sequence_length: int = field(default=77, metadata=_help("T5 tokens of SD3 and Flux pipelines"))
+    max_sequence_length: int = field(default=77, metadata=help_("T5 tokens of SD3 and Flux pipelines"))
     flux_guidance: float = field(
-        default=3.5, metadata=_help("guidance-embedding value of guidance-distilled Flux (dev) models in training")
+        default=3.5, metadata=help_("guidance-embedding value of guidance-distilled Flux (dev) models in training")
     )
     frozen_dtype: Literal["float32", "float16", "bfloat16"] = field(
-        default="float32", metadata=_help("dtype of the frozen VAE and text encoders")
+        default="float32", metadata=help_("dtype of the frozen VAE and text encoders")
     )
     cache_dir: str | None = field(
-        default=None, metadata=_help("latent/text-embedding cache folder (built when missing, resumable)")
+        default=None, metadata=help_("latent/text-embedding cache folder (built when missing, resumable)")
     )
-    cache_shard_size: int = field(default=64, metadata=_help("pairs per cache shard"))
+    cache_shard_size: int = field(default=64, metadata=help_("pairs per cache shard"))
     attention: Literal["sdpa", "xformers"] = field(
-        default="sdpa", metadata=_help("xformers memory-efficient attention where CUDA+xformers exist, else SDPA")
+        default="sdpa", metadata=help_("xformers memory-efficient attention where CUDA+xformers exist, else SDPA")
     )
     save_full_pipeline: bool = field(
-        default=False, metadata=_help("also save the whole pipeline (LoRA merged) with save_pretrained")
+        default=False, metadata=help_("also save the whole pipeline (LoRA merged) with save_pretrained")
     )
     grid_prompts: list[str] = field(
-        default_factory=lambda: list(DEFAULT_GRID_PROMPTS), metadata=_help("prompts of the before/after grid")
+        default_factory=lambda: list(DEFAULT_GRID_PROMPTS), metadata=help_("prompts of the before/after grid")
     )
-    grid_steps: int = field(default=25, metadata=_help("sampling steps of the grid (0 = no grid)"))
-    grid_guidance_scale: float = field(default=5.0, metadata=_help("CFG scale of the grid"))
-    grid_seed: int = field(default=0, metadata=_help("seed of the grid's noise"))
+    grid_steps: int = field(default=25, metadata=help_("sampling steps of the grid (0 = no grid)"))
+    grid_guidance_scale: float = field(default=5.0, metadata=help_("CFG scale of the grid"))
+    grid_seed: int = field(default=0, metadata=help_("seed of the grid's noise"))
     pso_mode: Literal["offline", "online"] = field(
-        default="offline", metadata=_help("PSO: sample rejected images once, or again every pso_every_n_steps")
+        default="offline", metadata=help_("PSO: sample rejected images once, or again every pso_every_n_steps")
     )
-    pso_every_n_steps: int = field(default=10, metadata=_help("PSO online: re-sample period in optimizer steps"))
-    pso_refresh_per_call: int | None = field(default=None, metadata=_help("PSO online: pairs re-sampled per call"))
-    pso_num_inference_steps: int = field(default=1, metadata=_help("PSO: sampler steps of the distilled model"))
-    pso_guidance_scale: float = field(default=0.0, metadata=_help("PSO: CFG scale when sampling (turbo: 0)"))
+    pso_every_n_steps: int = field(default=10, metadata=help_("PSO online: re-sample period in optimizer steps"))
+    pso_refresh_per_call: int | None = field(default=None, metadata=help_("PSO online: pairs re-sampled per call"))
+    pso_num_inference_steps: int = field(default=1, metadata=help_("PSO: sampler steps of the distilled model"))
+    pso_guidance_scale: float = field(default=0.0, metadata=help_("PSO: CFG scale when sampling (turbo: 0)"))
     pso_sampler: Literal["euler_ancestral", "euler", "lcm", "ddim", "flow_euler", "keep"] = field(
-        default="keep", metadata=_help("PSO and grid: few-step scheduler to sample with")
+        default="keep", metadata=help_("PSO and grid: few-step scheduler to sample with")
     )
-    pso_data_dir: str | None = field(default=None, metadata=_help("PSO pair folder (default output_dir/pso_pairs)"))
-    train: TrainConfig = field(default_factory=_default_train, metadata=_help("engine settings (mmalign.engine)"))
+    pso_data_dir: str | None = field(default=None, metadata=help_("PSO pair folder (default output_dir/pso_pairs)"))
+    train: TrainConfig = field(default_factory=_default_train, metadata=help_("engine settings (mmalign.engine)"))
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:

@@ -20,9 +20,14 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "config_to_dict", "diff_configs", "from_dict", "load_config", "save_config"]
+__all__ = ["ConfigError", "config_to_dict", "diff_configs", "from_dict", "help_", "load_config", "save_config"]
 
 T = TypeVar("T")
+
+
+def help_(text: str) -> dict[str, str]:
+    """Field metadata carrying its help text: ``field(default=..., metadata=help_("what it does"))``."""
+    return {"help": text}
 
 
 class ConfigError(ValueError):

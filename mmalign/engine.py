@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmalign.adapter import Adapter, ChosenRejected
-from mmalign.config import config_to_dict, diff_configs
+from mmalign.config import config_to_dict, diff_configs, help_
 
 __all__ = [
     "CheckpointError",
@@ -68,61 +68,57 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from (missing tensors, different config)."""
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class TrainConfig:
     """Everything the engine needs; every field is a CLI flag and a YAML key."""
 
-    output_dir: str = field(default="runs/default", metadata=_help("folder for checkpoints, metrics, plots"))
-    loss: str = field(default="dpo", metadata=_help("name in mmalign.losses.LOSSES"))
-    loss_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help("loss hyperparameters, e.g. {beta: 0.1}"))
+    output_dir: str = field(default="runs/default", metadata=help_("folder for checkpoints, metrics, plots"))
+    loss: str = field(default="dpo", metadata=help_("name in mmalign.losses.LOSSES"))
+    loss_kwargs: dict[str, Any] = field(default_factory=dict, metadata=help_("loss hyperparameters, e.g. {beta: 0.1}"))
     sft_weight: float | None = field(
         default=None,
-        metadata=_help("weight of the chosen-NLL term added to the loss; default 1 for orpo/asft (their papers' "
+        metadata=help_("weight of the chosen-NLL term added to the loss; default 1 for orpo/asft (their papers' "
                        "objective includes it), else 0"),
     )
     sft_normaliser: float = field(
-        default=0.0, metadata=_help("divide the chosen NLL by this constant (STIC: 1024); 0 = by token count")
+        default=0.0, metadata=help_("divide the chosen NLL by this constant (STIC: 1024); 0 = by token count")
     )
     reference: Reference = field(
         default="auto",
-        metadata=_help("frozen | lora_disabled | precomputed | none | auto (lora_disabled with LoRA, else frozen)"),
+        metadata=help_("frozen | lora_disabled | precomputed | none | auto (lora_disabled with LoRA, else frozen)"),
     )
-    ref_cache_dir: str | None = field(default=None, metadata=_help("where precomputed reference values are cached"))
-    batch_size: int = field(default=4, metadata=_help("pairs per process per micro-batch"))
-    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
-    max_steps: int = field(default=100, metadata=_help("optimizer steps (0 = num_epochs decides)"))
-    num_epochs: int = field(default=1, metadata=_help("epochs when max_steps is 0"))
-    learning_rate: float = field(default=1e-5, metadata=_help("peak learning rate"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_help("AdamW betas"))
-    adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
+    ref_cache_dir: str | None = field(default=None, metadata=help_("where precomputed reference values are cached"))
+    batch_size: int = field(default=4, metadata=help_("pairs per process per micro-batch"))
+    grad_accum: int = field(default=1, metadata=help_("micro-batches per optimizer step"))
+    max_steps: int = field(default=100, metadata=help_("optimizer steps (0 = num_epochs decides)"))
+    num_epochs: int = field(default=1, metadata=help_("epochs when max_steps is 0"))
+    learning_rate: float = field(default=1e-5, metadata=help_("peak learning rate"))
+    weight_decay: float = field(default=0.0, metadata=help_("AdamW weight decay"))
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=help_("AdamW betas"))
+    adam_eps: float = field(default=1e-8, metadata=help_("AdamW epsilon"))
     optimizer: Literal["adamw", "adamw8bit", "sgd"] = field(
-        default="adamw", metadata=_help("adamw | adamw8bit (needs bitsandbytes) | sgd")
+        default="adamw", metadata=help_("adamw | adamw8bit (needs bitsandbytes) | sgd")
     )
-    lr_scheduler: Literal["constant", "cosine", "linear"] = field(default="constant", metadata=_help("after warmup"))
-    warmup_steps: int = field(default=0, metadata=_help("linear warmup steps"))
-    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0 = off)"))
-    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata=_help("no | fp16 | bf16"))
-    gradient_checkpointing: bool = field(default=False, metadata=_help("trade compute for activation memory"))
-    lora_r: int = field(default=0, metadata=_help("LoRA rank (0 = full fine-tuning)"))
-    lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha"))
-    lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout"))
+    lr_scheduler: Literal["constant", "cosine", "linear"] = field(default="constant", metadata=help_("after warmup"))
+    warmup_steps: int = field(default=0, metadata=help_("linear warmup steps"))
+    max_grad_norm: float = field(default=1.0, metadata=help_("gradient clipping norm (0 = off)"))
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata=help_("no | fp16 | bf16"))
+    gradient_checkpointing: bool = field(default=False, metadata=help_("trade compute for activation memory"))
+    lora_r: int = field(default=0, metadata=help_("LoRA rank (0 = full fine-tuning)"))
+    lora_alpha: float = field(default=16.0, metadata=help_("LoRA alpha"))
+    lora_dropout: float = field(default=0.0, metadata=help_("LoRA dropout"))
     lora_target_modules: list[str] | None = field(
-        default=None, metadata=_help("module names for LoRA; default: the adapter's lora_target_modules")
+        default=None, metadata=help_("module names for LoRA; default: the adapter's lora_target_modules")
     )
-    seed: int = field(default=0, metadata=_help("seed of data order, noise and initialisation"))
-    save_every: int = field(default=0, metadata=_help("checkpoint every N optimizer steps (0 = only at the end)"))
-    keep_last: int = field(default=2, metadata=_help("checkpoints kept"))
-    resume: bool = field(default=False, metadata=_help("continue from the newest complete checkpoint"))
-    log_every: int = field(default=1, metadata=_help("write metrics every N optimizer steps"))
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=_help("accelerate trackers"))
-    diagnostics_every: int = field(default=0, metadata=_help("diagnostics every N steps (0 = off)"))
-    progress: bool = field(default=True, metadata=_help("show a tqdm progress bar"))
-    plot: bool = field(default=True, metadata=_help("draw metrics.png at the end"))
+    seed: int = field(default=0, metadata=help_("seed of data order, noise and initialisation"))
+    save_every: int = field(default=0, metadata=help_("checkpoint every N optimizer steps (0 = only at the end)"))
+    keep_last: int = field(default=2, metadata=help_("checkpoints kept"))
+    resume: bool = field(default=False, metadata=help_("continue from the newest complete checkpoint"))
+    log_every: int = field(default=1, metadata=help_("write metrics every N optimizer steps"))
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=help_("accelerate trackers"))
+    diagnostics_every: int = field(default=0, metadata=help_("diagnostics every N steps (0 = off)"))
+    progress: bool = field(default=True, metadata=help_("show a tqdm progress bar"))
+    plot: bool = field(default=True, metadata=help_("draw metrics.png at the end"))
 
     def __post_init__(self) -> None:
         from mmalign.losses import LOSSES

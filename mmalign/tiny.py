@@ -434,25 +434,17 @@ def make_tiny_llava(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
     return out
 
 
-def make_tiny_qwen2vl(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
-    """Tiny ``Qwen2VLForConditionalGeneration`` with a matching ``Qwen2VLProcessor``, saved to ``out_dir``.
+def _make_tiny_qwen_vl(
+    out_dir: str | os.PathLike[str], *, seed: int, vision_config: dict[str, Any], classes: tuple[str, str, str]
+) -> Path:
+    """Shared body of the tiny Qwen2-VL / Qwen2.5-VL builders: tokenizer, text model, processors, saving.
 
-    Vision: depth 2, embed dim 32, 2 heads, patch 14, temporal patch 2, spatial merge 2, so one image token
-    per 28x28 pixels; images are resized (``smart_resize``) to between :data:`QWEN2VL_MIN_PIXELS` (56x56,
-    4 tokens) and :data:`QWEN2VL_MAX_PIXELS` (112x112, 16 tokens) pixels, sides multiples of 28. Videos use
-    the same pixel budget per frame, two frames per temporal patch (8 frames at 56x56 -> 4 x 4 = 16 tokens).
-    Text: Qwen2 decoder, hidden 32, 2 layers, 2 heads of dim 16, M-RoPE sections (2, 3, 3) (sum 8 = 16 / 2).
-    Loads with ``AutoModelForImageTextToText`` / ``AutoProcessor``.
+    ``classes`` names the transformers (config, model, processor) classes of the family.
     """
-    from transformers import (
-        GenerationConfig,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    import transformers
+    from transformers import GenerationConfig, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
+    config_cls, model_cls, processor_cls = (getattr(transformers, name) for name in classes)
     out = _prepare_dir(out_dir)
     tokenizer = make_tiny_tokenizer(flavour="qwen")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.extra_special_tokens}
@@ -469,18 +461,7 @@ def make_tiny_qwen2vl(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    vision_config = {
-        "depth": 2,
-        "embed_dim": 32,
-        "hidden_size": 32,
-        "num_heads": 2,
-        "mlp_ratio": 2,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "in_channels": 3,
-    }
-    config = Qwen2VLConfig(
+    config = config_cls(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"],
@@ -490,7 +471,7 @@ def make_tiny_qwen2vl(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path
         tie_word_embeddings=False,
     )
     with _seeded(seed):
-        model = Qwen2VLForConditionalGeneration(config)
+        model = model_cls(config)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
@@ -505,7 +486,7 @@ def make_tiny_qwen2vl(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path
         max_frames=16,
         cap_pixels_per_frame=True,
     )
-    processor = Qwen2VLProcessor(
+    processor = processor_cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
@@ -514,6 +495,31 @@ def make_tiny_qwen2vl(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def make_tiny_qwen2vl(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Tiny ``Qwen2VLForConditionalGeneration`` with a matching ``Qwen2VLProcessor``, saved to ``out_dir``.
+
+    Vision: depth 2, embed dim 32, 2 heads, patch 14, temporal patch 2, spatial merge 2, so one image token
+    per 28x28 pixels; images are resized (``smart_resize``) to between :data:`QWEN2VL_MIN_PIXELS` (56x56,
+    4 tokens) and :data:`QWEN2VL_MAX_PIXELS` (112x112, 16 tokens) pixels, sides multiples of 28. Videos use
+    the same pixel budget per frame, two frames per temporal patch (8 frames at 56x56 -> 4 x 4 = 16 tokens).
+    Text: Qwen2 decoder, hidden 32, 2 layers, 2 heads of dim 16, M-RoPE sections (2, 3, 3) (sum 8 = 16 / 2).
+    Loads with ``AutoModelForImageTextToText`` / ``AutoProcessor``.
+    """
+    vision_config = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": 32,
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    }
+    return _make_tiny_qwen_vl(out_dir, seed=seed, vision_config=vision_config,
+                              classes=("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"))
 
 
 def _tiny_clip_vision_config() -> Any:
@@ -606,31 +612,6 @@ def make_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], *, seed: int = 0) -> P
     tokens per window) in block 0 and full attention in block 1 (``fullatt_block_indexes=[1]``), so both
     paths run; ``tokens_per_second=2`` for video M-RoPE (``second_per_grid_ts``).
     """
-    from transformers import (
-        GenerationConfig,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    out = _prepare_dir(out_dir)
-    tokenizer = make_tiny_tokenizer(flavour="qwen")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.extra_special_tokens}
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 1024,
-        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-        "bos_token_id": None,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
     vision_config = {
         "depth": 2,
         "hidden_size": 32,
@@ -645,40 +626,8 @@ def make_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], *, seed: int = 0) -> P
         "fullatt_block_indexes": [1],
         "tokens_per_second": 2,
     }
-    config = Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
-    with _seeded(seed):
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    size = {"shortest_edge": QWEN2VL_MIN_PIXELS, "longest_edge": QWEN2VL_MAX_PIXELS}
-    image_processor = Qwen2VLImageProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2)
-    video_processor = Qwen2VLVideoProcessor(
-        size=size,
-        patch_size=14,
-        temporal_patch_size=2,
-        merge_size=2,
-        min_frames=2,
-        max_frames=16,
-        cap_pixels_per_frame=True,
-    )
-    processor = Qwen2_5_VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=_QWEN_CHAT_TEMPLATE,
-    )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    classes = ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")
+    return _make_tiny_qwen_vl(out_dir, seed=seed, vision_config=vision_config, classes=classes)
 
 
 def _make_tiny_tiled_vlm(

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from mmalign.config import help_
 from mmalign.prompts import DESCRIBE_PROMPTS, STIC_DESCRIBE_PROMPT, description_infused, stic_negative_plan
 from vision.generate import GenerationSettings, generate_responses
 
@@ -61,27 +62,23 @@ __all__ = [
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class STICConfig:
     """Stage-1 settings (each field a CLI flag / YAML key through :mod:`mmalign.config`)."""
 
-    image_dir: str = field(default="", metadata=_help("folder of unlabeled images (searched recursively)"))
-    out_dir: str = field(default="", metadata=_help("pair dataset folder to create or resume"))
-    max_new_tokens: int = field(default=256, metadata=_help("tokens per generated description"))
-    temperature: float = field(default=0.2, metadata=_help("sampling temperature (STIC: 0.2)"))
-    batch_size: int = field(default=8, metadata=_help("images per generate() call"))
-    seed: int = field(default=0, metadata=_help("seed of plans, corruptions and sampling"))
+    image_dir: str = field(default="", metadata=help_("folder of unlabeled images (searched recursively)"))
+    out_dir: str = field(default="", metadata=help_("pair dataset folder to create or resume"))
+    max_new_tokens: int = field(default=256, metadata=help_("tokens per generated description"))
+    temperature: float = field(default=0.2, metadata=help_("sampling temperature (STIC: 0.2)"))
+    batch_size: int = field(default=8, metadata=help_("images per generate() call"))
+    seed: int = field(default=0, metadata=help_("seed of plans, corruptions and sampling"))
     pair_prompt: str | None = field(
-        default=None, metadata=_help("prompt stored in the pairs (None: a plain describe prompt per image)")
+        default=None, metadata=help_("prompt stored in the pairs (None: a plain describe prompt per image)")
     )
-    lowres_size: int = field(default=20, metadata=_help("stic_lowres: shorter side of the low-res image"))
-    non_rgb: str = field(default="convert", metadata=_help("convert | skip non-RGB images"))
-    limit: int | None = field(default=None, metadata=_help("use only the first N images (sorted)"))
-    system_prompt: str | None = field(default=None, metadata=_help("system message for generation"))
+    lowres_size: int = field(default=20, metadata=help_("stic_lowres: shorter side of the low-res image"))
+    non_rgb: str = field(default="convert", metadata=help_("convert | skip non-RGB images"))
+    limit: int | None = field(default=None, metadata=help_("use only the first N images (sorted)"))
+    system_prompt: str | None = field(default=None, metadata=help_("system message for generation"))
 
     def __post_init__(self) -> None:
         if self.non_rgb not in ("convert", "skip"):

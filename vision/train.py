@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mmalign.config import help_
 from mmalign.engine import TrainConfig
 
 __all__ = ["VLMTrainConfig", "load_vlm", "run"]
@@ -21,24 +22,20 @@ __all__ = ["VLMTrainConfig", "load_vlm", "run"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class VLMTrainConfig:
     """Preference optimisation of a vision-language model (every field a CLI flag and a YAML key)."""
 
-    model: str = field(default="", metadata=_help("model folder or hub name (AutoModelForImageTextToText)"))
-    data: str = field(default="", metadata=_help("pair dataset folder, or a TRL file/folder with data_format=trl"))
-    data_format: str = field(default="pairs", metadata=_help("pairs (our folder) | trl (converted first)"))
-    trust_remote_code: bool = field(default=False, metadata=_help("allow the checkpoint's own Python code"))
-    dtype: str = field(default="float32", metadata=_help("float32 | bfloat16 | float16 weights"))
-    max_length: int | None = field(default=2048, metadata=_help("max tokens per row (image tokens are never cut)"))
-    truncation: str = field(default="response", metadata=_help("response (cut the response) | drop (drop the pair)"))
-    share_image_encoding: bool = field(default=True, metadata=_help("encode a pair's shared image once"))
-    system_prompt: str | None = field(default=None, metadata=_help("system message for every prompt"))
-    train: TrainConfig = field(default_factory=TrainConfig, metadata=_help("engine settings"))
+    model: str = field(default="", metadata=help_("model folder or hub name (AutoModelForImageTextToText)"))
+    data: str = field(default="", metadata=help_("pair dataset folder, or a TRL file/folder with data_format=trl"))
+    data_format: str = field(default="pairs", metadata=help_("pairs (our folder) | trl (converted first)"))
+    trust_remote_code: bool = field(default=False, metadata=help_("allow the checkpoint's own Python code"))
+    dtype: str = field(default="float32", metadata=help_("float32 | bfloat16 | float16 weights"))
+    max_length: int | None = field(default=2048, metadata=help_("max tokens per row (image tokens are never cut)"))
+    truncation: str = field(default="response", metadata=help_("response (cut the response) | drop (drop the pair)"))
+    share_image_encoding: bool = field(default=True, metadata=help_("encode a pair's shared image once"))
+    system_prompt: str | None = field(default=None, metadata=help_("system message for every prompt"))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=help_("engine settings"))
 
     def __post_init__(self) -> None:
         if not self.model:
