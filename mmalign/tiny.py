@@ -998,6 +998,27 @@ def _t5_tokenizer() -> Any:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=256)
 
 
+def _tiny_t5(tokenizer: Any, *, d_model: int) -> Any:
+    """A 2-layer, 4-head T5 encoder for the tiny SD3 / Flux pipelines (call under ``_seeded``)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=d_model,
+            d_kv=d_model // 4,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
 def make_tiny_sd3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
     """Tiny ``StableDiffusion3Pipeline`` folder (flow matching), loadable with a plain ``from_pretrained``.
 
@@ -1011,7 +1032,7 @@ def make_tiny_sd3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
     Scheduler: ``FlowMatchEulerDiscreteScheduler(shift=3.0)``.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     out = _prepare_dir(out_dir)
     tokenizer = _clip_tokenizer()
@@ -1044,21 +1065,7 @@ def make_tiny_sd3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
     with _seeded(seed + 3):
         text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, projection_dim=32))
     with _seeded(seed + 4):
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_3),
-                d_model=64,
-                d_kv=16,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=32,
-                pad_token_id=tokenizer_3.pad_token_id,
-                eos_token_id=tokenizer_3.eos_token_id,
-                decoder_start_token_id=tokenizer_3.pad_token_id,
-            )
-        )
+        text_encoder_3 = _tiny_t5(tokenizer_3, d_model=64)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
@@ -1098,7 +1105,7 @@ def make_tiny_flux(out_dir: str | os.PathLike[str], *, seed: int = 0, variant: s
     as the FLUX.1 checkpoints are configured.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     if variant not in FLUX_VARIANTS:
         raise ValueError(f"make_tiny_flux: variant must be one of {FLUX_VARIANTS}, got {variant!r}")
@@ -1130,21 +1137,7 @@ def make_tiny_flux(out_dir: str | os.PathLike[str], *, seed: int = 0, variant: s
     with _seeded(seed + 2):
         text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
     with _seeded(seed + 3):
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=32,
-                pad_token_id=tokenizer_2.pad_token_id,
-                eos_token_id=tokenizer_2.eos_token_id,
-                decoder_start_token_id=tokenizer_2.pad_token_id,
-            )
-        )
+        text_encoder_2 = _tiny_t5(tokenizer_2, d_model=32)
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0 if dev else 1.0,
