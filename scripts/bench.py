@@ -23,6 +23,7 @@ SECTIONS = {
     "reno": ("bench_reno", "bench_reno"),
     "diffusion": ("bench_diffusion", "bench_diffusion"),
     "vision": ("bench_vision", "bench_vision"),
+    "cuda": ("bench_cuda", "bench_cuda"),  # GPU only; scripts/device_check.sh runs it on a lent machine
 }
 
 
@@ -57,7 +58,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=argparse.SUPPRESS, help="pairs per step (vision)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args, extra = ap.parse_known_args()  # the rest goes to the section (e.g. diffusion's --peer DIR)
-    names = list(SECTIONS) if args.section == "all" else [args.section]
+    names = [n for n in SECTIONS if n != "cuda"] if args.section == "all" else [args.section]
     for name in names:
         module, func = SECTIONS[name]
         try:
