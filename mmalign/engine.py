@@ -598,8 +598,10 @@ class _Engine:
                 raise ImportError("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes") from exc
             return bnb.optim.AdamW8bit(params, lr=c.learning_rate, betas=tuple(c.adam_betas),
                                        eps=c.adam_eps, weight_decay=c.weight_decay)
+        # torch's own choice of implementation: foreach on CUDA (fast for billions of parameters),
+        # the plain loop on the CPU (what the bitwise-resume test runs).
         return torch.optim.AdamW(params, lr=c.learning_rate, betas=tuple(c.adam_betas), eps=c.adam_eps,
-                                 weight_decay=c.weight_decay, foreach=False)
+                                 weight_decay=c.weight_decay)
 
     def total_steps(self) -> int:
         if self.cfg.max_steps:
