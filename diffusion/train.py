@@ -30,7 +30,6 @@ import dataclasses
 import json
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -216,29 +215,14 @@ def load_pipeline(pretrained: str, *, torch_dtype: torch.dtype | None = None, **
 def set_attention(model: torch.nn.Module, backend: str) -> str:
     """Pick the attention backend of ``model``: ``"xformers"`` or ``"sdpa"``; returns the one in use.
 
-    Uses :func:`mmalign.attention.set_attention_backend` when the core provides it; otherwise enables
-    diffusers' xformers attention when CUDA and xformers exist and warns clearly when it falls back.
+    :func:`mmalign.attention.set_attention_backend` does the work and says clearly when xformers was
+    asked for but CUDA or xformers is missing (it then falls back to torch SDPA).
     """
+    from mmalign.attention import set_attention_backend
+
     if backend not in ("sdpa", "xformers"):
         raise ValueError(f"attention must be 'sdpa' or 'xformers', got {backend!r}")
-    try:
-        from mmalign.attention import set_attention_backend
-    except ImportError:
-        set_attention_backend = None
-    if set_attention_backend is not None:
-        return str(set_attention_backend(model, backend))
-    if backend == "sdpa":
-        return "sdpa"
-    if not torch.cuda.is_available():
-        warnings.warn("attention='xformers' needs CUDA; falling back to torch SDPA", stacklevel=2)
-        return "sdpa"
-    try:
-        import xformers  # noqa: F401
-    except ImportError:
-        warnings.warn("attention='xformers' but xformers is not installed; falling back to torch SDPA", stacklevel=2)
-        return "sdpa"
-    model.enable_xformers_memory_efficient_attention()
-    return "xformers"
+    return set_attention_backend(model, backend)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
