@@ -694,11 +694,23 @@ class _Engine:
         return self._lora_cache
 
     def _precompute_reference(self) -> None:
-        """One pass with the reference before training; cached beside the dataset, keyed by hashes."""
-        folder = self.cfg.ref_cache_dir or getattr(self.dataset, "folder", None) or self.out
+        """One pass with the reference before training, keyed by hashes of the model and the data.
+
+        The cache goes to ``ref_cache_dir`` when set, else beside the dataset (its ``root`` folder, for
+        a ``PairDataset``) when that folder is writable, else into the output folder; an existing cache
+        is looked for in the same places, so a second run over the same data and model skips the pass.
+        """
         model = self._unwrapped()
         key = f"{_hash_model(model)}-{_hash_data(self.dataset)}-{self.adapter.value_kind}"
-        path = Path(folder) / f"ref_logps-{key}.safetensors"
+        name = f"ref_logps-{key}.safetensors"
+        if self.cfg.ref_cache_dir:
+            places = [Path(self.cfg.ref_cache_dir)]
+        else:
+            beside = getattr(self.dataset, "root", None) or getattr(self.dataset, "folder", None)
+            places = ([Path(beside)] if beside else []) + [self.out]
+        found = [p / name for p in places if (p / name).is_file()]
+        writable = [p for p in places if not p.exists() or os.access(p, os.W_OK)] or [self.out]
+        path = found[0] if found else writable[0] / name
         if self.accelerator.is_main_process and not path.is_file():
             from tqdm.auto import tqdm
 
@@ -719,7 +731,7 @@ class _Engine:
                     values[ids, 0] = out.chosen.double().cpu()
                     values[ids, 1] = out.rejected.double().cpu()
             model.train(was_training)
-            Path(folder).mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             save_file({"values": values.float()}, str(tmp), metadata={"pairs": str(len(self.dataset))})
             os.replace(tmp, path)

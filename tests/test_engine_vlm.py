@@ -47,3 +47,20 @@ def test_precomputed_reference_with_images_matches_frozen(tmp_path, vlm_pairs):
     assert values.shape == (8, 2) and torch.isfinite(values).all()
     # pairs with a different rejected image differ from what the shared image would give
     assert not torch.equal(values[1], values[0])
+
+
+def test_precomputed_cache_lives_beside_the_dataset_and_is_reused(tmp_path, vlm_pairs):
+    from mmalign.pairs import PairDataset
+
+    dataset = PairDataset(vlm_pairs[0].root)
+    stamps = []
+    for run in ("a", "b"):
+        model, processor = load_vlm(cached_tiny("llava"))
+        cfg = TrainConfig(output_dir=str(tmp_path / run), reference="precomputed", max_steps=1, batch_size=2,
+                          learning_rate=1e-3, trackers=[], progress=False, plot=False)
+        train(model, VLMAdapter(processor, media_root=dataset.root), dataset, cfg)
+        caches = list(dataset.root.glob("ref_logps-*.safetensors"))
+        assert len(caches) == 1, caches  # written beside pairs.jsonl
+        assert not list((tmp_path / run).glob("ref_logps-*"))
+        stamps.append(caches[0].stat().st_mtime_ns)
+    assert stamps[0] == stamps[1]  # the second run read the cache instead of recomputing it
