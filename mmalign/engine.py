@@ -347,10 +347,16 @@ def _hash_model(model: torch.nn.Module) -> str:
 
 
 def _hash_data(dataset: Sequence[Any]) -> str:
+    """Fingerprint of the pairs: their fields, and the size and mtime of every media file they name
+    (so replacing an image under the same name invalidates a cached reference)."""
     h = hashlib.sha256()
     for item in dataset:
         h.update(json.dumps(dataclasses.asdict(item) if dataclasses.is_dataclass(item) else repr(item),
                             sort_keys=True, default=str).encode())
+        if getattr(item, "root", None) is not None and hasattr(item, "media_paths"):
+            for path in (p for side in item.media_paths() for p in side):
+                st = path.stat()
+                h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 

@@ -64,3 +64,15 @@ def test_precomputed_cache_lives_beside_the_dataset_and_is_reused(tmp_path, vlm_
         assert not list((tmp_path / run).glob("ref_logps-*"))
         stamps.append(caches[0].stat().st_mtime_ns)
     assert stamps[0] == stamps[1]  # the second run read the cache instead of recomputing it
+
+
+def test_replacing_an_image_invalidates_the_cached_reference(tmp_path, vlm_pairs):
+    import os
+
+    from mmalign.engine import _hash_data
+
+    before = _hash_data(vlm_pairs)
+    image = vlm_pairs[0].root / "media" / "0.png"
+    Image.fromarray(np.zeros((40, 40, 3), dtype="uint8")).save(image)
+    os.utime(image, ns=(1, 1))  # a different mtime even on coarse file systems
+    assert _hash_data(vlm_pairs) != before
