@@ -5,6 +5,7 @@ Multi-GPU / multi-node: ``accelerate launch scripts/train_vlm.py --config ...``.
 
 from __future__ import annotations
 
+import json
 import sys
 
 from mmalign.config import load_config
@@ -14,7 +15,9 @@ from vision.train import VLMTrainConfig, run
 def main(argv: list[str] | None = None) -> None:
     config = load_config(VLMTrainConfig, argv, description=__doc__)
     result = run(config)
-    print(result)
+    last = result.metrics[-1] if result.metrics else {}
+    print(json.dumps({"steps": result.global_step, "output_dir": str(result.output_dir),
+                      "checkpoint": str(result.final_checkpoint), "last_metrics": last}, indent=1))
 
 
 if __name__ == "__main__":
