@@ -331,7 +331,33 @@ class ClipScore:
         return self.loss_from_score(self(images, prompts))
 
 
-class PickScoreLike(ClipScore):
+class _TrainedClip(ClipScore):
+    """An open_clip scorer whose weights are required (PickScore, HPSv2): ``pretrained`` is a weights
+    file for ``model_name`` or an open_clip folder. ``weight`` and ``name`` default to the subclass's
+    ``default_weight`` / ``default_name`` (ReNO's weights)."""
+
+    default_weight: float = 1.0
+    default_name: str = "clip"
+
+    def __init__(
+        self,
+        pretrained: str | os.PathLike[str],
+        model_name: str = "ViT-H-14",
+        *,
+        tokenizer: Callable[[list[str]], Tensor] | None = None,
+        weight: float | None = None,
+        name: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if pretrained is None:
+            raise ValueError(f"{type(self).__name__}: pretrained weights are required (a file or open_clip folder)")
+        super().__init__(model_name, pretrained, tokenizer=tokenizer,
+                         weight=self.default_weight if weight is None else weight,
+                         name=self.default_name if name is None else name, device=device, dtype=dtype)
+
+
+class PickScoreLike(_TrainedClip):
     """PickScore-style scorer: an open_clip architecture (ViT-H-14 by default) with fine-tuned weights.
 
     score = ``exp(logit_scale) * cos(image, prompt)`` (PickScore's definition, about 18-24);
@@ -339,27 +365,13 @@ class PickScoreLike(ClipScore):
     file for ``model_name`` or an open_clip folder; a missing one raises ``FileNotFoundError``.
     """
 
-    def __init__(
-        self,
-        pretrained: str | os.PathLike[str],
-        model_name: str = "ViT-H-14",
-        *,
-        tokenizer: Callable[[list[str]], Tensor] | None = None,
-        weight: float = 0.05,
-        name: str = "pickscore",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        if pretrained is None:
-            raise ValueError(f"{type(self).__name__}: pretrained weights are required (a file or open_clip folder)")
-        super().__init__(model_name, pretrained, tokenizer=tokenizer, weight=weight, name=name, device=device,
-                         dtype=dtype)
+    default_weight, default_name = 0.05, "pickscore"
 
     def loss_from_score(self, score: Tensor) -> Tensor:
         return 1.0 - score / 100.0
 
 
-class HPSv2Like(ClipScore):
+class HPSv2Like(_TrainedClip):
     """HPSv2-style scorer: an open_clip architecture (ViT-H-14 by default) with HPS weights.
 
     score = ``cos(image, prompt)`` (HPSv2.1 is about 0.25-0.35); loss = ``1 - score`` (ReNO's HPS
@@ -367,21 +379,7 @@ class HPSv2Like(ClipScore):
     plain tensors, which open_clip's loader reads with ``weights_only=True``; safetensors also work.
     """
 
-    def __init__(
-        self,
-        pretrained: str | os.PathLike[str],
-        model_name: str = "ViT-H-14",
-        *,
-        tokenizer: Callable[[list[str]], Tensor] | None = None,
-        weight: float = 5.0,
-        name: str = "hpsv2",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        if pretrained is None:
-            raise ValueError(f"{type(self).__name__}: pretrained weights are required (a file or open_clip folder)")
-        super().__init__(model_name, pretrained, tokenizer=tokenizer, weight=weight, name=name, device=device,
-                         dtype=dtype)
+    default_weight, default_name = 5.0, "hpsv2"
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         prompts = _check_batch(images, prompts, type(self).__name__)
