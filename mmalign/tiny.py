@@ -793,6 +793,14 @@ def _write_clip_vocab_files(folder: Path) -> None:
         )
 
 
+def _save_pipeline(pipe: Any, out: Path, *, clip_tokenizers: tuple[str, ...]) -> Path:
+    """Save a tiny diffusers pipeline (safetensors) and the CLIP vocab files of its ``clip_tokenizers``."""
+    pipe.save_pretrained(out, safe_serialization=True)
+    for name in clip_tokenizers:
+        _write_clip_vocab_files(out / name)
+    return out
+
+
 def _clip_text_config(tokenizer: Any, *, projection_dim: int = 32) -> Any:
     from transformers import CLIPTextConfig
 
@@ -907,9 +915,7 @@ def make_tiny_sd(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out, safe_serialization=True)
-    _write_clip_vocab_files(out / "tokenizer")
-    return out
+    return _save_pipeline(pipe, out, clip_tokenizers=("tokenizer",))
 
 
 def make_tiny_sdxl(
@@ -972,10 +978,7 @@ def make_tiny_sdxl(
         scheduler=noise_scheduler,
         force_zeros_for_empty_prompt=True,
     )
-    pipe.save_pretrained(out, safe_serialization=True)
-    _write_clip_vocab_files(out / "tokenizer")
-    _write_clip_vocab_files(out / "tokenizer_2")
-    return out
+    return _save_pipeline(pipe, out, clip_tokenizers=("tokenizer", "tokenizer_2"))
 
 
 def _t5_tokenizer() -> Any:
@@ -1077,10 +1080,7 @@ def make_tiny_sd3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
     )
-    pipe.save_pretrained(out, safe_serialization=True)
-    _write_clip_vocab_files(out / "tokenizer")
-    _write_clip_vocab_files(out / "tokenizer_2")
-    return out
+    return _save_pipeline(pipe, out, clip_tokenizers=("tokenizer", "tokenizer_2"))
 
 
 FLUX_VARIANTS = ("schnell", "dev")
@@ -1156,9 +1156,7 @@ def make_tiny_flux(out_dir: str | os.PathLike[str], *, seed: int = 0, variant: s
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
-    pipe.save_pretrained(out, safe_serialization=True)
-    _write_clip_vocab_files(out / "tokenizer")
-    return out
+    return _save_pipeline(pipe, out, clip_tokenizers=("tokenizer",))
 
 
 # --------------------------------------------------------------------------------------------------
