@@ -38,6 +38,14 @@ Image handling (documented, not silent):
 * size: a pair whose two images differ in size has its rejected image resized to the chosen image's
   size (bicubic), then both go through the *same* resize (shorter side to ``resolution``) and centre
   crop, so both sides share one crop and one SDXL size conditioning. A warning is logged once.
+* horizontal flip (``random_flip``, off by default; the Salesforce Diffusion-DPO script flips unless
+  ``--no_hflip``, diffusers' example has ``--random_flip``): with probability 0.5 per pair, drawn in
+  ``prepare`` from the engine's generator, *both* images of the pair are mirrored left-right
+  together (one decision per pair, so the preference compares the same composition). Pixels are
+  flipped before VAE encoding; with a cache, the cache holds latents of the mirrored images too
+  (latents are never flipped in latent space: the VAE is not exactly flip-equivariant). SDXL's
+  crop conditioning is kept as it is: the centre crop of the mirrored image is the mirrored centre
+  crop, to within one pixel when the margin is odd.
 * labels: ``label > 0.5`` means the chosen image wins, ``label < 0.5`` swaps the two sides, a tie
   (``label == 0.5``) is an error here: ties are dropped (and counted) before training, see
   :func:`drop_ties`.
@@ -203,6 +211,10 @@ class DiffusionAdapter:
         flux_guidance: the value given to the guidance embedding of guidance-distilled Flux models
             (FLUX.1-dev class, ``transformer.config.guidance_embeds``) during training; diffusers'
             Flux DreamBooth script uses 3.5 (the default). Ignored by every other model.
+        random_flip: mirror both images of a pair left-right together with probability 0.5 (one
+            draw per pair from ``prepare``'s generator, so runs reproduce and resume exactly). Off:
+            ``prepare`` draws exactly what it drew before the option existed. With ``cache_dir`` the
+            cache must hold mirrored latents (``build_cache`` with a ``random_flip`` adapter).
     """
 
     value_kind = "diffusion"
@@ -223,6 +235,7 @@ class DiffusionAdapter:
         cache_dir: str | os.PathLike[str] | None = None,
         max_sequence_length: int = 256,
         flux_guidance: float = 3.5,
+        random_flip: bool = False,
     ) -> None:
         if caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {caption_mode!r}")
@@ -244,6 +257,7 @@ class DiffusionAdapter:
         self.flow_matching = self.architecture in FLOW_MATCHING
         self.max_sequence_length = int(max_sequence_length) if self.flow_matching else None
         self.flux_guidance = float(flux_guidance)
+        self.random_flip = bool(random_flip)
         self.guidance_embeds = self.architecture == "flux" and bool(
             getattr(pipeline.transformer.config, "guidance_embeds", False))
 
@@ -388,7 +402,8 @@ class DiffusionAdapter:
         Without a cache: ``chosen_pixel_values``/``rejected_pixel_values`` (B,3,R,R) in [-1,1],
         ``chosen_texts``/``rejected_texts`` (lists of B str), for SDXL ``chosen_time_ids``/``rejected_time_ids``
         (B,6). With a cache: ``{side}_latents`` (B,C,h,w), ``{side}_prompt_embeds`` (B,L,D) and, for
-        SDXL/flow, ``{side}_pooled_embeds`` (B,P) instead of pixels and texts. Always ``ids``.
+        SDXL/flow, ``{side}_pooled_embeds`` (B,P) instead of pixels and texts, and with ``random_flip``
+        ``{side}_flipped_latents`` (B,C,h,w), the latents of the mirrored images. Always ``ids``.
         """
         if not pairs:
             raise ValueError("collate got an empty list of pairs")
@@ -401,7 +416,7 @@ class DiffusionAdapter:
                     "(diffusion.adapter.drop_ties), they carry no preference"
                 )
             if self.cache is not None:
-                row = self.cache.load_pair(_pair_id(pair))
+                row = self.cache.load_pair(_pair_id(pair), flipped=self.random_flip)
             else:
                 row = self.load_pair_images(pair)
                 row["chosen_texts"], row["rejected_texts"] = self.side_texts(pair)
@@ -427,6 +442,10 @@ class DiffusionAdapter:
         (B,) bool and ``flipped`` (B,) bool (label noise; flipped pairs have their sides swapped).
         The draws happen in a fixed order whatever the probabilities, so changing a probability
         does not change the noise stream.
+
+        With ``random_flip``, one more draw comes last: ``hflip`` (B,) bool, probability 0.5; both
+        sides of a pair where it is set are mirrored (pixels, or the cached mirrored latents).
+        Without it nothing more is drawn, so the generator's stream is what it was without the option.
         """
         size = len(batch["ids"])
         device = generator.device
@@ -450,6 +469,10 @@ class DiffusionAdapter:
         out["flipped"] = flipped
         if bool(flipped.any()):
             out = _swap_sides(out, mask=flipped.cpu())
+        if self.random_flip:
+            hflip = torch.rand(size, generator=generator, device=device) < 0.5
+            out["hflip"] = hflip
+            out = _mirror_pairs(out, hflip.cpu())
         return out
 
     # ------------------------------------------------------------------ encoding
@@ -633,6 +656,32 @@ class DiffusionAdapter:
             return_dict=False,
         )[0]
         return unpack_latents(out, h, w)
+
+
+def _mirror_pairs(batch: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:
+    """Both sides of the pairs where ``mask`` (B,) is set, mirrored left-right; the others untouched.
+
+    Pixels ``{side}_pixel_values`` (B,3,R,R) are flipped here, before the VAE sees them. Cached
+    batches carry ``{side}_flipped_latents``, the VAE latents of the mirrored images, which replace
+    ``{side}_latents``: latents are never flipped in latent space, since the VAE is not exactly
+    flip-equivariant (``E(flip(x)) != flip(E(x))``), and a cached run must see what an uncached one sees.
+    """
+    out = dict(batch)
+    for side in _SIDES:
+        pixels, latents = f"{side}_pixel_values", f"{side}_latents"
+        if pixels in out:
+            x = out[pixels]
+            out[pixels] = torch.where(mask.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        elif latents in out:
+            mirrored = out.pop(f"{side}_flipped_latents", None)
+            if mirrored is None:
+                raise ValueError(
+                    "random_flip is on but the cached batch has no flipped latents; rebuild the cache "
+                    "with a random_flip adapter (diffusion.cache.build_cache)"
+                )
+            x = out[latents]
+            out[latents] = torch.where(mask.to(x.device).view(-1, 1, 1, 1), mirrored.to(x.device), x)
+    return out
 
 
 def _swap_sides(row: dict[str, Any], mask: torch.Tensor | None = None) -> dict[str, Any]:

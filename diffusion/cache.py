@@ -7,12 +7,21 @@ Layout of a cache folder::
     shard-00000.safetensors    per pair: "<id>/chosen_latents" (C,h,w), "<id>/rejected_latents",
     shard-00001.safetensors    "<id>/chosen_prompt_embeds" (L,D), "<id>/rejected_prompt_embeds",
     ...                        SDXL/flow: "<id>/{side}_pooled_embeds" (P,); SDXL: "<id>/{side}_time_ids" (6,)
+                               random_flip: "<id>/{side}_flipped_latents" (C,h,w)
 
 Sides are stored in the pair's own order (before any label swap; ``collate`` swaps). Shards hold a
 fixed run of ``shard_size`` consecutive pairs, are written to a temporary name and renamed, and the
 index is rewritten after each one: an interrupted build resumes by skipping the shards that exist.
 Latents are the VAE posterior *mean* (no sampling), scaled like the adapter scales them, so a run
 with the cache sees exactly the inputs a run without it sees.
+
+Horizontal flips (the adapter's ``random_flip``): a cache built by such an adapter also stores, per
+side, the latents of the *mirrored* images (the pixels are mirrored, then encoded), and its index
+says so (``meta["flipped_latents"]``). Latents are never mirrored in latent space: the VAE is not
+exactly flip-equivariant, so ``flip(E(x))`` is not ``E(flip(x))`` and a cached run would train on
+other inputs than an uncached one. A cache without mirrored latents (older caches, or built with
+``random_flip`` off) is refused by a ``random_flip`` adapter with a message saying to rebuild it;
+it is never used to train silently unflipped.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ _SIDES = ("chosen", "rejected")
 
 
 def _meta_for(adapter: Any) -> dict[str, Any]:
+    """The settings a cache's contents depend on (stored in ``index.json``, compared on reuse)."""
     return {
         "version": CACHE_VERSION,
         "architecture": adapter.architecture,
@@ -45,7 +55,17 @@ def _meta_for(adapter: Any) -> dict[str, Any]:
         "caption_mode": adapter.caption_mode,
         "latent_channels": adapter.latent_channels,
         "max_sequence_length": getattr(adapter, "max_sequence_length", None),
+        "flipped_latents": bool(getattr(adapter, "random_flip", False)),
     }
+
+
+def _no_flips_message(where: Path) -> str:
+    return (
+        f"{where}: this cache holds no latents of horizontally flipped images (built without random_flip, "
+        "or by an older version), but random_flip needs them; flipping cached latents in latent space "
+        "would not match the VAE, so rebuild the cache with random_flip on in another folder "
+        "(or delete this one)"
+    )
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -72,8 +92,12 @@ def build_cache(
         shard_size: pairs per shard file. batch_size: pairs per VAE/text-encoder call.
         device: where the VAE and text encoders run (default: where they are).
 
+    With ``adapter.random_flip`` the latents of the mirrored images are stored too (``{side}_flipped_latents``).
+
     Returns the cache folder. Re-running with the same pairs skips finished shards; a cache built for
-    another resolution, caption mode or pipeline family is an error (use a new folder).
+    another resolution, caption mode or pipeline family is an error (use a new folder), and so is one
+    without mirrored latents when the adapter flips. A cache that has them keeps getting them even
+    when the resuming adapter does not flip (its shards stay alike).
     """
     if adapter.cache is not None:
         raise ValueError("build_cache needs an adapter that reads images, not one already using a cache")
@@ -90,7 +114,13 @@ def build_cache(
     index: dict[str, Any] = {"meta": meta, "shard_size": shard_size, "shards": []}
     if index_path.is_file():
         old = json.loads(index_path.read_text())
-        if old.get("meta") != meta or old.get("shard_size") != shard_size:
+        old_meta = {"flipped_latents": False, **(old.get("meta") or {})}  # caches from before the flag had none
+        if old_meta["flipped_latents"] and not meta["flipped_latents"]:
+            meta["flipped_latents"] = True  # a superset: keep writing mirrored latents
+        elif meta["flipped_latents"] and not old_meta["flipped_latents"]:
+            raise ValueError(_no_flips_message(index_path))
+        old["meta"] = old_meta
+        if old_meta != meta or old.get("shard_size") != shard_size:
             raise ValueError(
                 f"{index_path}: cache was built with {old.get('meta')} (shard_size {old.get('shard_size')}), "
                 f"this run needs {meta} (shard_size {shard_size}); use another cache_dir"
@@ -134,11 +164,16 @@ def build_cache(
                 for side in _SIDES:
                     batch[f"{side}_time_ids"] = torch.stack([r[f"{side}_time_ids"] for r in rows])
             encoded = adapter.encode_batch(batch, device)
+            if meta["flipped_latents"]:  # mirror the pixels, then encode (never flip latents)
+                pixels = torch.cat([batch["chosen_pixel_values"], batch["rejected_pixel_values"]])
+                encoded["flipped_latents"] = adapter.encode_images(pixels.flip(-1).to(device))
             n = len(group)
             for i, pair in enumerate(group):
                 for s, side in enumerate(_SIDES):
                     j = s * n + i
                     tensors[f"{pair.id}/{side}_latents"] = encoded["latents"][j]
+                    if "flipped_latents" in encoded:
+                        tensors[f"{pair.id}/{side}_flipped_latents"] = encoded["flipped_latents"][j]
                     tensors[f"{pair.id}/{side}_prompt_embeds"] = encoded["prompt_embeds"][j]
                     if "pooled_embeds" in encoded:
                         tensors[f"{pair.id}/{side}_pooled_embeds"] = encoded["pooled_embeds"][j]
@@ -167,6 +202,8 @@ class LatentCache:
             raise FileNotFoundError(f"{index_path} not found: build the cache first (diffusion.cache.build_cache)")
         self.index = json.loads(index_path.read_text())
         self.meta = self.index["meta"]
+        #: whether the cache stores latents of the mirrored images (``random_flip``)
+        self.flipped_latents = bool(self.meta.get("flipped_latents", False))
         self.where: dict[str, str] = {}
         for shard in self.index["shards"]:
             for pair_id in shard["ids"]:
@@ -180,8 +217,11 @@ class LatentCache:
         return state
 
     def check_compatible(self, adapter: Any) -> None:
-        """Raise if the cache was built for another pipeline family, resolution or caption mode."""
+        """Raise if the cache was built for another pipeline family, resolution or caption mode, or
+        lacks the mirrored latents a ``random_flip`` adapter needs."""
         want = _meta_for(adapter)
+        if want["flipped_latents"] and not self.flipped_latents:
+            raise ValueError(_no_flips_message(self.root / "index.json"))
         for key in ("architecture", "resolution", "caption_mode", "latent_channels", "max_sequence_length"):
             if self.meta.get(key) != want[key]:
                 raise ValueError(
@@ -194,8 +234,13 @@ class LatentCache:
             self._handles[file] = safe_open(str(self.root / file), framework="pt")
         return self._handles[file]
 
-    def load_pair(self, pair_id: str) -> dict[str, torch.Tensor]:
-        """The cached tensors of one pair, keyed ``{side}_latents``, ``{side}_prompt_embeds`` ..."""
+    def load_pair(self, pair_id: str, *, flipped: bool = False) -> dict[str, torch.Tensor]:
+        """The cached tensors of one pair, keyed ``{side}_latents``, ``{side}_prompt_embeds`` ...
+
+        ``flipped``: also ``{side}_flipped_latents`` (C,h,w), the latents of the mirrored images.
+        """
+        if flipped and not self.flipped_latents:
+            raise ValueError(_no_flips_message(self.root / "index.json"))
         file = self.where.get(pair_id)
         if file is None:
             raise KeyError(f"pair {pair_id}: not in the cache at {self.root}; rebuild it for this dataset")
@@ -207,6 +252,11 @@ class LatentCache:
                 key = f"{pair_id}/{side}_{name}"
                 if key in keys:
                     out[f"{side}_{name}"] = handle.get_tensor(key)
+            if flipped:
+                key = f"{pair_id}/{side}_flipped_latents"
+                if key not in keys:
+                    raise ValueError(f"{self.root / file}: pair {pair_id} has no '{side}_flipped_latents'; rebuild the cache")
+                out[f"{side}_flipped_latents"] = handle.get_tensor(key)
         return out
 
     def load_empty(self) -> dict[str, torch.Tensor]:

@@ -95,6 +95,11 @@ class DiffusionTrainConfig:
     resolution: int | None = field(default=None, metadata=help_("training resolution (default: the model's native)"))
     empty_prompt_prob: float = field(default=0.0, metadata=help_("probability of training a pair on the empty prompt"))
     label_flip_prob: float = field(default=0.0, metadata=help_("label noise: probability of swapping a pair's sides"))
+    random_flip: bool = field(
+        default=False,
+        metadata=help_("mirror both images of a pair left-right together with probability 0.5 (drawn from the "
+                       "step generator; a cache_dir then also stores the mirrored images' latents)"),
+    )
     timestep_sampling: Literal["uniform", "logit_normal"] = field(
         default="uniform", metadata=help_("flow-matching timestep density")
     )
@@ -145,6 +150,8 @@ class DiffusionTrainConfig:
             raise ValueError(f"empty_prompt_prob must be in [0, 1], got {self.empty_prompt_prob}")
         if not 0.0 <= self.label_flip_prob <= 0.5:
             raise ValueError(f"label_flip_prob must be in [0, 0.5], got {self.label_flip_prob}")
+        if not isinstance(self.random_flip, bool):
+            raise ValueError(f"random_flip must be true or false, got {self.random_flip!r}")
         if self.prediction_type not in (None, "epsilon", "v_prediction", "sample", "flow_velocity"):
             raise ValueError(f"prediction_type {self.prediction_type!r} is not epsilon/v_prediction/sample/flow_velocity")
         for name in ("grid_steps", "pso_every_n_steps", "pso_num_inference_steps", "cache_shard_size", "max_sequence_length"):
@@ -335,6 +342,7 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
         "caption_mode": "per_side" if config.objective == "dcpo" else "prompt",
         "empty_prompt_prob": config.empty_prompt_prob,
         "label_flip_prob": config.label_flip_prob,
+        "random_flip": config.random_flip,
         "expect_prediction_type": config.prediction_type,
         "timestep_sampling": config.timestep_sampling,
         "max_sequence_length": config.max_sequence_length,
