@@ -71,6 +71,7 @@ __all__ = [
     "make_tiny_sdxl",
     "make_tiny_smolvlm",
     "make_tiny_tokenizer",
+    "seeded",
 ]
 
 LLAVA_IMAGE_SIZE = 32
@@ -166,9 +167,13 @@ _SMOLVLM_CHAT_TEMPLATE = (
 
 
 @contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch inside a forked RNG so building a model never disturbs the caller's random state."""
-    with torch.random.fork_rng(devices=[]):
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Seed torch inside a forked RNG, so the block is deterministic and the caller's random state is kept.
+
+    The CPU generator is always forked; a CUDA ``device`` has its generator forked too (sampling on the GPU).
+    """
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
 
@@ -215,6 +220,15 @@ def _word_merges(symbols_per_word: list[list[str]]) -> list[tuple[str, str]]:
     return merges
 
 
+def _add_merged_symbols(vocab_list: list[str], merges: list[tuple[str, str]]) -> None:
+    """Append each merge's result to ``vocab_list`` (in merge order) unless it is there already."""
+    known = set(vocab_list)
+    for left, right in merges:
+        if left + right not in known:
+            known.add(left + right)
+            vocab_list.append(left + right)
+
+
 def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A CLIP-style BPE (``</w>`` end-of-word suffix) over the built-in corpus; specials come last."""
     byte_table = _byte_alphabet()
@@ -226,11 +240,7 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
         chars[-1] = chars[-1] + "</w>"
         words.append(chars)
     merges = _word_merges(words)
-    known = set(vocab_list)
-    for left, right in merges:
-        if left + right not in known:
-            known.add(left + right)
-            vocab_list.append(left + right)
+    _add_merged_symbols(vocab_list, merges)
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(vocab_list)}
     return vocab, merges
@@ -274,11 +284,7 @@ def make_tiny_tokenizer(*, flavour: str = "llava") -> Any:
     variants = [" " + word for word in _CORPUS_WORDS] + list(_CORPUS_WORDS)
     merges = _word_merges([[byte_table[b] for b in v.encode("utf-8")] for v in variants])
     vocab_list = list(byte_table)
-    known = set(vocab_list)
-    for left, right in merges:
-        if left + right not in known:
-            known.add(left + right)
-            vocab_list.append(left + right)
+    _add_merged_symbols(vocab_list, merges)
     vocab = {tok: i for i, tok in enumerate(vocab_list)}
     backend = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -310,24 +316,44 @@ def make_tiny_tokenizer(*, flavour: str = "llava") -> Any:
     return tokenizer
 
 
-def _llama_text_config(
-    vocab_size: int, *, pad_token_id: int | None, bos_token_id: int | None, eos_token_id: int | None
-) -> Any:
+def _llama_text_config(tokenizer: Any, *, eos_token_id: int | None = None) -> Any:
+    """The tiny Llama text model (hidden 32, 2 layers, 4 heads) for ``tokenizer``'s vocabulary and special ids.
+
+    ``eos_token_id`` overrides the tokenizer's eos (Idefics3 ends turns with ``<end_of_utterance>``).
+    """
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        pad_token_id=pad_token_id,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id if eos_token_id is None else eos_token_id,
         tie_word_embeddings=False,
     )
+
+
+def _generation_config(tokenizer: Any, *, eos_token_id: int | None = None) -> Any:
+    """A ``GenerationConfig`` with ``tokenizer``'s bos / eos / pad ids (``eos_token_id`` overrides the eos)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id if eos_token_id is None else eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _save_model(out: Path, model: Any, processor: Any) -> Path:
+    """Save a tiny transformers model and its processor (or tokenizer) into ``out``; return ``out``."""
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,26 +365,83 @@ def make_tiny_causal_lm(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Pa
 
     Loads with ``AutoModelForCausalLM.from_pretrained(path)`` / ``AutoTokenizer.from_pretrained(path)``.
     """
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     out = _prepare_dir(out_dir)
     tokenizer = make_tiny_tokenizer(flavour="llava")
-    config = _llama_text_config(
-        len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    with _seeded(seed):
+    config = _llama_text_config(tokenizer)
+    with seeded(seed):
         model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    model.generation_config = _generation_config(tokenizer)
+    return _save_model(out, model, tokenizer)
+
+
+_CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _tiny_clip_vision_config() -> Any:
+    """The CLIP vision tower of the tiny LLaVA models: 32x32 images, patch 8, hidden 32, 2 layers."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=LLAVA_IMAGE_SIZE,
+        patch_size=LLAVA_PATCH_SIZE,
+        projection_dim=32,
     )
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+
+
+def _make_tiny_llava_family(
+    out_dir: str | os.PathLike[str],
+    *,
+    seed: int,
+    classes: tuple[str, str, str, str],
+    **anyres: Any,
+) -> Path:
+    """Shared body of the tiny LLaVA-1.5 / LLaVA-NeXT builders: CLIP tower, Llama text model, processor.
+
+    ``classes`` names the transformers (config, model, image processor, processor) classes of the family;
+    ``anyres`` (LLaVA-NeXT's ``image_grid_pinpoints``) goes to both the config and the image processor.
+    """
+    import transformers
+
+    config_cls, model_cls, image_processor_cls, processor_cls = (getattr(transformers, n) for n in classes)
+    out = _prepare_dir(out_dir)
+    tokenizer = make_tiny_tokenizer(flavour="llava")
+    config = config_cls(
+        vision_config=_tiny_clip_vision_config(),
+        text_config=_llama_text_config(tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=LLAVA_NUM_IMAGE_TOKENS,
+        **anyres,
+    )
+    with seeded(seed):
+        model = model_cls(config)
+    model.generation_config = _generation_config(tokenizer)
+    image_processor = image_processor_cls(
+        size={"shortest_edge": LLAVA_IMAGE_SIZE},
+        crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE},
+        do_center_crop=True,
+        image_mean=list(_CLIP_IMAGE_MEAN),
+        image_std=list(_CLIP_IMAGE_STD),
+        **anyres,
+    )
+    processor = processor_cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=LLAVA_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_LLAVA_CHAT_TEMPLATE,
+    )
+    return _save_model(out, model, processor)
 
 
 def make_tiny_llava(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
@@ -369,69 +452,8 @@ def make_tiny_llava(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
     and the processor (``patch_size=8``, ``num_additional_image_tokens=1``) expands ``<image>`` to 16.
     Text model: Llama, hidden 32, 2 layers. Loads with ``AutoModelForImageTextToText`` / ``AutoProcessor``.
     """
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        GenerationConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    out = _prepare_dir(out_dir)
-    tokenizer = make_tiny_tokenizer(flavour="llava")
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision_config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=LLAVA_IMAGE_SIZE,
-        patch_size=LLAVA_PATCH_SIZE,
-        projection_dim=32,
-    )
-    text_config = _llama_text_config(
-        len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=image_token_id,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        image_seq_length=LLAVA_NUM_IMAGE_TOKENS,
-    )
-    with _seeded(seed):
-        model = LlavaForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    mean = [0.48145466, 0.4578275, 0.40821073]
-    std = [0.26862954, 0.26130258, 0.27577711]
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": LLAVA_IMAGE_SIZE},
-        crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE},
-        do_center_crop=True,
-        image_mean=mean,
-        image_std=std,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=LLAVA_PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=_LLAVA_CHAT_TEMPLATE,
-    )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    classes = ("LlavaConfig", "LlavaForConditionalGeneration", "CLIPImageProcessor", "LlavaProcessor")
+    return _make_tiny_llava_family(out_dir, seed=seed, classes=classes)
 
 
 def _make_tiny_qwen_vl(
@@ -442,7 +464,7 @@ def _make_tiny_qwen_vl(
     ``classes`` names the transformers (config, model, processor) classes of the family.
     """
     import transformers
-    from transformers import GenerationConfig, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     config_cls, model_cls, processor_cls = (getattr(transformers, name) for name in classes)
     out = _prepare_dir(out_dir)
@@ -470,11 +492,9 @@ def _make_tiny_qwen_vl(
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = model_cls(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
+    model.generation_config = _generation_config(tokenizer)  # no bos: Qwen has none
     size = {"shortest_edge": QWEN2VL_MIN_PIXELS, "longest_edge": QWEN2VL_MAX_PIXELS}
     image_processor = Qwen2VLImageProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2)
     video_processor = Qwen2VLVideoProcessor(
@@ -492,9 +512,7 @@ def _make_tiny_qwen_vl(
         video_processor=video_processor,
         chat_template=_QWEN_CHAT_TEMPLATE,
     )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return _save_model(out, model, processor)
 
 
 def make_tiny_qwen2vl(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
@@ -522,21 +540,6 @@ def make_tiny_qwen2vl(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path
                               classes=("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"))
 
 
-def _tiny_clip_vision_config() -> Any:
-    """The CLIP vision tower of the tiny LLaVA models: 32x32 images, patch 8, hidden 32, 2 layers."""
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=LLAVA_IMAGE_SIZE,
-        patch_size=LLAVA_PATCH_SIZE,
-        projection_dim=32,
-    )
-
-
 def make_tiny_llava_next(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
     """Tiny ``LlavaNextForConditionalGeneration`` (anyres tiling) with a ``LlavaNextProcessor``.
 
@@ -548,59 +551,11 @@ def make_tiny_llava_next(out_dir: str | os.PathLike[str], *, seed: int = 0) -> P
     image picks 32x64: 16 + 4 * 6 + 4 = 44 tokens; a square image picks 32x32: 16 + 4 * 4 + 4 = 36.
     Loads with ``AutoModelForImageTextToText`` / ``AutoProcessor``.
     """
-    from transformers import (
-        GenerationConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
+    classes = (
+        "LlavaNextConfig", "LlavaNextForConditionalGeneration", "LlavaNextImageProcessor", "LlavaNextProcessor"
     )
-
-    out = _prepare_dir(out_dir)
-    tokenizer = make_tiny_tokenizer(flavour="llava")
     pinpoints = [list(p) for p in LLAVA_NEXT_GRID_PINPOINTS]
-    text_config = _llama_text_config(
-        len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    config = LlavaNextConfig(
-        vision_config=_tiny_clip_vision_config(),
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        image_grid_pinpoints=pinpoints,
-        image_seq_length=LLAVA_NUM_IMAGE_TOKENS,
-    )
-    with _seeded(seed):
-        model = LlavaNextForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": LLAVA_IMAGE_SIZE},
-        crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE},
-        image_grid_pinpoints=pinpoints,
-        do_center_crop=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=LLAVA_PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=_LLAVA_CHAT_TEMPLATE,
-    )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return _make_tiny_llava_family(out_dir, seed=seed, classes=classes, image_grid_pinpoints=pinpoints)
 
 
 def make_tiny_qwen2_5_vl(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
@@ -646,20 +601,13 @@ def _make_tiny_tiled_vlm(
     shuffle 2) under ``config_cls`` / ``model_cls``; and the processor ``make_processor(tokenizer,
     image_kwargs)``, where ``image_kwargs`` are the tile-splitting settings for the family's image processor.
     """
-    from transformers import GenerationConfig
-
     out = _prepare_dir(out_dir)
     tokenizer = make_tiny_tokenizer(flavour="llava")
     markers = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
     markers += [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     tokenizer.add_tokens(markers + list(extra_tokens), special_tokens=True)
     end_of_utterance = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-    text_config = _llama_text_config(
-        len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=end_of_utterance,
-    )
+    text_config = _llama_text_config(tokenizer, eos_token_id=end_of_utterance)
     vision_config = {
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -675,20 +623,15 @@ def _make_tiny_tiled_vlm(
         scale_factor=IDEFICS3_SCALE_FACTOR,
         tie_word_embeddings=False,
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = model_cls(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=end_of_utterance, pad_token_id=tokenizer.pad_token_id
-    )
+    model.generation_config = _generation_config(tokenizer, eos_token_id=end_of_utterance)
     image_kwargs = {
         "size": {"longest_edge": 2 * IDEFICS3_TILE_SIZE},
         "max_image_size": {"longest_edge": IDEFICS3_TILE_SIZE},
         "do_image_splitting": True,
     }
-    processor = make_processor(tokenizer, image_kwargs)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return _save_model(out, model, make_processor(tokenizer, image_kwargs))
 
 
 def make_tiny_idefics3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
@@ -837,6 +780,37 @@ def _tiny_vae(*, latent_channels: int = 4, **extra: Any) -> Any:
     )
 
 
+def _tiny_flow_vae(*, scaling_factor: float, shift_factor: float) -> Any:
+    """The 16-channel VAE of the SD3 / Flux pipelines (no quant convs) with the family's latent scaling."""
+    return _tiny_vae(
+        latent_channels=16,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _tiny_unet(*, cross_attention_dim: int, **extra: Any) -> Any:
+    """The SD / SDXL UNet: blocks (32, 64), one layer each, 4 latent channels at 16x16; ``extra`` adds
+    SDXL's conditioning settings."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=SD_IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=(2, 4),
+        norm_num_groups=32,
+        **extra,
+    )
+
+
 def _sd_scheduler(name: str, prediction_type: str) -> Any:
     from diffusers import (
         DDIMScheduler,
@@ -882,28 +856,17 @@ def make_tiny_sd(
     (the Euler ones use trailing timestep spacing, so one-step "turbo" sampling works).
     No safety checker, no feature extractor.
     """
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     out = _prepare_dir(out_dir)
     noise_scheduler = _sd_scheduler(scheduler, prediction_type)
     tokenizer = _clip_tokenizer()
-    with _seeded(seed):
-        unet = UNet2DConditionModel(
-            sample_size=SD_IMAGE_SIZE // 2,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=(2, 4),
-            norm_num_groups=32,
-        )
-    with _seeded(seed + 1):
+    with seeded(seed):
+        unet = _tiny_unet(cross_attention_dim=32)
+    with seeded(seed + 1):
         vae = _tiny_vae()
-    with _seeded(seed + 2):
+    with seeded(seed + 2):
         text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -928,7 +891,7 @@ def make_tiny_sdxl(
     added conditioning with ``addition_time_embed_dim=8``, so
     ``projection_class_embeddings_input_dim = 6 * 8 + 32 = 80``. Native size 32x32 (latents 4x16x16).
     """
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     out = _prepare_dir(out_dir)
@@ -936,37 +899,21 @@ def make_tiny_sdxl(
     tokenizer_2 = _clip_tokenizer()
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
-    noise_scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type=prediction_type,
-        timestep_spacing="trailing",
-    )
-    with _seeded(seed):
-        unet = UNet2DConditionModel(
-            sample_size=SD_IMAGE_SIZE // 2,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    noise_scheduler = _sd_scheduler("euler", prediction_type)
+    with seeded(seed):
+        unet = _tiny_unet(
             cross_attention_dim=64,
-            attention_head_dim=(2, 4),
             transformer_layers_per_block=1,
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=6 * 8 + 32,
-            norm_num_groups=32,
         )
-    with _seeded(seed + 1):
+    with seeded(seed + 1):
         vae = _tiny_vae(force_upcast=False)
-    with _seeded(seed + 2):
+    with seeded(seed + 2):
         text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
-    with _seeded(seed + 3):
+    with seeded(seed + 3):
         text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, projection_dim=32))
     pipe = StableDiffusionXLPipeline(
         vae=vae,
@@ -1002,7 +949,7 @@ def _t5_tokenizer() -> Any:
 
 
 def _tiny_t5(tokenizer: Any, *, d_model: int) -> Any:
-    """A 2-layer, 4-head T5 encoder for the tiny SD3 / Flux pipelines (call under ``_seeded``)."""
+    """A 2-layer, 4-head T5 encoder for the tiny SD3 / Flux pipelines (call under ``seeded``)."""
     from transformers import T5Config, T5EncoderModel
 
     return T5EncoderModel(
@@ -1041,7 +988,7 @@ def make_tiny_sd3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _clip_tokenizer()
     tokenizer_3 = _t5_tokenizer()
-    with _seeded(seed):
+    with seeded(seed):
         transformer = SD3Transformer2DModel(
             sample_size=SD_IMAGE_SIZE // 2,
             patch_size=2,
@@ -1055,19 +1002,13 @@ def make_tiny_sd3(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
             pooled_projection_dim=64,
             pos_embed_max_size=16,
         )
-    with _seeded(seed + 1):
-        vae = _tiny_vae(
-            latent_channels=16,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-    with _seeded(seed + 2):
+    with seeded(seed + 1):
+        vae = _tiny_flow_vae(scaling_factor=1.5305, shift_factor=0.0609)
+    with seeded(seed + 2):
         text_encoder = CLIPTextModelWithProjection(_clip_text_config(tokenizer, projection_dim=32))
-    with _seeded(seed + 3):
+    with seeded(seed + 3):
         text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, projection_dim=32))
-    with _seeded(seed + 4):
+    with seeded(seed + 4):
         text_encoder_3 = _tiny_t5(tokenizer_3, d_model=64)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -1113,7 +1054,7 @@ def make_tiny_flux(out_dir: str | os.PathLike[str], *, seed: int = 0, variant: s
     out = _prepare_dir(out_dir)
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _t5_tokenizer()
-    with _seeded(seed):
+    with seeded(seed):
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=64,
@@ -1126,17 +1067,11 @@ def make_tiny_flux(out_dir: str | os.PathLike[str], *, seed: int = 0, variant: s
             guidance_embeds=dev,
             axes_dims_rope=(4, 6, 6),
         )
-    with _seeded(seed + 1):
-        vae = _tiny_vae(
-            latent_channels=16,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-    with _seeded(seed + 2):
+    with seeded(seed + 1):
+        vae = _tiny_flow_vae(scaling_factor=0.3611, shift_factor=0.1159)
+    with seeded(seed + 2):
         text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
-    with _seeded(seed + 3):
+    with seeded(seed + 3):
         text_encoder_2 = _tiny_t5(tokenizer_2, d_model=32)
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
@@ -1184,8 +1119,8 @@ OPEN_CLIP_MODEL_CFG: dict[str, Any] = {
 OPEN_CLIP_PREPROCESS_CFG: dict[str, Any] = {
     "size": 32,
     "mode": "RGB",
-    "mean": [0.48145466, 0.4578275, 0.40821073],
-    "std": [0.26862954, 0.26130258, 0.27577711],
+    "mean": list(_CLIP_IMAGE_MEAN),
+    "std": list(_CLIP_IMAGE_STD),
     "interpolation": "bicubic",
     "resize_mode": "shortest",
 }
@@ -1206,7 +1141,7 @@ def make_tiny_open_clip(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Pa
     config = {"model_cfg": OPEN_CLIP_MODEL_CFG, "preprocess_cfg": OPEN_CLIP_PREPROCESS_CFG}
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     weights = out / "open_clip_model.safetensors"
-    with _seeded(seed):
+    with seeded(seed):
         # the same class create_model("local-dir:...") builds from this config, without its
         # "no weights found, initialised randomly" warnings
         model = open_clip.CLIP(**OPEN_CLIP_MODEL_CFG)

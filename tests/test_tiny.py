@@ -375,3 +375,18 @@ def test_import_is_light_and_bad_out_dir_is_clear(tmp_path: Path) -> None:
     not_a_dir.write_text("x")
     with pytest.raises(NotADirectoryError, match="file.txt"):
         tiny.make_tiny_causal_lm(not_a_dir)
+
+
+def test_seeded_repeats_draws_and_keeps_the_callers_state() -> None:
+    """``seeded`` (shared by the builders and vision.generate) gives the same draws for the same seed,
+    different ones for another seed, and leaves the global CPU generator where it was."""
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    with tiny.seeded(7):
+        first = torch.rand(4)
+    with tiny.seeded(7, torch.device("cpu")):
+        again = torch.rand(4)
+    with tiny.seeded(8):
+        other = torch.rand(4)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(torch.random.get_rng_state(), state)

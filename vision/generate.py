@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mmalign.tiny import seeded
 from vision.adapter import render_prompt, user_message
 
 __all__ = ["GenerationSettings", "generate_responses", "generate_text", "user_message"]
@@ -71,14 +72,6 @@ def _left_padding(tokenizer: Any) -> Iterator[None]:
         yield
     finally:
         tokenizer.padding_side = side
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -137,7 +130,7 @@ def generate_responses(
                 kwargs["images"] = batch_images
             with _left_padding(tokenizer):
                 inputs = processor(**kwargs).to(device)
-            with _seeded(settings.seed + b, device):
+            with seeded(settings.seed + b, device):
                 sequences = model.generate(**inputs, **settings.generate_kwargs(_pad_id(tokenizer)))
             new = sequences[:, inputs["input_ids"].shape[1] :]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
@@ -180,7 +173,7 @@ def generate_text(
             with _left_padding(tok):
                 inputs = tok(texts[start : start + settings.batch_size], return_tensors="pt", padding=True).to(device)
             inputs.pop("token_type_ids", None)
-            with _seeded(settings.seed + b, device):
+            with seeded(settings.seed + b, device):
                 sequences = model.generate(**inputs, **settings.generate_kwargs(_pad_id(tok)))
             out.extend(tok.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     finally:
