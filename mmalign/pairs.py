@@ -921,6 +921,19 @@ def _check_unique_ids(pairs: Sequence[PreferencePair], source: str) -> None:
         seen[pair.id] = i
 
 
+def _check_before_write(
+    pairs: Sequence[PreferencePair], folder: Path, dest: Path, *, check_media: bool
+) -> None:
+    """Unique ids and (with ``check_media``) media present in ``folder``; errors name ``dest`` and the item."""
+    _check_unique_ids(pairs, str(dest))
+    if check_media:
+        for i, pair in enumerate(pairs, start=1):
+            try:
+                _check_pair_media(pair, folder, "exists")
+            except PairFormatError as exc:
+                raise exc.at(str(dest), i, "item") from None
+
+
 def write_pairs(
     folder: str | os.PathLike[str],
     pairs: Iterable[PreferencePair],
@@ -950,13 +963,7 @@ def write_pairs(
     dest = folder / name
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} exists; pass overwrite=True or append=True")
-    _check_unique_ids(pairs, str(dest))
-    if check_media:
-        for i, pair in enumerate(pairs, start=1):
-            try:
-                _check_pair_media(pair, folder, "exists")
-            except PairFormatError as exc:
-                raise exc.at(str(dest), i, "item") from None
+    _check_before_write(pairs, folder, dest, check_media=check_media)
     folder.mkdir(parents=True, exist_ok=True)
     if format == "jsonl":
         lines = [json.dumps(p.to_dict(), ensure_ascii=False, allow_nan=False) + "\n" for p in pairs]
@@ -1158,13 +1165,7 @@ def write_hf(
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} exists; pass overwrite=True")
     pairs = list(pairs)
-    _check_unique_ids(pairs, str(dest))
-    if check_media:
-        for i, pair in enumerate(pairs, start=1):
-            try:
-                _check_pair_media(pair, folder, "exists")
-            except PairFormatError as exc:
-                raise exc.at(str(dest), i, "item") from None
+    _check_before_write(pairs, folder, dest, check_media=check_media)
     dataset = to_hf_dataset(pairs)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{PAIRS_HF}.", dir=folder))
@@ -1511,6 +1512,21 @@ def _response_text(messages: Any, name: str) -> str:
     return "\n".join(texts)
 
 
+def _same_media_pair(
+    pair_id: str, prompt: str, chosen: str, rejected: str, media: list[str], meta: dict[str, Any]
+) -> PreferencePair:
+    """A pair whose two responses answer the same images (TRL, STIC and POVID records share one list)."""
+    return PreferencePair(
+        id=pair_id,
+        prompt=prompt,
+        chosen=chosen,
+        rejected=rejected,
+        chosen_media=media,
+        rejected_media=list(media),
+        meta=meta,
+    )
+
+
 def from_trl(
     src: Any,
     out: str | os.PathLike[str],
@@ -1577,27 +1593,10 @@ def from_trl(
             )
         media = [sink.store(img, f"{key}[{i}]") for i, img in enumerate(images_raw)]
         meta.update(_json_scalars(rec, ("prompt", "chosen", "rejected", "images", "image", "id")))
-        return PreferencePair(
-            id=_record_id(rec, lineno, "trl"),
-            prompt=prompt,
-            chosen=chosen,
-            rejected=rejected,
-            chosen_media=media,
-            rejected_media=list(media),
-            meta=meta,
-        )
+        return _same_media_pair(_record_id(rec, lineno, "trl"), prompt, chosen, rejected, media, meta)
 
-    return _convert(
-        src,
-        out,
-        make,
-        name="trl",
-        image_root=image_root,
-        skip_bad=skip_bad,
-        overwrite=overwrite,
-        verify_images=verify_images,
-        durable=durable,
-    )
+    return _convert(src, out, make, name="trl", image_root=image_root, skip_bad=skip_bad,
+                    overwrite=overwrite, verify_images=verify_images, durable=durable)
 
 
 def to_trl(
@@ -1724,17 +1723,8 @@ def from_pickapic(
             meta=meta,
         )
 
-    return _convert(
-        src,
-        out,
-        make,
-        name="pickapic_v2",
-        image_root=image_root,
-        skip_bad=skip_bad,
-        overwrite=overwrite,
-        verify_images=verify_images,
-        durable=durable,
-    )
+    return _convert(src, out, make, name="pickapic_v2", image_root=image_root, skip_bad=skip_bad,
+                    overwrite=overwrite, verify_images=verify_images, durable=durable)
 
 
 def to_pickapic(
@@ -1826,27 +1816,17 @@ def from_stic(
             meta["stic_hallu_prompt"] = _check_str(rec["hallu_prompt"], "hallu_prompt")
         if n_tokens:
             meta["image_tokens_removed"] = n_tokens
-        return PreferencePair(
-            id=_record_id(rec, lineno, "stic"),
-            prompt=prompt,
-            chosen=_response_text(chosen_msgs[-1:], "chosen"),
-            rejected=_response_text(rejected_msgs[-1:], "rejected"),
-            chosen_media=media,
-            rejected_media=list(media),
-            meta=meta,
+        return _same_media_pair(
+            _record_id(rec, lineno, "stic"),
+            prompt,
+            _response_text(chosen_msgs[-1:], "chosen"),
+            _response_text(rejected_msgs[-1:], "rejected"),
+            media,
+            meta,
         )
 
-    return _convert(
-        src,
-        out,
-        make,
-        name="stic",
-        image_root=image_root,
-        skip_bad=skip_bad,
-        overwrite=overwrite,
-        verify_images=verify_images,
-        durable=durable,
-    )
+    return _convert(src, out, make, name="stic", image_root=image_root, skip_bad=skip_bad,
+                    overwrite=overwrite, verify_images=verify_images, durable=durable)
 
 
 def _llava_turns(conv: Any, name: str) -> tuple[str, str]:
@@ -1923,24 +1903,7 @@ def from_povid(
                 ),
             )
         )
-        return PreferencePair(
-            id=_record_id(rec, lineno, "povid"),
-            prompt=prompt,
-            chosen=chosen,
-            rejected=rejected,
-            chosen_media=media,
-            rejected_media=list(media),
-            meta=meta,
-        )
+        return _same_media_pair(_record_id(rec, lineno, "povid"), prompt, chosen, rejected, media, meta)
 
-    return _convert(
-        src,
-        out,
-        make,
-        name="povid",
-        image_root=image_root,
-        skip_bad=skip_bad,
-        overwrite=overwrite,
-        verify_images=verify_images,
-        durable=durable,
-    )
+    return _convert(src, out, make, name="povid", image_root=image_root, skip_bad=skip_bad,
+                    overwrite=overwrite, verify_images=verify_images, durable=durable)
