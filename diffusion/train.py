@@ -132,7 +132,12 @@ class DiffusionTrainConfig:
     pso_every_n_steps: int = field(default=10, metadata=help_("PSO online: re-sample period in optimizer steps"))
     pso_refresh_per_call: int | None = field(default=None, metadata=help_("PSO online: pairs re-sampled per call"))
     pso_num_inference_steps: int = field(default=1, metadata=help_("PSO: sampler steps of the distilled model"))
-    pso_guidance_scale: float = field(default=0.0, metadata=help_("PSO: CFG scale when sampling (turbo: 0)"))
+    pso_guidance_scale: float | None = field(
+        default=None,
+        metadata=help_("PSO: guidance scale when sampling; default 0 (no CFG: turbo, Flux schnell), or "
+                       "flux_guidance for guidance-distilled Flux (dev), whose guidance is an embedding the "
+                       "model is trained with"),
+    )
     pso_sampler: Literal["euler_ancestral", "euler", "lcm", "ddim", "flow_euler", "keep"] = field(
         default="keep", metadata=help_("PSO and grid: few-step scheduler to sample with")
     )
@@ -150,6 +155,8 @@ class DiffusionTrainConfig:
             raise ValueError(f"empty_prompt_prob must be in [0, 1], got {self.empty_prompt_prob}")
         if not 0.0 <= self.label_flip_prob <= 0.5:
             raise ValueError(f"label_flip_prob must be in [0, 0.5], got {self.label_flip_prob}")
+        if self.pso_guidance_scale is not None and not self.pso_guidance_scale >= 0:
+            raise ValueError(f"pso_guidance_scale must be >= 0, got {self.pso_guidance_scale}")
         if not isinstance(self.random_flip, bool):
             raise ValueError(f"random_flip must be true or false, got {self.random_flip!r}")
         if self.prediction_type not in (None, "epsilon", "v_prediction", "sample", "flow_velocity"):
@@ -277,6 +284,19 @@ def image_grid(rows: list[list[Any]]) -> Any:
 # ---------------------------------------------------------------------------------------------- run
 
 
+def _pso_guidance(pipeline: Any, config: DiffusionTrainConfig) -> float:
+    """The guidance scale PSO samples with: ``pso_guidance_scale`` if set, else 0 (turbo, Flux schnell: no
+    CFG), or ``flux_guidance`` for guidance-distilled Flux, whose pipeline feeds ``guidance_scale`` to the
+    guidance embedding: sampling those at 0 would draw images the model never makes with the value
+    it is trained with (the adapter conditions on ``flux_guidance``)."""
+    if config.pso_guidance_scale is not None:
+        return float(config.pso_guidance_scale)
+    transformer = getattr(pipeline, "transformer", None)
+    if transformer is not None and bool(getattr(transformer.config, "guidance_embeds", False)):
+        return float(config.flux_guidance)
+    return 0.0
+
+
 def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
     """Train as ``config`` says and write the outputs (see the module docstring)."""
     from accelerate import PartialState
@@ -322,18 +342,19 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
 
     callbacks = []
     if config.objective == "pso":
+        pso_guidance = _pso_guidance(pipe, config)
         pso_dir = Path(config.pso_data_dir or out / "pso_pairs")
         if state.is_main_process:
             make_pso_pairs(
                 pipe, pairs, pso_dir, num_inference_steps=config.pso_num_inference_steps,
-                guidance_scale=config.pso_guidance_scale, seed=config.train.seed, **sampling,
+                guidance_scale=pso_guidance, seed=config.train.seed, **sampling,
             )
         state.wait_for_everyone()
         pairs = read_pairs(pso_dir)
         if config.pso_mode == "online":
             callbacks.append(OnlinePSO(
                 pipe, pairs, every_n_steps=config.pso_every_n_steps, refresh_per_call=config.pso_refresh_per_call,
-                num_inference_steps=config.pso_num_inference_steps, guidance_scale=config.pso_guidance_scale,
+                num_inference_steps=config.pso_num_inference_steps, guidance_scale=pso_guidance,
                 seed=config.train.seed, **sampling,
             ))
 
