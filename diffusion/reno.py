@@ -134,7 +134,8 @@ class NoiseSampler:
     """A differentiable map from initial noise to images for one pipeline and a fixed prompt list.
 
     ``sampler(z (B, C, h, w)) -> images (B, 3, H, W)`` in [0, 1]. Prompt embeddings are
-    computed once in the constructor. ``latent_shape`` is ``(C, h, w)``.
+    computed once in the constructor. ``latent_shape`` is ``(C, h, w)``. The keyword arguments are
+    :func:`optimize_noise`'s sampler options (documented there), which it passes on unchanged.
     """
 
     def __init__(
@@ -152,6 +153,8 @@ class NoiseSampler:
         vae_checkpointing: bool = False,
         gradient_checkpointing: bool = False,
     ) -> None:
+        if num_inference_steps < 1:
+            raise ValueError(f"optimize_noise: num_inference_steps must be >= 1, got {num_inference_steps}")
         self.pipe = pipe
         self.prompts = prompts
         self.vae = pipe.vae
@@ -462,17 +465,9 @@ def optimize_noise(
     grad_clip: float | None = 0.1,
     reg_weight: float = 0.01,
     seed: int = 0,
-    num_inference_steps: int = 1,
-    height: int | None = None,
-    width: int | None = None,
-    guidance_scale: float = 0.0,
-    negative_prompt: str | list[str] | None = None,
-    timesteps: Sequence[int] | None = None,
-    encode_kwargs: dict[str, Any] | None = None,
-    gradient_checkpointing: bool = False,
-    vae_checkpointing: bool = False,
     progress: bool = True,
     timer: Callable[[], float] = time.perf_counter,
+    **sampler_options: Any,
 ) -> ReNOResult:
     """Optimise the initial noise of ``pipe`` for ``prompt`` against ``rewards`` (ReNO).
 
@@ -487,6 +482,10 @@ def optimize_noise(
         grad_clip: max L2 norm of each prompt's latent gradient (ReNO: 0.1); ``None`` disables.
         reg_weight: weight of :func:`noise_norm_penalty` (ReNO: 0.01), computed in fp32.
         seed: prompt ``i`` starts from ``N(0, I)`` drawn with seed ``seed + i``.
+        progress: show a tqdm bar.
+        timer: clock for ``iteration_times`` (wall clock by default; benchmarks on a shared CPU
+            may pass ``time.process_time``). On CUDA each iteration ends with a synchronize.
+        **sampler_options: the keyword arguments of :class:`NoiseSampler`, which renders the images:
         num_inference_steps: denoiser calls per image (1 for turbo models; 2-4 backpropagate
             through all steps).
         height, width: image size; default the denoiser's native size.
@@ -499,9 +498,6 @@ def optimize_noise(
         gradient_checkpointing: checkpoint the denoiser's blocks (diffusers' own switch, restored
             afterwards), or the whole denoiser call for models without one.
         vae_checkpointing: checkpoint the VAE decoder's blocks (or the whole decode).
-        progress: show a tqdm bar.
-        timer: clock for ``iteration_times`` (wall clock by default; benchmarks on a shared CPU
-            may pass ``time.process_time``). On CUDA each iteration ends with a synchronize.
 
     Returns:
         :class:`ReNOResult`. An update whose gradient is not finite is skipped for that prompt
@@ -523,8 +519,6 @@ def optimize_noise(
     weighted = _as_weighted(rewards)
     if steps < 0:
         raise ValueError(f"optimize_noise: steps must be >= 0, got {steps}")
-    if num_inference_steps < 1:
-        raise ValueError(f"optimize_noise: num_inference_steps must be >= 1, got {num_inference_steps}")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"optimize_noise: lr must be a positive number, got {lr}")
     if grad_clip is not None and grad_clip <= 0:
@@ -536,12 +530,7 @@ def optimize_noise(
     if optimizer == "sgd" and nesterov and momentum <= 0:
         raise ValueError("optimize_noise: nesterov needs momentum > 0")
 
-    sampler = NoiseSampler(
-        pipe, prompts, num_inference_steps=num_inference_steps, height=height, width=width,
-        guidance_scale=guidance_scale, negative_prompt=negative_prompt, timesteps=timesteps,
-        encode_kwargs=encode_kwargs, vae_checkpointing=vae_checkpointing,
-        gradient_checkpointing=gradient_checkpointing,
-    )
+    sampler = NoiseSampler(pipe, prompts, **sampler_options)
     b = len(prompts)
     z = _initial_noise(sampler.latent_shape, b, seed, sampler.device).requires_grad_(True)
     initial_latents = z.detach().clone()
