@@ -78,23 +78,45 @@ def _brute(model, processor, pair, side: str, root) -> float:  # noqa: ANN001
     return float(sequence_logps(logits, labels)[0][0])
 
 
-@pytest.mark.parametrize("share", [True, False])
-def test_logps_equal_brute_force(family, folder_pairs, share: bool) -> None:  # noqa: ANN001
-    model, processor = family
-    root, pairs = folder_pairs
-    adapter = VLMAdapter(processor, media_root=root, share_image_encoding=share)
-    batch = adapter.collate(pairs)
-    assert batch["input_ids"].shape[0] == 6
-    with torch.no_grad():
-        out = adapter.logps(model, batch)
+def assert_equals_brute_force(out, model, processor, pairs, root) -> None:  # noqa: ANN001
+    """``out``, the adapter's log-probs of ``pairs``, equals :func:`_brute` on every pair and side within 1e-5."""
     expected_chosen = torch.tensor([_brute(model, processor, p, "chosen", root) for p in pairs])
     expected_rejected = torch.tensor([_brute(model, processor, p, "rejected", root) for p in pairs])
     torch.testing.assert_close(out.chosen, expected_chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.rejected, expected_rejected, atol=1e-5, rtol=0)
-    # token counts: response tokens + eos
+
+
+def check_logps_equal_brute_force(model, processor, root, pairs, *, share: bool = True) -> None:  # noqa: ANN001
+    """One collated batch of ``pairs`` (2 rows each) through the adapter equals brute force; the chosen token
+    counts are the response tokens + eos. Shared by this file's and tests/test_vision_families.py's test."""
+    adapter = VLMAdapter(processor, media_root=root, share_image_encoding=share)
+    adapter.check_model(model)
+    batch = adapter.collate(pairs)
+    assert batch["input_ids"].shape[0] == 2 * len(pairs)
+    with torch.no_grad():
+        out = adapter.logps(model, batch)
+    assert_equals_brute_force(out, model, processor, pairs, root)
     tok = processor.tokenizer
     counts = [len(tok(p.chosen, add_special_tokens=False)["input_ids"]) + 1 for p in pairs]
     assert out.chosen_tokens.tolist() == counts
+
+
+def check_other_rejected_image_changes_rejected_logps(model, processor, root, pair, media: str) -> None:  # noqa: ANN001
+    """``pair`` with ``media`` as its rejected image: the chosen log-prob stays bitwise equal, the rejected one moves."""
+    other = PreferencePair(pair.id, pair.prompt, pair.chosen, pair.rejected, pair.chosen_media, [media])
+    adapter = VLMAdapter(processor, media_root=root)
+    with torch.no_grad():
+        a = adapter.logps(model, adapter.collate([pair]))
+        b = adapter.logps(model, adapter.collate([other]))
+    assert torch.equal(a.chosen, b.chosen)
+    assert abs(float(a.rejected[0] - b.rejected[0])) > 1e-4
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_logps_equal_brute_force(family, folder_pairs, share: bool) -> None:  # noqa: ANN001
+    model, processor = family
+    root, pairs = folder_pairs
+    check_logps_equal_brute_force(model, processor, root, pairs, share=share)
 
 
 def test_shared_path_encodes_each_image_once(llava, folder_pairs) -> None:  # noqa: ANN001
@@ -124,14 +146,7 @@ def test_shared_path_encodes_each_image_once(llava, folder_pairs) -> None:  # no
 def test_different_rejected_image_changes_rejected_logps(family, folder_pairs) -> None:  # noqa: ANN001
     model, processor = family
     root, pairs = folder_pairs
-    same = pairs[0]
-    other = PreferencePair(same.id, same.prompt, same.chosen, same.rejected, same.chosen_media, ["media/1.png"])
-    adapter = VLMAdapter(processor, media_root=root)
-    with torch.no_grad():
-        a = adapter.logps(model, adapter.collate([same]))
-        b = adapter.logps(model, adapter.collate([other]))
-    assert torch.equal(a.chosen, b.chosen)
-    assert abs(float(a.rejected[0] - b.rejected[0])) > 1e-4
+    check_other_rejected_image_changes_rejected_logps(model, processor, root, pairs[0], "media/1.png")
 
 
 def test_truncation_cuts_response_never_image_tokens(llava, folder_pairs) -> None:  # noqa: ANN001

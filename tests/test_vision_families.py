@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_vision_adapter import _brute, _images
+from test_vision_adapter import (
+    _images,
+    assert_equals_brute_force,
+    check_logps_equal_brute_force,
+    check_other_rejected_image_changes_rejected_logps,
+)
 
 from mmalign.pairs import PreferencePair
 from vision.adapter import VLMAdapter
@@ -69,18 +74,7 @@ def test_logps_equal_brute_force(family, pairs_folder) -> None:  # noqa: ANN001
     """Shared encoding (default) against one unpadded sequence at a time through the model's own forward."""
     _, model, processor = family
     root, pairs = pairs_folder
-    adapter = VLMAdapter(processor, media_root=root)
-    adapter.check_model(model)
-    batch = adapter.collate(pairs)
-    assert batch["input_ids"].shape[0] == 6
-    with torch.no_grad():
-        out = adapter.logps(model, batch)
-    expected_chosen = torch.tensor([_brute(model, processor, p, "chosen", root) for p in pairs])
-    expected_rejected = torch.tensor([_brute(model, processor, p, "rejected", root) for p in pairs])
-    torch.testing.assert_close(out.chosen, expected_chosen, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.rejected, expected_rejected, atol=1e-5, rtol=0)
-    tok = processor.tokenizer
-    assert out.chosen_tokens.tolist() == [len(tok(p.chosen, add_special_tokens=False)["input_ids"]) + 1 for p in pairs]
+    check_logps_equal_brute_force(model, processor, root, pairs)
 
 
 def test_shared_path_equals_naive_and_encodes_less(family, pairs_folder) -> None:  # noqa: ANN001
@@ -129,14 +123,7 @@ def test_shared_path_equals_naive_and_encodes_less(family, pairs_folder) -> None
 def test_different_rejected_image_changes_rejected_logps(family, pairs_folder) -> None:  # noqa: ANN001
     _, model, processor = family
     root, pairs = pairs_folder
-    same = pairs[0]
-    other = PreferencePair(same.id, same.prompt, same.chosen, same.rejected, same.chosen_media, ["media/2.png"])
-    adapter = VLMAdapter(processor, media_root=root)
-    with torch.no_grad():
-        a = adapter.logps(model, adapter.collate([same]))
-        b = adapter.logps(model, adapter.collate([other]))
-    assert torch.equal(a.chosen, b.chosen)
-    assert abs(float(a.rejected[0] - b.rejected[0])) > 1e-4
+    check_other_rejected_image_changes_rejected_logps(model, processor, root, pairs[0], "media/2.png")
 
 
 def test_truncation_keeps_every_image_token(family, pairs_folder) -> None:  # noqa: ANN001
@@ -185,10 +172,7 @@ def test_dropped_pair_leaves_the_others_exact(family, pairs_folder) -> None:  # 
     assert batch["row_units"].tolist() == [0, 1, 0, 1]
     with torch.no_grad():
         out = adapter.logps(model, batch)
-    expected_chosen = torch.tensor([_brute(model, processor, p, "chosen", root) for p in kept_pairs])
-    expected_rejected = torch.tensor([_brute(model, processor, p, "rejected", root) for p in kept_pairs])
-    torch.testing.assert_close(out.chosen, expected_chosen, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.rejected, expected_rejected, atol=1e-5, rtol=0)
+    assert_equals_brute_force(out, model, processor, kept_pairs, root)
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -205,7 +189,4 @@ def test_multi_image_pairs_equal_brute_force(family, pairs_folder, share: bool) 
     adapter = VLMAdapter(processor, media_root=root, share_image_encoding=share)
     with torch.no_grad():
         out = adapter.logps(model, adapter.collate(pairs))
-    expected_chosen = torch.tensor([_brute(model, processor, p, "chosen", root) for p in pairs])
-    expected_rejected = torch.tensor([_brute(model, processor, p, "rejected", root) for p in pairs])
-    torch.testing.assert_close(out.chosen, expected_chosen, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.rejected, expected_rejected, atol=1e-5, rtol=0)
+    assert_equals_brute_force(out, model, processor, pairs, root)
