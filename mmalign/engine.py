@@ -96,8 +96,10 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata=help_("AdamW weight decay"))
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=help_("AdamW betas"))
     adam_eps: float = field(default=1e-8, metadata=help_("AdamW epsilon"))
-    optimizer: Literal["adamw", "adamw8bit", "sgd"] = field(
-        default="adamw", metadata=help_("adamw | adamw8bit (needs bitsandbytes) | sgd")
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "sgd"] = field(
+        default="adamw",
+        metadata=help_("adamw | adamw8bit (needs bitsandbytes) | adafactor (factored second moment, no first "
+                       "moment: the Diffusion-DPO SDXL recipe) | sgd"),
     )
     lr_scheduler: Literal["constant", "cosine", "linear"] = field(default="constant", metadata=help_("after warmup"))
     warmup_steps: int = field(default=0, metadata=help_("linear warmup steps"))
@@ -604,6 +606,15 @@ class _Engine:
                 raise ImportError("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes") from exc
             return bnb.optim.AdamW8bit(params, lr=c.learning_rate, betas=tuple(c.adam_betas),
                                        eps=c.adam_eps, weight_decay=c.weight_decay)
+        if c.optimizer == "adafactor":
+            from transformers.optimization import Adafactor
+
+            # As the Diffusion-DPO SDXL recipe: the given learning rate, no relative step, no parameter
+            # scaling, no first moment; the optimizer state is a row and a column vector per matrix
+            # instead of AdamW's two full copies of the weights. clip_threshold is Adafactor's own
+            # update clipping (the paper's d = 1.0); gradient clipping stays max_grad_norm's job.
+            return Adafactor(params, lr=c.learning_rate, weight_decay=c.weight_decay, clip_threshold=1.0,
+                             scale_parameter=False, relative_step=False, warmup_init=False)
         # torch's own choice of implementation: foreach on CUDA (fast for billions of parameters),
         # the plain loop on the CPU (what the bitwise-resume test runs).
         return torch.optim.AdamW(params, lr=c.learning_rate, betas=tuple(c.adam_betas), eps=c.adam_eps,

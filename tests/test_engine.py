@@ -332,3 +332,27 @@ def test_cosine_schedule_with_warmup(tmp_path, lm, pairs):
     assert lrs[0] == pytest.approx(1e-3)  # warmup 2/2
     assert lrs[1] == pytest.approx(1e-3)  # cosine start
     assert lrs[-1] < lrs[2] < lrs[1] and lrs[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_adafactor_state_is_factored_and_resume_continues_exactly(tmp_path, lm_path, pairs):
+    """Adafactor keeps a row and a column vector per matrix (no first moment), and a run stopped after
+    2 steps and resumed to 4 equals 4 uninterrupted steps (the optimizer state round-trips)."""
+    tok = AutoTokenizer.from_pretrained(lm_path)
+    adapter = CausalLMAdapter(tok, max_length=32)
+    data = pairs[0][:16]
+    straight = _cfg(tmp_path / "straight", max_steps=4, optimizer="adafactor", save_every=4)
+    train(AutoModelForCausalLM.from_pretrained(lm_path), adapter, data, straight)
+    opt_t = load_file(str(latest_checkpoint(straight.output_dir) / "optimizer.safetensors"))
+    assert any(k.endswith("exp_avg_sq_row") for k in opt_t) and not any(k.endswith("exp_avg") for k in opt_t)
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(lm_path).parameters())
+    assert sum(t.numel() for t in opt_t.values()) < 0.5 * n_params  # AdamW would hold 2 * n_params
+
+    first = _cfg(tmp_path / "split", max_steps=2, optimizer="adafactor", save_every=1)
+    train(AutoModelForCausalLM.from_pretrained(lm_path), adapter, data, first)
+    train(AutoModelForCausalLM.from_pretrained(lm_path), adapter, data,
+          _cfg(tmp_path / "split", max_steps=4, optimizer="adafactor", save_every=1, resume=True))
+    a, b = _final_weights(Path(straight.output_dir)), _final_weights(Path(first.output_dir))
+    before = AutoModelForCausalLM.from_pretrained(lm_path).state_dict()
+    assert any(not torch.equal(a[n], before[n]) for n in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
