@@ -416,7 +416,9 @@ class DiffusionAdapter:
                     "(diffusion.adapter.drop_ties), they carry no preference"
                 )
             if self.cache is not None:
-                row = self.cache.load_pair(_pair_id(pair), flipped=self.random_flip)
+                pid = _pair_id(pair)
+                # Asked for only when needed, so a cache-like object without mirrored latents still works.
+                row = self.cache.load_pair(pid, flipped=True) if self.random_flip else self.cache.load_pair(pid)
             else:
                 row = self.load_pair_images(pair)
                 row["chosen_texts"], row["rejected_texts"] = self.side_texts(pair)

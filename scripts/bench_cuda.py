@@ -269,7 +269,9 @@ class _RandomCache:
                                                         dtype=torch.float32)
         self.empty = {"prompt_embeds": torch.zeros(1, 77, text_dim), "pooled_embeds": torch.zeros(1, pooled_dim)}
 
-    def load_pair(self, pair_id: str) -> dict[str, torch.Tensor]:
+    def load_pair(self, pair_id: str, *, flipped: bool = False) -> dict[str, torch.Tensor]:
+        if flipped:
+            raise ValueError("the benchmark's random cache holds no mirrored latents (random_flip is off here)")
         return dict(self.row)
 
     def load_empty(self) -> dict[str, torch.Tensor]:

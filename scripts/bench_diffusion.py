@@ -14,9 +14,10 @@
    subprocess: peak memory = the kernel's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``
    after the model, data and cache are loaded) minus the RSS at that point, i.e. what training adds
    (optimizer state, gradients, activations and, for DPO, the engine's frozen copy of the UNet).
-   Goals: time ratio <= 0.8, memory ratio <= 0.75. Three settings (``SETTINGS``): plain fp32 AdamW with
+   Goals: time ratio <= 0.8, memory ratio <= 0.75. Four settings (``SETTINGS``): plain fp32 AdamW with
    4 pairs per micro-batch; Adafactor with 1 pair per micro-batch (4 accumulated); the same with gradient
-   checkpointing (the Diffusion-DPO SDXL recipe). What the reference costs is one
+   checkpointing (the Diffusion-DPO SDXL recipe); the same without checkpointing on a UNet twice as wide
+   (weights a larger share of memory, as in larger models). What the reference costs is one
    weight copy, so the ratio depends on what else training holds: with AdamW (grads + two moments = 3
    copies) it cannot fall below 3/4 even with no activations at all; with Adafactor (grads + factored
    moments) and checkpointed activations the copy is a larger share.
@@ -54,6 +55,9 @@ SETTINGS: dict[str, tuple[dict[str, Any], str]] = {
                         "grad_accum": BATCH},
                        f"Adafactor + gradient checkpointing + 1 pair per micro-batch x {BATCH} accumulated (the "
                        "Diffusion-DPO SDXL recipe: Adafactor, checkpointing, batch 1 with accumulation)"),
+    "adafactor_wider": ({"optimizer": "adafactor", "batch_size": 1, "grad_accum": BATCH, "unet_blocks": (128, 256)},
+                        f"Adafactor, 1 pair per micro-batch x {BATCH} accumulated, no checkpointing, a UNet twice as "
+                        "wide (block_out_channels (128, 256): 4x the weights, ~2x the activations)"),
 }
 
 
@@ -103,13 +107,14 @@ def make_datasets(root: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
 # ----------------------------------------------------------------------------------------- ours
 
 
-def _fresh_unet(pipeline_dir: Path, wide: bool = False, seed: int = 0) -> torch.nn.Module:
+def _fresh_unet(pipeline_dir: Path, wide: bool = False, seed: int = 0,
+                blocks: tuple[int, int] = WIDE_BLOCKS) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     if not wide:
         return UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
     config = dict(UNet2DConditionModel.load_config(pipeline_dir, subfolder="unet"))
-    config.update(block_out_channels=WIDE_BLOCKS, attention_head_dim=(4, 8))
+    config.update(block_out_channels=blocks, attention_head_dim=(blocks[0] // 16, blocks[1] // 16))
     torch.manual_seed(seed)
     return UNet2DConditionModel.from_config(config)
 
@@ -237,14 +242,16 @@ def child_run(objective: str, cache_dir: str, pairs_dir: str, steps: int, thread
     pipe = load_pipeline("tiny:sd")
     adapter = DiffusionAdapter(pipe, resolution=RESOLUTION, cache_dir=cache_dir)
     pairs = read_pairs(pairs_dir)
-    model = _fresh_unet(cached_tiny("sd"), wide=True)
+    overrides = dict(SETTINGS[setting][0])
+    blocks = tuple(overrides.pop("unet_blocks", WIDE_BLOCKS))
+    model = _fresh_unet(cached_tiny("sd"), wide=True, blocks=blocks)
     n_params = sum(p.numel() for p in model.parameters())
     if objective == "mapo":
         cfg = {"loss": "mapo", "loss_kwargs": {"beta": 0.1, "scale": 0.5,
                                                "num_train_timesteps": adapter.num_train_timesteps}}
     else:
         cfg = {"loss": "diffusion_dpo", "loss_kwargs": {"beta": 5000.0}, "reference": "frozen"}
-    cfg.update(SETTINGS[setting][0])
+    cfg.update(overrides)
     if profile_tensors:
         from torch.profiler import ProfilerActivity, profile
 
@@ -321,7 +328,8 @@ def bench_mapo(args: argparse.Namespace, tmp: Path, setting: str = "adamw") -> d
     peak = {k: statistics.median(x["peak_rss_bytes"] for x in v) for k, v in runs.items()}
     return {
         "setup": (f"full fine-tuning of a random UNet2DConditionModel, tiny SD config with block_out_channels "
-                  f"{WIDE_BLOCKS} ({runs['mapo'][0]['unet_params'] / 1e6:.2f}M params), {BATCH} pairs/step, "
+                  f"{SETTINGS[setting][0].get('unet_blocks', WIDE_BLOCKS)} ({runs['mapo'][0]['unet_params'] / 1e6:.2f}M "
+                  f"params), {BATCH} pairs/step, "
                   f"{RESOLUTION} px (latents 4x16x16), caches on, fp32, {SETTINGS[setting][1]}; DPO reference = engine's "
                   "frozen copy"),
         "memory_method": ("tensor_*: peak of live tensor bytes over a profiled run (torch.profiler profile_memory, "
@@ -362,6 +370,7 @@ def _parse_extra(args: argparse.Namespace) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer", default=None)
     ap.add_argument("--part", choices=["all", "peer", "mapo"], default="all")
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="MaPO-vs-DPO settings, comma-separated")
     known, _ = ap.parse_known_args(getattr(args, "extra", []) or [])
     for k, v in vars(known).items():
         if getattr(args, k, None) is None:
@@ -377,9 +386,11 @@ def bench_diffusion(args: argparse.Namespace) -> dict:
         if args.part in ("all", "peer"):
             out["dpo_lora_vs_diffusers_example"] = bench_vs_peer(args, Path(tmp))
         if args.part in ("all", "mapo"):
-            out["mapo_vs_dpo_frozen_full_ft"] = bench_mapo(args, Path(tmp), "adamw")
-            for setting in ("adafactor", "adafactor_ckpt"):
-                out[f"mapo_vs_dpo_frozen_full_ft_{setting}"] = bench_mapo(args, Path(tmp), setting)
+            for setting in args.settings.split(","):
+                if setting not in SETTINGS:
+                    raise SystemExit(f"unknown setting {setting!r}; known: {', '.join(SETTINGS)}")
+                key = "mapo_vs_dpo_frozen_full_ft" + ("" if setting == "adamw" else f"_{setting}")
+                out[key] = bench_mapo(args, Path(tmp), setting)
     out["threads"] = args.threads
     return out
 
@@ -391,6 +402,7 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--peer", default=None)
     ap.add_argument("--part", choices=["all", "peer", "mapo"], default="all")
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="MaPO-vs-DPO settings, comma-separated")
     ap.add_argument("--child", choices=["mapo", "dpo_frozen"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--pairs", default=None, help=argparse.SUPPRESS)
