@@ -24,7 +24,8 @@ from diffusion.adapter import DiffusionAdapter
 from diffusion.pso import sample_images
 from mmalign.pairs import PairWriter, PreferencePair, read_pairs
 
-__all__ = ["brightness_axis", "brightness_pairs", "brightness_score", "pattern", "pretrain_denoiser"]
+__all__ = ["brightness_axis", "brightness_pairs", "brightness_score", "denoiser", "pattern", "pretrain_denoiser",
+           "set_denoiser"]
 
 
 def pattern(rng: np.random.Generator, brightness: float, size: int = 32) -> np.ndarray:
@@ -49,10 +50,25 @@ def brightness_pairs(folder: str | Path, n: int, *, seed: int, prefix: str, size
     return read_pairs(folder)
 
 
+def denoiser(pipe: Any) -> torch.nn.Module:
+    """The pipeline's trainable denoiser: its transformer (SD3, Flux) or else its UNet."""
+    transformer = getattr(pipe, "transformer", None)
+    return transformer if transformer is not None else pipe.unet
+
+
+def set_denoiser(pipe: Any, module: torch.nn.Module) -> None:
+    """Put ``module`` where :func:`denoiser` finds it."""
+    if getattr(pipe, "transformer", None) is not None:
+        pipe.transformer = module
+    else:
+        pipe.unet = module
+
+
 def pretrain_denoiser(pipe: Any, adapter: DiffusionAdapter, pairs: list[PreferencePair], steps: int, *,
                       seed: int = 0, lr: float = 1e-3, batch_size: int = 8) -> list[float]:
-    """Plain denoising loss on both sides' images: the base model a preference run starts from."""
-    unet = pipe.unet.train()
+    """Plain denoising loss on both sides' images: the base model a preference run starts from
+    (the pipeline's UNet, or its transformer for flow-matching pipelines)."""
+    unet = denoiser(pipe).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     losses = []

@@ -1,6 +1,7 @@
 """Toy evidence: on a tiny SD pipeline, "chosen images are brighter" moves the model toward brighter samples.
 
     python scripts/toy_diffusion.py --out runs/toy_diffusion --steps 200
+    python scripts/toy_diffusion.py --pipeline tiny:sd3 --out runs/toy_diffusion_sd3   # flow matching
 
 1. Data (no downloads): 32x32 images of smooth random patterns at a random brightness; in each pair
    the chosen image is brighter than the rejected one by >= 0.2. Prompt "a photo"; per-side
@@ -32,7 +33,14 @@ import torch
 
 from diffusion.adapter import DiffusionAdapter
 from diffusion.cache import build_cache
-from diffusion.toy import brightness_axis, brightness_pairs, brightness_score, pretrain_denoiser
+from diffusion.toy import (
+    brightness_axis,
+    brightness_pairs,
+    brightness_score,
+    denoiser,
+    pretrain_denoiser,
+    set_denoiser,
+)
 from diffusion.train import load_pipeline
 from mmalign.engine import TrainConfig, evaluate, train
 
@@ -49,25 +57,27 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--objectives", default="diffusion_dpo,mapo,dcpo")
+    ap.add_argument("--pipeline", default="tiny:sd",
+                    help="tiny:sd (UNet, epsilon) or tiny:sd3 (flow-matching transformer, velocity target)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     train_pairs = brightness_pairs(out / "train", 96, seed=0, prefix="t")
     held = brightness_pairs(out / "held_out", 32, seed=1, prefix="h")
-    pipe = load_pipeline("tiny:sd")
+    pipe = load_pipeline(args.pipeline)
     adapter = DiffusionAdapter(pipe)
     t0 = time.time()
     pretrain_denoiser(pipe, adapter, train_pairs, args.sft_steps, seed=0)
     print(f"pretrain: {time.time() - t0:.0f} s", flush=True)
-    base_unet = copy.deepcopy(pipe.unet)
+    base_unet = copy.deepcopy(denoiser(pipe))
     direction = brightness_axis(adapter, train_pairs)
     before = brightness_score(pipe, adapter, direction)
     results: dict[str, dict[str, float]] = {"base": {"brightness": before}}
     print(f"base model: brightness score {before:.3f}", flush=True)
     for name in args.objectives.split(","):
         loss, beta, mode = OBJECTIVES[name]
-        pipe.unet = copy.deepcopy(base_unet)
+        set_denoiser(pipe, copy.deepcopy(base_unet))
         cache = out / f"cache_{mode}"
         plain = DiffusionAdapter(pipe, caption_mode=mode)
         if not cache.is_dir():
@@ -77,7 +87,7 @@ def main() -> None:
                           learning_rate=args.lr, batch_size=8, max_steps=args.steps, trackers=[], progress=False,
                           plot=True, seed=0)
         t0 = time.time()
-        result = train(pipe.unet, cached, train_pairs, cfg)
+        result = train(denoiser(pipe), cached, train_pairs, cfg)
         seconds = time.time() - t0
         policy = result.model.eval()
         held_cfg = dataclasses.replace(cfg, output_dir=str(out / name / "eval"))
