@@ -69,11 +69,13 @@ __all__ = [
     "ARCHITECTURES",
     "CAPTION_MODES",
     "DiffusionAdapter",
+    "denoiser",
     "detect_architecture",
     "drop_ties",
     "flux_image_ids",
     "pack_latents",
     "resize_center_crop",
+    "set_denoiser",
     "unpack_latents",
 ]
 
@@ -89,6 +91,20 @@ TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 _SIDES = ("chosen", "rejected")
+
+
+def denoiser(pipeline: Any) -> torch.nn.Module:
+    """The pipeline's trainable denoiser: its transformer (SD3, Flux) or else its UNet."""
+    transformer = getattr(pipeline, "transformer", None)
+    return transformer if transformer is not None else pipeline.unet
+
+
+def set_denoiser(pipeline: Any, module: torch.nn.Module) -> None:
+    """Put ``module`` where :func:`denoiser` finds it."""
+    if getattr(pipeline, "transformer", None) is not None:
+        pipeline.transformer = module
+    else:
+        pipeline.unet = module
 
 
 def detect_architecture(pipeline: Any) -> str:

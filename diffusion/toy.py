@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffusion.adapter import DiffusionAdapter
+from diffusion.adapter import DiffusionAdapter, denoiser, set_denoiser
 from mmalign.pairs import PairWriter, PreferencePair, read_pairs
 
 __all__ = [
@@ -67,20 +67,6 @@ def brightness_pairs(folder: str | Path, n: int, *, seed: int, prefix: str, size
                                         chosen_media=[c], rejected_media=[r],
                                         chosen_caption="a bright photo", rejected_caption="a dark photo"))
     return read_pairs(folder)
-
-
-def denoiser(pipe: Any) -> torch.nn.Module:
-    """The pipeline's trainable denoiser: its transformer (SD3, Flux) or else its UNet."""
-    transformer = getattr(pipe, "transformer", None)
-    return transformer if transformer is not None else pipe.unet
-
-
-def set_denoiser(pipe: Any, module: torch.nn.Module) -> None:
-    """Put ``module`` where :func:`denoiser` finds it."""
-    if getattr(pipe, "transformer", None) is not None:
-        pipe.transformer = module
-    else:
-        pipe.unet = module
 
 
 def widen_transformer(pipe: Any, inner_dim: int, *, seed: int = 0) -> torch.nn.Module:

@@ -301,7 +301,7 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
     """Train as ``config`` says and write the outputs (see the module docstring)."""
     from accelerate import PartialState
 
-    from diffusion.adapter import DiffusionAdapter, drop_ties
+    from diffusion.adapter import DiffusionAdapter, denoiser, drop_ties, set_denoiser
     from diffusion.pso import OnlinePSO, few_step_scheduler, make_pso_pairs, sample_images
     from mmalign.engine import train
     from mmalign.pairs import read_pairs
@@ -319,9 +319,9 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
         module = getattr(pipe, name, None)
         if module is not None:
             module.to(device=device, dtype=frozen_dtype)
-    denoiser = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
-    denoiser.to(device)
-    attention = set_attention(denoiser, config.attention)
+    model = denoiser(pipe)
+    model.to(device)
+    attention = set_attention(model, config.attention)
     if config.pso_sampler != "keep":
         few_step_scheduler(pipe, config.pso_sampler)
     sampling = {"resolution": config.resolution, "max_sequence_length": config.max_sequence_length}
@@ -393,7 +393,7 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
         before = sample_images(pipe, config.grid_prompts, num_inference_steps=config.grid_steps,
                                guidance_scale=config.grid_guidance_scale, seed=grid_seed, **sampling)
 
-    result = train(denoiser, adapter, pairs, train_cfg, callbacks=callbacks)
+    result = train(model, adapter, pairs, train_cfg, callbacks=callbacks)
 
     lora_dir = pipeline_dir = grid_path = None
     trained = result.model
@@ -409,11 +409,7 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
             image_grid([before, after]).save(grid_path)
         if train_cfg.lora_r == 0 or config.save_full_pipeline:
             if train_cfg.lora_r > 0:
-                merged = trained.merge_and_unload()
-                if getattr(pipe, "transformer", None) is not None:
-                    pipe.transformer = merged
-                else:
-                    pipe.unet = merged
+                set_denoiser(pipe, trained.merge_and_unload())
             pipeline_dir = out / "pipeline"
             pipe.save_pretrained(pipeline_dir, safe_serialization=True)
         save_config(config, out / "diffusion_config.yaml")
