@@ -107,11 +107,11 @@ def make_datasets(root: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
 # ----------------------------------------------------------------------------------------- ours
 
 
-def _fresh_unet(pipeline_dir: Path, wide: bool = False, seed: int = 0,
-                blocks: tuple[int, int] = WIDE_BLOCKS) -> torch.nn.Module:
+def _fresh_unet(pipeline_dir: Path, blocks: tuple[int, int] | None = None, seed: int = 0) -> torch.nn.Module:
+    """The tiny pipeline's own UNet, or (``blocks``) a randomly initialised one with those block widths."""
     from diffusers import UNet2DConditionModel
 
-    if not wide:
+    if blocks is None:
         return UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
     config = dict(UNet2DConditionModel.load_config(pipeline_dir, subfolder="unet"))
     config.update(block_out_channels=blocks, attention_head_dim=(blocks[0] // 16, blocks[1] // 16))
@@ -244,7 +244,7 @@ def child_run(objective: str, cache_dir: str, pairs_dir: str, steps: int, thread
     pairs = read_pairs(pairs_dir)
     overrides = dict(SETTINGS[setting][0])
     blocks = tuple(overrides.pop("unet_blocks", WIDE_BLOCKS))
-    model = _fresh_unet(cached_tiny("sd"), wide=True, blocks=blocks)
+    model = _fresh_unet(cached_tiny("sd"), blocks=blocks)
     n_params = sum(p.numel() for p in model.parameters())
     if objective == "mapo":
         cfg = {"loss": "mapo", "loss_kwargs": {"beta": 0.1, "scale": 0.5,

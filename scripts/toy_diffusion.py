@@ -141,8 +141,9 @@ def main() -> None:
     base_unet = copy.deepcopy(denoiser(pipe))
     axis = brightness_axis(adapter, train_pairs)
     before = sample_brightness(pipe, axis)
+    train_batch = adapter.collate(train_pairs)
     data = latent_score(adapter.encode_images(torch.cat(
-        [adapter.collate(train_pairs)[f"{side}_pixel_values"] for side in ("chosen", "rejected")])), axis)
+        [train_batch[f"{side}_pixel_values"] for side in ("chosen", "rejected")])), axis)
     results: dict[str, dict[str, float]] = {
         "data": {"chosen_pixel_brightness": data_chosen, "rejected_pixel_brightness": data_rejected,
                  "vae_held_out_mse_before": vae_before, "vae_held_out_mse_after": vae_after,
