@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
+import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -32,6 +34,44 @@ def help_(text: str) -> dict[str, str]:
 
 class ConfigError(ValueError):
     """A config file or flag that cannot be turned into the dataclass."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as booleans, which turned
+    documented string values such as ``mixed_precision: no`` into ``False``; a boolean field still
+    accepts those words (``_coerce`` maps them)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--flag -1e-5`` -> ``--flag=-1e-5``: argparse otherwise reads ``-1e-5`` as an unknown option."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and token.startswith("-") and _is_number(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -163,18 +203,22 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
 
 def load_config(cls: type[T], argv: Sequence[str] | None = None, *, description: str | None = None) -> T:
     """Parse ``--config path.yaml`` plus per-field flags into ``cls``."""
-    parser = argparse.ArgumentParser(description=description or cls.__doc__)
+    # allow_abbrev=False: "--train.lr" must not silently become "--train.lr_scheduler".
+    parser = argparse.ArgumentParser(description=description or cls.__doc__, allow_abbrev=False)
     parser.add_argument("--config", type=str, default=None, help="YAML file with the config's keys")
     for name, _tp, help_ in _flatten_fields(cls):
         parser.add_argument(f"--{name}", dest=name, default=None, help=help_)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(list(argv) if argv is not None else sys.argv[1:]))
     data: dict[str, Any] = {}
     where = "command line"
     if args.config:
         path = Path(args.config)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = _yaml_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not a readable YAML file: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         data = loaded
@@ -182,5 +226,10 @@ def load_config(cls: type[T], argv: Sequence[str] | None = None, *, description:
     for name, _tp, _ in _flatten_fields(cls):
         value = getattr(args, name)
         if value is not None:
-            _set_dotted(data, name, yaml.safe_load(value) if isinstance(value, str) else value)
+            if isinstance(value, str) and _tp is not str:
+                try:
+                    value = _yaml_load(value)
+                except yaml.YAMLError as exc:
+                    raise ConfigError(f"command line: --{name}: cannot read {value!r}: {exc}") from exc
+            _set_dotted(data, name, value)
     return from_dict(cls, data, where=where)

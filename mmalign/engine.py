@@ -374,21 +374,26 @@ def compute_loss(
     Length-normalised losses get log-probs divided by token counts; the SFT term and per-pair
     weights (``batch["weight"]``) are applied here, once, for every modality.
     """
-    from mmalign.losses import LENGTH_NORMALISED, LOSSES, REFERENCE_FREE, sft_nll
+    from mmalign.losses import LENGTH_NORMALISED, LOSSES, REFERENCE_FREE, implicit_accuracy, sft_nll
 
     pc, pr = policy.chosen.float(), policy.rejected.float()
+    rc, rr = (ref.chosen.float(), ref.rejected.float()) if ref is not None else (None, None)
     if config.loss in LENGTH_NORMALISED:
         if policy.chosen_tokens is None or policy.rejected_tokens is None:
             raise ValueError(f"loss {config.loss!r} needs token counts; the adapter gave none")
-        pc = pc / policy.chosen_tokens.clamp_min(1)
-        pr = pr / policy.rejected_tokens.clamp_min(1)
+        # Policy and reference score the same response tokens, so the policy's counts serve both
+        # (a precomputed reference carries no counts of its own).
+        nc, nr = policy.chosen_tokens.clamp_min(1), policy.rejected_tokens.clamp_min(1)
+        pc, pr = pc / nc, pr / nr
+        if rc is not None:
+            rc, rr = rc / nc, rr / nr
     fn = LOSSES[config.loss]
     if config.loss in REFERENCE_FREE:
         out = fn(pc, pr, **config.loss_kwargs)
     elif ref is None:
         raise ValueError(f"loss {config.loss!r} needs reference values")
     else:
-        out = fn(pc, pr, ref.chosen.float(), ref.rejected.float(), **config.loss_kwargs)
+        out = fn(pc, pr, rc, rr, **config.loss_kwargs)
     losses = out.losses
     if config.sft_weight:
         norm = config.sft_normaliser or None
@@ -402,7 +407,7 @@ def compute_loss(
         "rewards/chosen": out.chosen_rewards.mean(),
         "rewards/rejected": out.rejected_rewards.mean(),
         "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
-        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+        "rewards/accuracies": implicit_accuracy(out).mean(),
         f"{value_name}/chosen": policy.chosen.detach().float().mean(),
         f"{value_name}/rejected": policy.rejected.detach().float().mean(),
     }

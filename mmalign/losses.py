@@ -152,7 +152,9 @@ def dpo(
         h    = (pi_c - pi_r) - (ref_c - ref_r)
         loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
 
-    with ``eps = label_smoothing`` (probability that the pair's label is flipped).
+    with ``eps = label_smoothing`` (probability that the pair's label is flipped). This is the cDPO
+    form of TRL <= 0.28; newer TRL releases ignore ``label_smoothing`` for ``loss_type="sigmoid"``
+    (cDPO was dropped there), so with ``eps > 0`` this loss matches old TRL configs, not new ones.
     Rewards: ``beta * (pi - ref)`` per side. At ``pi == ref`` the loss is ``ln 2``.
 
     Args:
@@ -191,10 +193,13 @@ def ipo(
         h    = (pi_c - pi_r) - (ref_c - ref_r)
         loss = (h - 1 / (2 * beta)) ** 2
 
-    The paper writes ``h`` with sequence (summed) log-probs, and that is what this function assumes
-    by default. TRL instead feeds length-averaged log-probs to IPO; to reproduce TRL, pass
-    ``sequence_logps(..., average=True)`` values (the formula is unchanged, only the inputs).
-    Rewards: ``beta * (pi - ref)`` per side.
+    The inputs are **length-averaged** log-probs (summed response log-prob / response tokens, for
+    policy and reference alike): the engine lists ``ipo`` in :data:`LENGTH_NORMALISED` and divides
+    before calling. Summed log-probs make the squared loss grow with response length, so ``beta``
+    would mean something else for every dataset; TRL's DPOTrainer (``loss_type="ipo"``) averages per
+    token for that reason, stating the IPO authors confirmed the paper's results use this form.
+    Called directly, the function applies the formula to whatever it is given.
+    Rewards: ``beta * (pi - ref)`` per side (per-token units when the inputs are averaged).
     """
     h, chosen_rewards, rejected_rewards = _dpo_margin(
         "ipo", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
@@ -402,9 +407,11 @@ def diffusion_dpo(
         inner = (mse_c - mse_r) - (ref_c - ref_r)
         loss  = -log sigmoid(-0.5 * beta * inner)
 
-    Lower MSE means higher likelihood, hence the minus sign. The diffusers research example writes
-    the same loss as ``-log sigmoid(-beta' * inner)`` with ``beta' = 2500``: it folds the 0.5 into
-    beta. Here ``beta = 5000`` is the same objective; pass ``beta=2 * beta'`` to match such configs.
+    Lower MSE means higher likelihood, hence the minus sign. The diffusers research example for
+    SD1.5 (``train_diffusion_dpo.py``) writes the same loss as ``-log sigmoid(-beta' * inner)`` with
+    ``beta' = 2500``: it folds the 0.5 into beta, so pass ``beta=2 * beta'`` to match that script.
+    Its SDXL twin (``train_diffusion_dpo_sdxl.py``) keeps the 0.5 like the Salesforce code, so its
+    ``beta_dpo`` is this ``beta`` unchanged.
 
     Implicit rewards ``-0.5 * beta * (mse - ref_mse)`` per side, so the argument of the log-sigmoid
     is ``chosen_reward - rejected_reward`` and the implicit accuracy is the fraction of pairs where
@@ -482,8 +489,14 @@ def sft(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor) 
 
 
 def implicit_accuracy(out: LossOutput) -> torch.Tensor:
-    """Per-example implicit accuracy ``(B,)``: 1.0 where ``chosen_rewards > rejected_rewards``."""
-    return (out.chosen_rewards > out.rejected_rewards).float()
+    """Per-example implicit accuracy ``(B,)``: 1 where ``chosen_rewards > rejected_rewards``, 0.5 on a tie.
+
+    A tie counts half, as in the diffusers Diffusion-DPO example: a policy equal to its reference
+    has every implicit reward 0, and counting those ties as wrong would make every untrained model
+    read 0.000 (and any "before/after" start from that artefact). Untrained, it reads 0.5.
+    """
+    chosen, rejected = out.chosen_rewards, out.rejected_rewards
+    return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
 
 
 #: Objective name -> function. Reference-based ones take four tensors, the rest two.
@@ -504,7 +517,7 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
 REFERENCE_FREE: frozenset[str] = frozenset({"simpo", "orpo", "asft", "mapo", "sft"})
 
 #: Objectives whose sequence inputs are length-averaged log-probs (``average=True``).
-LENGTH_NORMALISED: frozenset[str] = frozenset({"simpo", "orpo", "asft"})
+LENGTH_NORMALISED: frozenset[str] = frozenset({"ipo", "simpo", "orpo", "asft"})
 
 #: Objectives whose inputs are denoising MSEs (adapters with ``value_kind == "diffusion"``).
 DIFFUSION_LOSSES: frozenset[str] = frozenset({"diffusion_dpo", "mapo"})
