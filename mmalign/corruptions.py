@@ -31,8 +31,12 @@ Randomness
 
 Outputs
     The same shape as the input, except ``fewer_frames`` (fewer frames along the time axis) and
-    ``lower_resolution(..., restore=False)`` (smaller ``H, W``). Values stay in ``[0, 1]`` except
+    ``lower_resolution(..., restore=False)`` / ``stic_lowres(..., restore=False)`` (smaller ``H, W``). Values stay in ``[0, 1]`` except
     ``povid_noise(..., clamp=False)``.
+
+Self-made negatives
+    A corrupted input only *generates* a dispreferred answer; the pair is scored on the clean input
+    (:func:`hacked_negative`, the one place STIC and POVID take this rule from).
 
 Recording
     ``describe(name, seed=..., **kw)`` returns a JSON-ready dict (name, all parameters with their
@@ -56,6 +60,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CORRUPTIONS",
     "STIC_IMAGE_CORRUPTIONS",
+    "REJECTED_SCORED_ON",
     "PovidSchedule",
     "apply_corruption",
     "corrupt_pil",
@@ -63,6 +68,7 @@ __all__ = [
     "fewer_frames",
     "fewer_frames_indices",
     "gaussian_blur",
+    "hacked_negative",
     "lower_resolution",
     "mdpo_crop",
     "mdpo_crop_box",
@@ -148,23 +154,33 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 
 def stic_lowres(
-    x: torch.Tensor, size: int = 20, *, generator: torch.Generator | None = None, video: bool = False
+    x: torch.Tensor,
+    size: int = 20,
+    restore: bool = True,
+    *,
+    generator: torch.Generator | None = None,
+    video: bool = False,
 ) -> torch.Tensor:
-    """STIC low-resolution corruption: shorter side to ``size`` px (antialiased), then back.
+    """STIC low-resolution corruption: shorter side to ``size`` px (antialiased), optionally back.
 
     The image is resized (bilinear, antialiased) so that its shorter side is ``size`` pixels, the
-    aspect ratio kept, then resized back (bilinear) to its original ``H, W``. The result has only
-    ``size`` pixels of detail across its shorter side.
+    aspect ratio kept. With ``restore=True`` (default) it is resized back (bilinear) to its original
+    ``H, W``, so the shape is kept and only ``size`` pixels of detail remain across the shorter side.
+    With ``restore=False`` the small image is returned: this is what official STIC shows the model
+    (``T.Resize(size=20)`` on the PIL image in ``stic/generate_pref.py``, yihedeng9/STIC @993734e;
+    the processor then upsamples it with its own resampling), and what STIC stage 1 uses by default.
 
     Args:
         x: ``(C, H, W)``, ``(B, C, H, W)`` / ``(T, C, H, W)`` or ``(B, T, C, H, W)`` in ``[0, 1]``
             (or uint8).
         size: shorter side of the intermediate image; must be smaller than the input's shorter side.
+        restore: resize back to the input's ``H, W``.
         generator: unused (the corruption is deterministic); accepted for a uniform signature.
         video: unused; accepted for a uniform signature.
 
     Returns:
-        Same shape and dtype as ``x``.
+        Same shape and dtype as ``x`` (``restore=True``), else ``(..., C, h, w)`` with
+        ``min(h, w) == size``.
     """
     del generator, video
     xf, was_uint8 = _check(x, "stic_lowres")
@@ -172,9 +188,11 @@ def stic_lowres(
     if size < 1 or size >= min(h, w):
         raise ValueError(f"stic_lowres: size must be in [1, {min(h, w) - 1}] for an image of {h}x{w}, got {size}")
     flat = xf.reshape(-1, *xf.shape[-3:])
-    small = TF.resize(flat, [size], antialias=True)
-    out = TF.resize(small, [h, w], antialias=True).clamp_(0.0, 1.0)
-    return _finish(out.reshape(xf.shape), was_uint8)
+    out = TF.resize(flat, [size], antialias=True)
+    if restore:
+        out = TF.resize(out, [h, w], antialias=True)
+    out = out.clamp_(0.0, 1.0).reshape(*xf.shape[:-2], *out.shape[-2:])
+    return _finish(out, was_uint8)
 
 
 def _color_jitter_factors(
@@ -271,36 +289,37 @@ def povid_noise(
     t: int = 500,
     num_steps: int = 1000,
     *,
-    signed: bool = True,
+    signed: bool = False,
     clamp: bool = True,
     generator: torch.Generator | None = None,
     video: bool = False,
 ) -> torch.Tensor:
-    """POVID noisy-image negative: forward diffusion ``q(x_t | x_0)`` at step ``t``.
+    """POVID noisy-image negative: forward diffusion ``q(x_t | x_0)`` at step ``t``, on the ``[0, 1]`` image.
 
     ``x_t = sqrt(alphabar_t) * x_0 + sqrt(1 - alphabar_t) * eps`` with the schedule of
     :func:`povid_schedule` and ``eps ~ N(0, I)`` from ``generator``.
 
-    Which space the noise is added in (our decision): POVID adds it to the processor's output,
-    i.e. the CLIP mean/std-normalised tensor, which is roughly zero-centred with unit-ish spread.
-    We take images in ``[0, 1]``; with ``signed=True`` (default) the image is first mapped to
-    ``[-1, 1]`` (``x_0 = 2x - 1``, the usual diffusion data range, zero-centred like POVID's
-    input), noised, and mapped back, so in ``[0, 1]`` units
-    ``out = a*x + (1 - a)/2 + (b/2)*eps`` with ``a = sqrt(alphabar_t)``, ``b = sqrt(1 - alphabar_t)``:
-    at ``t=500`` the noise std is ``0.5052/2 = 0.2526`` before clamping. (POVID's own std in pixel
-    units is about ``0.505 * 0.27 ≈ 0.14``, 0.27 being CLIP's per-channel std; so ours is stronger
-    by ~1.8x but independent of any model's normalisation.) With ``signed=False`` the noise is
-    added to the ``[0, 1]`` image directly (std ``0.5052``).
+    Space (the official form, the default): official POVID adds the noise to the ``ToTensor()``
+    image in ``[0, 1]``, unsigned, *before* the processor (``add_diffusion_noise(pil_to_tensor(image),
+    500)`` then ``ToPILImage`` then ``processor.preprocess``; YiyangZhou/POVID @92c7c67
+    ``llava/train/train_dpo_inherent.py``). So at ``t=500`` the noise std is ``0.5052`` in ``[0, 1]``
+    units and the mean darkens by the factor ``sqrt(alphabar_500) = 0.8630`` (a mean-0.5 image goes to
+    ~0.43 before clamping). ``signed=True`` is our variant, not POVID's: the image is mapped to
+    ``[-1, 1]`` (``x_0 = 2x - 1``), noised and mapped back, i.e. ``out = a*x + (1 - a)/2 + (b/2)*eps``
+    (noise std ``0.2526``, mean kept), with ``a = sqrt(alphabar_t)``, ``b = sqrt(1 - alphabar_t)``.
 
-    Then the result is clamped to ``[0, 1]`` (``clamp=True``, default; POVID does not clamp before
-    turning the tensor into an image, we do so the output is a valid image). uint8 input is always
+    The one remaining difference from POVID: about 39% of the pixels leave ``[0, 1]`` at ``t=500``;
+    POVID's ``ToPILImage`` turns the float tensor into bytes with ``mul(255).byte()``, which *wraps*
+    out-of-range values modulo 256 (-0.1 becomes 230/255), while we clamp them (``clamp=True``,
+    default) so the output is the valid image one would expect. ``clamp=False`` returns the raw
+    ``x_t``, equal to POVID's tensor before ``ToPILImage`` for the same ``eps``. uint8 input is always
     clamped.
 
     Args:
         x: ``(C, H, W)``, ``(B, C, H, W)`` / ``(T, C, H, W)`` or ``(B, T, C, H, W)`` in ``[0, 1]``.
         t: 0-based step in ``[0, num_steps - 1]``.
         num_steps: length of the schedule.
-        signed: add the noise in ``[-1, 1]`` space (see above).
+        signed: add the noise in ``[-1, 1]`` space (our variant; see above). Default: POVID's ``[0, 1]``.
         clamp: clamp the output to ``[0, 1]``.
         generator: source of ``eps``; one ``(N, C, H, W)`` draw per group (per image, or per video).
         video: treat a 4-D input as frames of one video; the noise is per frame either way, only
@@ -575,6 +594,47 @@ CORRUPTIONS: dict[str, Callable[..., torch.Tensor]] = {
 
 STIC_IMAGE_CORRUPTIONS: tuple[str, str] = ("stic_lowres", "stic_color_jitter")
 """The two corruptions STIC picks between, 50/50, for its corrupted-image negatives."""
+
+
+REJECTED_SCORED_ON: tuple[str, str] = ("clean", "corrupted")
+"""Where the dispreferred answer of a self-made negative is scored: ``"clean"`` (default) or ``"corrupted"``."""
+
+
+def hacked_negative(
+    clean_media: list[Any],
+    corrupted_media: list[Any],
+    corruption: dict[str, Any],
+    *,
+    scored_on: str = "clean",
+) -> tuple[list[Any], dict[str, Any]]:
+    """The rule for self-made negatives (STIC's corrupted image, POVID's noisy image), in one place.
+
+    The corrupted input only *generates* the dispreferred answer. Training scores chosen and
+    rejected on the same clean input and the plain prompt, as the official code does: STIC puts one
+    clean image in the batch and scores both sides on it (``batch['images']`` for both in
+    ``stic/dpo_trainer.py``, yihedeng9/STIC @993734e), POVID scores its noisy-image negative with the
+    clean-image logits (``tool/dpo_trainer_inherent.py``, YiyangZhou/POVID @92c7c67). DPO then asks
+    "is this answer worse than the chosen one *for this image*", which is the question at inference.
+
+    ``scored_on="corrupted"`` (opt-in, not the official form) conditions the rejected answer on the
+    pixels that produced it: the pair then contrasts two (image, answer) couples, which rewards the
+    model for any difference between the images as much as between the answers (an mDPO-like
+    image-conditional contrast); kept for ablations.
+
+    Args:
+        clean_media: the media the chosen side is scored on (dataset-relative paths or images).
+        corrupted_media: the corrupted media the dispreferred answer was generated from.
+        corruption: the :func:`describe` record of the corruption.
+        scored_on: one of :data:`REJECTED_SCORED_ON`.
+
+    Returns:
+        ``(rejected_media, record)``: the media to score the rejected side on, and the record for the
+        pair's ``meta`` (``corruption`` plus ``"media"``: the corrupted media, ``"scored_on"``).
+    """
+    if scored_on not in REJECTED_SCORED_ON:
+        raise ValueError(f"scored_on must be one of {REJECTED_SCORED_ON}, got {scored_on!r}")
+    record = {**corruption, "media": list(corrupted_media), "scored_on": scored_on}
+    return (list(clean_media) if scored_on == "clean" else list(corrupted_media)), record
 
 
 def _lookup(name: str) -> Callable[..., torch.Tensor]:

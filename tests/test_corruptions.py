@@ -151,12 +151,34 @@ def test_povid_schedule_matches_anchor_values() -> None:
     assert torch.allclose(s.sqrt_alphas_cumprod**2 + s.sqrt_one_minus_alphas_cumprod**2, torch.ones(1000).double())
 
 
-def test_povid_noise_is_forward_diffusion_in_signed_space() -> None:
-    """Unclamped, out = (a*(2x-1) + b*eps + 1)/2 with eps the generator's first randn draw."""
+def test_povid_noise_default_is_official_unsigned_form() -> None:
+    """Default = POVID's own form: noise on the [0, 1] ToTensor() image, unsigned.
+
+    Numbers pinned from the official formula evaluated once on this input with the same eps
+    (YiyangZhou/POVID @92c7c67 llava/train/train_dpo_inherent.py, add_diffusion_noise(x, 500) with
+    float32 schedule; eps = torch.randn after torch.manual_seed(0), x = torch.rand(3, 64, 64) from a
+    generator seeded 1234): mean 0.499441 -> 0.424656, noise std 0.50667, 38.17% of values outside
+    [0, 1], first row starting [-0.54374, -0.23530, 0.09766, 0.09723]. The former signed default gave
+    noise std 0.2526 and kept the mean.
+    """
+    x = torch.rand(3, 64, 64, generator=gen(1234))
+    assert float(x.mean()) == pytest.approx(0.499441, abs=1e-6)
+    y = C.povid_noise(x, clamp=False, generator=gen(0))
+    assert y[0, 0, :4].tolist() == pytest.approx([-0.543736, -0.235298, 0.097664, 0.097233], abs=1e-5)
+    assert float(y.mean()) == pytest.approx(0.424656, abs=1e-5)  # POVID darkens: 0.8630 * mean
+    assert float((y - 0.8630 * x).std()) == pytest.approx(0.50667, abs=1e-4)
+    assert float(((y < 0) | (y > 1)).float().mean()) == pytest.approx(0.38167, abs=1e-4)  # wrapped by POVID, clamped by us
+    clamped = C.povid_noise(x, generator=gen(0))
+    assert torch.equal(clamped, y.clamp(0, 1))
+    assert float(clamped.mean()) == pytest.approx(0.45285, abs=1e-4)
+
+
+def test_povid_noise_signed_variant() -> None:
+    """signed=True (our variant): out = (a*(2x-1) + b*eps + 1)/2, noise std b/2, mean kept."""
     x = photo("astronaut", short=48) if _has_skimage() else synthetic(3, 48, 48)
     s = C.povid_schedule(1000)
     a, b = float(s.sqrt_alphas_cumprod[500]), float(s.sqrt_one_minus_alphas_cumprod[500])
-    y = C.povid_noise(x, t=500, clamp=False, generator=gen(3))
+    y = C.povid_noise(x, t=500, signed=True, clamp=False, generator=gen(3))
     eps = torch.randn(x.shape, generator=gen(3))
     assert torch.allclose(y, (a * (2 * x - 1) + b * eps + 1) / 2, atol=1e-5)
     residual = y - (a * x + (1 - a) / 2)
@@ -166,7 +188,7 @@ def test_povid_noise_is_forward_diffusion_in_signed_space() -> None:
 
 def test_povid_noise_unsigned_scale_and_clamp() -> None:
     x = synthetic(3, 48, 48)
-    y = C.povid_noise(x, signed=False, clamp=False, generator=gen(0))
+    y = C.povid_noise(x, clamp=False, generator=gen(0))
     assert float((y - 0.8630 * x).std()) == pytest.approx(0.5052, rel=0.03)
     assert float(y.min()) < 0 and float(y.max()) > 1, "unclamped noise leaves [0, 1]"
     yc = C.povid_noise(x, generator=gen(0))
@@ -174,6 +196,27 @@ def test_povid_noise_unsigned_scale_and_clamp() -> None:
     assert (yc - x).abs().mean() > 0.1
     with pytest.raises(ValueError, match="0-based"):
         C.povid_noise(x, t=1000)
+
+
+def test_stic_lowres_without_restore_is_the_small_image() -> None:
+    """Official STIC shows the model the 20-px image itself (T.Resize(size=20) on the PIL image,
+    yihedeng9/STIC @993734e stic/generate_pref.py); restore=False returns it."""
+    x = synthetic(3, 48, 64)
+    small = C.stic_lowres(x, size=20, restore=False)
+    assert small.shape == (3, 20, 26)  # torchvision Resize(20): long side int(20 * 64 / 48)
+    assert torch.allclose(small, TF.resize(x, [20], antialias=True).clamp(0, 1))
+    assert C.stic_lowres(torch.rand(2, 3, 40, 40), size=10, restore=False).shape == (2, 3, 10, 10)
+
+
+def test_hacked_negative_scores_on_clean_by_default() -> None:
+    record = C.describe("povid_noise", seed=3)
+    rejected, meta = C.hacked_negative(["media/a.png"], ["media/a-noisy.png"], record)
+    assert rejected == ["media/a.png"]
+    assert meta == {**record, "media": ["media/a-noisy.png"], "scored_on": "clean"}
+    rejected, meta = C.hacked_negative(["media/a.png"], ["media/a-noisy.png"], record, scored_on="corrupted")
+    assert rejected == ["media/a-noisy.png"] and meta["scored_on"] == "corrupted"
+    with pytest.raises(ValueError, match="scored_on"):
+        C.hacked_negative(["a"], ["b"], record, scored_on="noisy")
 
 
 def _has_skimage() -> bool:
@@ -398,7 +441,7 @@ def test_describe_fills_defaults_and_round_trips() -> None:
     record = C.describe("povid_noise", seed=5, t=300)
     assert record == {
         "name": "povid_noise",
-        "params": {"t": 300, "num_steps": 1000, "signed": True, "clamp": True, "video": False},
+        "params": {"t": 300, "num_steps": 1000, "signed": False, "clamp": True, "video": False},
         "seed": 5,
     }
     loaded = json.loads(json.dumps(C.describe("mdpo_crop", seed=2)))
