@@ -11,20 +11,30 @@ gives after ``x / 2 + 0.5``); everything from there to the scorer (resize, centr
 normalisation) is done on tensors, differentiably, never through PIL. Gradients flow back to
 the images; the scorers' own parameters are frozen (``requires_grad=False``, ``eval()``).
 
-Loss forms (the scales that ReNO's default weights assume, so ``weight`` means the same):
+Loss forms: ReNO's own (ExplainableML/ReNO, ``rewards/*.py``), so ReNO's weights mean the same here.
+Only the slope matters for the gradient (every loss is ``constant - score``), but the constants are
+ReNO's too, so logged losses compare:
 
 ==================  =====================================  ==========================  ===============
 reward              score                                  loss                        ReNO weight
 ==================  =====================================  ==========================  ===============
-``ClipScore``       ``exp(logit_scale) * cos(img, txt)``   ``100 - score``             0.01
-``PickScoreLike``   ``exp(logit_scale) * cos(img, txt)``   ``1 - score / 100``         0.05
 ``HPSv2Like``       ``cos(img, txt)``                      ``1 - score``               5.0
-``AestheticHead``   ``head(normalised image features)``    ``10 - score``              (1-10 scale)
+``ImageReward``     ``(mlp(BLIP [CLS]) - mean) / std``     ``2 - score``               1.0
+``ClipScore``       ``exp(logit_scale) * cos(img, txt)``   ``100 - score``             0.01
+``PickScoreLike``   ``exp(logit_scale) * cos(img, txt)``   ``30 - score``              0.05
+``AestheticHead``   ``head(normalised image features)``    ``10 - score``              off (0)
 ``CallableReward``  ``fn(images, prompts)``                ``-score`` (or ``loss_fn``)
 ==================  =====================================  ==========================  ===============
 
+:func:`reno_rewards` builds ReNO's default set (HPS 5, ImageReward 1, CLIP 0.01, PickScore 0.05,
+aesthetic off) from local weights in one call.
+
 ``WeightedRewards([(reward, weight), ...])`` sums ``weight * loss`` over its members; its
-``__call__`` returns the negated weighted loss (the "total reward" ReNO maximises).
+``__call__`` returns the negated weighted loss (the "total reward" ReNO maximises). A plain
+function ``fn(images, prompts) -> (B,)`` among the members is wrapped as a :class:`CallableReward`.
+
+Images must be finite and lie in ``[0, 1]``; anything else (``[0, 255]`` pixels, ``[-1, 1]`` VAE
+output, NaN) raises ``ValueError`` rather than being scored.
 
 open_clip is imported lazily, only when an open_clip based reward is built.
 """
@@ -99,6 +109,15 @@ def _check_batch(images: Tensor, prompts: Sequence[str], who: str) -> list[str]:
         raise ValueError(f"{who}: images must be a (B, 3, H, W) tensor, got {shape}")
     if not images.is_floating_point():
         raise ValueError(f"{who}: images must be floating point in [0, 1], got dtype {images.dtype}")
+    with torch.no_grad():  # one host sync per call; scorers trained on [0, 1] give garbage elsewhere
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError(f"{who}: images are not finite (NaN or inf values); expected values in [0, 1]")
+        low, high = images.min().item(), images.max().item()
+    if low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"{who}: images must lie in [0, 1], got min {low:.4g} max {high:.4g}; convert [-1, 1] images with "
+            "x / 2 + 0.5 and [0, 255] ones with x / 255"
+        )
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -212,7 +231,8 @@ def load_open_clip(
                     f"(or one of {', '.join(_OPEN_CLIP_WEIGHT_NAMES[1:])})"
                 )
             source = f"local-dir:{folder}"
-            model = open_clip.create_model(source)
+            weights = next(folder / n for n in _OPEN_CLIP_WEIGHT_NAMES if (folder / n).is_file())
+            model = _create_open_clip(open_clip, who, weights, source)
             if tokenizer is None:
                 tokenizer = open_clip.get_tokenizer(source)
         elif pretrained is not None:
@@ -221,7 +241,7 @@ def load_open_clip(
                 raise ValueError(f"{who}: pretrained={pretrained!r} needs model_name (an open_clip architecture)")
             if _looks_like_path(pretrained) and not Path(pretrained).is_file():
                 raise FileNotFoundError(f"{who}: weights file not found: {pretrained} (model {model_name})")
-            model = open_clip.create_model(model_name, pretrained=pretrained)
+            model = _create_open_clip(open_clip, who, Path(pretrained), model_name, pretrained=pretrained)
             if tokenizer is None:
                 tokenizer = open_clip.get_tokenizer(model_name)
         else:
@@ -251,6 +271,22 @@ def load_open_clip(
     if preprocess_cfg["resize_mode"] not in ("shortest", "squash"):
         preprocess_cfg["resize_mode"] = "shortest"
     return model, tokenizer, preprocess_cfg
+
+
+def _create_open_clip(open_clip: Any, who: str, weights: Path, *args: Any, **kwargs: Any) -> nn.Module:
+    """``open_clip.create_model(*args, **kwargs)``, with errors that name the weights file.
+
+    safetensors and torch report an empty or truncated file without its name ("header too small")."""
+    if weights.is_file() and weights.stat().st_size == 0:
+        raise ValueError(f"{who}: weights file {weights} is empty")
+    try:
+        return open_clip.create_model(*args, **kwargs)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors' SafetensorError, torch's UnpicklingError, RuntimeError, ...
+        if not weights.is_file():
+            raise
+        raise ValueError(f"{who}: cannot load weights file {weights}: {type(exc).__name__}: {exc}") from exc
 
 
 class _ClipEncoder:
@@ -361,14 +397,15 @@ class PickScoreLike(_TrainedClip):
     """PickScore-style scorer: an open_clip architecture (ViT-H-14 by default) with fine-tuned weights.
 
     score = ``exp(logit_scale) * cos(image, prompt)`` (PickScore's definition, about 18-24);
-    loss = ``1 - score / 100`` (ReNO's PickScore term, weight 0.05). Weights are required: a
-    file for ``model_name`` or an open_clip folder; a missing one raises ``FileNotFoundError``.
+    loss = ``30 - score`` (ReNO's PickScore term, weight 0.05, from ReNO's ``rewards/pickscore.py``:
+    at that weight one PickScore point moves the total loss by 0.05). Weights are required: a file
+    for ``model_name`` or an open_clip folder; a missing one raises ``FileNotFoundError``.
     """
 
     default_weight, default_name = 0.05, "pickscore"
 
     def loss_from_score(self, score: Tensor) -> Tensor:
-        return 1.0 - score / 100.0
+        return 30.0 - score
 
 
 class HPSv2Like(_TrainedClip):
@@ -530,8 +567,10 @@ class RewardTerms:
 class WeightedRewards:
     """A weighted sum of rewards: ``loss = sum_r weight_r * loss_r`` and ``__call__ = -loss``.
 
-    Accepts ``[(reward, weight), ...]`` or bare rewards (their own ``.weight``). Names must be
-    unique (they key the per-reward logs). An empty list raises ``ValueError``.
+    Accepts ``[(reward, weight), ...]`` or bare rewards (their own ``.weight``). A plain function
+    ``fn(images, prompts) -> (B,)`` (no ``loss``) is wrapped as ``CallableReward(fn, fn.__name__)``,
+    loss ``-score``, weight 1 unless given. Names must be unique (they key the per-reward logs). An
+    empty list raises ``ValueError``.
     """
 
     name = "total"
@@ -541,8 +580,11 @@ class WeightedRewards:
         members: list[tuple[Reward, float]] = []
         for item in rewards:
             reward, weight = item if isinstance(item, tuple) else (item, getattr(item, "weight", 1.0))
-            if not callable(reward) or not hasattr(reward, "loss"):
-                raise TypeError(f"WeightedRewards: {reward!r} is not a Reward (needs __call__ and loss)")
+            if callable(reward) and not hasattr(reward, "loss"):
+                reward = CallableReward(reward, getattr(reward, "__name__", None) or type(reward).__name__)
+            if not callable(reward):
+                raise TypeError(f"WeightedRewards: {reward!r} is not a Reward (needs __call__ and loss) "
+                                "nor a function fn(images, prompts) -> (B,)")
             weight = float(weight)
             if not math.isfinite(weight):
                 raise ValueError(f"WeightedRewards: weight of {getattr(reward, 'name', reward)!r} is {weight}")
@@ -586,6 +628,7 @@ def mean_redness(images: Tensor, prompts: Sequence[str]) -> Tensor:
     return (images[:, 0] - (images[:, 1] + images[:, 2]) / 2).mean((1, 2))
 
 
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
 _SPEC_NAMES = ("clip", "pickscore", "hpsv2", "aesthetic", "redness")
 
 
@@ -602,8 +645,11 @@ def reward_from_spec(
     """
     body, weight = spec, None
     head, sep, tail = spec.rpartition(":")
-    if sep and re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?", tail):
+    if sep and _NUMBER.fullmatch(tail):
         body, weight = head, float(tail)
+    elif sep and ("=" not in spec or not ("/" in tail or "\\" in tail or Path(spec.partition("=")[2]).exists())):
+        # after NAME, or after a SOURCE whose last ':' starts no path part (a drive letter): a weight
+        raise ValueError(f"reward spec {spec!r}: weight {tail!r} is not a number (form NAME[=SOURCE][:WEIGHT])")
     name, _, source = body.partition("=")
     if name not in _SPEC_NAMES:
         raise ValueError(f"reward spec {spec!r}: unknown reward {name!r}; known: {', '.join(_SPEC_NAMES)}")

@@ -122,7 +122,7 @@ def test_clip_score_wraps_a_model_object(tiny_clip_dir: Path) -> None:
 
 
 def test_pickscore_and_hps_loss_forms(tiny_clip_dir: Path) -> None:
-    """PickScore: loss = 1 - score/100; HPSv2: score = cos in [-1, 1], loss = 1 - score; both share the
+    """PickScore: loss = 30 - score; HPSv2: score = cos in [-1, 1], loss = 1 - score; both share the
     cosine of ClipScore, so pick_score == clip_score and hps_score * exp(logit_scale) == clip_score."""
     images, prompts = _images(), ["one", "two"]
     clip = ClipScore(pretrained=tiny_clip_dir)(images, prompts)
@@ -130,7 +130,7 @@ def test_pickscore_and_hps_loss_forms(tiny_clip_dir: Path) -> None:
     hps = HPSv2Like(tiny_clip_dir)
     pick_score, hps_score = pick(images, prompts), hps(images, prompts)
     torch.testing.assert_close(pick_score, clip)
-    torch.testing.assert_close(pick.loss(images, prompts), 1 - clip / 100)
+    torch.testing.assert_close(pick.loss(images, prompts), 30 - clip)
     scale = hps.encoder.logit_scale()
     torch.testing.assert_close(hps_score * scale, clip, atol=1e-4, rtol=1e-4)
     assert hps_score.abs().max().item() <= 1.0
@@ -252,7 +252,7 @@ def test_weighted_rewards_bad_input() -> None:
     with pytest.raises(ValueError, match="weight"):
         WeightedRewards([(red, math.nan)])
     with pytest.raises(TypeError, match="not a Reward"):
-        WeightedRewards([(_redness, 1.0)])  # type: ignore[list-item]
+        WeightedRewards([("redness", 1.0)])  # type: ignore[list-item]
 
 
 def test_callable_reward_checks_output_shape() -> None:
@@ -280,3 +280,71 @@ def test_reward_from_spec(tiny_clip_dir: Path, tmp_path: Path) -> None:
         reward_from_spec("pickscore:0.05")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         reward_from_spec(f"pickscore={tmp_path / 'missing.safetensors'}")
+
+
+# ---------------------------------------------------------------------------------------------- ReNO parity
+
+
+def test_loss_scales_are_renos(tiny_clip_dir: Path) -> None:
+    """Each loss is ReNO's, so ReNO's weights carry over (ExplainableML/ReNO @bd6f6acf, rewards/*.py):
+    hps.py ``1 - cos``, clip.py ``100 - exp(logit_scale) * cos``, pickscore.py ``30 - exp(logit_scale) * cos``,
+    aesthetic.py ``10 - mlp(features)``. At PickScore 21.5: 30 - 21.5 = 8.5, and d(0.05 * loss)/d(score) = -0.05
+    (with the old ``1 - score / 100`` form it was -0.0005, 100x smaller)."""
+    score = torch.tensor([21.5], requires_grad=True)
+    pick = PickScoreLike(tiny_clip_dir)
+    loss = pick.loss_from_score(score)
+    assert loss.item() == pytest.approx(8.5)
+    (0.05 * loss).sum().backward()
+    assert score.grad is not None and score.grad.item() == pytest.approx(-0.05)
+    s = torch.tensor([0.3])
+    assert HPSv2Like(tiny_clip_dir).loss_from_score(s).item() == pytest.approx(0.7)
+    assert ClipScore(pretrained=tiny_clip_dir).loss_from_score(torch.tensor([31.0])).item() == pytest.approx(69.0)
+
+
+def test_plain_function_is_wrapped_as_a_reward() -> None:
+    """A bare ``fn(images, prompts) -> (B,)`` is wrapped (loss = -score), named after the function.
+    Image RGB (0.6, 0.2, 0.4): redness 0.3, weight 2: loss = 2 * -0.3 = -0.6."""
+    images = torch.tensor([0.6, 0.2, 0.4]).view(1, 3, 1, 1).expand(1, 3, 4, 4)
+    total = WeightedRewards([(_redness, 2.0), _brightness])
+    assert total.names == ["_redness", "_brightness"]
+    terms = total.evaluate(images, ["p"])
+    assert terms.losses["_redness"].item() == pytest.approx(-0.3)
+    assert total.loss(images, ["p"]).item() == pytest.approx(2 * -0.3 + 1.0 * -0.4)
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        (torch.full((1, 3, 4, 4), 200.0), r"\[0, 1\].*max 200"),
+        (torch.full((1, 3, 4, 4), -1.0), r"\[0, 1\].*min -1"),
+        (torch.full((1, 3, 4, 4), math.nan), "not finite"),
+        (torch.full((1, 3, 4, 4), math.inf), "not finite"),
+    ],
+)
+def test_images_outside_unit_range_are_rejected(values: torch.Tensor, match: str) -> None:
+    """[0, 255] or [-1, 1] images, or non-finite ones, raise instead of being scored."""
+    with pytest.raises(ValueError, match=match):
+        CallableReward(_redness, "redness")(values, ["p"])
+
+
+def test_reward_spec_weight_must_be_a_number(tiny_clip_dir: Path) -> None:
+    from mmalign.rewards import reward_from_spec
+
+    with pytest.raises(ValueError, match="weight 'abc' is not a number"):
+        reward_from_spec("redness:abc")
+    with pytest.raises(ValueError, match="weight 'x' is not a number"):
+        reward_from_spec(f"clip={tiny_clip_dir}:x")
+
+
+def test_empty_weights_file_is_named(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    """An empty or unreadable weights file names itself (safetensors alone says "header too small")."""
+    empty = tmp_path / "clip.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="clip.safetensors"):
+        ClipScore("ViT-B-32", empty)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text((tiny_clip_dir / "open_clip_config.json").read_text())
+    (folder / "open_clip_model.safetensors").write_bytes(b"\x00" * 4)
+    with pytest.raises(ValueError, match="open_clip_model.safetensors"):
+        ClipScore(pretrained=folder)
