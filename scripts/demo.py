@@ -47,7 +47,8 @@ def diffusion_dpo(out: Path, steps: int) -> None:
     after = evaluate(policy, adapter, held, ref_model=base, config=cfg, batch_size=32, seed=1, draws=4)
     bright_after = brightness_score(pipe, n=32)
     print(f"[diffusion-dpo] {steps} LoRA steps on 96 pairs; held-out (32 pairs x 4 noise draws):")
-    print(f"  implicit accuracy      {before['rewards/accuracies']:.3f} -> {after['rewards/accuracies']:.3f}")
+    print(f"  implicit accuracy      {before['rewards/accuracies']:.3f} -> {after['rewards/accuracies']:.3f}"
+          "  (a tie counts half: 0.5 = policy equals reference)")
     print(f"  chosen-MSE-lower rate  {before['preference/accuracy']:.3f} -> {after['preference/accuracy']:.3f}")
     print(f"  mean pixel brightness of 32 fresh samples {bright_before:.3f} -> {bright_after:.3f}  "
           f"(data: rejected {data_rejected:.3f}, chosen {data_chosen:.3f})")
@@ -79,7 +80,7 @@ def text_dpo(out: Path, steps: int) -> None:
     before = evaluate(model, adapter, held, ref_model=ref, config=cfg)
     after = evaluate(train(model, adapter, pairs, cfg).model, adapter, held, ref_model=ref, config=cfg)
     print(f"[text-dpo] {steps} steps; held-out pairs with unseen colour/object combinations: implicit accuracy "
-          f"{before['rewards/accuracies']:.3f} -> {after['rewards/accuracies']:.3f}, margin "
+          f"{before['rewards/accuracies']:.3f} -> {after['rewards/accuracies']:.3f} (0.5 = untrained), margin "
           f"{before['rewards/margins']:.3f} -> {after['rewards/margins']:.3f}")
 
 
