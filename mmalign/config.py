@@ -201,13 +201,60 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[leaf] = value
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    """Dotted field name -> default value, read off ``cls()`` where it builds without arguments
+    (so a nested config's own default factory counts), else off the field declarations."""
+    try:
+        return _flatten_values(cls())
+    except (TypeError, ValueError):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
+
+
+def _flatten_values(obj: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(_flatten_values(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def _flag_help(text: str, tp: Any, default: Any) -> str:
+    parts = [text.replace("%", "%%")] if text else []
+    if typing.get_origin(tp) is typing.Literal:
+        parts.append("choices: " + " | ".join(str(c) for c in typing.get_args(tp)))
+    parts.append(f"default: {json.dumps(default, default=str)}".replace("%", "%%"))
+    return "; ".join(parts)
+
+
 def load_config(cls: type[T], argv: Sequence[str] | None = None, *, description: str | None = None) -> T:
-    """Parse ``--config path.yaml`` plus per-field flags into ``cls``."""
+    """Parse ``--config path.yaml`` plus per-field flags into ``cls``.
+
+    Flags override the file. A flag's value is read as YAML (``--lr 1e-5``, ``--betas [0.9,0.99]``,
+    ``--kwargs '{beta: 0.1}'``) except for plain string fields, which take the text as given. Flag
+    names must be written out in full (no prefix matching), and ``--flag -1e-5`` works as
+    ``--flag=-1e-5``. A bad flag value is reported against the flag, not the file.
+    """
     # allow_abbrev=False: "--train.lr" must not silently become "--train.lr_scheduler".
-    parser = argparse.ArgumentParser(description=description or cls.__doc__, allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=description or cls.__doc__,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", type=str, default=None, help="YAML file with the config's keys")
-    for name, _tp, help_ in _flatten_fields(cls):
-        parser.add_argument(f"--{name}", dest=name, default=None, help=help_)
+    fields = _flatten_fields(cls)
+    defaults = _defaults(cls)
+    for name, tp, text in fields:
+        parser.add_argument(f"--{name}", dest=name, default=None, metavar="V",
+                            help=_flag_help(text, tp, defaults.get(name)))
     args = parser.parse_args(_join_negative_values(list(argv) if argv is not None else sys.argv[1:]))
     data: dict[str, Any] = {}
     where = "command line"
@@ -223,13 +270,19 @@ def load_config(cls: type[T], argv: Sequence[str] | None = None, *, description:
             raise ConfigError(f"{path}: top level must be a mapping")
         data = loaded
         where = str(path)
-    for name, _tp, _ in _flatten_fields(cls):
+    flagged = False
+    for name, tp, _ in fields:
         value = getattr(args, name)
-        if value is not None:
-            if isinstance(value, str) and _tp is not str:
-                try:
-                    value = _yaml_load(value)
-                except yaml.YAMLError as exc:
-                    raise ConfigError(f"command line: --{name}: cannot read {value!r}: {exc}") from exc
-            _set_dotted(data, name, value)
+        if value is None:
+            continue
+        if isinstance(value, str) and tp is not str:
+            try:
+                value = _yaml_load(value)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"command line: --{name}: cannot read {value!r}: {exc}") from exc
+        _coerce(value, tp, f"command line: --{name}")  # a bad value is the flag's fault, not the file's
+        _set_dotted(data, name, value)
+        flagged = True
+    if flagged and args.config:
+        where = f"{where} with command-line flags"
     return from_dict(cls, data, where=where)

@@ -100,3 +100,15 @@ def test_negative_numbers_and_no_prefix_matching():
         load_config(_Outer, ["--train.lr", "1e-4"])
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config(_Outer, ["--train.mixed_precision", "fp8"])
+
+
+def test_help_shows_defaults_and_choices_and_bad_flags_blame_the_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_config(_Outer, ["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert 'default: "no"' in text and "choices: no | fp16 | bf16" in text
+    path = tmp_path / "c.yaml"
+    path.write_text("shift: 0.5\n")
+    with pytest.raises(ConfigError, match=r"command line: --train.batch_size"):
+        load_config(_Outer, ["--config", str(path), "--train.batch_size", "two"])
