@@ -37,15 +37,22 @@ Image handling (documented, not silent):
   scaled to 8 bit, grayscale and CMYK are converted by PIL, EXIF orientation is applied.
 * size: a pair whose two images differ in size has its rejected image resized to the chosen image's
   size (bicubic), then both go through the *same* resize (shorter side to ``resolution``) and centre
-  crop, so both sides share one crop and one SDXL size conditioning. A warning is logged once.
-* horizontal flip (``random_flip``, off by default; the Salesforce Diffusion-DPO script flips unless
-  ``--no_hflip``, diffusers' example has ``--random_flip``): with probability 0.5 per pair, drawn in
-  ``prepare`` from the engine's generator, *both* images of the pair are mirrored left-right
-  together (one decision per pair, so the preference compares the same composition). Pixels are
-  flipped before VAE encoding; with a cache, the cache holds latents of the mirrored images too
-  (latents are never flipped in latent space: the VAE is not exactly flip-equivariant). SDXL's
-  crop conditioning is kept as it is: the centre crop of the mirrored image is the mirrored centre
-  crop, to within one pixel when the margin is odd.
+  crop, so both sides share one crop and one SDXL size conditioning. A warning is logged once. The
+  resized size and the crop offsets follow the diffusers SDXL DPO script exactly (torchvision's
+  ``Resize``: the longer side becomes ``int(resolution * long / short)``, truncated; ``CenterCrop``:
+  offset ``int(round((size - resolution) / 2))``, Python's round, half to even), so SDXL's
+  ``crop_top``/``crop_left`` conditioning is the one that script feeds (on an 87-px-wide image at
+  64 px: left 12, where flooring gives 11).
+* horizontal flip (``random_flip``, off by default in the adapter; the Diffusion-DPO, MaPO and DCPO
+  reference scripts all flip unless ``--no_hflip`` is given, and so do our YAML configs): with
+  probability 0.5 per pair, drawn in ``prepare`` from the engine's generator, *both* images of the
+  pair are mirrored left-right together (one decision per pair, so the preference compares the same
+  composition). Pixels are flipped before VAE encoding; with a cache, the cache holds latents of the
+  mirrored images too (latents are never flipped in latent space: the VAE is not exactly
+  flip-equivariant). SDXL's crop conditioning is kept as it is, as in the diffusers SDXL script
+  (which flips the resized image, then centre-crops it at the same offsets); the pixels differ from
+  that script's by one column when the horizontal margin is odd (we mirror the crop, it crops the
+  mirror).
 * labels: ``label > 0.5`` means the chosen image wins, ``label < 0.5`` swaps the two sides, a tie
   (``label == 0.5``) is an error here: ties are dropped (and counted) before training, see
   :func:`drop_ties`.
@@ -150,13 +157,20 @@ def drop_ties(pairs: Sequence[Any]) -> tuple[list[Any], int]:
 def resize_center_crop(image: Image.Image, resolution: int) -> tuple[Image.Image, tuple[int, int]]:
     """Resize the shorter side to ``resolution`` (bicubic) and centre-crop a square.
 
+    Sizes and offsets as in the diffusers SDXL DPO script (torchvision ``Resize(resolution)`` then
+    ``CenterCrop``): the longer side becomes ``int(resolution * long / short)`` (truncated) and the
+    offset along each axis is ``int(round((size - resolution) / 2))`` with Python's ``round`` (half to
+    even): 64x87 (h x w) at 64 -> left 12, not the floored 11; a 21-px margin gives 10.
+
     Returns the crop and its top-left corner ``(top, left)`` in the resized image (SDXL conditioning).
     """
     width, height = image.size
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    if width <= height:
+        new_w, new_h = resolution, int(resolution * height / width)
+    else:
+        new_w, new_h = int(resolution * width / height), resolution
     resized = image.resize((new_w, new_h), Image.BICUBIC)
-    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    top, left = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
     return resized.crop((left, top, left + resolution, top + resolution)), (top, left)
 
 
@@ -231,6 +245,11 @@ class DiffusionAdapter:
             draw per pair from ``prepare``'s generator, so runs reproduce and resume exactly). Off:
             ``prepare`` draws exactly what it drew before the option existed. With ``cache_dir`` the
             cache must hold mirrored latents (``build_cache`` with a ``random_flip`` adapter).
+        train_timesteps: UNet models only: train on these timesteps alone. A uniform draw ``t`` in
+            ``[0, T)`` becomes ``train_timesteps[t % len(train_timesteps)]`` (the generator's stream is
+            unchanged). Timestep-distilled turbo models use ``[249, 499, 749, 999]``, the four-step
+            schedule the Salesforce Diffusion-DPO ``train.py`` and the diffusers SDXL DPO script
+            (``--is_turbo``) train SDXL-Turbo on: their ``250 * (t % 4) + 249`` is this map.
     """
 
     value_kind = "diffusion"
@@ -252,6 +271,7 @@ class DiffusionAdapter:
         max_sequence_length: int = 256,
         flux_guidance: float = 3.5,
         random_flip: bool = False,
+        train_timesteps: Sequence[int] | None = None,
     ) -> None:
         if caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {caption_mode!r}")
@@ -338,6 +358,20 @@ class DiffusionAdapter:
                     "Remove the setting or set it to the model's prediction type."
                 )
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.train_timesteps: torch.Tensor | None = None
+        if train_timesteps is not None:
+            values = [int(t) for t in train_timesteps]
+            if self.flow_matching:
+                raise ValueError(
+                    "train_timesteps applies to UNet models (SD, SDXL, their turbo variants); flow-matching "
+                    f"{type(pipeline).__name__} samples sigmas (timestep_sampling)"
+                )
+            if not values or any(not 0 <= t < self.num_train_timesteps for t in values):
+                raise ValueError(
+                    f"train_timesteps must be a non-empty list of timesteps in [0, {self.num_train_timesteps}), "
+                    f"got {list(train_timesteps)}"
+                )
+            self.train_timesteps = torch.tensor(values, dtype=torch.long)
 
         self.cache = None
         if cache_dir is not None:
@@ -479,9 +513,11 @@ class DiffusionAdapter:
             out["timesteps"] = self.scheduler.timesteps[index].float()
             out["sigmas"] = self.scheduler.sigmas[index].float()
         else:
-            out["timesteps"] = torch.randint(
-                0, self.num_train_timesteps, (size,), generator=generator, device=device
-            )
+            timesteps = torch.randint(0, self.num_train_timesteps, (size,), generator=generator, device=device)
+            if self.train_timesteps is not None:  # turbo: t -> allowed[t % n], the references' 250 * (t % 4) + 249
+                allowed = self.train_timesteps.to(device)
+                timesteps = allowed[timesteps % len(allowed)]
+            out["timesteps"] = timesteps
         out["drop_text"] = torch.rand(size, generator=generator, device=device) < self.empty_prompt_prob
         flipped = torch.rand(size, generator=generator, device=device) < self.label_flip_prob
         out["flipped"] = flipped
@@ -514,7 +550,8 @@ class DiffusionAdapter:
             embeds, _ = pipe.encode_prompt(texts, device, 1, False)
             return {"prompt_embeds": embeds.float()}
         if self.architecture == "sdxl":
-            # DCPO on SDXL: both encoders see the side's own caption (the reference drops it for encoder 2)
+            # DCPO on SDXL: both encoders see the side's own caption (the DCPO reference's SDXL path
+            # instead conditions both sides on the pair's one shared prompt, ignoring both captions)
             embeds, _, pooled, _ = pipe.encode_prompt(
                 texts, prompt_2=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )

@@ -100,6 +100,12 @@ class DiffusionTrainConfig:
         metadata=help_("mirror both images of a pair left-right together with probability 0.5 (drawn from the "
                        "step generator; a cache_dir then also stores the mirrored images' latents)"),
     )
+    train_timesteps: list[int] | None = field(
+        default=None,
+        metadata=help_("UNet models: train only on these timesteps (a uniform draw t becomes the entry t mod their "
+                       "count); SDXL-Turbo: [249, 499, 749, 999], the four-step schedule of the Diffusion-DPO "
+                       "references' turbo mode; null = all timesteps"),
+    )
     timestep_sampling: Literal["uniform", "logit_normal"] = field(
         default="uniform", metadata=help_("flow-matching timestep density")
     )
@@ -157,6 +163,10 @@ class DiffusionTrainConfig:
             raise ValueError(f"label_flip_prob must be in [0, 0.5], got {self.label_flip_prob}")
         if self.pso_guidance_scale is not None and not self.pso_guidance_scale >= 0:
             raise ValueError(f"pso_guidance_scale must be >= 0, got {self.pso_guidance_scale}")
+        if self.train_timesteps is not None and (
+            not self.train_timesteps or any(not isinstance(t, int) or t < 0 for t in self.train_timesteps)
+        ):
+            raise ValueError(f"train_timesteps must be null or a non-empty list of timesteps >= 0, got {self.train_timesteps}")
         if not isinstance(self.random_flip, bool):
             raise ValueError(f"random_flip must be true or false, got {self.random_flip!r}")
         if self.prediction_type not in (None, "epsilon", "v_prediction", "sample", "flow_velocity"):
@@ -364,6 +374,7 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
         "empty_prompt_prob": config.empty_prompt_prob,
         "label_flip_prob": config.label_flip_prob,
         "random_flip": config.random_flip,
+        "train_timesteps": config.train_timesteps,
         "expect_prediction_type": config.prediction_type,
         "timestep_sampling": config.timestep_sampling,
         "max_sequence_length": config.max_sequence_length,
@@ -419,6 +430,7 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
             "loss_kwargs": train_cfg.loss_kwargs,
             "architecture": adapter.architecture,
             "prediction_type": adapter.prediction_type,
+            "train_timesteps": config.train_timesteps,
             "pairs": len(pairs),
             "ties_dropped": ties,
             "attention": attention,
