@@ -7,12 +7,18 @@ against a weighted sum of differentiable rewards:
 
 The second term is the negative log-density of ``||z||`` under ``z ~ N(0, I_d)`` (a chi
 distribution), which keeps ``z`` near the Gaussian shell of radius ``sqrt(d - 1)``; it is computed
-in fp32. Defaults follow the paper: SGD, lr 5, Nesterov momentum 0.9, gradient-norm clip 0.1,
-reg 0.01, 50 iterations, keep the best image.
+in fp32. Defaults follow the official code (ExplainableML/ReNO, ``arguments.py``,
+``training/trainer.py``, ``training/optim.py``): SGD, lr 5, Nesterov momentum 0.9, gradient-norm
+clip 0.1, reg 0.01, 50 iterations (50 images scored, 49 updates: no update follows the last
+scoring), keep the best image; ``optimizer="adam"`` is ReNO's Adam, ``eps=1e-2``.
 
 The sampler ``G`` is ours, written for differentiation (``pipe.__call__`` runs under
-``no_grad``): prompt embeddings are computed once, then 1-4 denoiser calls with the
-deterministic x0-prediction update, then the VAE decode.
+``no_grad``): prompt embeddings are computed once, then 1-4 denoiser calls, then the VAE decode.
+The denoiser update is deterministic (Euler / DDIM with eta 0) unless the pipeline's scheduler is
+``EulerAncestralDiscreteScheduler`` (or ``ancestral=True``): ReNO samples 2-4 step SDXL-Turbo that
+way. Ancestral noise is drawn once per run from each prompt's seeded generator, right after the
+initial noise, and reused every iteration (ReNO reseeds its generator every iteration), so the
+image is a fixed function of ``z`` and a run repeats exactly. With one step no noise is added.
 
 * UNet pipelines (SD 1.x/2.x, SD-Turbo, SDXL/SDXL-Turbo with ``text_time`` conditioning):
   variance-preserving DDIM (eta = 0) on the scheduler's ``alphas_cumprod``, starting from
@@ -34,7 +40,7 @@ deterministic x0-prediction update, then the VAE decode.
   ids, ``timestep / 1000`` and, for guidance-distilled models (``guidance_embeds``), the guidance
   value ``guidance_scale`` (Flux has no classifier-free guidance here, so no negative prompt).
 
-Batched prompts: one latent per prompt (prompt ``i`` starts from ``seed + i``); gradients are
+Batched prompts: one latent per prompt (prompt ``i`` draws from ``seed + i``); gradients are
 clipped per prompt and the best image is tracked per prompt, so a batch gives the same
 result as running its prompts one by one.
 """
@@ -88,10 +94,11 @@ def to_pil(images: Tensor) -> list[Any]:
 
 @dataclass
 class ReNOResult:
-    """What :func:`optimize_noise` returns. ``B`` prompts, ``S`` optimisation steps.
+    """What :func:`optimize_noise` returns. ``B`` prompts, ``S`` iterations (``steps``): ``S`` images
+    scored per prompt and ``S - 1`` updates.
 
     Row ``k`` of the per-iteration tensors is the image made from the latent after ``k`` updates
-    (row 0: the initial noise, row ``S``: the final latent, evaluated without gradient).
+    (row 0: the initial noise, row ``S - 1``: the final latent, evaluated without gradient).
     ``rewards`` is the total reward ``-sum_r w_r * loss_r`` (without the noise regulariser);
     ``reward_scores[name]`` are the raw scores of each reward.
     """
@@ -104,10 +111,10 @@ class ReNOResult:
     latents: Tensor  # (B, C, h, w) the latent that gave the best image
     initial_latents: Tensor  # (B, C, h, w)
     final_latents: Tensor  # (B, C, h, w) after the last update
-    rewards: Tensor  # (S + 1, B)
-    reward_scores: dict[str, Tensor]  # name -> (S + 1, B)
-    noise_penalty: Tensor  # (S + 1, B) the regulariser before its weight
-    iteration_times: Tensor  # (S,) seconds per update (forward, backward, step, bookkeeping)
+    rewards: Tensor  # (S, B)
+    reward_scores: dict[str, Tensor]  # name -> (S, B)
+    noise_penalty: Tensor  # (S, B) the regulariser before its weight
+    iteration_times: Tensor  # (S - 1,) seconds per update (forward, backward, step, bookkeeping)
     best_iteration: Tensor  # (B,) long, row of `rewards` that gave `images`
     best_rewards: Tensor  # (B,)
     nan_skipped: Tensor  # (B,) long, updates skipped for a non-finite gradient
@@ -134,8 +141,11 @@ class NoiseSampler:
     """A differentiable map from initial noise to images for one pipeline and a fixed prompt list.
 
     ``sampler(z (B, C, h, w)) -> images (B, 3, H, W)`` in [0, 1]. Prompt embeddings are
-    computed once in the constructor. ``latent_shape`` is ``(C, h, w)``. The keyword arguments are
-    :func:`optimize_noise`'s sampler options (documented there), which it passes on unchanged.
+    computed once in the constructor. ``latent_shape`` is ``(C, h, w)``. ``initial_noise``
+    ``(B, C, h, w)`` is prompt ``i``'s first draw from a CPU generator seeded ``seed + i`` (device and
+    batch independent); with ``ancestral`` the same generator then draws one noise per denoising
+    step, kept fixed (``ancestral_noise``). The other keyword arguments are :func:`optimize_noise`'s
+    sampler options (documented there), which it passes on unchanged.
     """
 
     def __init__(
@@ -152,6 +162,8 @@ class NoiseSampler:
         encode_kwargs: dict[str, Any] | None = None,
         vae_checkpointing: bool = False,
         gradient_checkpointing: bool = False,
+        ancestral: bool | None = None,
+        seed: int = 0,
     ) -> None:
         if num_inference_steps < 1:
             raise ValueError(f"optimize_noise: num_inference_steps must be >= 1, got {num_inference_steps}")
@@ -212,6 +224,26 @@ class NoiseSampler:
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self._encode(negative_prompt, dict(encode_kwargs or {}))
         self._schedule(num_inference_steps, timesteps)
+        if ancestral is None:
+            ancestral = type(sched).__name__ == "EulerAncestralDiscreteScheduler"
+        if ancestral and self.flow:
+            raise ValueError(f"optimize_noise: ancestral sampling needs a variance-preserving scheduler "
+                             f"(Euler ancestral); {name} uses {type(sched).__name__}")
+        self.ancestral = bool(ancestral)
+        self._draw_noise(seed, num_inference_steps)
+
+    def _draw_noise(self, seed: int, steps: int) -> None:
+        """Per prompt ``i``, from ``Generator().manual_seed(seed + i)``: the initial noise, then (ancestral
+        only) one noise per step, in the order a diffusers pipeline given that generator draws them."""
+        initial: list[Tensor] = []
+        per_step: list[list[Tensor]] = [[] for _ in range(steps)]
+        for i in range(len(self.prompts)):
+            g = torch.Generator().manual_seed(seed + i)
+            initial.append(torch.randn(self.latent_shape, generator=g))
+            for k in range(steps if self.ancestral else 0):
+                per_step[k].append(torch.randn(self.latent_shape, generator=g))
+        self.initial_noise = torch.stack(initial).to(self.device)
+        self.ancestral_noise = [torch.stack(n).to(self.device) for n in per_step if n]
 
     # -- conditioning, computed once -------------------------------------------------------------
     def _encode(self, negative_prompt: str | list[str] | None, extra: dict[str, Any]) -> None:
@@ -349,8 +381,19 @@ class NoiseSampler:
             out = uncond + self.guidance_scale * (cond - uncond)
         return out
 
+    def _x0_eps(self, x: Tensor, out: Tensor, i: int) -> tuple[Tensor, Tensor]:
+        """Clean latent and noise from the model output at step ``i``, ``x = a * x0 + s * eps``."""
+        a, s = self.alphas[i], self.sigmas_vp[i]
+        if self.prediction_type == "epsilon":
+            return (x - s * out) / a, out
+        if self.prediction_type == "v_prediction":
+            return a * x - s * out, s * x + a * out
+        return out, (x - a * out) / s
+
     def latents_to_x0(self, z: Tensor) -> Tensor:
         """Run the 1-4 denoising steps from ``z`` (= ``x_T``) to the clean latent ``(B, C, h, w)``."""
+        if self.ancestral:
+            return self._ancestral(z)
         x = z.to(self.dtype)
         if not self.flow:  # x_T = sqrt(1 - abar_T) * z: the noise part of x_T, as diffusers' Euler pipelines start
             x = x * self.sigmas_vp[0]
@@ -360,15 +403,27 @@ class NoiseSampler:
             if self.flow:  # Euler on the velocity field
                 x = x + (self.sigmas[i + 1] - self.sigmas[i]).to(x.dtype) * out
                 continue
-            a, s = self.alphas[i], self.sigmas_vp[i]
-            if self.prediction_type == "epsilon":
-                x0, eps = (x - s * out) / a, out
-            elif self.prediction_type == "v_prediction":
-                x0, eps = a * x - s * out, s * x + a * out
-            else:
-                x0, eps = out, (x - a * out) / s
+            x0, eps = self._x0_eps(x, out, i)
             x = x0 if i == n - 1 else self.alphas[i + 1] * x0 + self.sigmas_vp[i + 1] * eps
         return x
+
+    def _ancestral(self, z: Tensor) -> Tensor:
+        """Euler ancestral (diffusers' ``EulerAncestralDiscreteScheduler``) in its sigma space,
+        ``x = x0 + sigma * eps`` with ``sigma = s / a``, in fp32 as diffusers computes the step: start at
+        ``sigma_max * z`` (the scheduler's ``init_noise_sigma`` for trailing spacing), feed the model
+        ``x * a``; each step goes to ``sigma_down`` along ``(x - x0) / sigma`` and adds the fixed noise
+        times ``sigma_up``, where ``sigma_up^2 = sigma_to^2 (sigma^2 - sigma_to^2) / sigma^2`` and
+        ``sigma_down^2 = sigma_to^2 - sigma_up^2`` (``sigma_to = 0`` after the last step: no noise)."""
+        sig = [s / a for a, s in zip(self.alphas, self.sigmas_vp, strict=True)] + [0.0]
+        x = z.float() * sig[0]
+        for i in range(len(self.timesteps)):
+            a, s_from, s_to = self.alphas[i], sig[i], sig[i + 1]
+            x_in = (x * a).to(self.dtype)
+            x0 = self._x0_eps(x_in, self._denoise(x_in, self.timesteps[i]), i)[0].float()
+            up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2) ** 0.5
+            down = (s_to**2 - up**2) ** 0.5
+            x = x + (x - x0) / s_from * (down - s_from) + self.ancestral_noise[i].to(x.dtype) * up
+        return x.to(self.dtype)
 
     def decode(self, x0: Tensor) -> Tensor:
         """Clean latent -> images ``(B, 3, H, W)`` in [0, 1] (clamped, as the pipelines do)."""
@@ -411,9 +466,10 @@ def _as_weighted(rewards: Any) -> WeightedRewards:
         return rewards
     if isinstance(rewards, (list, tuple)):
         return WeightedRewards(rewards)
-    if isinstance(rewards, Reward) or (callable(rewards) and hasattr(rewards, "loss")):
+    if isinstance(rewards, Reward) or callable(rewards):  # a plain fn(images, prompts) is wrapped there
         return WeightedRewards([rewards])
-    raise TypeError(f"optimize_noise: rewards must be a Reward, a list of them or WeightedRewards, got {rewards!r}")
+    raise TypeError(f"optimize_noise: rewards must be a Reward, a function fn(images, prompts) -> (B,), a list "
+                    f"of them or WeightedRewards, got {rewards!r}")
 
 
 @contextlib.contextmanager
@@ -440,12 +496,6 @@ def _frozen(pipe: Any, denoiser_per_block: bool, vae_per_block: bool) -> Iterato
             m.train(training)
             for p, flag in zip(m.parameters(), flags, strict=True):
                 p.requires_grad_(flag)
-
-
-def _initial_noise(shape: tuple[int, ...], n: int, seed: int, device: torch.device) -> Tensor:
-    """Prompt ``i`` draws from a CPU generator seeded ``seed + i`` (device independent, batch independent)."""
-    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]
-    return torch.stack(rows).to(device)
 
 
 def _per_sample(mask: Tensor, like: Tensor) -> Tensor:
@@ -475,13 +525,19 @@ def optimize_noise(
         pipe: a diffusers text-to-image pipeline with a UNet or transformer, a VAE and
             ``encode_prompt`` (SD, SD-Turbo, SDXL(-Turbo), SD3-class, PixArt-class, Flux).
         prompt: one prompt or a list; one latent per prompt, optimised jointly but independently.
-        rewards: a :class:`~mmalign.rewards.Reward`, a list of rewards / ``(reward, weight)``
-            pairs, or a :class:`~mmalign.rewards.WeightedRewards`.
-        steps: number of updates of the noise (ReNO: 50).
-        lr, optimizer, momentum, nesterov: ``"sgd"`` (ReNO: lr 5, Nesterov momentum 0.9) or ``"adam"``.
+        rewards: a :class:`~mmalign.rewards.Reward`, a plain function ``fn(images, prompts) -> (B,)``
+            (wrapped, loss ``-score``), a list of rewards / functions / ``(reward, weight)`` pairs, or a
+            :class:`~mmalign.rewards.WeightedRewards`.
+        steps: iterations, ReNO's ``n_iters`` (50): each scores the current image and all but the
+            last update the noise, so ``steps`` images are scored and ``steps - 1`` updates made
+            (``steps=1`` only scores the initial noise).
+        lr, optimizer, momentum, nesterov: ``"sgd"`` (ReNO: lr 5, Nesterov momentum 0.9) or ``"adam"``
+            (ReNO's: ``eps=1e-2``, not torch's 1e-8; Adam's first step moves each element by
+            ``lr * |g| / (|g| + eps)``, which with eps 1e-8 is the full ``lr`` for every element).
         grad_clip: max L2 norm of each prompt's latent gradient (ReNO: 0.1); ``None`` disables.
         reg_weight: weight of :func:`noise_norm_penalty` (ReNO: 0.01), computed in fp32.
-        seed: prompt ``i`` starts from ``N(0, I)`` drawn with seed ``seed + i``.
+        seed: prompt ``i`` starts from ``N(0, I)`` drawn by a CPU generator seeded ``seed + i`` (which
+            then draws that prompt's ancestral noise, if any).
         progress: show a tqdm bar.
         timer: clock for ``iteration_times`` (wall clock by default; benchmarks on a shared CPU
             may pass ``time.process_time``). On CUDA each iteration ends with a synchronize.
@@ -498,6 +554,10 @@ def optimize_noise(
         gradient_checkpointing: checkpoint the denoiser's blocks (diffusers' own switch, restored
             afterwards), or the whole denoiser call for models without one.
         vae_checkpointing: checkpoint the VAE decoder's blocks (or the whole decode).
+        ancestral: Euler ancestral sampling with seeded noise fixed for the run (ReNO's 2-4 step
+            SDXL-Turbo sampler); ``None`` (default) follows the pipeline: on when its scheduler is
+            ``EulerAncestralDiscreteScheduler`` (SDXL-Turbo's own), off otherwise (deterministic
+            Euler/DDIM; SD-Turbo, Flux, SD3). Only for variance-preserving (non-flow) models.
 
     Returns:
         :class:`ReNOResult`. An update whose gradient is not finite is skipped for that prompt
@@ -517,8 +577,8 @@ def optimize_noise(
         if not isinstance(p, str) or not p.strip():
             raise ValueError(f"optimize_noise: prompt {i} is empty ({p!r}); every prompt needs text")
     weighted = _as_weighted(rewards)
-    if steps < 0:
-        raise ValueError(f"optimize_noise: steps must be >= 0, got {steps}")
+    if steps < 1:
+        raise ValueError(f"optimize_noise: steps must be >= 1 (images scored; updates = steps - 1), got {steps}")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"optimize_noise: lr must be a positive number, got {lr}")
     if grad_clip is not None and grad_clip <= 0:
@@ -530,14 +590,14 @@ def optimize_noise(
     if optimizer == "sgd" and nesterov and momentum <= 0:
         raise ValueError("optimize_noise: nesterov needs momentum > 0")
 
-    sampler = NoiseSampler(pipe, prompts, **sampler_options)
+    sampler = NoiseSampler(pipe, prompts, seed=seed, **sampler_options)
     b = len(prompts)
-    z = _initial_noise(sampler.latent_shape, b, seed, sampler.device).requires_grad_(True)
+    z = sampler.initial_noise.clone().requires_grad_(True)
     initial_latents = z.detach().clone()
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD([z], lr=lr, momentum=momentum, nesterov=nesterov)
     else:
-        opt = torch.optim.Adam([z], lr=lr)
+        opt = torch.optim.Adam([z], lr=lr, eps=1e-2)  # ReNO's eps
 
     history_total: list[Tensor] = []
     history_scores: dict[str, list[Tensor]] = {n: [] for n in weighted.names}
@@ -572,9 +632,9 @@ def optimize_noise(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc="ReNO", leave=False)
+        bar = tqdm(total=steps - 1, desc="ReNO", leave=False)
     with _frozen(pipe, sampler.denoiser_per_block, sampler.vae_per_block):
-        for it in range(steps):
+        for it in range(steps - 1):
             t0 = timer()
             opt.zero_grad(set_to_none=True)
             images = sampler(z)
@@ -606,7 +666,7 @@ def optimize_noise(
                 bar.set_postfix(reward=f"{history_total[-1].mean().item():.4g}")
         with torch.no_grad():
             images = sampler(z)
-            record(steps, images, weighted.evaluate(images, prompts), noise_norm_penalty(z))
+            record(steps - 1, images, weighted.evaluate(images, prompts), noise_norm_penalty(z))
     if bar is not None:
         bar.close()
 
@@ -629,7 +689,7 @@ def optimize_noise(
         best_rewards=best_reward.cpu(),
         nan_skipped=nan_skipped.cpu(),
         extras={"kind": sampler.kind, "timesteps": sampler.timesteps.tolist(), "height": sampler.height,
-                "width": sampler.width},
+                "width": sampler.width, "ancestral": sampler.ancestral},
     )
 
 

@@ -88,7 +88,7 @@ def test_sampler_sd3_flow_matches_pipeline_and_has_gradient() -> None:
         ref = pipe("a red cat", num_inference_steps=2, guidance_scale=0.0, latents=z, output_type="latent",
                    max_sequence_length=8).images
         torch.testing.assert_close(sampler.latents_to_x0(z), ref, atol=1e-4, rtol=1e-4)
-    res = optimize_noise(pipe, "a red cat", REDNESS, steps=1, num_inference_steps=2, encode_kwargs=kw,
+    res = optimize_noise(pipe, "a red cat", REDNESS, steps=2, num_inference_steps=2, encode_kwargs=kw,
                          progress=False)
     assert not torch.equal(res.final_latents, res.initial_latents)
 
@@ -138,7 +138,7 @@ def test_sampler_pixart_class_matches_pipeline(steps: int) -> None:
                    use_resolution_binning=False).images
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     pipe.encode_prompt = stub
-    res = optimize_noise(pipe, ["a", "b"], REDNESS, steps=1, num_inference_steps=steps, progress=False)
+    res = optimize_noise(pipe, ["a", "b"], REDNESS, steps=2, num_inference_steps=steps, progress=False)
     assert not torch.equal(res.final_latents, res.initial_latents)
 
 
@@ -146,8 +146,9 @@ def test_sampler_pixart_class_matches_pipeline(steps: int) -> None:
 
 
 def test_redness_rises_on_every_prompt(sd_pipe: Any) -> None:
-    """Toy evidence at 16x16 px, 8 prompts, 10 updates (the 8 x 50 run at 32x32 is in scripts/bench_reno.py)."""
-    res = optimize_noise(sd_pipe, PROMPTS8, REDNESS, steps=10, height=16, width=16, progress=False)
+    """Toy evidence at 16x16 px, 8 prompts, 11 iterations = 10 updates (the 8 x 50 run at 32x32 is in
+    scripts/bench_reno.py)."""
+    res = optimize_noise(sd_pipe, PROMPTS8, REDNESS, steps=11, height=16, width=16, progress=False)
     assert isinstance(res, ReNOResult)
     assert res.rewards.shape == (11, 8) and res.reward_scores["redness"].shape == (11, 8)
     assert (res.best_rewards > res.initial_rewards).all(), (res.initial_rewards, res.best_rewards)
@@ -176,7 +177,7 @@ def test_generator_is_frozen_and_restored(sd_pipe: Any) -> None:
 
 
 def test_checkpointing_gives_the_same_updates(sd_pipe: Any) -> None:
-    kw = dict(steps=2, height=16, width=16, progress=False)
+    kw = dict(steps=3, height=16, width=16, progress=False)
     plain = optimize_noise(sd_pipe, ["a red apple"], REDNESS, **kw)
     ckpt = optimize_noise(sd_pipe, ["a red apple"], REDNESS, gradient_checkpointing=True, vae_checkpointing=True,
                           **kw)
@@ -195,7 +196,7 @@ def test_checkpointing_gives_the_same_updates(sd_pipe: Any) -> None:
 
 def test_batch_equals_prompts_one_by_one(sd_pipe: Any) -> None:
     """Per-prompt seeds (seed + i), per-prompt gradient clipping: a batch of 2 equals two single runs."""
-    kw = dict(steps=2, height=16, width=16, progress=False)
+    kw = dict(steps=3, height=16, width=16, progress=False)
     both = optimize_noise(sd_pipe, ["a red apple", "a blue car"], REDNESS, **kw)
     first = optimize_noise(sd_pipe, ["a red apple"], REDNESS, seed=0, **kw)
     second = optimize_noise(sd_pipe, ["a blue car"], REDNESS, seed=1, **kw)
@@ -207,7 +208,7 @@ def test_update_size_is_clipped(sd_pipe: Any) -> None:
     """First SGD step with empty momentum: Nesterov update = lr * (g + 0.9 g) = 1.9 * lr * g, and
     ||g|| = 0.1 after clipping (the gradient of 1000 * redness is about 6), so ||dz|| = 1.9 * 5 * 0.1 = 0.95."""
     strong = CallableReward(lambda images, prompts: 1000 * _redness(images, prompts), "redness1000")
-    res = optimize_noise(sd_pipe, "a red apple", strong, steps=1, reg_weight=0.0, height=16, width=16,
+    res = optimize_noise(sd_pipe, "a red apple", strong, steps=2, reg_weight=0.0, height=16, width=16,
                          progress=False)
     assert res.extras["kind"] == "sd"
     step = (res.final_latents - res.initial_latents).flatten().norm().item()
@@ -225,7 +226,7 @@ def test_clip_reward_gradient_reaches_the_latent(sd_pipe: Any) -> None:
     clip.loss(sampler(z), ["a red apple", "a blue car"]).sum().backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
     assert (z.grad.flatten(1).norm(dim=1) > 0).all()
-    res = optimize_noise(sd_pipe, ["a red apple", "a blue car"], [(clip, 1.0), (REDNESS, 10.0)], steps=2,
+    res = optimize_noise(sd_pipe, ["a red apple", "a blue car"], [(clip, 1.0), (REDNESS, 10.0)], steps=3,
                          height=16, width=16, progress=False)
     assert set(res.reward_scores) == {"clip", "redness"}
     total = -(1.0 * (100 - res.reward_scores["clip"]) + 10.0 * -res.reward_scores["redness"])
@@ -248,6 +249,8 @@ def test_bad_input_is_rejected(sd_pipe: Any, tmp_path: Path) -> None:
         optimize_noise(sd_pipe, "a cat", REDNESS, height=17, width=16, progress=False)
     with pytest.raises(ValueError, match="optimizer"):
         optimize_noise(sd_pipe, "a cat", REDNESS, optimizer="lbfgs", progress=False)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        optimize_noise(sd_pipe, "a cat", REDNESS, steps=0, progress=False)
 
 
 def test_pipeline_without_latents_is_rejected() -> None:
@@ -272,20 +275,20 @@ def test_nan_gradient_skips_the_update_for_that_prompt_only(sd_pipe: Any) -> Non
             score = score * torch.tensor([math.nan, 1.0])
         return score
 
-    res = optimize_noise(sd_pipe, ["a red apple", "a blue car"], CallableReward(flaky, "flaky"), steps=3,
+    res = optimize_noise(sd_pipe, ["a red apple", "a blue car"], CallableReward(flaky, "flaky"), steps=4,
                          height=16, width=16, progress=False)
     assert res.nan_skipped.tolist() == [1, 0]
     assert math.isnan(res.rewards[1, 0].item()) and torch.isfinite(res.rewards[:, 1]).all()
     assert res.best_iteration[0].item() != 1 and torch.isfinite(res.best_rewards).all()
     # prompt 0 made updates at iterations 0 and 2 only: the same two updates as a clean 2-step run
-    clean = optimize_noise(sd_pipe, ["a red apple", "a blue car"], REDNESS, steps=2, height=16, width=16,
+    clean = optimize_noise(sd_pipe, ["a red apple", "a blue car"], REDNESS, steps=3, height=16, width=16,
                            progress=False)
     assert res.rewards[2, 0].item() == pytest.approx(clean.rewards[1, 0].item(), rel=1e-5)
     torch.testing.assert_close(res.final_latents[0], clean.final_latents[0], atol=1e-5, rtol=1e-5)
 
 
 def test_weighted_rewards_object_is_accepted(sd_pipe: Any) -> None:
-    res = optimize_noise(sd_pipe, "a red apple", WeightedRewards([(REDNESS, 2.0)]), steps=0, height=16,
+    res = optimize_noise(sd_pipe, "a red apple", WeightedRewards([(REDNESS, 2.0)]), steps=1, height=16,
                          width=16, progress=False)
     assert res.rewards.shape == (1, 1) and res.iteration_times.numel() == 0
     torch.testing.assert_close(res.rewards[0], 2.0 * res.reward_scores["redness"][0])
@@ -294,7 +297,7 @@ def test_weighted_rewards_object_is_accepted(sd_pipe: Any) -> None:
 def test_save_report_writes_pairs_plot_and_json(sd_pipe: Any, tmp_path: Path) -> None:
     from diffusion.reno import save_report
 
-    res = optimize_noise(sd_pipe, ["a red apple", "a blue car"], REDNESS, steps=1, height=16, width=16,
+    res = optimize_noise(sd_pipe, ["a red apple", "a blue car"], REDNESS, steps=2, height=16, width=16,
                          progress=False)
     paths = save_report(res, tmp_path)
     names = sorted(p.name for p in paths)
@@ -304,3 +307,100 @@ def test_save_report_writes_pairs_plot_and_json(sd_pipe: Any, tmp_path: Path) ->
     assert Image.open(tmp_path / "000_a_red_apple.png").size == (32, 16)
     summary = json.loads((tmp_path / "rewards.json").read_text())
     assert summary["best_rewards"] == pytest.approx(res.best_rewards.tolist())
+
+
+# ---------------------------------------------------------------------------------------------- ReNO parity
+# Reference: ExplainableML/ReNO @bd6f6acf (training/trainer.py, training/optim.py, models/utils.py).
+
+
+def test_steps_scores_that_many_images_and_updates_one_less(sd_pipe: Any) -> None:
+    """ReNO's ``n_iters`` (trainer.py): every iteration scores an image; all but the last then step the
+    optimizer, so n_iters=50 is 49 updates and 50 images. steps=4: 3 scorings with gradient (each
+    followed by an update) and 1 final scoring without."""
+    calls = {"grad": 0, "no_grad": 0}
+
+    def counting(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        calls["grad" if images.requires_grad else "no_grad"] += 1
+        return _redness(images, prompts)
+
+    res = optimize_noise(sd_pipe, "a red apple", CallableReward(counting, "counting"), steps=4, height=16,
+                         width=16, progress=False)
+    assert calls == {"grad": 3, "no_grad": 1}
+    assert res.rewards.shape == (4, 1) and res.iteration_times.shape == (3,)
+    one = optimize_noise(sd_pipe, "a red apple", REDNESS, steps=1, height=16, width=16, progress=False)
+    assert one.rewards.shape == (1, 1) and torch.equal(one.final_latents, one.initial_latents)
+
+
+def test_adam_uses_renos_eps(sd_pipe: Any) -> None:
+    """ReNO's Adam (optim.py): ``torch.optim.Adam([latents], lr=lr, eps=1e-2)``. Adam's first step is
+    ``dz = -lr * g / (|g| + eps)`` (m_hat = g, sqrt(v_hat) = |g|), g the gradient after clipping to norm 0.1.
+    Spread over d = 4*8*8 = 256 elements, |g_i| is about 0.1/16 = 0.006, so eps 1e-2 moves an element by
+    about 5 * 0.006 / 0.016 = 2 instead of the full lr 5 that eps 1e-8 gives every element."""
+    res = optimize_noise(sd_pipe, "a red apple", REDNESS, steps=2, optimizer="adam", reg_weight=0.0, height=16,
+                         width=16, progress=False)
+    sampler = NoiseSampler(sd_pipe, ["a red apple"], height=16, width=16)
+    z = res.initial_latents.clone().requires_grad_(True)
+    (-_redness(sampler(z), ["a red apple"])).sum().backward()
+    assert z.grad is not None
+    g = z.grad * min(1.0, 0.1 / (z.grad.norm().item() + 1e-6))
+    expected = -5.0 * g / (g.abs() + 1e-2)
+    step = res.final_latents - res.initial_latents
+    torch.testing.assert_close(step, expected, atol=1e-4, rtol=1e-3)
+    assert step.abs().mean().item() < 3.0
+
+
+def test_a_plain_function_is_a_reward(sd_pipe: Any) -> None:
+    """``rewards=fn`` with ``fn(images, prompts) -> (B,)`` is wrapped (loss = -score)."""
+    res = optimize_noise(sd_pipe, "a red apple", _redness, steps=2, height=16, width=16, progress=False)
+    assert set(res.reward_scores) == {"_redness"}
+    torch.testing.assert_close(res.rewards, res.reward_scores["_redness"])
+
+
+def _ancestral_sd() -> Any:
+    return _load("sd", scheduler="euler_ancestral")
+
+
+def test_ancestral_sampler_matches_the_pipeline() -> None:
+    """ReNO samples 2-4 step SDXL-Turbo with EulerAncestralDiscreteScheduler (models/utils.py), reseeding its
+    generator every iteration, so the added noise is the same for every iteration. Ours: prompt i's CPU
+    generator (seed + i) draws the initial noise, then one ancestral noise per step, once. Given that
+    generator after the initial noise, the diffusers pipeline makes the same latent."""
+    pipe = _ancestral_sd()
+    sampler = NoiseSampler(pipe, ["a red cat"], num_inference_steps=2, seed=7)
+    assert sampler.ancestral  # followed the pipeline's scheduler
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(1, *sampler.latent_shape, generator=g)
+    torch.testing.assert_close(sampler.initial_noise, z)
+    with torch.no_grad():
+        ours = sampler.latents_to_x0(z)
+        ref = pipe("a red cat", num_inference_steps=2, guidance_scale=0.0, latents=z, generator=g,
+                   output_type="latent").images
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sampler.latents_to_x0(z), ours)  # fixed noise: a function of z
+        plain = NoiseSampler(pipe, ["a red cat"], num_inference_steps=2, seed=7, ancestral=False)
+        assert (plain.latents_to_x0(z) - ours).abs().max().item() > 1e-3
+        other = NoiseSampler(pipe, ["a red cat"], num_inference_steps=2, seed=8)
+        assert (other.latents_to_x0(z) - ours).abs().max().item() > 1e-3
+        one = NoiseSampler(pipe, ["a red cat"], num_inference_steps=1, seed=7)  # last step adds no noise
+        one_plain = NoiseSampler(pipe, ["a red cat"], num_inference_steps=1, seed=7, ancestral=False)
+        torch.testing.assert_close(one.latents_to_x0(z), one_plain.latents_to_x0(z), atol=1e-4, rtol=1e-4)
+
+
+def test_ancestral_sdxl_runs_repeat() -> None:
+    """SDXL(-Turbo) with ReNO's EulerAncestral scheduler, 2 steps: the same seed gives the same run."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    pipe = _load("sdxl")
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    kw = dict(steps=3, num_inference_steps=2, height=16, width=16, progress=False)
+    first = optimize_noise(pipe, "a red apple", REDNESS, **kw)
+    again = optimize_noise(pipe, "a red apple", REDNESS, **kw)
+    assert first.extras["ancestral"] is True
+    torch.testing.assert_close(first.final_latents, again.final_latents)
+    torch.testing.assert_close(first.rewards, again.rewards)
+    assert not torch.equal(first.final_latents, first.initial_latents)
+
+
+def test_ancestral_needs_a_variance_preserving_scheduler() -> None:
+    with pytest.raises(ValueError, match="ancestral"):
+        NoiseSampler(_load("sd3"), ["a"], ancestral=True, encode_kwargs={"max_sequence_length": 8})
