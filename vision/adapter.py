@@ -44,6 +44,7 @@ from mmalign.adapter import ChosenRejected
 from mmalign.logprobs import sequence_logps
 
 __all__ = [
+    "LORA_SCOPES",
     "PER_IMAGE_KEYS",
     "PER_TOKEN_KEYS",
     "Media",
@@ -61,6 +62,27 @@ _TEXT_KEYS = ("input_ids", "attention_mask")
 
 #: A media item: a path (relative to the dataset folder, or absolute) or an in-memory PIL image.
 Media = Any
+
+# LoRA targets as peft regexes (``re.fullmatch`` on module names). The language model is
+# ``model.language_model`` in LLaVA-1.5/NeXT and Qwen2-VL/2.5-VL and ``model.text_model`` in
+# Idefics3/SmolVLM (transformers 5); all are Llama/Mistral/Qwen2 decoders with these projections.
+_LANGUAGE_LINEARS = (
+    r"(?:.*\.)?(?:language_model|text_model)\.(?:.*\.)?(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+)
+# LLaVA-1.5/NeXT ``multi_modal_projector``, Qwen2-VL/2.5-VL ``visual.merger``, Idefics3/SmolVLM ``connector``.
+_PROJECTOR_LINEARS = (
+    r"(?:.*\.)?(?:multi_modal_projector\.linear_\d+|visual\.merger\.mlp\.[02]|connector\.modality_projection\.proj)"
+)
+
+#: ``VLMAdapter.lora_scope`` -> peft ``target_modules``. ``"language"`` (default): the language model's
+#: linear layers only, as LLaVA's own LoRA recipe (its ``find_all_linear_names`` skips
+#: ``mm_projector``/``vision_tower``, used by STIC and POVID); ``"language+projector"`` adds the
+#: vision-to-text projector; ``"all"`` is peft's ``"all-linear"`` (vision tower too; ``lm_head`` excluded).
+LORA_SCOPES: dict[str, str] = {
+    "language": _LANGUAGE_LINEARS,
+    "language+projector": f"(?:{_LANGUAGE_LINEARS})|(?:{_PROJECTOR_LINEARS})",
+    "all": "all-linear",
+}
 
 
 def image_token_of(processor: Any) -> tuple[str, int]:
@@ -174,6 +196,9 @@ class VLMAdapter:
         append_eos: end each response with the tokenizer's eos token (scored, as TRL does).
         system_prompt: optional system message for every prompt.
         prompt_template: format string with ``{prompt}`` used instead of the chat template.
+        lora_scope: which linear layers LoRA adapts when the engine's ``lora_target_modules`` is unset
+            (a key of :data:`LORA_SCOPES`; default ``"language"``: the language model only). The engine
+            reads :attr:`lora_target_modules`.
 
     Batch layout (from :meth:`collate`), ``B`` pairs, ``U`` units (distinct prompt+image sets), ``T`` tokens:
         ``input_ids``, ``attention_mask``, ``labels``: ``(2B, T)``, rows ``[:B]`` chosen, ``[B:]`` rejected;
@@ -191,6 +216,7 @@ class VLMAdapter:
     append_eos: bool = True
     system_prompt: str | None = None
     prompt_template: str | None = None
+    lora_scope: str = "language"
     value_kind: str = field(default="sequence", init=False)
     dropped: Counter[str] = field(default_factory=Counter, init=False)
     dropped_ids: list[str] = field(default_factory=list, init=False)
@@ -200,12 +226,19 @@ class VLMAdapter:
             raise ValueError(f"VLMAdapter: truncation must be 'response' or 'drop', got {self.truncation!r}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"VLMAdapter: max_length must be >= 2 or None, got {self.max_length}")
+        if self.lora_scope not in LORA_SCOPES:
+            raise ValueError(f"VLMAdapter: lora_scope must be one of {sorted(LORA_SCOPES)}, got {self.lora_scope!r}")
         self.image_token, self.image_token_id = image_token_of(self.processor)
         self.tokenizer = getattr(self.processor, "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError(f"{type(self.processor).__name__} has no tokenizer")
         if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is None:
             raise ValueError("VLMAdapter: the tokenizer has neither a pad nor an eos token to pad with")
+
+    @property
+    def lora_target_modules(self) -> str:
+        """peft ``target_modules`` for :attr:`lora_scope` (a regex, or ``"all-linear"``)."""
+        return LORA_SCOPES[self.lora_scope]
 
     # ------------------------------------------------------------------ model checks
 
