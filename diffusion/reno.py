@@ -67,6 +67,7 @@ __all__ = [
     "ReNOResult",
     "noise_norm_penalty",
     "optimize_noise",
+    "read_prompts",
     "save_report",
     "to_pil",
 ]
@@ -691,6 +692,28 @@ def optimize_noise(
         extras={"kind": sampler.kind, "timesteps": sampler.timesteps.tolist(), "height": sampler.height,
                 "width": sampler.width, "ancestral": sampler.ancestral},
     )
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a UTF-8 text file, one per line, stripped; blank lines skipped.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a line that is not valid UTF-8, naming the file and the line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    prompts = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: line {number} is not valid UTF-8 (byte {raw[exc.start]:#04x} at column "
+                             f"{exc.start + 1}); save the file as UTF-8") from exc
+        if line.strip():
+            prompts.append(line.strip())
+    return prompts
 
 
 def save_report(result: ReNOResult, out_dir: str | Path) -> list[Path]:

@@ -14,8 +14,15 @@ from pathlib import Path
 
 import torch
 
-from diffusion.reno import optimize_noise, save_report
+from diffusion.reno import optimize_noise, read_prompts, save_report
 from mmalign.rewards import WeightedRewards, reward_from_spec
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,17 +34,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="NAME[=SOURCE][:WEIGHT], e.g. clip=/path/model:0.01, hpsv2=/path/w.safetensors:5, redness:1")
     p.add_argument("--clip-arch", default=None, help="open_clip architecture for bare weights files (ViT-H-14)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=positive_int, default=50, help="iterations: images scored; updates = steps - 1")
     p.add_argument("--lr", type=float, default=5.0)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--grad-clip", type=float, default=0.1)
     p.add_argument("--reg-weight", type=float, default=0.01)
-    p.add_argument("--num-inference-steps", type=int, default=1)
+    p.add_argument("--num-inference-steps", type=positive_int, default=1)
     p.add_argument("--guidance-scale", type=float, default=0.0)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1, help="prompts optimised together")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="prompts optimised together")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -49,7 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     prompts = list(args.prompts)
     if args.prompts_file is not None:
-        prompts += [line.strip() for line in args.prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            prompts += read_prompts(args.prompts_file)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"reno.py: {exc}") from exc
     if not prompts:
         raise SystemExit("reno.py: no prompts: pass them as arguments or with --prompts-file")
     from diffusers import DiffusionPipeline

@@ -1,0 +1,51 @@
+"""``scripts/reno.py`` and ``diffusion.reno.read_prompts``: bad command lines and prompt files get clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from diffusion.reno import read_prompts
+
+
+def _script() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "scripts" / "reno.py"
+    spec = importlib.util.spec_from_file_location("reno_script", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--steps", "--num-inference-steps"])
+def test_counts_must_be_positive(flag: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``--batch-size 0`` used to reach ``range(0, n, 0)`` ("range() arg 3 must not be zero")."""
+    with pytest.raises(SystemExit):
+        _script().parse_args(["--pipeline", "p", "--reward", "redness", "--out", str(tmp_path), flag, "0", "a"])
+    assert f"argument {flag}: must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_read_prompts_skips_blank_lines(tmp_path: Path) -> None:
+    file = tmp_path / "prompts.txt"
+    file.write_text("a red fox\n\n  \n a blue car \n", encoding="utf-8")
+    assert read_prompts(file) == ["a red fox", "a blue car"]
+
+
+def test_non_utf8_prompts_file_names_file_and_line(tmp_path: Path) -> None:
+    file = tmp_path / "prompts.txt"
+    file.write_bytes("a red fox\nun caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"prompts.txt: line 2 is not valid UTF-8"):
+        read_prompts(file)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_script_reports_a_bad_prompts_file(tmp_path: Path) -> None:
+    file = tmp_path / "prompts.txt"
+    file.write_bytes(b"\xff\xfe\n")
+    with pytest.raises(SystemExit, match=r"prompts.txt: line 1 is not valid UTF-8"):
+        _script().main(["--pipeline", "p", "--reward", "redness", "--out", str(tmp_path), "--prompts-file",
+                        str(file)])
