@@ -60,19 +60,99 @@ def test_stage1_pairs_corruption_applied_and_seen(llava, tmp_path) -> None:  # n
     assert "corruption" in branches and "hallucination" in branches
     all_seen = torch.cat(seen)
     for pair in pairs:
-        clean = np.asarray(Image.open(out / pair.chosen_media[0]))
-        rejected = Image.open(out / pair.rejected_media[0])
+        clean_image = Image.open(out / pair.chosen_media[0])
+        # official STIC scores both sides on the clean image (yihedeng9/STIC @993734e stic/dpo_trainer.py)
+        assert pair.rejected_media == pair.chosen_media
         if pair.meta["stic"]["branch"] == "corruption":
             corruption = pair.meta["stic"]["corruption"]
             assert corruption["name"] in ("stic_lowres", "stic_color_jitter")
-            assert pair.rejected_media != pair.chosen_media
-            assert np.abs(np.asarray(rejected).astype(int) - clean.astype(int)).mean() > 1.0  # pixels changed
-            # the model saw exactly the saved corrupted image
-            pixels = processor.image_processor(images=[rejected], return_tensors="pt")["pixel_values"]
+            assert corruption["scored_on"] == "clean"
+            corrupted = Image.open(out / corruption["media"][0])
+            if corruption["name"] == "stic_lowres":  # the 20-px image itself, as STIC hands it to the processor
+                assert min(corrupted.size) == 20 and corruption["params"]["restore"] is False
+            else:  # pixels changed
+                assert np.abs(np.asarray(corrupted).astype(int) - np.asarray(clean_image).astype(int)).mean() > 1.0
+            # the model saw exactly the saved corrupted image when it wrote the rejected description
+            pixels = processor.image_processor(images=[corrupted], return_tensors="pt")["pixel_values"]
             assert any(torch.allclose(row, pixels[0]) for row in all_seen)
         else:
-            assert pair.rejected_media == pair.chosen_media
+            assert pair.meta["stic"]["corruption"] is None
             assert pair.meta["stic"]["rejected_prompt"] != pair.meta["stic"]["chosen_prompt"]
+
+
+def test_stage1_rejected_on_corrupted_image_is_opt_in(llava, tmp_path) -> None:  # noqa: ANN001
+    model, processor = llava
+    _image_folder(tmp_path, n_good=6)
+    build_stic_pairs(model, processor, _config(tmp_path, score_rejected_on="corrupted"), rank=0, world_size=1)
+    corrupted = [p for p in read_pairs(tmp_path / "out") if p.meta["stic"]["branch"] == "corruption"]
+    assert corrupted
+    for pair in corrupted:
+        assert pair.rejected_media == pair.meta["stic"]["corruption"]["media"] != pair.chosen_media
+        assert pair.meta["stic"]["corruption"]["scored_on"] == "corrupted"
+    with pytest.raises(ValueError, match="score_rejected_on"):
+        STICConfig(score_rejected_on="noisy")
+
+
+def test_stage1_resumed_run_writes_the_same_texts(llava, tmp_path) -> None:  # noqa: ANN001
+    """A run killed after its first batch and resumed writes the same descriptions as an uninterrupted run:
+    sampling is seeded per record (seed, image id, side), not per batch (the resumed run batches differently)."""
+    from vision.generate import generate_responses
+
+    model, processor = llava
+    _image_folder(tmp_path / "a")
+    _image_folder(tmp_path / "b")
+    build_stic_pairs(model, processor, _config(tmp_path / "a"), rank=0, world_size=1)
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("simulated crash")
+        return generate_responses(*args, **kwargs)
+
+    with pytest.raises(RuntimeError):
+        build_stic_pairs(model, processor, _config(tmp_path / "b"), rank=0, world_size=1, generate_fn=crashing)
+    build_stic_pairs(model, processor, _config(tmp_path / "b"), rank=0, world_size=1)
+    whole = {p.id: (p.chosen, p.rejected) for p in read_pairs(tmp_path / "a" / "out")}
+    resumed = {p.id: (p.chosen, p.rejected) for p in read_pairs(tmp_path / "b" / "out")}
+    assert len(whole) == 8 and resumed == whole
+    assert len({c for c, _ in whole.values()}) > 1
+
+
+def test_stage1_and_stage2_defaults_follow_the_paper(monkeypatch, tmp_path) -> None:  # noqa: ANN001
+    """STIC (yihedeng9/STIC @993734e): generate_pref.py max_new_tokens 1024, temperature 0.2, 20-px image as is;
+    scripts/dpo_finetune.sh lr 1e-7, LoRA r128/alpha256, cosine, warmup_ratio 0.03, 1 epoch, 8 pairs per step."""
+    import mmalign.engine
+    from mmalign.pairs import write_pairs
+    from vision.stic import stic_dpo_config, train_stic_dpo
+
+    cfg = STICConfig()
+    assert (cfg.max_new_tokens, cfg.temperature, cfg.lowres_size, cfg.lowres_restore) == (1024, 0.2, 20, False)
+    assert cfg.score_rejected_on == "clean" and cfg.top_k == 50 and cfg.top_p is None
+    recipe = stic_dpo_config(6000)
+    assert (recipe.loss, recipe.loss_kwargs, recipe.sft_weight, recipe.sft_normaliser) == ("dpo", {"beta": 0.1}, 1.0, 1024.0)
+    assert (recipe.learning_rate, recipe.lora_r, recipe.lora_alpha, recipe.lr_scheduler) == (1e-7, 128, 256.0, "cosine")
+    assert (recipe.batch_size, recipe.max_steps, recipe.num_epochs) == (8, 0, 1)
+    assert recipe.warmup_steps == 23  # ceil(0.03 * 6000 / 8)
+    assert stic_dpo_config(6000, num_processes=4).batch_size == 2
+
+    (tmp_path / "media").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "media" / "a.png")
+    write_pairs(tmp_path, [PreferencePair(f"p{i}", "q", "a", "b", ["media/a.png"], ["media/a.png"]) for i in range(80)])
+    seen = {}
+    monkeypatch.setattr(mmalign.engine, "train", lambda model, adapter, data, config: seen.setdefault("cfg", config))
+    model, processor = _tiny_llava()
+    train_stic_dpo(model, processor, tmp_path)
+    assert seen["cfg"].learning_rate == 1e-7 and seen["cfg"].lora_r == 128 and seen["cfg"].warmup_steps == 1
+
+
+def _tiny_llava():  # noqa: ANN202
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmalign.tiny import cached_tiny
+
+    path = cached_tiny("llava")
+    return AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True), AutoProcessor.from_pretrained(path)
 
 
 def test_stage1_resume_after_crash_no_duplicate_or_missing(llava, tmp_path) -> None:  # noqa: ANN001

@@ -23,6 +23,23 @@ def test_yaml_configs_parse(name: str) -> None:
     assert cfg.trust_remote_code is False
     if "stic" in name:
         assert cfg.train.sft_weight == 1.0 and cfg.train.sft_normaliser == 1024.0
+        # STIC scripts/dpo_finetune.sh (yihedeng9/STIC @993734e): lr 1e-7, LoRA r128/alpha256, cosine, warmup 0.03
+        assert (cfg.train.learning_rate, cfg.train.lora_r, cfg.train.lora_alpha) == (1e-7, 128, 256.0)
+        assert cfg.train.lr_scheduler == "cosine" and cfg.warmup_ratio == 0.03 and cfg.lora_scope == "language"
+
+
+def test_warmup_ratio_sets_warmup_steps() -> None:
+    from mmalign.engine import TrainConfig
+    from vision.train import apply_warmup_ratio
+
+    train = TrainConfig(batch_size=8, max_steps=0, num_epochs=1, trackers=[])
+    assert apply_warmup_ratio(train, 6000, 0.03).warmup_steps == 23  # ceil(0.03 * 750)
+    assert apply_warmup_ratio(train, 6000, 0.03, num_processes=4).warmup_steps == 6  # ceil(0.03 * 187)
+    assert apply_warmup_ratio(TrainConfig(max_steps=100, trackers=[]), 10, 0.03).warmup_steps == 3
+    with pytest.raises(ValueError, match="not both"):
+        VLMTrainConfig(model="m", data="d", warmup_ratio=0.03, train=TrainConfig(warmup_steps=5, trackers=[]))
+    with pytest.raises(ValueError, match="lora_scope"):
+        VLMTrainConfig(model="m", data="d", lora_scope="vision")
 
 
 def test_config_validation_and_safe_defaults() -> None:

@@ -5,12 +5,19 @@
    (:data:`mmalign.prompts.STIC_DESCRIBE_PROMPT`, temperature 0.2). Dispreferred, 50/50
    (:func:`mmalign.prompts.stic_negative_plan`): a hallucination prompt on the clean image, or a
    plain describe prompt on a *corrupted* image (``stic_lowres`` or ``stic_color_jitter``, 50/50).
-   The corrupted image is saved into the dataset as the pair's ``rejected_media`` and its corruption
-   (name, parameters, seed) recorded in ``meta["stic"]["corruption"]``: the released STIC code never
-   applied the corruption (the flag was not passed); here the model is shown exactly the saved
-   corrupted pixels, and a test checks it.
+   The corrupted image only *generates* the dispreferred description: both sides of the pair are
+   scored on the clean image (``chosen_media == rejected_media``), as official STIC trains (one clean
+   image per batch, ``batch['images']`` for both sides in ``stic/dpo_trainer.py``, yihedeng9/STIC
+   @993734e); the rule lives in :func:`mmalign.corruptions.hacked_negative`. The corrupted image is
+   saved into the dataset and recorded in ``meta["stic"]["corruption"]`` (name, parameters, seed,
+   ``media``: its path, ``scored_on``). ``STICConfig.score_rejected_on="corrupted"`` scores the
+   rejected side on the corrupted image instead (an ablation, not the paper's form). The released
+   STIC code never applied the corruption (the flag was not passed); here the model is shown exactly
+   the saved corrupted pixels, and a test checks it. The low-res image is the 20-px image itself
+   (``lowres_restore=False``), handed to the processor as official STIC does (``T.Resize(size=20)``
+   on the PIL image); the processor upsamples it.
 2. :func:`train_stic_dpo`: DPO (beta 0.1) plus the chosen-NLL term ``-log pi(y_c) / 1024`` through
-   :func:`mmalign.engine.train`.
+   :func:`mmalign.engine.train`, with the paper's recipe by default (:func:`stic_dpo_config`).
 3. :func:`build_description_infused_set` prepends the model's own description to instruction data
    (``"Image description:\\n{desc}\\n\\n{instruction}"``); :func:`train_description_infused` runs the
    SFT through the engine.
@@ -18,8 +25,13 @@
 Stage 1 details:
 
 * Pair ids are ``"stic/<image path relative to the image folder>"``; the plan (branch, prompts,
-  corruption seed) is a function of ``(seed, image id)`` only, so it does not depend on batching,
-  sharding or resumption.
+  corruption seed) and the sampling seeds of both descriptions (:func:`vision.generate.record_seed`
+  of ``(seed, image id, side)``) are functions of ``(seed, image id)`` only, so the pairs do not
+  depend on batching, sharding or resumption: a run killed inside a batch and resumed writes the
+  same texts as an uninterrupted one.
+* Generation follows official STIC's ``generate_pref.py``: temperature 0.2, ``max_new_tokens`` 1024
+  (the step-by-step descriptions run long; 256 cut them), no nucleus cut, and transformers' default
+  ``top_k=50`` (STIC passes none).
 * Resumable: each process appends to its own shard ``out_dir/shards/rankNNNNN/pairs.jsonl`` through
   :class:`mmalign.pairs.PairWriter` (one crash-safe line per pair, media written before the line).
   On start, the ids in *all* shards count as done, so a re-run after a crash (with any number of
@@ -45,8 +57,9 @@ from typing import Any
 import torch
 
 from mmalign.config import help_
+from mmalign.corruptions import REJECTED_SCORED_ON
 from mmalign.prompts import DESCRIBE_PROMPTS, STIC_DESCRIBE_PROMPT, description_infused, stic_negative_plan
-from vision.generate import GenerationSettings, generate_responses
+from vision.generate import GenerationSettings, generate_responses, record_seed
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -55,6 +68,7 @@ __all__ = [
     "build_description_infused_set",
     "build_stic_pairs",
     "merge_shards",
+    "stic_dpo_config",
     "train_description_infused",
     "train_stic_dpo",
 ]
@@ -68,14 +82,28 @@ class STICConfig:
 
     image_dir: str = field(default="", metadata=help_("folder of unlabeled images (searched recursively)"))
     out_dir: str = field(default="", metadata=help_("pair dataset folder to create or resume"))
-    max_new_tokens: int = field(default=256, metadata=help_("tokens per generated description"))
+    max_new_tokens: int = field(default=1024, metadata=help_("tokens per generated description (STIC: 1024)"))
     temperature: float = field(default=0.2, metadata=help_("sampling temperature (STIC: 0.2)"))
+    top_k: int | None = field(
+        default=50, metadata=help_("sampling top-k (STIC passes none: transformers' default 50); 0 = off")
+    )
+    top_p: float | None = field(default=None, metadata=help_("sampling top-p (STIC: None, no nucleus cut)"))
     batch_size: int = field(default=8, metadata=help_("images per generate() call"))
     seed: int = field(default=0, metadata=help_("seed of plans, corruptions and sampling"))
     pair_prompt: str | None = field(
         default=None, metadata=help_("prompt stored in the pairs (None: a plain describe prompt per image)")
     )
     lowres_size: int = field(default=20, metadata=help_("stic_lowres: shorter side of the low-res image"))
+    lowres_restore: bool = field(
+        default=False,
+        metadata=help_("resize the low-res image back to its size before the processor (STIC: no, the "
+                       "20-px image goes to the processor as is)"),
+    )
+    score_rejected_on: str = field(
+        default="clean",
+        metadata=help_("clean (STIC: both sides scored on the clean image) | corrupted (ablation: the rejected "
+                       "side on the corrupted image that produced it)"),
+    )
     non_rgb: str = field(default="convert", metadata=help_("convert | skip non-RGB images"))
     limit: int | None = field(default=None, metadata=help_("use only the first N images (sorted)"))
     system_prompt: str | None = field(default=None, metadata=help_("system message for generation"))
@@ -89,6 +117,10 @@ class STICConfig:
             raise ValueError(f"STICConfig.temperature must be >= 0, got {self.temperature}")
         if self.lowres_size < 1:
             raise ValueError(f"STICConfig.lowres_size must be >= 1, got {self.lowres_size}")
+        if self.score_rejected_on not in REJECTED_SCORED_ON:
+            raise ValueError(
+                f"STICConfig.score_rejected_on must be one of {REJECTED_SCORED_ON}, got {self.score_rejected_on!r}"
+            )
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"STICConfig.limit must be >= 1 or None, got {self.limit}")
 
@@ -125,6 +157,7 @@ def _media_name(image_id: str) -> str:
 
 
 def _int_seed(*parts: Any) -> int:
+    """56-bit seed of the plan and the corruption (kept as before: existing datasets resume with the same plans)."""
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:7], "big")
 
 
@@ -175,7 +208,7 @@ def build_stic_pairs(
     Returns:
         A :class:`STICReport` (pairs written now, already done, skipped with reasons, converted).
     """
-    from mmalign.corruptions import apply_corruption, describe, pil_to_tensor, tensor_to_pil
+    from mmalign.corruptions import apply_corruption, describe, hacked_negative, pil_to_tensor, tensor_to_pil
     from mmalign.pairs import PairWriter, PreferencePair, load_image
 
     image_dir, out_dir = Path(config.image_dir), Path(config.out_dir)
@@ -187,13 +220,8 @@ def build_stic_pairs(
     done = _done_ids(out_dir)
     shard_dir = out_dir / "shards" / f"rank{rank:05d}"
     settings = GenerationSettings(
-        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-        batch_size=config.batch_size, seed=config.seed,
-    )
-    # independent sampling noise for the rejected side (same seed would correlate the two samples)
-    rejected_settings = GenerationSettings(
-        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-        batch_size=config.batch_size, seed=_int_seed(config.seed, "rejected") % (2**31),
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
+        top_p=config.top_p, batch_size=config.batch_size, seed=config.seed,
     )
 
     todo: list[tuple[str, Path]] = []
@@ -236,7 +264,9 @@ def build_stic_pairs(
                     if plan.corruption == "stic_lowres" and min(clean.size) <= config.lowres_size:
                         report.skip(f"image smaller than stic_lowres size {config.lowres_size}", str(path))
                         continue
-                    kwargs = {"size": config.lowres_size} if plan.corruption == "stic_lowres" else {}
+                    kwargs: dict[str, Any] = {}
+                    if plan.corruption == "stic_lowres":
+                        kwargs = {"size": config.lowres_size, "restore": config.lowres_restore}
                     seed = _int_seed(config.seed, image_id, plan.corruption)
                     generator = torch.Generator().manual_seed(seed)
                     corrupted = apply_corruption(plan.corruption, pil_to_tensor(clean), generator=generator, **kwargs)
@@ -246,24 +276,30 @@ def build_stic_pairs(
                 items.append(item)
             if not items:
                 continue
+            # one seed per record and side: the texts do not depend on batching or resumption
             chosen = generate_fn(
                 model, processor, [STIC_DESCRIBE_PROMPT] * len(items), [[it["clean"]] for it in items],
                 settings, system_prompt=config.system_prompt,
+                seeds=[record_seed(config.seed, it["id"], "chosen") for it in items],
             )
             rejected = generate_fn(
                 model, processor, [it["plan"].prompt for it in items], [[it["rejected_image"]] for it in items],
-                rejected_settings, system_prompt=config.system_prompt,
+                settings, system_prompt=config.system_prompt,
+                seeds=[record_seed(config.seed, it["id"], "rejected") for it in items],
             )
             for it, chosen_text, rejected_text in zip(items, chosen, rejected, strict=True):
                 name = _media_name(it["id"])
                 shard_rel = f"shards/rank{rank:05d}/"
                 clean_rel = writer.add_media(it["clean"], f"media/{name}.png", overwrite=True)
-                rejected_rel = clean_rel
+                rejected_media, corruption = [clean_rel], None
                 if it["corruption"] is not None:
-                    rejected_rel = writer.add_media(
+                    corrupted_rel = writer.add_media(
                         it["rejected_image"], f"media/{name}-{it['corruption']['name']}.png", overwrite=True
                     )
-                if chosen_text == rejected_text and rejected_rel == clean_rel:
+                    rejected_media, corruption = hacked_negative(
+                        [clean_rel], [corrupted_rel], it["corruption"], scored_on=config.score_rejected_on
+                    )
+                if chosen_text == rejected_text and rejected_media == [clean_rel]:
                     report.skip("identical chosen and rejected description", str(it["path"]))
                     continue
                 meta = {
@@ -272,7 +308,7 @@ def build_stic_pairs(
                         "branch": "hallucination" if it["corruption"] is None else "corruption",
                         "chosen_prompt": STIC_DESCRIBE_PROMPT,
                         "rejected_prompt": it["plan"].prompt,
-                        "corruption": it["corruption"],
+                        "corruption": corruption,
                         "notes": it["notes"],
                         "shard": shard_rel.rstrip("/"),
                     }
@@ -280,7 +316,7 @@ def build_stic_pairs(
                 writer.write(
                     PreferencePair(
                         id=f"stic/{it['id']}", prompt=it["prompt"], chosen=chosen_text, rejected=rejected_text,
-                        chosen_media=[clean_rel], rejected_media=[rejected_rel], meta=meta,
+                        chosen_media=[clean_rel], rejected_media=rejected_media, meta=meta,
                     )
                 )
                 report.written += 1
@@ -296,7 +332,8 @@ def build_stic_pairs(
 def merge_shards(out_dir: str | Path, *, order: Sequence[str] | None = None) -> int:
     """Merge ``out_dir/shards/*/pairs.jsonl`` into ``out_dir/pairs.jsonl`` (atomic); return the pair count.
 
-    Media paths are rewritten relative to ``out_dir`` (``shards/rankNNNNN/media/...``). A duplicate id
+    Media paths (also the corrupted image in ``meta["stic"]["corruption"]["media"]``) are rewritten
+    relative to ``out_dir`` (``shards/rankNNNNN/media/...``). A duplicate id
     across shards keeps the first; ``order`` (pair ids) sorts the output, others go last by id.
     """
     from mmalign.pairs import PreferencePair, read_pairs, write_pairs
@@ -313,11 +350,38 @@ def merge_shards(out_dir: str | Path, *, order: Sequence[str] | None = None) -> 
             data = pair.to_dict()
             data["chosen_media"] = [f"{prefix}/{m}" for m in pair.chosen_media]
             data["rejected_media"] = [f"{prefix}/{m}" for m in pair.rejected_media]
+            corruption = (data.get("meta") or {}).get("stic", {}).get("corruption")
+            if corruption and corruption.get("media"):
+                corruption["media"] = [f"{prefix}/{m}" for m in corruption["media"]]
             merged[pair.id] = PreferencePair.from_dict(data)
     rank_of = {pid: i for i, pid in enumerate(order or [])}
     pairs = sorted(merged.values(), key=lambda p: (rank_of.get(p.id, len(rank_of)), p.id))
     write_pairs(out_dir, pairs, overwrite=True)
     return len(pairs)
+
+
+def stic_dpo_config(n_pairs: int, *, num_processes: int = 1, **overrides: Any) -> Any:
+    """STIC stage 2's recipe as a :class:`mmalign.engine.TrainConfig` for a dataset of ``n_pairs``.
+
+    From the paper and ``scripts/dpo_finetune.sh`` (yihedeng9/STIC @993734e): DPO with beta 0.1 plus
+    the chosen NLL divided by 1024 (``sft_weight=1``, ``sft_normaliser=1024``), LoRA r=128,
+    alpha=256 (language-model linear layers: the adapter's default targets, as LLaVA's
+    ``find_all_linear_names`` skips the vision tower and projector), lr 1e-7, cosine schedule after a
+    linear warmup over 3% of the steps (``warmup_ratio 0.03``, rounded up as transformers does),
+    1 epoch, 8 pairs per optimizer step (1 per device x 2 accumulation x 4 GPUs there; here
+    ``batch_size=8`` split over ``num_processes``). ``overrides`` replace fields (e.g. ``output_dir``).
+    """
+    from mmalign.engine import TrainConfig
+    from vision.train import apply_warmup_ratio
+
+    per_process = max(1, 8 // num_processes)
+    fields: dict[str, Any] = {
+        "loss": "dpo", "loss_kwargs": {"beta": 0.1}, "sft_weight": 1.0, "sft_normaliser": 1024.0,
+        "lora_r": 128, "lora_alpha": 256.0, "learning_rate": 1e-7, "lr_scheduler": "cosine",
+        "batch_size": per_process, "max_steps": 0, "num_epochs": 1,
+    }
+    fields.update(overrides)
+    return apply_warmup_ratio(TrainConfig(**fields), n_pairs, 0.03, num_processes=num_processes)
 
 
 def train_stic_dpo(
@@ -330,19 +394,22 @@ def train_stic_dpo(
 ) -> Any:
     """STIC stage 2: DPO (beta 0.1) + ``sft_weight * (-log pi(y_c) / 1024)`` through the engine.
 
-    ``config`` is a :class:`mmalign.engine.TrainConfig`; ``None`` gives STIC's objective with the
-    engine's other defaults (loss ``"dpo"``, ``loss_kwargs={"beta": 0.1}``, ``sft_weight=1.0``,
-    ``sft_normaliser=1024``). Returns the engine's ``TrainResult``.
+    ``config`` is a :class:`mmalign.engine.TrainConfig`; ``None`` gives the paper's recipe
+    (:func:`stic_dpo_config`: lr 1e-7, LoRA r128/alpha 256, cosine, 3% warmup, 1 epoch, batch 8).
+    Returns the engine's ``TrainResult``.
     """
-    from mmalign.engine import TrainConfig, train
+    from mmalign.engine import train
     from mmalign.pairs import PairDataset
     from vision.adapter import VLMAdapter
 
+    dataset = PairDataset(pairs_dir)
     if config is None:
-        config = TrainConfig(loss="dpo", loss_kwargs={"beta": 0.1}, sft_weight=1.0, sft_normaliser=1024.0)
+        from accelerate import PartialState
+
+        config = stic_dpo_config(len(dataset), num_processes=PartialState().num_processes)
     adapter = VLMAdapter(processor, media_root=pairs_dir, **(adapter_kwargs or {}))
     adapter.check_model(model)
-    return train(model, adapter, PairDataset(pairs_dir), config)
+    return train(model, adapter, dataset, config)
 
 
 def build_description_infused_set(

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 from mmalign.config import help_
 from mmalign.engine import TrainConfig
 
-__all__ = ["VLMTrainConfig", "load_vlm", "run"]
+__all__ = ["VLMTrainConfig", "apply_warmup_ratio", "load_vlm", "run"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,6 +37,16 @@ class VLMTrainConfig:
     truncation: str = field(default="response", metadata=help_("response (cut the response) | drop (drop the pair)"))
     share_image_encoding: bool = field(default=True, metadata=help_("encode a pair's shared image once"))
     system_prompt: str | None = field(default=None, metadata=help_("system message for every prompt"))
+    lora_scope: str = field(
+        default="language",
+        metadata=help_("LoRA targets when train.lora_target_modules is unset: language (the language model's "
+                       "linear layers) | language+projector | all (every linear layer but lm_head)"),
+    )
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata=help_("linear warmup over this fraction of the optimizer steps (rounded up; sets "
+                       "train.warmup_steps from the dataset size, e.g. 0.03 as STIC and POVID)"),
+    )
     train: TrainConfig = field(default_factory=TrainConfig, metadata=help_("engine settings"))
 
     def __post_init__(self) -> None:
@@ -48,6 +60,32 @@ class VLMTrainConfig:
             raise ValueError(f"VLMTrainConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.truncation not in ("response", "drop"):
             raise ValueError(f"VLMTrainConfig.truncation must be 'response' or 'drop', got {self.truncation!r}")
+        from vision.adapter import LORA_SCOPES
+
+        if self.lora_scope not in LORA_SCOPES:
+            raise ValueError(f"VLMTrainConfig.lora_scope must be one of {sorted(LORA_SCOPES)}, got {self.lora_scope!r}")
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"VLMTrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            if self.train.warmup_steps:
+                raise ValueError("give warmup_ratio or train.warmup_steps, not both")
+
+
+def apply_warmup_ratio(train: TrainConfig, n_pairs: int, ratio: float, *, num_processes: int = 1) -> TrainConfig:
+    """``train`` with ``warmup_steps = ceil(ratio * total optimizer steps)`` (transformers' ``warmup_ratio``).
+
+    The total is the engine's: ``max_steps`` when set, else ``(n_pairs // (batch_size * num_processes))
+    // grad_accum * num_epochs`` (at least 1). Example: 6000 pairs, batch 8, 1 epoch: 750 steps, 23
+    warmup steps at ratio 0.03.
+    """
+    if not 0 <= ratio < 1:
+        raise ValueError(f"warmup ratio must be in [0, 1), got {ratio}")
+    if train.max_steps:
+        total = train.max_steps
+    else:
+        per_epoch = (n_pairs // (train.batch_size * num_processes)) // train.grad_accum
+        total = max(1, per_epoch * train.num_epochs)
+    return dataclasses.replace(train, warmup_steps=math.ceil(ratio * total))
 
 
 def load_vlm(
@@ -66,7 +104,7 @@ def load_vlm(
 def run(config: VLMTrainConfig) -> Any:
     """Train ``config.model`` on ``config.data`` with the engine; returns its ``TrainResult``."""
     from mmalign.engine import train
-    from mmalign.pairs import PairDataset, from_trl
+    from mmalign.pairs import PairDataset, check_media, from_trl
     from vision.adapter import VLMAdapter
 
     data = Path(config.data)
@@ -79,12 +117,20 @@ def run(config: VLMTrainConfig) -> Any:
     adapter = VLMAdapter(
         processor, media_root=data, max_length=config.max_length, truncation=config.truncation,
         share_image_encoding=config.share_image_encoding, system_prompt=config.system_prompt,
+        lora_scope=config.lora_scope,
     )
     adapter.check_model(model)
     dataset = PairDataset(data)
+    check_media(dataset, progress=config.train.progress)  # every image decodes, before any step
     kept, dropped = adapter.filter_pairs(dataset.pairs)
     if dropped:
         print(f"vision.train: dropped {sum(dropped.values())} of {len(dataset)} pairs: {dict(dropped)}")
     if not kept:
         raise ValueError(f"no pair of {data} fits max_length={config.max_length}")
-    return train(model, adapter, PairDataset(kept, root=data), config.train)
+    train_config = config.train
+    if config.warmup_ratio is not None:
+        from accelerate import PartialState
+
+        train_config = apply_warmup_ratio(train_config, len(kept), config.warmup_ratio,
+                                          num_processes=PartialState().num_processes)
+    return train(model, adapter, PairDataset(kept, root=data), train_config)
