@@ -9,7 +9,10 @@ A *pair dataset* is a folder::
 The same columns may instead live in ``pairs.parquet`` (``meta`` stored as a JSON string) or in
 an HF ``datasets`` folder ``pairs_hf/`` (``save_to_disk`` layout; needs the ``datasets`` extra).
 Media paths never leave the folder: absolute paths, ``..`` components, backslashes and symlinks
-resolving outside the folder are rejected with an error naming file, line and field.
+resolving outside the folder (or looping) are rejected with an error naming file, line and field.
+Readers check by default only that media files exist; :func:`check_media` decodes every file once
+(in a thread pool) and names file, pair id, line and field of each bad one: training commands call
+it before the first step.
 
 Labels. ``label`` is the probability that ``chosen`` is preferred: ``1.0`` for an ordinary pair,
 ``0.5`` for a tie (kept only on request), ``0.0`` for a pair stored the wrong way round. Readers
@@ -44,6 +47,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +63,7 @@ __all__ = [
     "PAIRS_PARQUET",
     "PAIRS_HF",
     "VALID_LABELS",
+    "MAX_PIXELS",
     "PairFormatError",
     "MediaError",
     "SkippedRow",
@@ -67,6 +72,8 @@ __all__ = [
     "check_rel_path",
     "resolve_media",
     "load_image",
+    "check_media",
+    "MediaCheckReport",
     "add_media",
     "PairWriter",
     "write_pairs",
@@ -92,6 +99,10 @@ PAIRS_JSONL = "pairs.jsonl"
 PAIRS_PARQUET = "pairs.parquet"
 PAIRS_HF = "pairs_hf"
 VALID_LABELS: tuple[float, ...] = (0.0, 0.5, 1.0)
+# The largest image (width x height) the loader decodes: 2**27 = 134,217,728 pixels, e.g.
+# 11,585 x 11,585 or 16,384 x 8,192 (a 10,000 x 10,000 photo passes). Between PIL's decompression-
+# bomb warning (89.5 M pixels) and its error (179 M); a decoded RGB image at the cap is 384 MiB.
+MAX_PIXELS = 1 << 27
 
 _REQUIRED = ("id", "prompt", "chosen", "rejected")
 _OPTIONAL = ("chosen_media", "rejected_media", "chosen_caption", "rejected_caption", "label", "meta")
@@ -228,7 +239,12 @@ def resolve_media(folder: str | os.PathLike[str], rel: str, *, follow_symlinks: 
     root = Path(folder).resolve()
     path = root / norm
     if not follow_symlinks:
-        real = path.resolve()
+        try:
+            real = path.resolve()
+        except RuntimeError as exc:  # Python < 3.13 raises RuntimeError for a loop
+            raise PairFormatError(f"media path {rel!r} is a symlink loop ({exc})") from exc
+        except OSError as exc:  # ELOOP on newer Pythons, EACCES, ...
+            raise PairFormatError(f"cannot resolve media path {rel!r} (a symlink loop?): {exc}") from exc
         if not real.is_relative_to(root):
             raise PairFormatError(
                 f"media path {rel!r} resolves to {str(real)!r}, outside the dataset folder {str(root)!r} "
@@ -279,16 +295,58 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+class _StrictDecoding:
+    """Decode with ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` off, safely across threads.
+
+    The flag is a PIL global: it is switched off while any decode of ours runs and restored by
+    the last one to finish, so concurrent loads (a thread pool) never see it flip mid-decode.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._saved = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._active == 0:
+                self._saved = ImageFile.LOAD_TRUNCATED_IMAGES
+                ImageFile.LOAD_TRUNCATED_IMAGES = False
+            self._active += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = self._saved
+
+
+_STRICT = _StrictDecoding()
+
+
 def load_image(
-    path: str | os.PathLike[str] | bytes | io.IOBase, *, notes: list[str] | None = None
+    path: str | os.PathLike[str] | bytes | io.IOBase,
+    *,
+    notes: list[str] | None = None,
+    min_side: int | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> Image.Image:
     """Open, ``verify`` and fully decode an image; return it as RGB.
 
-    Raises :class:`MediaError` (naming the file) for a missing, unreadable, truncated or corrupt
-    image; truncation is never tolerated, whatever ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` says
-    elsewhere. Non-RGB images are converted (alpha composited on white, 16-bit scaled to 8-bit)
-    and a note such as ``"converted grayscale (L) to RGB"`` is appended to ``notes`` and stored in
-    ``image.info["mmalign_note"]``. EXIF orientation is applied (what a rater saw), also noted.
+    Raises :class:`MediaError` (naming the file) for a missing, unreadable, empty, truncated or
+    corrupt image, or one over ``max_pixels`` (width x height, checked on the header before any
+    decoding; default :data:`MAX_PIXELS`); truncation is never tolerated, whatever
+    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` says elsewhere. Non-RGB images are converted (alpha
+    composited on white, 16-bit scaled to 8-bit) and a note such as ``"converted grayscale (L) to
+    RGB"`` is appended to ``notes`` and stored in ``image.info["mmalign_note"]``. EXIF orientation
+    is applied (what a rater saw), also noted.
+
+    ``min_side``: the shortest side the caller needs (e.g. the training resolution). The image may
+    then come back smaller, never with its shorter side below ``min_side`` (nor upscaled): a JPEG
+    is decoded at a reduced DCT scale (``Image.draft``: 1/2, 1/4 or 1/8, much faster and smaller
+    than a full decode), other formats are decoded in full and shrunk by an integer factor
+    (``Image.reduce``, a box filter). The full oriented size is kept in
+    ``image.info["mmalign_original_size"]`` (width, height) either way.
     """
     name = "<bytes>" if isinstance(path, bytes | bytearray | memoryview | io.IOBase) else str(path)
     if isinstance(path, bytes | bytearray | memoryview):
@@ -302,17 +360,31 @@ def load_image(
             raise MediaError(f"cannot read image {name!r}: {exc}") from exc
     if not data:
         raise MediaError(f"image {name!r} is empty (0 bytes)")
-    saved = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    if min_side is not None and min_side < 1:
+        raise ValueError(f"min_side must be a positive number of pixels, got {min_side}")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            probe.verify()
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        with _STRICT:
+            with Image.open(io.BytesIO(data)) as probe:
+                probe.verify()
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise MediaError(
+                    f"image {name!r} is {width}x{height} = {width * height:,} pixels, over the limit "
+                    f"max_pixels={max_pixels:,}; downscale it, or raise max_pixels"
+                )
+            if min_side is not None and img.format == "JPEG":
+                img.draft(None, (min_side, min_side))
+            img.load()
+    except MediaError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise MediaError(
+            f"image {name!r} is over the pixel limit max_pixels={max_pixels:,} and PIL's "
+            f"decompression-bomb limit: {exc}"
+        ) from exc
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise MediaError(f"cannot decode image {name!r} (unreadable or truncated): {exc}") from exc
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = saved
     added: list[str] = []
     orientation = img.getexif().get(0x0112)  # EXIF Orientation tag
     if orientation not in (None, 1):
@@ -320,10 +392,16 @@ def load_image(
         if transposed is not None:
             img = transposed
             added.append(f"applied EXIF orientation {orientation}")
+    original = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     note = _image_note(img.mode)
     if note is not None:
         added.append(note)
         img = _to_rgb(img)
+    if min_side is not None:
+        factor = min(img.size) // min_side
+        if factor >= 2:
+            img = img.reduce(factor)  # after the RGB conversion: reducing palette indices is meaningless
+    img.info["mmalign_original_size"] = original
     if added:
         img.info["mmalign_note"] = "; ".join(added)
         if notes is not None:
@@ -510,6 +588,7 @@ class PreferencePair:
                 "chosen and rejected are identical (same text, media and caption)", field="rejected"
             )
         self._root: Path | None = None
+        self._origin: tuple[str, int, str] | None = None
 
     # -- dataset folder ------------------------------------------------------------------------
     @property
@@ -521,6 +600,11 @@ class PreferencePair:
         """Set :attr:`root` in place and return ``self``."""
         self._root = None if root is None else Path(root)
         return self
+
+    @property
+    def origin(self) -> tuple[str, int, str] | None:
+        """Where a reader found this pair: (file, 1-based line or row, ``"line"``/``"row"``), else ``None``."""
+        return self._origin
 
     def media_paths(self, *, follow_symlinks: bool = False) -> tuple[list[Path], list[Path]]:
         """Absolute paths of (chosen_media, rejected_media); needs :attr:`root`."""
@@ -588,6 +672,7 @@ class PreferencePair:
             label=1.0,
             meta=meta,
         )
+        out._origin = self._origin
         return out.with_root(self._root)
 
 
@@ -653,23 +738,45 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | PairForma
             yield lineno, PairFormatError(reason, source=source, line=lineno)
 
 
+def _media_fields(pair: PreferencePair) -> Iterator[tuple[str, str]]:
+    """(field name such as ``"chosen_media[0]"``, relative path) for each media item of a pair."""
+    for side in ("chosen_media", "rejected_media"):
+        for i, rel in enumerate(getattr(pair, side)):
+            yield f"{side}[{i}]", rel
+
+
+def _decode_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
+    """Why ``path`` is not a usable image (unreadable, corrupt, truncated, too large), or ``None``.
+
+    The check decodes the whole file: a JPEG at its smallest DCT scale (every coded block is still
+    read, so truncation and corrupt entropy data are found), other formats in full.
+    """
+    try:
+        load_image(path, min_side=8, max_pixels=max_pixels)
+    except MediaError as exc:
+        return str(exc)
+    except (OSError, RuntimeError) as exc:  # anything the file system says past load_image's read
+        return f"cannot read image {str(path)!r}: {exc}"
+    return None
+
+
 def _check_pair_media(pair: PreferencePair, root: Path | None, check_media: CheckMedia) -> None:
     if check_media == "none" or root is None:
         return
-    for side in ("chosen_media", "rejected_media"):
-        for i, rel in enumerate(getattr(pair, side)):
-            name = f"{side}[{i}]"
-            try:
-                path = resolve_media(root, rel)
-            except PairFormatError as exc:
-                raise PairFormatError(exc.reason, field=name) from exc
-            if not path.is_file():
-                raise PairFormatError(f"media file {rel!r} not found in {str(root)!r}", field=name)
-            if check_media == "decode":
-                try:
-                    load_image(path)
-                except MediaError as exc:
-                    raise PairFormatError(str(exc), field=name) from exc
+    for name, rel in _media_fields(pair):
+        try:
+            path = resolve_media(root, rel)
+            exists = path.is_file()
+        except PairFormatError as exc:
+            raise PairFormatError(exc.reason, field=name) from exc
+        except OSError as exc:  # e.g. permission denied on a parent folder
+            raise PairFormatError(f"cannot access media file {rel!r}: {exc}", field=name) from exc
+        if not exists:
+            raise PairFormatError(f"media file {rel!r} not found in {str(root)!r}", field=name)
+        if check_media == "decode":
+            problem = _decode_problem(path)
+            if problem is not None:
+                raise PairFormatError(problem, field=name)
 
 
 def _collect_pairs(
@@ -705,6 +812,7 @@ def _collect_pairs(
             continue
         seen[pair.id] = lineno
         pair.with_root(root)
+        pair._origin = (source, lineno, unit)
         pairs.append(pair.oriented() if orient else pair)
     return pairs, skipped
 
@@ -1259,6 +1367,121 @@ class PairDataset(Dataset):
     def load_images(self, index: int) -> tuple[list[Image.Image], list[Image.Image]]:
         """Chosen and rejected media of item ``index`` as RGB PIL images."""
         return self.pairs[index].load_images()
+
+
+# ----------------------------------------------------------------------------------------------
+# the media check before training
+
+
+@dataclass
+class MediaCheckReport:
+    """What :func:`check_media` found: the ``pairs`` whose media all decode, the ``skipped`` ones
+    (with ``skip_bad=True``) and the number of distinct media ``files`` decoded."""
+
+    pairs: list[PreferencePair]
+    skipped: list[SkippedRow]
+    files: int
+
+    @property
+    def bad(self) -> int:
+        return len(self.skipped)
+
+    def __str__(self) -> str:
+        return (
+            f"media check: {self.files} files in {len(self.pairs) + self.bad} pairs -> "
+            f"kept {len(self.pairs)}, bad {self.bad}"
+        )
+
+
+def check_media(
+    dataset: PairDataset | str | os.PathLike[str] | Iterable[PreferencePair],
+    *,
+    root: str | os.PathLike[str] | None = None,
+    skip_bad: bool = False,
+    max_pixels: int = MAX_PIXELS,
+    workers: int | None = None,
+    progress: bool = True,
+    follow_symlinks: bool = False,
+) -> MediaCheckReport:
+    """Decode every media file of a pair dataset once, before training, and name each bad one.
+
+    ``dataset``: a :class:`PairDataset`, a dataset folder, or pairs (resolved against ``root``,
+    else each pair's :attr:`PreferencePair.root`). Each distinct file is opened, verified and
+    decoded (:func:`load_image`; a JPEG at its smallest DCT scale) in a pool of ``workers``
+    threads (default: the CPU count, at most 8) behind a ``tqdm`` bar (``progress``). A file is
+    bad when it is missing, empty, not an image, corrupt, truncated, larger than ``max_pixels``,
+    a symlink loop or unreadable.
+
+    A bad file raises :class:`PairFormatError` for the first pair (in dataset order) that uses
+    it, naming the pairs file, line (``"<pairs>"`` and the item number for pairs built in
+    memory), field, pair id and media file, and counting the other bad files. With
+    ``skip_bad=True`` the pairs using bad files are left out and listed in the report instead; a
+    :class:`PairDataset` passed in is filtered in place (``pairs``, ``skipped``).
+    """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    if isinstance(dataset, PairDataset):
+        pairs = dataset.pairs
+        root = root if root is not None else dataset.root
+    elif isinstance(dataset, str | os.PathLike):
+        root = root if root is not None else dataset
+        pairs = read_pairs(dataset)
+    else:
+        pairs = list(dataset)
+    # (pair index, field order) -> (field, reason): the first problem of each pair
+    problems: dict[int, tuple[int, str, str]] = {}
+    users: dict[Path, list[tuple[int, int, str]]] = {}
+    for i, pair in enumerate(pairs):
+        folder = Path(root) if root is not None else pair.root
+        for k, (name, rel) in enumerate(_media_fields(pair)):
+            if folder is None:
+                raise ValueError(f"pair {pair.id!r} has media but no dataset folder: pass root=")
+            try:
+                path = resolve_media(folder, rel, follow_symlinks=follow_symlinks)
+            except PairFormatError as exc:
+                problems.setdefault(i, (k, name, exc.reason))
+                continue
+            users.setdefault(path, []).append((i, k, name))
+    bad_files = 0
+    n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    with (
+        ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool,
+        tqdm(total=len(users), desc="checking media", unit="file", disable=not progress) as bar,
+    ):
+        futures = {pool.submit(_decode_problem, path, max_pixels): path for path in users}
+        for future in as_completed(futures):
+            bar.update()
+            problem = future.result()
+            if problem is None:
+                continue
+            bad_files += 1
+            for i, k, name in users[futures[future]]:
+                if i not in problems or k < problems[i][0]:
+                    problems[i] = (k, name, problem)
+    kept: list[PreferencePair] = []
+    skipped: list[SkippedRow] = []
+    for i, pair in enumerate(pairs):
+        if i not in problems:
+            kept.append(pair)
+            continue
+        source, line, unit = pair.origin or ("<pairs>", i + 1, "item")
+        _, name, problem = problems[i]
+        row = SkippedRow(line, name, f"pair {pair.id!r}: {problem}", source, unit)
+        if not skip_bad:
+            others = len(problems) - 1
+            more = f" (and {others} more bad pair(s))" if others else ""
+            raise PairFormatError(
+                f"{row.reason}{more}; {bad_files} bad media file(s) in all: pass skip_bad=True to skip "
+                "the pairs that use them",
+                source=source, line=line, field=name, unit=unit,
+            )
+        skipped.append(row)
+    if isinstance(dataset, PairDataset):
+        dataset.pairs = kept
+        dataset.skipped.extend(skipped)
+    return MediaCheckReport(pairs=kept, skipped=skipped, files=len(users))
 
 
 # ----------------------------------------------------------------------------------------------
