@@ -314,7 +314,7 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
     from diffusion.adapter import DiffusionAdapter, denoiser, drop_ties, set_denoiser
     from diffusion.pso import OnlinePSO, few_step_scheduler, make_pso_pairs, sample_images
     from mmalign.engine import train
-    from mmalign.pairs import read_pairs
+    from mmalign.pairs import check_media, read_pairs
 
     if not config.data:
         raise ValueError("config.data: give the pair dataset folder (--data path)")
@@ -344,6 +344,7 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
             folder, 64, seed=config.train.seed, prefix="toy", size=config.resolution or 32)
     else:
         pairs = read_pairs(config.data)
+    check_media(pairs, progress=config.train.progress)  # every image decodes, before any step
     pairs, ties = drop_ties(pairs)
     if ties:
         logger.warning("dropped %d tied pair(s) (label 0.5) from %s", ties, config.data)
