@@ -27,30 +27,141 @@ def _img(seed: int) -> Image.Image:
     return Image.fromarray((np.random.default_rng(seed).random((40, 40, 3)) * 255).astype("uint8"))
 
 
-def test_povid_two_sets_with_weights(llava, tmp_path) -> None:  # noqa: ANN001
+def _rewriter():  # noqa: ANN202
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mmalign.tiny import cached_tiny
 
-    model, processor = llava
     lm_path = cached_tiny("causal_lm")
-    rewriter = AutoModelForCausalLM.from_pretrained(lm_path, use_safetensors=True)
+    return AutoModelForCausalLM.from_pretrained(lm_path, use_safetensors=True), AutoTokenizer.from_pretrained(lm_path)
+
+
+def test_povid_two_sets_with_weights_online_by_default(llava, tmp_path) -> None:  # noqa: ANN001
+    model, processor = llava
+    rewriter, tok = _rewriter()
     records = [POVIDRecord(f"r{i}", _img(i), "what is in the image", "a red cube on a table") for i in range(2)]
     settings = GenerationSettings(max_new_tokens=6, temperature=1.0)
-    report = build_povid_pairs(model, processor, records, tmp_path, rewriter=rewriter,
-                               rewriter_tokenizer=AutoTokenizer.from_pretrained(lm_path), settings=settings)
+    calls = []
+
+    def no_generation(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(args)
+        raise AssertionError("online image negatives generate nothing before training")
+
+    report = build_povid_pairs(model, processor, records, tmp_path, rewriter=rewriter, rewriter_tokenizer=tok,
+                               settings=settings, generate_fn=no_generation)
     pairs = {p.id: p for p in read_pairs(tmp_path)}
-    assert report.written == {"text": 2, "image": 2} and len(pairs) == 4
+    assert report.written == {"text": 2, "image": 2} and len(pairs) == 4 and not calls
     # weight 2 * 0.5 per pair: the engine's mean over both sets is 0.5 * mean_text + 0.5 * mean_image
     assert {p.meta["weight"] for p in pairs.values()} == {1.0}
     image_pair = pairs["r0/image"]
-    noisy = np.asarray(Image.open(tmp_path / image_pair.meta["povid"]["noisy_image"])).astype(float)
+    corruption = image_pair.meta["povid"]["corruption"]
+    assert image_pair.meta["povid"]["negative"] == "online"
+    assert image_pair.meta["online_negative"] == {"method": "argmax", "media": corruption["media"]}
+    assert image_pair.rejected == "" and image_pair.rejected_media == image_pair.chosen_media  # clean logits score
+    noisy = np.asarray(Image.open(tmp_path / corruption["media"][0])).astype(float)
     clean = np.asarray(Image.open(tmp_path / image_pair.chosen_media[0])).astype(float)
-    assert np.abs(noisy - clean).mean() > 10  # t=500 noise: std ~0.25 of the range before clamping
-    assert image_pair.meta["povid"]["corruption"]["params"]["t"] == 500
-    assert image_pair.rejected_media == image_pair.chosen_media  # scored on the clean image by default
+    assert np.abs(noisy - clean).mean() > 10
+    assert corruption["params"]["t"] == 500 and corruption["params"]["signed"] is False  # POVID's [0, 1] form
     with pytest.raises(ValueError, match="weights"):
         build_povid_pairs(model, processor, records, tmp_path / "x", text_weight=0, image_weight=0)
+    with pytest.raises(ValueError, match="clean-image logits"):
+        build_povid_pairs(model, processor, records, tmp_path / "x", text_weight=0, score_rejected_on="corrupted")
+
+
+def test_povid_offline_image_negatives_are_a_named_option(llava, tmp_path) -> None:  # noqa: ANN001
+    model, processor = llava
+    records = [POVIDRecord(f"r{i}", _img(i), "what is in the image", "a red cube on a table") for i in range(2)]
+    report = build_povid_pairs(model, processor, records, tmp_path, text_weight=0, image_negatives="offline",
+                               settings=GenerationSettings(max_new_tokens=6, temperature=1.0))
+    pairs = read_pairs(tmp_path)
+    assert report.written["image"] + len(report.skipped.get("image: empty or identical negative", [])) == 2
+    for pair in pairs:
+        assert pair.meta["povid"]["negative"] == "offline" and "online_negative" not in pair.meta
+        assert pair.rejected and pair.rejected_media == pair.chosen_media  # generated on noise, scored on clean
+    with pytest.raises(ValueError, match="image_negatives"):
+        build_povid_pairs(model, processor, records, tmp_path / "x", image_negatives="cached")
+
+
+def _online_pair_folder(root, n: int = 2):  # noqa: ANN001, ANN202
+    from mmalign.corruptions import corrupt_pil
+    from mmalign.pairs import PreferencePair, write_pairs
+    from vision.adapter import online_negative
+
+    (root / "media").mkdir(parents=True)
+    pairs = []
+    for i in range(n):
+        _img(i).save(root / "media" / f"{i}.png")
+        corrupt_pil(_img(i), "povid_noise", seed=i).save(root / "media" / f"{i}-noisy.png")
+        pairs.append(PreferencePair(f"o{i}", "what is in the image", "a red cube on a table" if i else "yes",
+                                    "", [f"media/{i}.png"], [f"media/{i}.png"],
+                                    meta={"online_negative": online_negative([f"media/{i}-noisy.png"])}))
+    pairs.append(PreferencePair("t", "what is in the image", "a cube", "a dog", ["media/0.png"], ["media/0.png"]))
+    write_pairs(root, pairs)
+    return read_pairs(root)
+
+
+def _brute_online(model, processor, pair, root) -> float:  # noqa: ANN001
+    """Official POVID, one pair at a time: logits of the chosen tokens with the noisy image -> argmax per
+    position -> log-softmax of the clean-image logits at those tokens, summed (YiyangZhou/POVID @92c7c67
+    tool/dpo_trainer_inherent.py, _get_noisy_batch_logps)."""
+    from vision.adapter import render_prompt
+
+    response = processor.tokenizer(pair.chosen, add_special_tokens=False)["input_ids"] + [processor.tokenizer.eos_token_id]
+    logits = {}
+    for side, media in (("clean", pair.chosen_media[0]), ("noisy", pair.meta["online_negative"]["media"][0])):
+        out = processor(text=[render_prompt(processor, pair.prompt, 1)], images=[[Image.open(root / media).convert("RGB")]],
+                        return_tensors="pt")
+        ids = torch.cat([out["input_ids"], torch.tensor([response])], dim=1)
+        with torch.no_grad():
+            logits[side] = model(input_ids=ids, pixel_values=out["pixel_values"]).logits[0]
+    n = len(response)
+    top = logits["noisy"][-n - 1 : -1].argmax(-1)
+    return float(logits["clean"][-n - 1 : -1].log_softmax(-1).gather(-1, top[:, None]).sum())
+
+
+def test_online_negative_matches_the_official_computation(llava, tmp_path) -> None:  # noqa: ANN001
+    """VLMAdapter scores an online pair's rejected side as POVID does, with each model's own argmax."""
+    import copy
+
+    from vision.adapter import VLMAdapter
+
+    model, processor = llava
+    pairs = _online_pair_folder(tmp_path)
+    adapter = VLMAdapter(processor, media_root=tmp_path)
+    batch = adapter.collate(pairs)
+    assert batch["online_rejected"].tolist() == [True, True, False]
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for m in (model, reference):
+        with torch.no_grad():
+            out = adapter.logps(m, batch)
+        for i in range(2):
+            assert float(out.rejected[i]) == pytest.approx(_brute_online(m, processor, pairs[i], tmp_path), abs=1e-4)
+        assert int(out.rejected_tokens[1]) == int(out.chosen_tokens[1])
+    # the gradient flows through the clean-image logits only
+    model.zero_grad()
+    adapter.logps(model, batch).rejected[:2].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.zero_grad()
+
+
+def test_online_pairs_train_through_the_engine(llava, tmp_path) -> None:  # noqa: ANN001
+    import copy
+
+    from mmalign.engine import TrainConfig, train
+    from mmalign.pairs import PairDataset
+    from vision.adapter import VLMAdapter
+
+    model, processor = llava
+    _online_pair_folder(tmp_path / "data", n=4)
+    for reference in ("frozen", "precomputed"):
+        config = TrainConfig(output_dir=str(tmp_path / reference), max_steps=2, batch_size=2, learning_rate=1e-3,
+                             reference=reference, trackers=[], progress=False, plot=False)
+        result = train(copy.deepcopy(model), VLMAdapter(processor, media_root=tmp_path / "data"),
+                       PairDataset(tmp_path / "data"), config)
+        assert result.global_step == 2 and all(np.isfinite(m["loss"]) for m in result.metrics)
 
 
 def test_scl_keeps_only_flips(llava, tmp_path) -> None:  # noqa: ANN001
@@ -81,3 +192,58 @@ def test_scl_real_generation_runs(llava, tmp_path) -> None:  # noqa: ANN001
     report = build_scl_pairs(model, processor, records, lambda rec, ans: len(ans) % 2 == 0, tmp_path,
                              settings=GenerationSettings(max_new_tokens=3, temperature=1.0))
     assert sum(report.counts.values()) == 1
+
+
+def test_povid_recipe_yaml_is_the_official_two_stages() -> None:
+    """YiyangZhou/POVID @92c7c67 scripts/run_dpo.sh (stage 1: 3 epochs) and scripts/run_povid.sh (stage 2: 1
+    epoch): beta 0.1 (DPOTrainer default), LoRA r128/alpha256, lr 1e-7, cosine, warmup_ratio 0.03, batch 1."""
+    from pathlib import Path
+
+    from mmalign.config import load_config
+    from vision.povid import POVIDRecipeConfig
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "configs" / "llava15_povid_recipe.yaml"
+    cfg = load_config(POVIDRecipeConfig, ["--config", str(path)])
+    for stage, epochs in ((cfg.stage1, 3), (cfg.stage2, 1)):
+        assert (stage.loss, stage.loss_kwargs, stage.num_epochs, stage.max_steps) == ("dpo", {"beta": 0.1}, epochs, 0)
+        assert (stage.lora_r, stage.lora_alpha, stage.learning_rate, stage.lr_scheduler) == (128, 256.0, 1e-7, "cosine")
+    assert cfg.warmup_ratio == 0.03 and cfg.lora_scope == "language"
+    assert cfg.stage1.output_dir.endswith("stage1") and cfg.stage2.output_dir.endswith("stage2")
+
+
+def test_povid_recipe_runs_both_stages(llava, tmp_path) -> None:  # noqa: ANN001
+    """Stage 1 trains on the text pairs only (3 epochs), merges its LoRA; stage 2 starts from the merged weights
+    and trains on every pair (1 epoch)."""
+    from mmalign.engine import TrainConfig
+    from mmalign.tiny import cached_tiny
+    from vision.povid import POVIDRecipeConfig, run_povid_recipe
+
+    model, processor = llava
+    records = [POVIDRecord(f"r{i}", _img(i), "what is in the image", "a red cube on a table") for i in range(2)]
+    rewriter, tok = _rewriter()
+    build_povid_pairs(model, processor, records, tmp_path / "data", rewriter=rewriter, rewriter_tokenizer=tok,
+                      settings=GenerationSettings(max_new_tokens=6, temperature=1.0))
+    n_text = sum(p.meta["povid"]["kind"] == "text" for p in read_pairs(tmp_path / "data"))
+
+    def stage(epochs: int) -> TrainConfig:
+        return TrainConfig(lora_r=4, lora_alpha=8.0, learning_rate=1e-3, lr_scheduler="cosine", batch_size=1,
+                           max_steps=0, num_epochs=epochs, trackers=[], progress=False, plot=False)
+
+    cfg = POVIDRecipeConfig(model=str(cached_tiny("llava")), data=str(tmp_path / "data"),
+                            output_dir=str(tmp_path / "run"), stage1=stage(3), stage2=stage(1))
+    stage1, stage2 = run_povid_recipe(cfg)
+    assert stage1.global_step == 3 * n_text and stage2.global_step == len(read_pairs(tmp_path / "data"))
+    import yaml
+
+    for name in ("stage1", "stage2"):  # warmup ceil(0.03 * steps) = 1 step, cosine after it
+        saved = yaml.safe_load((tmp_path / "run" / name / "config.yaml").read_text())
+        assert saved["warmup_steps"] == 1 and saved["lr_scheduler"] == "cosine"
+    from transformers import AutoModelForImageTextToText
+
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "stage1_merged", use_safetensors=True)
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    before, after = dict(model.named_parameters())[name], dict(merged.named_parameters())[name]
+    assert not torch.equal(before, after)  # stage 1's LoRA is merged into the weights stage 2 starts from
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    base = dict(stage2.model.get_base_model().named_parameters())[name.replace(".weight", ".base_layer.weight")]
+    assert torch.equal(base, after)  # stage 2's frozen base (its lora_disabled reference) is the merged model

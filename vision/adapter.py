@@ -18,6 +18,16 @@ What it does that TRL's VLM DPO does not:
   an over-long pair has its *response* cut (``truncation="response"``) or is dropped
   (``truncation="drop"``); a pair whose prompt alone does not fit is always dropped. Drops are counted
   by reason in :attr:`VLMAdapter.dropped`.
+* **Online negatives** (POVID's image negatives, computed on every step as the official code does).
+  A pair whose ``meta`` holds :data:`ONLINE_NEGATIVE` (``{"method": "argmax", "media": [...]}``, made
+  with :func:`online_negative`) has no rejected text: its rejected row is the *chosen* answer shown
+  with the hacked media (the noisy image); in :meth:`VLMAdapter.logps` the top token of that row's
+  logits at each answer position is taken (no gradient) and scored with the chosen row's clean-image
+  log-softmax, so ``rejected = sum_t log p(argmax_v p(v | noisy, y_<t) | clean, y_<t)``. The policy
+  and the reference each do this with their own logits, because the engine calls ``logps`` for both
+  (YiyangZhou/POVID @92c7c67 ``tool/dpo_trainer_inherent.py``: ``_get_noisy_batch_logps`` on the
+  noisy-image logits of the chosen tokens, gathered from the clean-image chosen logits). The engine
+  needs no change for it.
 * **Clear errors** when the chat template has no image slot, when the processor's image token is not
   the model's, and when the number of image tokens differs from the number of image features.
 
@@ -45,11 +55,13 @@ from mmalign.logprobs import sequence_logps
 
 __all__ = [
     "LORA_SCOPES",
+    "ONLINE_NEGATIVE",
     "PER_IMAGE_KEYS",
     "PER_TOKEN_KEYS",
     "Media",
     "VLMAdapter",
     "image_token_of",
+    "online_negative",
     "render_prompt",
     "user_message",
 ]
@@ -83,6 +95,33 @@ LORA_SCOPES: dict[str, str] = {
     "language+projector": f"(?:{_LANGUAGE_LINEARS})|(?:{_PROJECTOR_LINEARS})",
     "all": "all-linear",
 }
+
+
+#: Pair ``meta`` key marking an online negative (see the module docstring and :func:`online_negative`).
+ONLINE_NEGATIVE = "online_negative"
+
+
+def online_negative(media: Sequence[Media], method: str = "argmax") -> dict[str, Any]:
+    """The ``meta[ONLINE_NEGATIVE]`` record of a pair whose rejected side is computed each step.
+
+    ``media``: the hacked media (dataset-relative paths) the argmax tokens are read from; the pair's
+    ``rejected_media`` stays the clean media they are scored on, its ``rejected`` text empty.
+    ``method``: ``"argmax"`` (POVID's), the only one so far.
+    """
+    if method != "argmax":
+        raise ValueError(f"online_negative: unknown method {method!r} (known: 'argmax')")
+    if not media:
+        raise ValueError("online_negative: needs the hacked media the negative is read from")
+    return {"method": method, "media": [str(m) for m in media]}
+
+
+def _online_media(pair: Any) -> list[Any] | None:
+    record = (pair.meta or {}).get(ONLINE_NEGATIVE)
+    if record is None:
+        return None
+    if not isinstance(record, dict) or record.get("method") != "argmax" or not record.get("media"):
+        raise ValueError(f"pair {pair.id!r}: meta[{ONLINE_NEGATIVE!r}] must be online_negative(media), got {record!r}")
+    return list(record["media"])
 
 
 def image_token_of(processor: Any) -> tuple[str, int]:
@@ -205,7 +244,9 @@ class VLMAdapter:
         ``image_inputs``: the processor's image tensors for the ``U`` units; ``row_units``: ``(2B,)``
         unit of each row; ``unit_image_tokens``: ``(U,)``; ``row_image_index``: per-image index of each
         row's images, in row order; ``weight``: ``(B,)`` from ``pair.meta["weight"]`` (default 1.0);
-        ``ids``: pair ids; and any of :data:`PER_TOKEN_KEYS` the processor returns, ``(2B, T)``.
+        ``ids``: pair ids; ``online_rejected``: ``(B,)`` bool, the pairs with an online negative (their
+        rejected row holds the chosen answer on the hacked media); and any of :data:`PER_TOKEN_KEYS`
+        the processor returns, ``(2B, T)``.
     """
 
     processor: Any
@@ -293,6 +334,9 @@ class VLMAdapter:
     def _units_for(self, pair: Any) -> tuple[_Unit, _Unit]:
         chosen_media = list(pair.chosen_media or [])
         rejected_media = list(pair.rejected_media or []) or chosen_media  # empty rejected = same images
+        online = _online_media(pair)
+        if online is not None:  # the rejected row shows the hacked media (scored on the clean row's logits)
+            rejected_media = online
         chosen_text = render_prompt(
             self.processor, pair.prompt, len(chosen_media),
             system_prompt=self.system_prompt, prompt_template=self.prompt_template,
@@ -367,6 +411,13 @@ class VLMAdapter:
         kept: list[tuple[Any, int, int, list[int], list[int]]] = []
         for pair, (cu, ru) in zip(pairs, unit_pairs, strict=True):
             chosen_ids, rejected_ids, reason = self._fit(pair, len(unit_ids[cu]), len(unit_ids[ru]))
+            if reason is None and _online_media(pair) is not None:
+                # the rejected row holds the chosen answer; both rows keep the tokens that fit in both
+                room = None if self.max_length is None else self.max_length - len(unit_ids[ru])
+                chosen_ids = chosen_ids[:room] if room is not None else chosen_ids
+                rejected_ids = chosen_ids
+                if not chosen_ids:
+                    reason = "prompt_exceeds_max_length"
             if reason is not None:
                 self.dropped[reason] += 1
                 self.dropped_ids.append(str(pair.id))
@@ -422,6 +473,7 @@ class VLMAdapter:
             "row_image_index": torch.tensor(row_image_index, dtype=torch.long),
             "unit_image_tokens": torch.tensor([n_image_tokens[u] for u in used_units], dtype=torch.long),
             "weight": torch.tensor([float((p.meta or {}).get("weight", 1.0)) for p, *_ in kept]),
+            "online_rejected": torch.tensor([_online_media(p) is not None for p, *_ in kept], dtype=torch.bool),
             "ids": [str(p.id) for p, *_ in kept],
         }
 
@@ -564,12 +616,40 @@ class VLMAdapter:
             raise
         logps, n_tokens = sequence_logps(logits, batch["labels"])
         n_pairs = logps.shape[0] // 2
+        rejected = logps[n_pairs:]
+        online = batch.get("online_rejected")
+        if online is not None and bool(online.any()):
+            rejected = self._online_rejected(logits, batch["labels"], online.to(logits.device), rejected)
         return ChosenRejected(
             chosen=logps[:n_pairs],
-            rejected=logps[n_pairs:],
+            rejected=rejected,
             chosen_tokens=n_tokens[:n_pairs],
             rejected_tokens=n_tokens[n_pairs:],
         )
+
+    @staticmethod
+    def _online_rejected(
+        logits: torch.Tensor, labels: torch.Tensor, online: torch.Tensor, rejected: torch.Tensor
+    ) -> torch.Tensor:
+        """Rejected values of the online pairs: the hacked row's top tokens scored by the clean chosen row.
+
+        For pair ``i`` (chosen row ``i``, hacked row ``B + i``, same answer tokens), at each answer
+        position the hacked row's argmax token (no gradient) becomes the label of the chosen row, and
+        :func:`~mmalign.logprobs.sequence_logps` on the chosen rows' logits gives
+        ``sum_t log p_clean(argmax_v p_hacked(v | y_<t) | y_<t)``, differentiable through the clean logits.
+        """
+        n_pairs = labels.shape[0] // 2
+        derived = torch.full_like(labels[:n_pairs], -100)
+        with torch.no_grad():
+            for i in online.nonzero().flatten().tolist():
+                chosen_pos = (labels[i, 1:] != -100).nonzero().flatten() + 1
+                hacked_pos = (labels[n_pairs + i, 1:] != -100).nonzero().flatten() + 1
+                if chosen_pos.numel() != hacked_pos.numel():
+                    raise ValueError(f"online negative of pair {i}: {chosen_pos.numel()} chosen tokens but "
+                                     f"{hacked_pos.numel()} on the hacked row")
+                derived[i, chosen_pos] = logits[n_pairs + i, hacked_pos - 1].argmax(-1)
+        values, _ = sequence_logps(logits[:n_pairs], derived)
+        return torch.where(online, values.to(rejected.dtype), rejected)
 
 
 def _unwrap(model: torch.nn.Module) -> Any:
