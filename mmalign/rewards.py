@@ -41,6 +41,7 @@ open_clip is imported lazily, only when an open_clip based reward is built.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -59,7 +60,10 @@ __all__ = [
     "AestheticHead",
     "CallableReward",
     "ClipScore",
+    "IMAGEREWARD_MEAN",
+    "IMAGEREWARD_STD",
     "HPSv2Like",
+    "ImageReward",
     "PickScoreLike",
     "Reward",
     "RewardTerms",
@@ -67,11 +71,16 @@ __all__ = [
     "load_open_clip",
     "mean_redness",
     "preprocess_images",
+    "RENO_WEIGHTS",
+    "reno_rewards",
     "reward_from_spec",
 ]
 
 OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+# ImageReward's normalisation of its raw head output (THUDM/ImageReward, ``ImageReward/ImageReward.py``)
+IMAGEREWARD_MEAN = 0.16717362830052426
+IMAGEREWARD_STD = 1.0333394966054072
 
 # File names open_clip itself looks for inside a model folder, in its order of preference.
 _OPEN_CLIP_WEIGHT_NAMES = (
@@ -429,21 +438,23 @@ class HPSv2Like(_TrainedClip):
 _HEAD_KEY = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)\.weight$")
 
 
-def _head_from_state_dict(state: dict[str, Tensor], path: Path, activation: str | None) -> nn.Sequential:
+def _head_from_state_dict(
+    state: dict[str, Tensor], path: Path, activation: str | None, who: str = "AestheticHead"
+) -> nn.Sequential:
     """A chain of Linear layers from ``{"<prefix><i>.weight", "<prefix><i>.bias"}`` (or one ``weight``/``bias``)."""
     if "weight" in state:
         linears = [(state["weight"], state.get("bias"))]
     else:
         indexed = sorted((int(m["index"]), m["prefix"] + m["index"]) for m in map(_HEAD_KEY.match, state) if m)
         if not indexed:
-            raise ValueError(f"AestheticHead: {path} has no '<i>.weight' or 'weight' tensors; keys: {sorted(state)[:8]}")
+            raise ValueError(f"{who}: {path} has no '<i>.weight' or 'weight' tensors; keys: {sorted(state)[:8]}")
         linears = [(state[f"{k}.weight"], state.get(f"{k}.bias")) for _, k in indexed]
     layers: list[nn.Module] = []
     for i, (w, b) in enumerate(linears):
         if w.ndim != 2:
-            raise ValueError(f"AestheticHead: {path}: layer {i} weight must be 2-D, got {tuple(w.shape)}")
+            raise ValueError(f"{who}: {path}: layer {i} weight must be 2-D, got {tuple(w.shape)}")
         if i > 0 and w.shape[1] != linears[i - 1][0].shape[0]:
-            raise ValueError(f"AestheticHead: {path}: layer {i} expects {w.shape[1]} inputs, previous gives "
+            raise ValueError(f"{who}: {path}: layer {i} expects {w.shape[1]} inputs, previous gives "
                              f"{linears[i - 1][0].shape[0]}")
         lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
         with torch.no_grad():
@@ -454,7 +465,7 @@ def _head_from_state_dict(state: dict[str, Tensor], path: Path, activation: str 
         if activation is not None and i < len(linears) - 1:
             layers.append({"relu": nn.ReLU(), "gelu": nn.GELU()}[activation])
     if linears[-1][0].shape[0] != 1:
-        raise ValueError(f"AestheticHead: {path}: last layer must output 1 value, got {linears[-1][0].shape[0]}")
+        raise ValueError(f"{who}: {path}: last layer must output 1 value, got {linears[-1][0].shape[0]}")
     return nn.Sequential(*layers)
 
 
@@ -510,6 +521,220 @@ class AestheticHead:
 
     def loss_from_score(self, score: Tensor) -> Tensor:
         return 10.0 - score
+
+    def loss(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return self.loss_from_score(self(images, prompts))
+
+
+# ImageReward release layout (BLIP's ViT, ``ImageReward/models/BLIP/vit.py``) -> transformers' BlipVisionModel
+_BLIP_VIT_KEYS = (
+    (re.compile(r"^cls_token$"), "embeddings.class_embedding"),
+    (re.compile(r"^pos_embed$"), "embeddings.position_embedding"),
+    (re.compile(r"^patch_embed\.proj\."), "embeddings.patch_embedding."),
+    (re.compile(r"^blocks\.(\d+)\.norm1\."), r"encoder.layers.\1.layer_norm1."),
+    (re.compile(r"^blocks\.(\d+)\.norm2\."), r"encoder.layers.\1.layer_norm2."),
+    (re.compile(r"^blocks\.(\d+)\.attn\.qkv\."), r"encoder.layers.\1.self_attn.qkv."),
+    (re.compile(r"^blocks\.(\d+)\.attn\.proj\."), r"encoder.layers.\1.self_attn.projection."),
+    (re.compile(r"^blocks\.(\d+)\.mlp\."), r"encoder.layers.\1.mlp."),
+    (re.compile(r"^norm\."), "post_layernorm."),
+)
+
+
+def _load_state_dict(path: Path, who: str) -> dict[str, Tensor]:
+    """Tensors of a safetensors file or a plain torch state dict (read with ``weights_only=True``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{who}: checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{who}: checkpoint {path} is empty")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # SafetensorError, UnpicklingError, RuntimeError, ...
+        raise ValueError(f"{who}: cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{who}: {path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _split_imagereward_state(
+    state: dict[str, Tensor], path: Path
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """The release's ``blip.visual_encoder.*``, ``blip.text_encoder.*`` and ``mlp.*`` tensors, the first renamed
+    for ``BlipVisionModel`` (BLIP's text encoder and transformers' ``BlipTextModel`` share their names)."""
+    vision: dict[str, Tensor] = {}
+    text: dict[str, Tensor] = {}
+    head: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("blip.visual_encoder."):
+            name = key[len("blip.visual_encoder."):]
+            for pattern, target in _BLIP_VIT_KEYS:
+                if pattern.search(name):
+                    vision[pattern.sub(target, name)] = value
+                    break
+        elif key.startswith("blip.text_encoder.") and not key.endswith("position_ids"):
+            text[key[len("blip.text_encoder."):]] = value
+        elif key.startswith("mlp."):
+            head[key[len("mlp."):]] = value
+    for part, what in ((vision, "blip.visual_encoder.*"), (text, "blip.text_encoder.*"), (head, "mlp.*")):
+        if not part:
+            raise ValueError(f"ImageReward: {path} has no {what} tensors; is it THUDM/ImageReward's ImageReward.pt? "
+                             f"keys: {sorted(state)[:6]}")
+    return vision, text, head
+
+
+class ImageReward:
+    """ImageReward (Xu et al., 2023; THUDM/ImageReward), differentiable, from local files.
+
+    Architecture (``ImageReward/ImageReward.py``, ``models/BLIP``): BLIP's ViT encodes the image
+    (224 px, CLIP normalisation; ViT-L/16 in the release: width 1024, 24 blocks, 16 heads); a BERT
+    text encoder (``med_config.json``: 768 wide, 12 layers) reads the prompt (``bert-base-uncased``
+    WordPiece, padded to 35 tokens, ``[CLS]`` first) and cross-attends to all image tokens in every
+    layer; an MLP without nonlinearities (768 -> 1024 -> 128 -> 64 -> 16 -> 1) maps the ``[CLS]``
+    output to a raw reward, normalised by ``mean = 0.16717362830052426`` and
+    ``std = 1.0333394966054072``. Built here on transformers' ``BlipVisionModel`` and
+    ``BlipTextModel`` (the same modules under other names), loaded from the release's weights.
+
+    score = ``(mlp(h_cls) - mean) / std``; loss = ``2 - score`` (ReNO's ImageReward term, weight 1,
+    from ReNO's ``rewards/imagereward.py``).
+
+    Files, looked up in the folder ``source`` unless given one by one:
+
+    * ``checkpoint``: ``ImageReward.pt`` (the release's plain state dict, read with
+      ``weights_only=True``; keys ``blip.visual_encoder.*``, ``blip.text_encoder.*``, ``mlp.layers.*``),
+      or a ``.safetensors`` file with the same keys;
+    * ``med_config``: ``med_config.json``, the BERT config the release ships beside it;
+    * ``tokenizer``: a folder with ``vocab.txt``, ``bert-base-uncased``'s vocabulary (BLIP adds
+      ``[DEC]`` and ``[ENC]`` after it, ids 30522 and 30523, which prompts never produce).
+
+    The ViT's shape comes from the checkpoint (width, depth, patch and image size); its head count is
+    not stored, so it is ``width // 64`` (BLIP's ViT-B and ViT-L both use 64-wide heads) unless
+    ``vision_heads`` is given. A missing file raises ``FileNotFoundError`` naming the expected path.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | None = None,
+        *,
+        checkpoint: str | os.PathLike[str] | None = None,
+        med_config: str | os.PathLike[str] | None = None,
+        tokenizer: str | os.PathLike[str] | None = None,
+        vision_heads: int | None = None,
+        max_length: int = 35,
+        weight: float = 1.0,
+        name: str = "imagereward",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        from transformers import (
+            BertTokenizer,
+            BlipTextConfig,
+            BlipTextModel,
+            BlipVisionConfig,
+            BlipVisionModel,
+        )
+
+        who = "ImageReward"
+        folder = Path(source) if source is not None else None
+        if folder is not None and not folder.is_dir():
+            raise FileNotFoundError(f"{who}: folder not found: {folder} (expected ImageReward.pt, med_config.json "
+                                    "and vocab.txt in it)")
+
+        def find(given: str | os.PathLike[str] | None, names: tuple[str, ...], what: str) -> Path:
+            if given is not None:
+                path = Path(given)
+                if not path.exists():
+                    raise FileNotFoundError(f"{who}: {what} not found: {path}")
+                return path
+            if folder is None:
+                raise ValueError(f"{who}: give the release folder (source=) or {what}=")
+            for n in names:
+                if (folder / n).exists():
+                    return folder / n
+            raise FileNotFoundError(f"{who}: {what} not found: expected {folder / names[0]}")
+
+        ckpt = find(checkpoint, ("ImageReward.pt", "ImageReward.safetensors"), "checkpoint")
+        config_path = find(med_config, ("med_config.json",), "med_config")
+        vocab_dir = find(tokenizer, ("vocab.txt",), "tokenizer")
+        vocab_dir = vocab_dir.parent if vocab_dir.is_file() else vocab_dir
+        if not (vocab_dir / "vocab.txt").is_file():
+            raise FileNotFoundError(f"{who}: tokenizer vocabulary not found: expected {vocab_dir / 'vocab.txt'}")
+        try:
+            med = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{who}: {config_path} is not a JSON config: {exc}") from exc
+
+        vision_sd, text_sd, head_sd = _split_imagereward_state(_load_state_dict(ckpt, who), ckpt)
+        width = int(vision_sd["embeddings.class_embedding"].shape[-1])
+        patch = int(vision_sd["embeddings.patch_embedding.weight"].shape[-1])
+        grid = math.isqrt(int(vision_sd["embeddings.position_embedding"].shape[1]) - 1)
+        depth = 1 + max(int(k.split(".")[2]) for k in vision_sd if k.startswith("encoder.layers."))
+        vision_cfg = BlipVisionConfig(
+            hidden_size=width, intermediate_size=int(vision_sd["encoder.layers.0.mlp.fc1.weight"].shape[0]),
+            num_hidden_layers=depth, num_attention_heads=vision_heads or max(1, width // 64),
+            image_size=grid * patch, patch_size=patch, hidden_act="gelu", layer_norm_eps=1e-6,
+            attention_dropout=0.0)
+        text_cfg = BlipTextConfig(
+            vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], encoder_hidden_size=width,
+            intermediate_size=med["intermediate_size"], num_hidden_layers=med["num_hidden_layers"],
+            num_attention_heads=med["num_attention_heads"],
+            max_position_embeddings=med.get("max_position_embeddings", 512),
+            hidden_act=med.get("hidden_act", "gelu"), layer_norm_eps=med.get("layer_norm_eps", 1e-12),
+            pad_token_id=med.get("pad_token_id", 0), bos_token_id=None, eos_token_id=None, sep_token_id=None,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, is_decoder=True)  # is_decoder builds the cross-attention layers; forward runs them bidirectionally
+        self.vision = BlipVisionModel(vision_cfg)
+        self.text = BlipTextModel(text_cfg, add_pooling_layer=False)
+        for module, sd, what in ((self.vision, vision_sd, "vision"), (self.text, text_sd, "text")):
+            result = module.load_state_dict(sd, strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise ValueError(f"{who}: {ckpt} does not fit the {what} encoder built from its shapes and "
+                                 f"{config_path.name}: missing {result.missing_keys[:5]}, "
+                                 f"unexpected {result.unexpected_keys[:5]}")
+        self.head = _head_from_state_dict(head_sd, ckpt, None, who)
+        for module in (self.vision, self.text, self.head):
+            module.to(device=device, dtype=dtype)
+            _freeze(module)
+        self.tokenizer = BertTokenizer.from_pretrained(str(vocab_dir))
+        self.max_length = int(max_length)
+        self.image_size = grid * patch
+        self.name = name
+        self.weight = float(weight)
+        self._tokens_key: tuple[str, ...] | None = None
+        self._tokens: tuple[Tensor, Tensor] | None = None
+
+    def tokens(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """``input_ids``, ``attention_mask`` ``(B, max_length)``; cached for the last prompt list."""
+        key = tuple(prompts)
+        if key != self._tokens_key or self._tokens is None:
+            device = next(self.text.parameters()).device
+            enc = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                                 return_tensors="pt")
+            self._tokens = (enc["input_ids"].to(device), enc["attention_mask"].to(device))
+            self._tokens_key = key
+        return self._tokens
+
+    def raw(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """The head's output before normalisation, ``(B,)``."""
+        prompts = _check_batch(images, prompts, "ImageReward")
+        p = next(self.vision.parameters())
+        pixels = preprocess_images(images.to(device=p.device, dtype=p.dtype), size=self.image_size)
+        image_embeds = self.vision(pixel_values=pixels).last_hidden_state
+        ids, mask = self.tokens(prompts)
+        ones = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        hidden = self.text(input_ids=ids, attention_mask=mask, encoder_hidden_states=image_embeds,
+                           encoder_attention_mask=ones, is_decoder=False).last_hidden_state[:, 0]
+        return self.head(hidden).squeeze(-1).float()
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return (self.raw(images, prompts) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+
+    def loss_from_score(self, score: Tensor) -> Tensor:
+        return 2.0 - score
 
     def loss(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         return self.loss_from_score(self(images, prompts))
@@ -628,8 +853,66 @@ def mean_redness(images: Tensor, prompts: Sequence[str]) -> Tensor:
     return (images[:, 0] - (images[:, 1] + images[:, 2]) / 2).mean((1, 2))
 
 
+RENO_WEIGHTS: dict[str, float] = {"hpsv2": 5.0, "imagereward": 1.0, "clip": 0.01, "pickscore": 0.05}
+
+
+def reno_rewards(
+    *,
+    hpsv2: str | os.PathLike[str] | None,
+    imagereward: str | os.PathLike[str] | None,
+    clip: str | os.PathLike[str] | None,
+    pickscore: str | os.PathLike[str] | None,
+    aesthetic: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
+    weights: dict[str, float] | None = None,
+    clip_arch: str = "ViT-H-14",
+    aesthetic_arch: str = "ViT-L-14",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> WeightedRewards:
+    """ReNO's default reward set in one call, from local weights (ExplainableML/ReNO, ``arguments.py``):
+    HPSv2.1 weight 5, ImageReward 1, CLIP 0.01, PickScore 0.05; aesthetic off.
+
+    Args:
+        hpsv2, clip, pickscore: an open_clip folder, or a weights file for ``clip_arch`` (ReNO uses
+            ViT-H-14 for all three: ``HPS_v2.1_compressed.pt``, CLIP ViT-H-14 laion2B, PickScore_v1).
+        imagereward: the ImageReward folder (see :class:`ImageReward`).
+        aesthetic: ``(head.safetensors, CLIP source for aesthetic_arch)``; ReNO ships it switched off
+            (weight 0), so it needs an explicit ``weights={"aesthetic": w}``.
+        weights: overrides of the weights by name (``hpsv2``, ``imagereward``, ``clip``, ``pickscore``,
+            ``aesthetic``).
+        A reward given ``None`` is left out (ReNO's ``--disable_*`` flags).
+
+    Raises:
+        ValueError: every reward left out, an unknown weight name, or aesthetic without a weight.
+        FileNotFoundError: a missing weights file or folder, named.
+    """
+    chosen = dict(RENO_WEIGHTS, **(weights or {}))
+    unknown = sorted(set(chosen) - {*RENO_WEIGHTS, "aesthetic"})
+    if unknown:
+        raise ValueError(f"reno_rewards: unknown reward names in weights: {unknown}; known: "
+                         f"{', '.join([*RENO_WEIGHTS, 'aesthetic'])}")
+    members: list[tuple[Reward, float]] = []
+    if hpsv2 is not None:
+        members.append((HPSv2Like(hpsv2, clip_arch, device=device, dtype=dtype), chosen["hpsv2"]))
+    if imagereward is not None:
+        members.append((ImageReward(imagereward, device=device, dtype=dtype), chosen["imagereward"]))
+    if clip is not None:
+        members.append((ClipScore(clip_arch, clip, device=device, dtype=dtype), chosen["clip"]))
+    if pickscore is not None:
+        members.append((PickScoreLike(pickscore, clip_arch, device=device, dtype=dtype), chosen["pickscore"]))
+    if aesthetic is not None:
+        if "aesthetic" not in chosen:
+            raise ValueError("reno_rewards: ReNO's aesthetic weight is 0 (off); give weights={'aesthetic': w}")
+        head, clip_source = aesthetic
+        members.append((AestheticHead(head, aesthetic_arch, clip_source, device=device, dtype=dtype),
+                        chosen["aesthetic"]))
+    if not members:
+        raise ValueError("reno_rewards: every reward is switched off; give at least one weights path")
+    return WeightedRewards(members)
+
+
 _NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
-_SPEC_NAMES = ("clip", "pickscore", "hpsv2", "aesthetic", "redness")
+_SPEC_NAMES = ("clip", "pickscore", "hpsv2", "imagereward", "aesthetic", "redness")
 
 
 def reward_from_spec(
@@ -638,7 +921,8 @@ def reward_from_spec(
     """Parse a command-line reward spec into ``(reward, weight)``.
 
     Forms: ``NAME[=SOURCE][:WEIGHT]`` with NAME one of ``clip=<open_clip folder or weights file>``,
-    ``pickscore=<...>``, ``hpsv2=<...>``, ``aesthetic=<head.safetensors>,<open_clip folder or file>``,
+    ``pickscore=<...>``, ``hpsv2=<...>``, ``imagereward=<folder with ImageReward.pt, med_config.json,
+    vocab.txt>``, ``aesthetic=<head.safetensors>,<open_clip folder or file>``,
     ``redness`` (:func:`mean_redness`). ``WEIGHT`` defaults to the reward's ReNO weight.
     ``model_name`` names the open_clip architecture when SOURCE is a bare weights file.
     Examples: ``clip=/models/clip:0.01``, ``hpsv2=/models/HPS_v2.1.safetensors:5``, ``redness:1``.
@@ -663,6 +947,8 @@ def reward_from_spec(
         reward = PickScoreLike(source, model_name or "ViT-H-14", device=device)
     elif name == "hpsv2":
         reward = HPSv2Like(source, model_name or "ViT-H-14", device=device)
+    elif name == "imagereward":
+        reward = ImageReward(source, device=device)
     else:
         head_path, comma, clip_source = source.partition(",")
         if not comma:
