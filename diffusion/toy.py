@@ -4,7 +4,10 @@ Used by ``scripts/toy_diffusion.py`` (the evidence run), ``scripts/demo.py`` and
 
 1. ``brightness_pairs``: 32x32 smooth random patterns; in each pair the chosen image is brighter
    than the rejected one by 0.2-0.3 (mean pixel brightness about 0.6 chosen, 0.35 rejected).
-   Prompt "a photo"; per-side captions "a bright photo" / "a dark photo" (for DCPO).
+   Prompt "a photo"; per-side captions "a bright photo" / "a dark photo" (for DCPO). The folder is
+   complete or absent: it is written under a temporary name, fsynced, marked complete
+   (:data:`TOY_MARKER`, with the pair count and settings) and renamed into place, so a run killed
+   while writing leaves no half folder for the next run to train on; a complete folder is reused.
 2. ``pretrain_vae``: the tiny pipelines' VAEs (:mod:`mmalign.tiny`) are random, so decoded samples say
    nothing about brightness and a decode -> encode round trip nearly erases it. The VAE is first
    trained briefly as an autoencoder on both sides' images, and its latent ``scaling_factor`` (and,
@@ -18,6 +21,10 @@ Used by ``scripts/toy_diffusion.py`` (the evidence run), ``scripts/demo.py`` and
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,7 @@ from diffusion.adapter import DiffusionAdapter, denoiser, set_denoiser
 from mmalign.pairs import PairWriter, PreferencePair, read_pairs
 
 __all__ = [
+    "TOY_MARKER",
     "brightness_axis",
     "brightness_pairs",
     "brightness_score",
@@ -54,19 +62,91 @@ def pattern(rng: np.random.Generator, brightness: float, size: int = 32) -> np.n
     return (np.clip(brightness + smooth, 0, 1) * 255).astype(np.uint8)
 
 
-def brightness_pairs(folder: str | Path, n: int, *, seed: int, prefix: str, size: int = 32) -> list[PreferencePair]:
-    """Write ``n`` pairs (chosen brighter, ``size`` px) with their images into ``folder``; return them as read back."""
-    rng = np.random.default_rng(seed)
-    with PairWriter(folder, durable=False) as writer:
-        for i in range(n):
-            dark = rng.uniform(0.15, 0.55)
-            bright = dark + rng.uniform(0.2, 0.3)
-            c = writer.add_media(pattern(rng, bright, size), f"img/{prefix}{i}_c.png")
-            r = writer.add_media(pattern(rng, dark, size), f"img/{prefix}{i}_r.png")
-            writer.write(PreferencePair(id=f"{prefix}{i}", prompt="a photo", chosen="", rejected="",
-                                        chosen_media=[c], rejected_media=[r],
-                                        chosen_caption="a bright photo", rejected_caption="a dark photo"))
+#: file in a finished toy folder: ``{"pairs": n, "seed": ..., "prefix": ..., "size": ...}``
+TOY_MARKER = "TOY_COMPLETE.json"
+
+
+def brightness_pairs(folder: str | Path, n: int, *, seed: int, prefix: str, size: int = 32,
+                     replace: bool = False) -> list[PreferencePair]:
+    """Write ``n`` pairs (chosen brighter, ``size`` px) with their images into ``folder``; return them as read back.
+
+    Complete or absent: the pairs are written into a temporary sibling folder, every file is fsynced,
+    the :data:`TOY_MARKER` is written, and the folder is renamed to ``folder`` in one step; an
+    interruption leaves ``folder`` as it was (a stale temporary folder is removed by the next call).
+    A ``folder`` already holding a complete toy set with these settings (marker and ``n`` readable
+    pairs) is reused as it is. Any other existing ``folder`` (another toy set, or a partial one left
+    by a version without the marker) is a ``FileExistsError``, unless ``replace`` is set: then it is
+    deleted once the new set is complete (use only for folders this code owns).
+    """
+    folder = Path(folder)
+    settings = {"pairs": int(n), "seed": int(seed), "prefix": str(prefix), "size": int(size)}
+    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if folder.exists():
+        reusable = _complete_toy_pairs(folder, settings)
+        if reusable is not None:
+            return reusable
+        if not replace:
+            raise FileExistsError(
+                f"{folder} exists but is not a complete toy set with {settings} (no {TOY_MARKER}, other settings, "
+                "or missing pairs); delete it, pick another folder, or pass replace=True"
+            )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        rng = np.random.default_rng(seed)
+        with PairWriter(tmp, durable=False) as writer:
+            for i in range(n):
+                dark = rng.uniform(0.15, 0.55)
+                bright = dark + rng.uniform(0.2, 0.3)
+                c = writer.add_media(pattern(rng, bright, size), f"img/{prefix}{i}_c.png")
+                r = writer.add_media(pattern(rng, dark, size), f"img/{prefix}{i}_r.png")
+                writer.write(PreferencePair(id=f"{prefix}{i}", prompt="a photo", chosen="", rejected="",
+                                            chosen_media=[c], rejected_media=[r],
+                                            chosen_caption="a bright photo", rejected_caption="a dark photo"))
+        (tmp / TOY_MARKER).write_text(json.dumps(settings))
+        _fsync_tree(tmp)
+        if folder.exists():  # replace=True: the old folder goes only now that the new one is complete
+            old = folder.with_name(f".{folder.name}.tmp-old")
+            os.replace(folder, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return read_pairs(folder)
+
+
+def _complete_toy_pairs(folder: Path, settings: dict[str, Any]) -> list[PreferencePair] | None:
+    """The pairs of ``folder`` if it is a finished toy set written with ``settings``, else None."""
+    try:
+        if json.loads((folder / TOY_MARKER).read_text()) != settings:
+            return None
+        pairs = read_pairs(folder)
+    except (OSError, ValueError):
+        return None
+    return pairs if len(pairs) == settings["pairs"] else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (one pass at the end instead of one per write)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
 
 
 def widen_transformer(pipe: Any, inner_dim: int, *, seed: int = 0) -> torch.nn.Module:

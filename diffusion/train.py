@@ -339,9 +339,13 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
     if config.data == "toy:brightness":
         from diffusion.toy import brightness_pairs
 
+        # complete or absent, reused when complete; a partial folder (killed run) is replaced
         folder = Path(config.output_dir) / "toy_pairs"
-        pairs = read_pairs(folder) if (folder / "pairs.jsonl").is_file() else brightness_pairs(
-            folder, 64, seed=config.train.seed, prefix="toy", size=config.resolution or 32)
+        if state.is_main_process:
+            brightness_pairs(folder, 64, seed=config.train.seed, prefix="toy", size=config.resolution or 32,
+                             replace=True)
+        state.wait_for_everyone()
+        pairs = read_pairs(folder)
     else:
         pairs = read_pairs(config.data)
     check_media(pairs, progress=config.train.progress)  # every image decodes, before any step
