@@ -7,8 +7,12 @@
   (:func:`description_infused`).
 * POVID: an instruction asking a local language model to rewrite a correct answer with plausible
   hallucinations (:func:`hallucination_injection_prompt`).
-* SCL (self-correction): prompts asking the model to review its previous answer
-  (:data:`SELF_CORRECTION_REVIEW_PROMPTS`, :func:`self_correction_messages`).
+* SCL (self-correction learning; He et al. 2024, "Self-Correction is More than Refinement: A Learning
+  Framework for Language and Visual Reasoning Tasks", arXiv 2410.04055): four prompts asking the
+  model to review its previous answer (:data:`SELF_CORRECTION_REVIEW_PROMPTS`), and, as in the
+  official data construction (ivy3h/SCL @b3f15e1 ``SCL/data_construction.py``), a request for
+  step-by-step reasoning and an answer-format suffix after both the question and the review prompt
+  (:func:`scl_question`, :func:`self_correction_review_prompt`, :func:`self_correction_messages`).
 * PhysDPO meta-information hacking: misleading video titles that assert a physically wrong event
   (:func:`misleading_title`, :func:`with_title`).
 
@@ -27,6 +31,8 @@ __all__ = [
     "PHYSICS_VIOLATIONS",
     "POVID_INJECTION_TEMPLATE",
     "PROMPT_SETS",
+    "SCL_ANSWER_FORMAT",
+    "SCL_STEP_BY_STEP",
     "SELF_CORRECTION_REVIEW_PROMPTS",
     "STIC_DESCRIBE_PROMPT",
     "STIC_DESCRIPTION_INFUSED_TEMPLATE",
@@ -37,7 +43,9 @@ __all__ = [
     "hallucination_injection_prompt",
     "misleading_title",
     "sample_prompt",
+    "scl_question",
     "self_correction_messages",
+    "self_correction_review_prompt",
     "stic_negative_plan",
     "with_title",
 ]
@@ -121,17 +129,29 @@ POVID_INJECTION_TEMPLATE: str = (
 # ------------------------------------------------------------------------------------------- SCL
 
 SELF_CORRECTION_REVIEW_PROMPTS: tuple[str, ...] = (
-    "Review your previous answer and find any problems with it. Then give your corrected answer.",
-    "Look again at the image and check your last answer carefully. Point out anything that is wrong or "
-    "missing, then answer again.",
-    "Go back over your previous response: is every detail supported by what is actually shown? Identify "
-    "the mistakes and write an improved answer.",
-    "Please double-check your answer above against the image, list the problems you find, and provide a "
-    "corrected version.",
-    "Reconsider your previous answer step by step. Where is it inaccurate or incomplete? Give a revised "
-    "answer.",
+    "Review your previous answer and find the problems in it. Based on the problems you found, give an "
+    "improved answer.",
+    "Review your previous answer and check that every relevant part of the image was taken into account. "
+    "Did you miss any element or detail? Based on your review, give an improved answer.",
+    "Review how you understood the image as a whole. Did you read the overall context and the purpose of "
+    "the scene correctly? Based on your review, give an improved answer.",
+    "Review your answer and make sure your understanding of the image is complete and detailed. Is any part "
+    "of the scene left out or misread? Based on your review, give an improved answer.",
 )
-"""Second-turn prompts asking the model to critique and correct its first answer."""
+"""Second-turn prompts asking the model to critique and correct its first answer (SCL's four review
+intents: problems in the answer, missed details, overall context, completeness). Used through
+:func:`self_correction_review_prompt`, which appends :data:`SCL_STEP_BY_STEP` and the answer format."""
+
+SCL_STEP_BY_STEP: str = "Explain your reasoning step by step."
+"""Appended to the question and to the review prompt (SCL asks for step-by-step reasoning in both turns)."""
+
+SCL_ANSWER_FORMAT: str = (
+    "Put your final answer between two ##, like ## {example} ## (if your final answer is {example}), at the "
+    "end of your response."
+)
+"""Answer-format suffix of both turns; ``{example}`` is an answer of the task's kind (``A`` for lettered
+options, ``0`` for numbered ones, as SCL's ScienceQA). The answer is read back by
+:func:`vision.scl.extract_answer`."""
 
 # ------------------------------------------------------------------------------------- PhysDPO
 
@@ -262,17 +282,40 @@ def with_title(question: str, title: str) -> str:
     return VIDEO_TITLE_TEMPLATE.format(title=title.strip(), question=question.strip())
 
 
+def _scl_suffix(answer_example: str) -> str:
+    example = str(answer_example).strip()
+    if not example or "#" in example:
+        raise ValueError(f"answer_example must be a short answer without '#', got {answer_example!r}")
+    return f"{SCL_STEP_BY_STEP} {SCL_ANSWER_FORMAT.format(example=example)}"
+
+
+def scl_question(question: str, *, answer_example: str = "A") -> str:
+    """SCL first turn: ``"{question} Explain your reasoning step by step. Put your final answer between
+    two ##, like ## A ## ..."`` (the question already holds its options, if any)."""
+    question = question.strip()
+    if not question:
+        raise ValueError("scl_question: question is empty")
+    return f"{question} {_scl_suffix(answer_example)}"
+
+
+def self_correction_review_prompt(rng: random.Random | int, *, answer_example: str = "A") -> str:
+    """SCL second turn: one of :data:`SELF_CORRECTION_REVIEW_PROMPTS` (chosen with ``rng``), then the
+    step-by-step request and the answer-format suffix."""
+    return f"{sample_prompt('self_correction', rng)} {_scl_suffix(answer_example)}"
+
+
 def self_correction_messages(
-    question: str, answer: str, rng: random.Random | int
+    question: str, answer: str, rng: random.Random | int, *, answer_example: str = "A"
 ) -> list[dict[str, str]]:
     """SCL second turn, as chat messages: user question, assistant answer, user review prompt.
 
-    Returns ``[{"role": "user", "content": question}, {"role": "assistant", "content": answer},
-    {"role": "user", "content": <review prompt>}]`` (text only; the caller adds image entries in its
-    processor's chat format). The review prompt is chosen with ``rng``.
+    Returns ``[{"role": "user", "content": scl_question(question)}, {"role": "assistant", "content":
+    answer}, {"role": "user", "content": self_correction_review_prompt(rng)}]`` (text only; the caller
+    adds image entries in its processor's chat format). ``question`` is the bare question (with its
+    options); the reasoning request and the answer format are added here, to both user turns.
     """
     return [
-        {"role": "user", "content": question},
+        {"role": "user", "content": scl_question(question, answer_example=answer_example)},
         {"role": "assistant", "content": answer},
-        {"role": "user", "content": sample_prompt("self_correction", rng)},
+        {"role": "user", "content": self_correction_review_prompt(rng, answer_example=answer_example)},
     ]

@@ -133,9 +133,19 @@ def test_stic_negative_plan_names_real_corruptions() -> None:
 
 
 def test_self_correction_messages() -> None:
-    messages = P.self_correction_messages("How many cats?", "Three.", 1)
+    """SCL's structure (ivy3h/SCL @b3f15e1 SCL/data_construction.py): both user turns ask for step-by-step
+    reasoning and end with the answer-format suffix; four review intents."""
+    messages = P.self_correction_messages("How many cats? A. 1 B. 2", "Three.", 1)
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert messages[1]["content"] == "Three."
-    assert messages[2]["content"] in P.SELF_CORRECTION_REVIEW_PROMPTS
-    assert messages == P.self_correction_messages("How many cats?", "Three.", 1)
-    assert any("review your previous answer" in p.lower() for p in P.SELF_CORRECTION_REVIEW_PROMPTS)
+    suffix = "Explain your reasoning step by step. Put your final answer between two ##, like ## A ## (if your " \
+             "final answer is A), at the end of your response."
+    assert messages[0]["content"] == "How many cats? A. 1 B. 2 " + suffix == P.scl_question("How many cats? A. 1 B. 2")
+    review, _, tail = messages[2]["content"].partition(" Explain")
+    assert review in P.SELF_CORRECTION_REVIEW_PROMPTS and messages[2]["content"].endswith(suffix)
+    assert messages == P.self_correction_messages("How many cats? A. 1 B. 2", "Three.", 1)
+    assert len(P.SELF_CORRECTION_REVIEW_PROMPTS) == 4
+    assert all(p.lower().startswith("review") for p in P.SELF_CORRECTION_REVIEW_PROMPTS)
+    assert "## 0 ##" in P.self_correction_review_prompt(2, answer_example="0")
+    with pytest.raises(ValueError, match="answer_example"):
+        P.scl_question("q", answer_example="#")

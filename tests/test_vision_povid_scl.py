@@ -10,7 +10,7 @@ from PIL import Image
 from mmalign.pairs import read_pairs
 from vision.generate import GenerationSettings
 from vision.povid import POVIDRecord, build_povid_pairs
-from vision.scl import SCLRecord, build_scl_pairs
+from vision.scl import SCLRecord, build_scl_pairs, extract_answer
 
 
 @pytest.fixture(scope="module")
@@ -166,23 +166,45 @@ def test_online_pairs_train_through_the_engine(llava, tmp_path) -> None:  # noqa
 
 def test_scl_keeps_only_flips(llava, tmp_path) -> None:  # noqa: ANN001
     model, processor = llava
-    records = [SCLRecord(f"s{i}", _img(i), "is there a cube", reference=i) for i in range(4)]
-    calls = {"n": 0}
+    records = [SCLRecord(f"s{i}", _img(i), "is there a cube? A. yes B. no", reference=i) for i in range(4)]
+    calls = []
 
     def fake_generate(policy, proc, convs, images, settings):  # noqa: ANN001, ANN202
-        calls["n"] += 1
-        if calls["n"] == 2:  # second turn: conversations carry the first answer and a review prompt
+        calls.append(settings)
+        if len(calls) == 2:  # second turn: conversations carry the first answer and a review prompt
             assert all(len(c) == 3 and c[1]["role"] == "assistant" for c in convs)
-            return ["yes", "no", "yes", "no"]
-        return ["no", "yes", "yes", "no"]
+            assert all(c[2]["content"][0]["text"].endswith("at the end of your response.") for c in convs)
+            return ["## A ##", "## B ##", "## A ##", "## B ##"]
+        assert all("Explain your reasoning step by step." in c for c in convs)  # turn 1: SCL's question form
+        return ["## B ##", "## A ##", "## A ##", "## B ##"]
 
-    report = build_scl_pairs(model, processor, records, lambda rec, ans: ans == "yes", tmp_path,
+    report = build_scl_pairs(model, processor, records, lambda rec, ans: extract_answer(ans) == "A", tmp_path,
                              generate_fn=fake_generate)
+    assert calls[0].max_new_tokens == 256 and not calls[0].do_sample  # SCL: generation_config.max_new_tokens = 256
     assert report.counts == {"improved": 1, "worsened": 1, "both": 1, "neither": 1}
     pairs = {p.id: p for p in read_pairs(tmp_path)}
     assert set(pairs) == {"scl/s0", "scl/s1"}
-    assert pairs["scl/s0"].chosen == "yes" and pairs["scl/s0"].meta["scl"]["kind"] == "improved"
-    assert pairs["scl/s1"].chosen == "yes" and pairs["scl/s1"].rejected == "no"
+    assert pairs["scl/s0"].chosen == "## A ##" and pairs["scl/s0"].meta["scl"]["kind"] == "improved"
+    assert pairs["scl/s1"].chosen == "## A ##" and pairs["scl/s1"].rejected == "## B ##"
+    assert pairs["scl/s0"].prompt.startswith("is there a cube? A. yes B. no Explain your reasoning")
+
+
+def test_extract_answer_and_scl_recipe_yaml() -> None:
+    """SCL README (ivy3h/SCL @b3f15e1): DPO beta 0.1, sft_beta 0.1, LoRA, lr 5e-5, 3 epochs, warmup 0.03."""
+    from pathlib import Path
+
+    from mmalign.config import load_config
+    from vision.train import VLMTrainConfig
+
+    assert extract_answer("so the answer is ## C ##") == "C"
+    assert extract_answer("## 2 ##") == "2" and extract_answer("I pick B. because") == "B"
+    assert extract_answer("no idea") is None
+    path = Path(__file__).resolve().parents[1] / "scripts" / "configs" / "llava15_scl.yaml"
+    cfg = load_config(VLMTrainConfig, ["--config", str(path)])
+    t = cfg.train
+    assert (t.loss, t.loss_kwargs, t.sft_weight, t.sft_normaliser) == ("dpo", {"beta": 0.1}, 0.1, 0.0)
+    assert (t.learning_rate, t.num_epochs, t.max_steps) == (5e-5, 3, 0) and t.lora_r > 0
+    assert cfg.warmup_ratio == 0.03
 
 
 def test_scl_real_generation_runs(llava, tmp_path) -> None:  # noqa: ANN001
