@@ -118,10 +118,10 @@ def _check_batch(images: Tensor, prompts: Sequence[str], who: str) -> list[str]:
         raise ValueError(f"{who}: images must be a (B, 3, H, W) tensor, got {shape}")
     if not images.is_floating_point():
         raise ValueError(f"{who}: images must be floating point in [0, 1], got dtype {images.dtype}")
-    with torch.no_grad():  # one host sync per call; scorers trained on [0, 1] give garbage elsewhere
-        if not bool(torch.isfinite(images).all()):
-            raise ValueError(f"{who}: images are not finite (NaN or inf values); expected values in [0, 1]")
-        low, high = images.min().item(), images.max().item()
+    with torch.no_grad():  # one host sync per call (min and max propagate NaN); scorers trained on [0, 1]
+        low, high = torch.stack([images.amin(), images.amax()]).float().tolist()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{who}: images are not finite (NaN or inf values); expected values in [0, 1]")
     if low < 0.0 or high > 1.0:
         raise ValueError(
             f"{who}: images must lie in [0, 1], got min {low:.4g} max {high:.4g}; convert [-1, 1] images with "

@@ -4,6 +4,9 @@
         --reward clip=/models/open_clip_vit_h:0.01 --out runs/reno "a red fox in the snow"
     python scripts/reno.py --pipeline /models/tiny-sd --reward redness:1 --prompts-file prompts.txt --out runs/toy
 
+ReNO's default set (HPS 5, ImageReward 1, CLIP 0.01, PickScore 0.05): --reward hpsv2=<file or folder>
+--reward imagereward=<folder> --reward clip=<folder> --reward pickscore=<folder> (weights default to ReNO's).
+
 Writes, per prompt, the initial and optimised images side by side, plus rewards.png and rewards.json.
 """
 
@@ -31,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts-file", type=Path, help="text file, one prompt per line (blank lines skipped)")
     p.add_argument("--pipeline", required=True, help="local diffusers pipeline folder")
     p.add_argument("--reward", action="append", required=True,
-                   help="NAME[=SOURCE][:WEIGHT], e.g. clip=/path/model:0.01, hpsv2=/path/w.safetensors:5, redness:1")
+                   help="NAME[=SOURCE][:WEIGHT], e.g. clip=/path/model:0.01, hpsv2=/path/w.safetensors:5, "
+                        "imagereward=/path/ImageReward, redness:1")
     p.add_argument("--clip-arch", default=None, help="open_clip architecture for bare weights files (ViT-H-14)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--steps", type=positive_int, default=50, help="iterations: images scored; updates = steps - 1")

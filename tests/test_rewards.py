@@ -274,7 +274,9 @@ def test_reward_from_spec(tiny_clip_dir: Path, tmp_path: Path) -> None:
     assert isinstance(clip, ClipScore) and clip_weight == 0.01
     hps, hps_weight = reward_from_spec(f"hpsv2={tiny_clip_dir}:1e-1")
     assert isinstance(hps, HPSv2Like) and hps_weight == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="unknown reward 'imagereward'"):
+    with pytest.raises(ValueError, match="unknown reward 'image_reward'"):
+        reward_from_spec("image_reward=/x:1")
+    with pytest.raises(FileNotFoundError, match="ImageReward: folder not found: /x"):
         reward_from_spec("imagereward=/x:1")
     with pytest.raises(ValueError, match="needs weights"):
         reward_from_spec("pickscore:0.05")
