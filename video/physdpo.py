@@ -118,17 +118,11 @@ class VideoQA:
 
 def read_video_qa(path: str | os.PathLike[str]) -> list[VideoQA]:
     """Records from a JSON list or a JSONL file (see the module docstring); ids must be unique."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        rows = json.loads(text)
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of records")
-    else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    from video.formats import json_records
+
     records: list[VideoQA] = []
     seen: set[str] = set()
-    for i, row in enumerate(rows, start=1):
+    for i, row in json_records(path):
         if not isinstance(row, dict):
             raise ValueError(f"{path}, record {i}: not a JSON object")
         for key in ("video", "question"):
