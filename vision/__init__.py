@@ -1,8 +1,9 @@
 """vision: preference optimisation of vision-language models (STIC, POVID, self-correction).
 
-Modules: :mod:`vision.adapter` (``VLMAdapter``), :mod:`vision.generate` (batched generation),
-:mod:`vision.stic`, :mod:`vision.povid`, :mod:`vision.scl` (pair builders), :mod:`vision.train`
-(config + ``run``). Names are imported lazily so ``import vision`` stays cheap.
+Modules: :mod:`vision.adapter` (``VLMAdapter``: LoRA on the language model by default, online
+negatives), :mod:`vision.generate` (batched generation, seeded per record), :mod:`vision.stic`,
+:mod:`vision.povid` (pair builders; POVID's two-stage recipe), :mod:`vision.scl` (self-correction
+pairs), :mod:`vision.train` (config + ``run``). Names are imported lazily so ``import vision`` stays cheap.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 __all__ = [
     "GenerationSettings",
+    "POVIDRecipeConfig",
     "POVIDRecord",
     "SCLRecord",
     "STICConfig",
@@ -21,21 +23,32 @@ __all__ = [
     "build_scl_pairs",
     "build_stic_pairs",
     "generate_responses",
+    "online_negative",
+    "record_seed",
     "render_prompt",
     "run",
+    "run_povid_recipe",
+    "stic_dpo_config",
+    "train_stic_dpo",
 ]
 
 _WHERE = {
     "GenerationSettings": "vision.generate",
     "generate_responses": "vision.generate",
+    "record_seed": "vision.generate",
+    "POVIDRecipeConfig": "vision.povid",
     "POVIDRecord": "vision.povid",
     "build_povid_pairs": "vision.povid",
+    "run_povid_recipe": "vision.povid",
     "SCLRecord": "vision.scl",
     "build_scl_pairs": "vision.scl",
     "STICConfig": "vision.stic",
     "build_stic_pairs": "vision.stic",
+    "stic_dpo_config": "vision.stic",
+    "train_stic_dpo": "vision.stic",
     "VLMAdapter": "vision.adapter",
     "render_prompt": "vision.adapter",
+    "online_negative": "vision.adapter",
     "VLMTrainConfig": "vision.train",
     "run": "vision.train",
 }
