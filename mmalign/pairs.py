@@ -32,6 +32,14 @@ the last ``\\n``. A strict prefix of a JSON object is never itself a valid JSON 
   moved to ``<file>.torn`` (kept for inspection), the file is truncated to the last ``\\n``
   (fsynced) and a warning names the bytes dropped.
 
+:class:`PairWriter` keeps the ids already written in ``<file>.ids`` (a cache checked against the
+file on every open, rebuilt from it when they differ), so opening a writer once per pair stays
+cheap however long the file grows; a second writer waits up to ``lock_timeout`` seconds.
+
+Text must be Unicode: a lone surrogate (JSON ``"\\ud800"``) is refused on read and on write,
+naming file, line and field. ``chosen``/``rejected``/``prompt`` may not be whitespace only, and
+``chosen`` may not equal ``rejected`` up to whitespace (with the same media and captions).
+
 Whole-file writes (:func:`write_pairs`, parquet, converters) go to a temporary file in the same
 folder and are renamed into place with ``os.replace``, so readers see the old or the new file.
 
@@ -45,6 +53,7 @@ import hashlib
 import io
 import json
 import math
+import mmap
 import os
 import tempfile
 import threading
@@ -214,6 +223,9 @@ def check_rel_path(rel: Any, field: str | None = None) -> str:
         raise PairFormatError("empty media path", field=field)
     if "\x00" in rel:
         raise PairFormatError("media path contains a NUL byte", field=field)
+    problem = _surrogate_problem(rel)
+    if problem is not None:
+        raise PairFormatError(f"media path {problem}", field=field)
     if "\\" in rel:
         raise PairFormatError(f"media path {rel!r} contains a backslash; use '/' separators", field=field)
     if rel.startswith("/") or (len(rel) >= 2 and rel[1] == ":" and rel[0].isalpha()):
@@ -504,10 +516,58 @@ def add_media(
 # the record
 
 
+def _surrogate_problem(text: str) -> str | None:
+    """Why ``text`` cannot be written as UTF-8 (a lone surrogate such as ``\\ud800``), or ``None``.
+
+    JSON's ``\\ud800`` escape parses to a lone surrogate: not a Unicode character, so no writer,
+    tokenizer or Arrow column can encode it. A proper escape pair (``\\ud83d\\ude00``) is one
+    character and fine.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        return (
+            f"contains a lone surrogate {bad!r} at character {exc.start} (not Unicode: half of a "
+            "UTF-16 pair, e.g. from a broken \\u escape)"
+        )
+    return None
+
+
 def _check_str(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise PairFormatError(f"must be a string, got {type(value).__name__}", field=name)
+    problem = _surrogate_problem(value)
+    if problem is not None:
+        raise PairFormatError(problem, field=name)
     return value
+
+
+def _check_meta_text(value: Any, where: str = "meta") -> None:
+    """Every key and string in ``meta`` must be encodable; the error names the path (``meta['k'][1]``)."""
+    if isinstance(value, str):
+        problem = _surrogate_problem(value)
+        if problem is not None:
+            raise PairFormatError(f"{where} {problem}", field="meta")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and _surrogate_problem(key) is not None:
+                raise PairFormatError(f"a key of {where} {_surrogate_problem(key)}", field="meta")
+            _check_meta_text(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_meta_text(item, f"{where}[{i}]")
+
+
+def _check_text_fields(pair: PreferencePair) -> None:
+    """Re-check that every string of a (possibly mutated) pair is encodable, naming the field."""
+    for name in ("id", "prompt", "chosen", "rejected", "chosen_caption", "rejected_caption"):
+        value = getattr(pair, name)
+        if value is not None:
+            _check_str(value, name)
+    for name, rel in _media_fields(pair):
+        _check_str(rel, name)
+    _check_meta_text(pair.meta)
 
 
 def _check_media_list(value: Any, name: str) -> list[str]:
@@ -527,6 +587,10 @@ def _check_label(value: Any) -> float:
     return label
 
 
+def _words(text: str | None) -> list[str] | None:
+    return None if text is None else text.split()
+
+
 @dataclass
 class PreferencePair:
     """One preference judgement: ``chosen`` is preferred to ``rejected`` given ``prompt``.
@@ -537,7 +601,10 @@ class PreferencePair:
     per-side captions (DCPO). ``label`` is P(chosen preferred): 1.0, 0.5 (tie) or 0.0 (reversed;
     see :meth:`oriented`). ``meta`` is any JSON-serialisable dict.
 
-    Validation (``__post_init__``) raises :class:`PairFormatError` naming the field. A pair
+    Validation (``__post_init__``) raises :class:`PairFormatError` naming the field: among the
+    rules, ``prompt`` is not blank, ``chosen``/``rejected`` are ``""`` (a side that is only media)
+    or hold non-whitespace text, the two sides differ by more than whitespace (or in media or
+    caption), and every string (``meta`` included) is valid Unicode (no lone surrogate). A pair
     returned by a reader also knows its dataset folder (:attr:`root`, not a field: not
     serialised or compared) so media can be resolved with :meth:`media_paths`.
     """
@@ -559,9 +626,15 @@ class PreferencePair:
             raise PairFormatError("empty id", field="id")
         _check_str(self.prompt, "prompt")
         if self.prompt.strip() == "":
-            raise PairFormatError("empty prompt", field="prompt")
-        _check_str(self.chosen, "chosen")
-        _check_str(self.rejected, "rejected")
+            blank = f" (whitespace only: {self.prompt!r})" if self.prompt else ""
+            raise PairFormatError(f"empty prompt{blank}", field="prompt")
+        for name in ("chosen", "rejected"):
+            text = _check_str(getattr(self, name), name)
+            if text and not text.strip():
+                raise PairFormatError(
+                    f"{name} is whitespace only ({text!r}); a side with media and no text uses \"\"",
+                    field=name,
+                )
         self.chosen_media = _check_media_list(self.chosen_media, "chosen_media")
         self.rejected_media = _check_media_list(self.rejected_media, "rejected_media")
         for name in ("chosen_caption", "rejected_caption"):
@@ -571,6 +644,7 @@ class PreferencePair:
         self.label = _check_label(self.label)
         if not isinstance(self.meta, dict):
             raise PairFormatError(f"must be a dict, got {type(self.meta).__name__}", field="meta")
+        _check_meta_text(self.meta)
         try:
             json.dumps(self.meta, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -579,13 +653,15 @@ class PreferencePair:
             raise PairFormatError("chosen side is empty (no text and no media)", field="chosen")
         if self.rejected == "" and not self.rejected_media:
             raise PairFormatError("rejected side is empty (no text and no media)", field="rejected")
-        if (
-            self.chosen == self.rejected
-            and self.chosen_media == self.rejected_media
-            and self.chosen_caption == self.rejected_caption
+        if self.chosen_media == self.rejected_media and _words(self.chosen) == _words(self.rejected) and (
+            _words(self.chosen_caption) == _words(self.rejected_caption)
         ):
+            exact = self.chosen == self.rejected and self.chosen_caption == self.rejected_caption
             raise PairFormatError(
-                "chosen and rejected are identical (same text, media and caption)", field="rejected"
+                "chosen and rejected are identical (same text, media and caption)"
+                if exact
+                else "chosen and rejected differ only in whitespace (same words, media and caption)",
+                field="rejected",
             )
         self._root: Path | None = None
         self._origin: tuple[str, int, str] | None = None
@@ -821,16 +897,71 @@ def _collect_pairs(
 # JSONL writing
 
 
+_INDEX_VERSION = 1
+_LOCK_POLL_MAX = 0.1  # seconds between lock attempts while waiting (doubling from 5 ms)
+
+
+def _index_path(path: Path) -> Path:
+    return path.with_name(path.name + ".ids")
+
+
+def _pair_line(pair: PreferencePair, source: str, line: int) -> bytes:
+    """The JSONL line of ``pair``; an unencodable string (a lone surrogate set after validation)
+    raises :class:`PairFormatError` naming ``source``, ``line`` and the field."""
+    try:
+        return (json.dumps(pair.to_dict(), ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            _check_text_fields(pair)
+        except PairFormatError as exc:
+            raise exc.at(source, line) from None
+        raise
+
+
+def _line_id(data: bytes | mmap.mmap, start: int, end: int) -> str | None:
+    """The id of the JSONL line ``data[start:end]``, reading only its first 4 KiB when it has the
+    writer's layout (``{"id": "...",``); a line of any other layout is JSON-parsed whole. ``None``
+    for a line without a string id (or not JSON)."""
+    head = b'{"id": "'
+    if data[start : start + len(head)] == head:
+        # a multi-byte character cut at the slice end is replaced, past the id's closing quote
+        text = data[start + len(head) - 1 : min(end, start + 4096)].decode("utf-8", errors="replace")
+        try:
+            value, stop = json.decoder.scanstring(text, 1)
+        except ValueError:  # a very long id: not closed within the slice
+            value, stop = None, 0
+        if value is not None and text[stop : stop + 1] in (",", "}"):
+            return value
+    try:
+        rec = _parse_json_object(data[start:end].rstrip(b"\r").decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    value = rec.get("id")
+    return value if isinstance(value, str) else None
+
+
 class PairWriter:
     """Append pairs to ``folder/pairs.jsonl``, one crash-safe line at a time (context manager).
 
-    On open: creates the folder, takes an exclusive ``flock`` on the file (a second writer on the
-    same folder fails fast), repairs a torn last line (see the module docstring) and loads the
-    existing ids, so a duplicate id raises instead of being written. :meth:`write` validates the
-    pair, checks its media exist inside the folder (``check_media``) and appends it with a single
-    ``write`` (+ ``fsync`` when ``durable``). ``durable=False`` skips the per-line ``fsync``
-    (measured ~4.5 ms per line on ext4): a crashed *process* still loses nothing written, an OS
-    crash may lose the latest lines, and in no case is a torn line read as a pair.
+    On open: creates the folder, takes an exclusive ``flock`` on the file, waiting up to
+    ``lock_timeout`` seconds (default 10) for another writer to close it, then fails naming the
+    file; ``lock_timeout=0`` fails at once. Then it repairs a torn last line (see the module
+    docstring) and loads the existing ids, so a duplicate id raises instead of being written.
+    :meth:`write` validates the pair, checks its media exist inside the folder (``check_media``)
+    and appends it with a single ``write`` (+ ``fsync`` when ``durable``). ``durable=False`` skips
+    the per-line ``fsync`` (measured ~4.5 ms per line on ext4): a crashed *process* still loses
+    nothing written, an OS crash may lose the latest lines, and in no case is a torn line read as
+    a pair.
+
+    The id index. Opening does not re-read the file: the writer keeps ``<file>.ids`` beside it
+    (one entry per line written: end offset, line number, the file's mtime, the id) and trusts it
+    only when the file is exactly as the last entry left it (same inode, size and mtime). Anything
+    else (a repaired tail, lines appended by other tools, a file rewritten or replaced, a lost,
+    torn or stale index) rebuilds the index from the file, reading each line's id from its start
+    (``{"id": ...``, the layout written here; such a line is taken at its word even if the rest
+    is broken) and JSON-parsing only lines of another layout. The index is a cache: deleting it is
+    always safe, and it is not fsynced. Measured: 100 sessions of one 1 MiB pair each took 50 s
+    with a full re-read per open, 2.7 s with the index; a rebuild reads 100 MiB in ~0.25 s.
 
     Example::
 
@@ -846,15 +977,21 @@ class PairWriter:
         filename: str = PAIRS_JSONL,
         durable: bool = True,
         check_media: bool = True,
+        lock_timeout: float = 10.0,
     ) -> None:
+        if not lock_timeout >= 0:
+            raise ValueError(f"lock_timeout must be >= 0 seconds, got {lock_timeout}")
         self.folder = Path(folder)
         self.path = self.folder / check_rel_path(filename, "filename")
         self.durable = durable
         self.check_media = check_media
+        self.lock_timeout = lock_timeout
         self.count = 0
         self.repaired: bytes | None = None
         self._ids: set[str] = set()
+        self._lines = 0  # lines in the file (the next pair goes on line _lines + 1)
         self._fd: int | None = None
+        self._index: io.BufferedWriter | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def open(self) -> PairWriter:
@@ -864,12 +1001,13 @@ class PairWriter:
         created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            self._lock(fd)
+            self._lock(fd, self.lock_timeout, self.path)
             if created and self.durable:
                 _fsync_dir(self.folder)
             self._repair(fd)
-            self._load_ids()
+            self._load_ids(fd)
         except BaseException:
+            self._close_index()
             os.close(fd)
             raise
         self._fd = fd
@@ -888,6 +1026,7 @@ class PairWriter:
             if self.durable:
                 os.fsync(self._fd)
         finally:
+            self._close_index()
             os.close(self._fd)  # releases the flock
             self._fd = None
 
@@ -898,15 +1037,31 @@ class PairWriter:
         self.close()
 
     @staticmethod
-    def _lock(fd: int) -> None:
+    def _lock(fd: int, timeout: float = 0.0, path: Path | None = None) -> None:
+        """Exclusive ``flock`` on ``fd``, polling for up to ``timeout`` seconds (``flock`` itself
+        cannot time out, and a signal-based timeout would not work off the main thread)."""
         try:
             import fcntl
         except ImportError:  # not POSIX: no advisory lock
             return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise RuntimeError("another PairWriter holds this pairs file; close it first") from exc
+        import time
+
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    name = "this pairs file" if path is None else str(path)
+                    waited = f" (waited {timeout:g} s: lock_timeout)" if timeout > 0 else ""
+                    raise RuntimeError(
+                        f"another PairWriter holds {name}{waited}; close it first, or pass a longer lock_timeout"
+                    ) from exc
+                time.sleep(min(delay, left))
+                delay = min(2 * delay, _LOCK_POLL_MAX)
 
     def _repair(self, fd: int) -> None:
         size = os.fstat(fd).st_size
@@ -950,10 +1105,70 @@ class PairWriter:
             )
         os.fsync(fd)
 
-    def _load_ids(self) -> None:
-        for _, rec in _jsonl_records(self.path):
-            if isinstance(rec, dict) and isinstance(rec.get("id"), str):
-                self._ids.add(rec["id"])
+    # -- the id index ---------------------------------------------------------------------------
+    def _load_ids(self, fd: int) -> None:
+        st = os.fstat(fd)
+        if not self._read_index(st):
+            self._rebuild_index(fd, st)
+        try:
+            self._index = open(_index_path(self.path), "ab")  # noqa: SIM115 (closed in close())
+        except OSError:
+            self._index = None  # a read-only folder: the next open rebuilds
+
+    def _read_index(self, st: os.stat_result) -> bool:
+        """Load ids from the index if it describes the file exactly as it is now."""
+        try:
+            lines = _index_path(self.path).read_bytes().split(b"\n")
+            header = json.loads(lines[0])
+            entries = [json.loads(raw) for raw in lines[1:] if raw]
+        except (OSError, ValueError):
+            return False
+        if lines[-1] != b"" or not isinstance(header, dict) or not entries:
+            return False
+        if header.get("version") != _INDEX_VERSION or header.get("ino") != st.st_ino:
+            return False
+        try:
+            end, n_lines, mtime_ns, _ = entries[-1]
+            ids = {entry[3] for entry in entries if entry[3] is not None}
+        except (TypeError, ValueError, IndexError):
+            return False
+        if (end, mtime_ns) != (st.st_size, st.st_mtime_ns) or not isinstance(n_lines, int):
+            return False
+        self._ids = ids
+        self._lines = n_lines
+        return True
+
+    def _rebuild_index(self, fd: int, st: os.stat_result) -> None:
+        """Scan the file for line ends and ids, and write a fresh index (atomically)."""
+        ids: set[str] = set()
+        entries: list[bytes] = []
+        n_lines = 0
+        if st.st_size:
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as data:
+                pos = 3 if data[:3] == b"\xef\xbb\xbf" else 0
+                while True:
+                    nl = data.find(b"\n", pos)
+                    if nl < 0:
+                        break  # _repair left no unterminated tail
+                    n_lines += 1
+                    if nl > pos:
+                        pair_id = _line_id(data, pos, nl)
+                        if pair_id is not None:
+                            ids.add(pair_id)
+                            entries.append(json.dumps([nl + 1, n_lines, None, pair_id]).encode() + b"\n")
+                    pos = nl + 1
+        self._ids = ids
+        self._lines = n_lines
+        header = json.dumps({"version": _INDEX_VERSION, "file": self.path.name, "ino": st.st_ino}).encode()
+        state = json.dumps([st.st_size, n_lines, st.st_mtime_ns, None]).encode() + b"\n"
+        with contextlib.suppress(OSError):  # the index is a cache: without it every open rebuilds
+            _atomic_write_bytes(_index_path(self.path), header + b"\n" + b"".join(entries) + state, durable=False)
+
+    def _close_index(self) -> None:
+        if self._index is not None:
+            with contextlib.suppress(OSError):
+                self._index.close()
+            self._index = None
 
     # -- writing --------------------------------------------------------------------------------
     def add_media(self, src: Any, rel_name: str, *, overwrite: bool = False, verify: bool = True) -> str:
@@ -967,11 +1182,15 @@ class PairWriter:
             raise RuntimeError("PairWriter is not open; use it as a context manager")
         if not isinstance(pair, PreferencePair):
             raise TypeError(f"expected a PreferencePair, got {type(pair).__name__}")
+        line_no = self._lines + 1
         if pair.id in self._ids:
-            raise PairFormatError(f"duplicate id {pair.id!r} in {self.path}", field="id")
+            raise PairFormatError(f"duplicate id {pair.id!r}", source=str(self.path), line=line_no, field="id")
         if self.check_media:
-            _check_pair_media(pair, self.folder, "exists")
-        line = (json.dumps(pair.to_dict(), ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+            try:
+                _check_pair_media(pair, self.folder, "exists")
+            except PairFormatError as exc:
+                raise exc.at(str(self.path), line_no) from None
+        line = _pair_line(pair, str(self.path), line_no)
         view = memoryview(line)
         while view:  # a regular file writes it all at once; loop for the rare short write
             written = os.write(self._fd, view)
@@ -979,7 +1198,15 @@ class PairWriter:
         if self.durable:
             os.fsync(self._fd)
         self._ids.add(pair.id)
+        self._lines = line_no
         self.count += 1
+        if self._index is not None:
+            st = os.fstat(self._fd)
+            try:
+                self._index.write(json.dumps([st.st_size, line_no, st.st_mtime_ns, pair.id]).encode() + b"\n")
+                self._index.flush()
+            except (OSError, ValueError):
+                self._close_index()  # a full disk: stop indexing; the next open rebuilds
 
     append = write
 
@@ -1030,16 +1257,18 @@ def _check_unique_ids(pairs: Sequence[PreferencePair], source: str) -> None:
 
 
 def _check_before_write(
-    pairs: Sequence[PreferencePair], folder: Path, dest: Path, *, check_media: bool
+    pairs: Sequence[PreferencePair], folder: Path, dest: Path, *, check_media: bool, unit: str = "item"
 ) -> None:
-    """Unique ids and (with ``check_media``) media present in ``folder``; errors name ``dest`` and the item."""
+    """Unique ids, encodable text (no lone surrogate set after validation) and (with
+    ``check_media``) media present in ``folder``; errors name ``dest``, the item (or line) and field."""
     _check_unique_ids(pairs, str(dest))
-    if check_media:
-        for i, pair in enumerate(pairs, start=1):
-            try:
+    for i, pair in enumerate(pairs, start=1):
+        try:
+            _check_text_fields(pair)
+            if check_media:
                 _check_pair_media(pair, folder, "exists")
-            except PairFormatError as exc:
-                raise exc.at(str(dest), i, "item") from None
+        except PairFormatError as exc:
+            raise exc.at(str(dest), i, unit) from None
 
 
 def write_pairs(
@@ -1050,19 +1279,21 @@ def write_pairs(
     overwrite: bool = False,
     append: bool = False,
     check_media: bool = True,
+    lock_timeout: float = 10.0,
 ) -> Path:
     """Write a whole pair dataset file in ``folder``; return its path.
 
     ``jsonl``/``parquet`` are written to a temp file and renamed into place; ``append=True``
     (jsonl only) appends through :class:`PairWriter` instead. An existing file raises
-    ``FileExistsError`` unless ``overwrite`` or ``append``.
+    ``FileExistsError`` unless ``overwrite`` or ``append``. Replacing a ``pairs.jsonl`` waits up to
+    ``lock_timeout`` seconds for a :class:`PairWriter` open on it to close.
     """
     folder = Path(folder)
     pairs = list(pairs)
     if append:
         if format != "jsonl":
             raise ValueError("append=True is only supported for the jsonl format")
-        with PairWriter(folder, check_media=check_media) as writer:
+        with PairWriter(folder, check_media=check_media, lock_timeout=lock_timeout) as writer:
             writer.write_many(pairs)
         return writer.path
     name = {"jsonl": PAIRS_JSONL, "parquet": PAIRS_PARQUET, "hf": PAIRS_HF}.get(format)
@@ -1071,16 +1302,17 @@ def write_pairs(
     dest = folder / name
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} exists; pass overwrite=True or append=True")
-    _check_before_write(pairs, folder, dest, check_media=check_media)
+    _check_before_write(pairs, folder, dest, check_media=check_media, unit="line" if format == "jsonl" else "item")
     folder.mkdir(parents=True, exist_ok=True)
     if format == "jsonl":
-        lines = [json.dumps(p.to_dict(), ensure_ascii=False, allow_nan=False) + "\n" for p in pairs]
+        data = b"".join(_pair_line(p, str(dest), i) for i, p in enumerate(pairs, start=1))
         with contextlib.ExitStack() as stack:
             if dest.exists():  # do not swap the file under an open PairWriter
                 fd = os.open(dest, os.O_RDONLY)
                 stack.callback(os.close, fd)
-                PairWriter._lock(fd)
-            _atomic_write_bytes(dest, "".join(lines).encode("utf-8"))
+                PairWriter._lock(fd, lock_timeout, dest)
+            _atomic_write_bytes(dest, data)
+            _index_path(dest).unlink(missing_ok=True)  # it described the old file
     elif format == "parquet":
         write_parquet(pairs, dest, overwrite=True)
     else:
@@ -1184,7 +1416,7 @@ def write_parquet(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True")
     pairs = list(pairs)
-    _check_unique_ids(pairs, str(path))
+    _check_before_write(pairs, path.parent, path, check_media=False)
     table = pa.Table.from_pylist(_rows_for_table(pairs), schema=_arrow_schema())
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
@@ -1632,6 +1864,7 @@ def _convert(
             _fsync_dir(out)
     finally:
         (out / partial).unlink(missing_ok=True)
+        _index_path(out / partial).unlink(missing_ok=True)
     return report
 
 

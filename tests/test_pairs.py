@@ -348,9 +348,9 @@ def test_writer_checks_media_and_lock(tmp_path: Path) -> None:
         with pytest.raises(PairFormatError, match="not found"):
             writer.write(_text_pair(0, chosen_media=["media/nope.png"], rejected_media=["media/b.png"]))
         with pytest.raises(RuntimeError, match="another PairWriter"):
-            PairWriter(folder).open()
+            PairWriter(folder, lock_timeout=0).open()
         with pytest.raises(RuntimeError, match="another PairWriter"):
-            write_pairs(folder, [_text_pair(1)], overwrite=True)
+            write_pairs(folder, [_text_pair(1)], overwrite=True, lock_timeout=0)
     assert read_pairs(folder) == []
 
 
