@@ -119,12 +119,12 @@ def test_stage1_resumed_run_writes_the_same_texts(llava, tmp_path) -> None:  # n
     assert len({c for c, _ in whole.values()}) > 1
 
 
-def test_stage1_and_stage2_defaults_follow_the_paper(monkeypatch, tmp_path) -> None:  # noqa: ANN001
+def test_stage_defaults_follow_the_paper(monkeypatch, tmp_path) -> None:  # noqa: ANN001
     """STIC (yihedeng9/STIC @993734e): generate_pref.py max_new_tokens 1024, temperature 0.2, 20-px image as is;
     scripts/dpo_finetune.sh lr 1e-7, LoRA r128/alpha256, cosine, warmup_ratio 0.03, 1 epoch, 8 pairs per step."""
     import mmalign.engine
     from mmalign.pairs import write_pairs
-    from vision.stic import stic_dpo_config, train_stic_dpo
+    from vision.stic import stic_dpo_config, stic_sft_config, train_stic_dpo
 
     cfg = STICConfig()
     assert (cfg.max_new_tokens, cfg.temperature, cfg.lowres_size, cfg.lowres_restore) == (1024, 0.2, 20, False)
@@ -135,6 +135,9 @@ def test_stage1_and_stage2_defaults_follow_the_paper(monkeypatch, tmp_path) -> N
     assert (recipe.batch_size, recipe.max_steps, recipe.num_epochs) == (8, 0, 1)
     assert recipe.warmup_steps == 23  # ceil(0.03 * 6000 / 8)
     assert stic_dpo_config(6000, num_processes=4).batch_size == 2
+    sft = stic_sft_config(5000)  # scripts/finetune_lora.sh: lr 2e-5, LoRA r128/alpha256, 16 x 2 GPUs, cosine, 0.03
+    assert (sft.loss, sft.learning_rate, sft.lora_r, sft.lora_alpha, sft.batch_size) == ("sft", 2e-5, 128, 256.0, 32)
+    assert sft.lr_scheduler == "cosine" and sft.warmup_steps == 5 and sft.num_epochs == 1  # ceil(0.03 * 156)
 
     (tmp_path / "media").mkdir()
     Image.new("RGB", (32, 32)).save(tmp_path / "media" / "a.png")

@@ -20,7 +20,7 @@
    :func:`mmalign.engine.train`, with the paper's recipe by default (:func:`stic_dpo_config`).
 3. :func:`build_description_infused_set` prepends the model's own description to instruction data
    (``"Image description:\\n{desc}\\n\\n{instruction}"``); :func:`train_description_infused` runs the
-   SFT through the engine.
+   SFT through the engine, with the paper's recipe by default (:func:`stic_sft_config`).
 
 Stage 1 details:
 
@@ -69,6 +69,7 @@ __all__ = [
     "build_stic_pairs",
     "merge_shards",
     "stic_dpo_config",
+    "stic_sft_config",
     "train_description_infused",
     "train_stic_dpo",
 ]
@@ -360,6 +361,21 @@ def merge_shards(out_dir: str | Path, *, order: Sequence[str] | None = None) -> 
     return len(pairs)
 
 
+def _stic_recipe(n_pairs: int, num_processes: int, total_batch: int, fields: dict[str, Any],
+                 overrides: dict[str, Any]) -> Any:
+    """LoRA r128/alpha 256, cosine after a 3% linear warmup (rounded up as transformers does), 1 epoch,
+    ``total_batch`` pairs per optimizer step split over ``num_processes``; ``fields`` then ``overrides``."""
+    from mmalign.engine import TrainConfig
+    from vision.train import apply_warmup_ratio
+
+    base: dict[str, Any] = {
+        "lora_r": 128, "lora_alpha": 256.0, "lr_scheduler": "cosine", "max_steps": 0, "num_epochs": 1,
+        "batch_size": max(1, total_batch // num_processes),
+    }
+    return apply_warmup_ratio(TrainConfig(**{**base, **fields, **overrides}), n_pairs, 0.03,
+                              num_processes=num_processes)
+
+
 def stic_dpo_config(n_pairs: int, *, num_processes: int = 1, **overrides: Any) -> Any:
     """STIC stage 2's recipe as a :class:`mmalign.engine.TrainConfig` for a dataset of ``n_pairs``.
 
@@ -371,17 +387,17 @@ def stic_dpo_config(n_pairs: int, *, num_processes: int = 1, **overrides: Any) -
     1 epoch, 8 pairs per optimizer step (1 per device x 2 accumulation x 4 GPUs there; here
     ``batch_size=8`` split over ``num_processes``). ``overrides`` replace fields (e.g. ``output_dir``).
     """
-    from mmalign.engine import TrainConfig
-    from vision.train import apply_warmup_ratio
+    fields = {"loss": "dpo", "loss_kwargs": {"beta": 0.1}, "sft_weight": 1.0, "sft_normaliser": 1024.0,
+              "learning_rate": 1e-7}
+    return _stic_recipe(n_pairs, num_processes, 8, fields, overrides)
 
-    per_process = max(1, 8 // num_processes)
-    fields: dict[str, Any] = {
-        "loss": "dpo", "loss_kwargs": {"beta": 0.1}, "sft_weight": 1.0, "sft_normaliser": 1024.0,
-        "lora_r": 128, "lora_alpha": 256.0, "learning_rate": 1e-7, "lr_scheduler": "cosine",
-        "batch_size": per_process, "max_steps": 0, "num_epochs": 1,
-    }
-    fields.update(overrides)
-    return apply_warmup_ratio(TrainConfig(**fields), n_pairs, 0.03, num_processes=num_processes)
+
+def stic_sft_config(n_pairs: int, *, num_processes: int = 1, **overrides: Any) -> Any:
+    """STIC stage 3's recipe (description-infused SFT; ``scripts/finetune_lora.sh``, yihedeng9/STIC @993734e):
+    the ``"sft"`` objective (mean chosen NLL per token), LoRA r128/alpha 256, lr 2e-5, cosine, 3% warmup,
+    1 epoch, 32 examples per step (16 per device x 2 GPUs there)."""
+    fields = {"loss": "sft", "sft_weight": 1.0, "learning_rate": 2e-5}
+    return _stic_recipe(n_pairs, num_processes, 32, fields, overrides)
 
 
 def train_stic_dpo(
@@ -468,9 +484,10 @@ def train_description_infused(
 
     Uses the engine's reference-free ``"sft"`` objective (a zero preference term; the engine's
     ``sft_weight`` chosen-NLL term does the work, mean NLL per token). Raises ``ValueError`` when
-    the installed :data:`mmalign.losses.LOSSES` has no ``"sft"`` entry.
+    the installed :data:`mmalign.losses.LOSSES` has no ``"sft"`` entry. ``config=None``: the paper's
+    recipe (:func:`stic_sft_config`).
     """
-    from mmalign.engine import TrainConfig, train
+    from mmalign.engine import train
     from mmalign.losses import LOSSES
     from mmalign.pairs import PairDataset
     from vision.adapter import VLMAdapter
@@ -480,7 +497,10 @@ def train_description_infused(
             "STIC stage 3 needs an 'sft' objective in mmalign.losses.LOSSES (zero preference term, "
             "reference-free); it is not there in this version"
         )
+    dataset = PairDataset(sft_dir)
     if config is None:
-        config = TrainConfig(loss="sft", sft_weight=1.0, learning_rate=2e-5)
+        from accelerate import PartialState
+
+        config = stic_sft_config(len(dataset), num_processes=PartialState().num_processes)
     adapter = VLMAdapter(processor, media_root=sft_dir)
-    return train(model, adapter, PairDataset(sft_dir), config)
+    return train(model, adapter, dataset, config)
