@@ -36,7 +36,9 @@ function ``fn(images, prompts) -> (B,)`` among the members is wrapped as a :clas
 Images must be finite and lie in ``[0, 1]``; anything else (``[0, 255]`` pixels, ``[-1, 1]`` VAE
 output, NaN) raises ``ValueError`` rather than being scored.
 
-open_clip is imported lazily, only when an open_clip based reward is built.
+open_clip and transformers are imported lazily, only when a reward that needs them is built. CLIP-type
+scorers load open_clip folders or weights files, or transformers ``CLIPModel`` folders (the format
+of PickScore_v1 and of ReNO's CLIP).
 """
 
 from __future__ import annotations
@@ -195,11 +197,11 @@ def load_open_clip(
     pretrained: str | os.PathLike[str] | None = None,
     *,
     model: nn.Module | None = None,
-    tokenizer: Callable[[list[str]], Tensor] | None = None,
+    tokenizer: Callable[[list[str]], Any] | str | os.PathLike[str] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     who: str = "load_open_clip",
-) -> tuple[nn.Module, Callable[[list[str]], Tensor], dict[str, Any]]:
+) -> tuple[nn.Module, Callable[[list[str]], Any], dict[str, Any]]:
     """Build (or wrap) a frozen open_clip model, its tokenizer and its preprocessing config.
 
     Sources, in order:
@@ -210,6 +212,11 @@ def load_open_clip(
     * ``pretrained`` a folder (or ``model_name="local-dir:/folder"``): open_clip's local
       folder layout, ``open_clip_config.json`` plus one of ``open_clip_model.safetensors``,
       ``open_clip_pytorch_model.bin``, ... (open_clip's own names).
+    * ``pretrained`` a transformers ``CLIPModel`` folder (``config.json`` + ``model.safetensors``
+      or ``pytorch_model.bin``): PickScore_v1's and ReNO's CLIP's format, loaded with transformers.
+      Its tokenizer comes from the folder, or from ``tokenizer=<folder>`` when the folder has none
+      (ReNO tokenizes PickScore prompts with laion/CLIP-ViT-H-14-laion2B-s32B-b79K's); prompts are
+      padded and truncated to 77 tokens (or the model's maximum), as ReNO does.
     * ``pretrained`` a file: weights for the built-in architecture ``model_name``
       (safetensors, or what open_clip's loader reads with ``weights_only=True``).
     * ``pretrained`` another string: an open_clip pretrained tag (needs its cache or network).
@@ -222,6 +229,14 @@ def load_open_clip(
         ``(model, tokenizer, preprocess_cfg)`` where ``preprocess_cfg`` has ``size``, ``mean``,
         ``std``, ``interpolation``, ``resize_mode``.
     """
+    if model is None and pretrained is not None and _is_transformers_clip(Path(pretrained)):
+        model, tokenizer, preprocess_cfg = _load_transformers_clip(Path(pretrained), tokenizer, dtype, who)
+        if device is not None:
+            model = model.to(device=device)
+        return _freeze(model), tokenizer, preprocess_cfg
+    if isinstance(tokenizer, (str, os.PathLike)):
+        raise ValueError(f"{who}: tokenizer=<folder> is for transformers CLIP folders; pass open_clip's tokenizer "
+                         "object for an open_clip model")
     if model is None:
         import open_clip  # lazy: heavy import, optional for users of other rewards
 
@@ -298,10 +313,81 @@ def _create_open_clip(open_clip: Any, who: str, weights: Path, *args: Any, **kwa
         raise ValueError(f"{who}: cannot load weights file {weights}: {type(exc).__name__}: {exc}") from exc
 
 
+_TRANSFORMERS_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def _is_transformers_clip(folder: Path) -> bool:
+    return folder.is_dir() and (folder / "config.json").is_file() and not (folder / "open_clip_config.json").is_file()
+
+
+def _features(out: Any) -> Tensor:
+    """transformers 5 returns model outputs from ``get_*_features`` (projected features in ``pooler_output``),
+    earlier versions the tensor."""
+    return out if isinstance(out, Tensor) else out.pooler_output
+
+
+class _TransformersClip(nn.Module):
+    """A transformers ``CLIPModel`` behind open_clip's ``encode_image`` / ``encode_text`` / ``logit_scale``;
+    ``encode_text`` takes the tokenizer's batch (``input_ids``, ``attention_mask``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.model.logit_scale
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        return _features(self.model.get_image_features(pixel_values=pixels))
+
+    def encode_text(self, batch: Any) -> Tensor:
+        return _features(self.model.get_text_features(**batch))
+
+
+def _load_transformers_clip(
+    folder: Path, tokenizer: Any, dtype: torch.dtype | None, who: str
+) -> tuple[nn.Module, Callable[[list[str]], Any], dict[str, Any]]:
+    from transformers import AutoTokenizer, CLIPModel
+
+    weights = next((folder / n for n in _TRANSFORMERS_WEIGHT_NAMES if (folder / n).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{who}: no weights in {folder}: expected {folder / _TRANSFORMERS_WEIGHT_NAMES[0]} "
+                                f"(or {_TRANSFORMERS_WEIGHT_NAMES[1]})")
+    if weights.stat().st_size == 0:
+        raise ValueError(f"{who}: weights file {weights} is empty")
+    try:
+        model = CLIPModel.from_pretrained(str(folder), dtype=dtype or torch.float32)
+    except Exception as exc:  # safetensors / torch / config errors, named
+        raise ValueError(f"{who}: cannot load the transformers CLIP model in {folder} ({weights.name}): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        source = folder if tokenizer is None else Path(tokenizer)
+        if not any((source / n).is_file() for n in _TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"{who}: no tokenizer in {source}: expected {source / _TOKENIZER_FILES[0]} (or vocab.json + "
+                "merges.txt); pass tokenizer=<folder> (PickScore_v1 uses laion/CLIP-ViT-H-14-laion2B-s32B-b79K's)")
+        hf_tokenizer = AutoTokenizer.from_pretrained(str(source))
+        max_length = min(77, int(model.config.text_config.max_position_embeddings))
+
+        def tokenizer(prompts: list[str]) -> Any:
+            return hf_tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+
+    mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    processor_cfg = folder / "preprocessor_config.json"
+    if processor_cfg.is_file():
+        cfg = json.loads(processor_cfg.read_text(encoding="utf-8"))
+        mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+    size = int(model.config.vision_config.image_size)
+    preprocess_cfg = {"size": size, "mean": mean, "std": std, "interpolation": "bicubic", "resize_mode": "shortest"}
+    return _TransformersClip(model), tokenizer, preprocess_cfg
+
+
 class _ClipEncoder:
     """Frozen open_clip towers: normalised image features (with grad) and cached text features."""
 
-    def __init__(self, model: nn.Module, tokenizer: Callable[[list[str]], Tensor], preprocess_cfg: dict[str, Any]):
+    def __init__(self, model: nn.Module, tokenizer: Callable[[list[str]], Any], preprocess_cfg: dict[str, Any]):
         self.model = model
         self.tokenizer = tokenizer
         self.preprocess_cfg = preprocess_cfg
@@ -342,8 +428,9 @@ class ClipScore:
     score = ``exp(logit_scale) * cos(image, prompt)`` (100 for trained CLIPs, so about 20-35);
     loss = ``100 - score`` (ReNO's CLIP term, weight 0.01).
 
-    Build from ``model_name`` + ``pretrained`` (weights file, open_clip folder or tag), or wrap a
-    ``model`` object (then pass its ``tokenizer`` unless open_clip's default BPE fits).
+    Build from ``model_name`` + ``pretrained`` (weights file, open_clip folder, transformers
+    ``CLIPModel`` folder as ReNO loads, or tag), or wrap a ``model`` object (then pass its
+    ``tokenizer`` unless open_clip's default BPE fits). See :func:`load_open_clip`.
     """
 
     def __init__(
@@ -352,7 +439,7 @@ class ClipScore:
         pretrained: str | os.PathLike[str] | None = None,
         *,
         model: nn.Module | None = None,
-        tokenizer: Callable[[list[str]], Tensor] | None = None,
+        tokenizer: Callable[[list[str]], Any] | str | os.PathLike[str] | None = None,
         weight: float = 0.01,
         name: str = "clip",
         device: torch.device | str | None = None,
@@ -389,7 +476,7 @@ class _TrainedClip(ClipScore):
         pretrained: str | os.PathLike[str],
         model_name: str = "ViT-H-14",
         *,
-        tokenizer: Callable[[list[str]], Tensor] | None = None,
+        tokenizer: Callable[[list[str]], Any] | str | os.PathLike[str] | None = None,
         weight: float | None = None,
         name: str | None = None,
         device: torch.device | str | None = None,
@@ -853,6 +940,14 @@ def mean_redness(images: Tensor, prompts: Sequence[str]) -> Tensor:
     return (images[:, 0] - (images[:, 1] + images[:, 2]) / 2).mean((1, 2))
 
 
+def _hf_tokenizer(source: str | os.PathLike[str], tokenizer: str | os.PathLike[str] | None) -> Any:
+    """``tokenizer`` for a transformers CLIP folder without tokenizer files of its own, else None."""
+    folder = Path(source)
+    if tokenizer is None or not _is_transformers_clip(folder) or any((folder / n).is_file() for n in _TOKENIZER_FILES):
+        return None
+    return tokenizer
+
+
 RENO_WEIGHTS: dict[str, float] = {"hpsv2": 5.0, "imagereward": 1.0, "clip": 0.01, "pickscore": 0.05}
 
 
@@ -864,6 +959,7 @@ def reno_rewards(
     pickscore: str | os.PathLike[str] | None,
     aesthetic: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
     weights: dict[str, float] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
     clip_arch: str = "ViT-H-14",
     aesthetic_arch: str = "ViT-L-14",
     device: torch.device | str | None = None,
@@ -873,13 +969,16 @@ def reno_rewards(
     HPSv2.1 weight 5, ImageReward 1, CLIP 0.01, PickScore 0.05; aesthetic off.
 
     Args:
-        hpsv2, clip, pickscore: an open_clip folder, or a weights file for ``clip_arch`` (ReNO uses
-            ViT-H-14 for all three: ``HPS_v2.1_compressed.pt``, CLIP ViT-H-14 laion2B, PickScore_v1).
+        hpsv2, clip, pickscore: an open_clip folder, a weights file for ``clip_arch``, or a
+            transformers ``CLIPModel`` folder (ReNO uses ViT-H-14 for all three:
+            ``HPS_v2.1_compressed.pt`` with open_clip, CLIP laion2B and PickScore_v1 with transformers).
         imagereward: the ImageReward folder (see :class:`ImageReward`).
         aesthetic: ``(head.safetensors, CLIP source for aesthetic_arch)``; ReNO ships it switched off
             (weight 0), so it needs an explicit ``weights={"aesthetic": w}``.
         weights: overrides of the weights by name (``hpsv2``, ``imagereward``, ``clip``, ``pickscore``,
             ``aesthetic``).
+        tokenizer: tokenizer folder for transformers CLIP folders that ship none (PickScore_v1; ReNO
+            uses laion/CLIP-ViT-H-14-laion2B-s32B-b79K's for CLIP and PickScore alike).
         A reward given ``None`` is left out (ReNO's ``--disable_*`` flags).
 
     Raises:
@@ -897,9 +996,11 @@ def reno_rewards(
     if imagereward is not None:
         members.append((ImageReward(imagereward, device=device, dtype=dtype), chosen["imagereward"]))
     if clip is not None:
-        members.append((ClipScore(clip_arch, clip, device=device, dtype=dtype), chosen["clip"]))
+        members.append((ClipScore(clip_arch, clip, tokenizer=_hf_tokenizer(clip, tokenizer), device=device,
+                                  dtype=dtype), chosen["clip"]))
     if pickscore is not None:
-        members.append((PickScoreLike(pickscore, clip_arch, device=device, dtype=dtype), chosen["pickscore"]))
+        members.append((PickScoreLike(pickscore, clip_arch, tokenizer=_hf_tokenizer(pickscore, tokenizer),
+                                      device=device, dtype=dtype), chosen["pickscore"]))
     if aesthetic is not None:
         if "aesthetic" not in chosen:
             raise ValueError("reno_rewards: ReNO's aesthetic weight is 0 (off); give weights={'aesthetic': w}")
@@ -920,7 +1021,8 @@ def reward_from_spec(
 ) -> tuple[Reward, float]:
     """Parse a command-line reward spec into ``(reward, weight)``.
 
-    Forms: ``NAME[=SOURCE][:WEIGHT]`` with NAME one of ``clip=<open_clip folder or weights file>``,
+    Forms: ``NAME[=SOURCE][:WEIGHT]`` with NAME one of ``clip=<open_clip folder, weights file or
+    transformers CLIP folder>[,<tokenizer folder>]`` (the tokenizer for a transformers folder without one),
     ``pickscore=<...>``, ``hpsv2=<...>``, ``imagereward=<folder with ImageReward.pt, med_config.json,
     vocab.txt>``, ``aesthetic=<head.safetensors>,<open_clip folder or file>``,
     ``redness`` (:func:`mean_redness`). ``WEIGHT`` defaults to the reward's ReNO weight.
@@ -941,12 +1043,14 @@ def reward_from_spec(
         reward: Reward = CallableReward(mean_redness, "redness")
     elif not source:
         raise ValueError(f"reward spec {spec!r}: {name} needs weights, e.g. {name}=/path/to/weights")
-    elif name == "clip":
-        reward = ClipScore(model_name, source, device=device)
-    elif name == "pickscore":
-        reward = PickScoreLike(source, model_name or "ViT-H-14", device=device)
-    elif name == "hpsv2":
-        reward = HPSv2Like(source, model_name or "ViT-H-14", device=device)
+    elif name in ("clip", "pickscore", "hpsv2"):
+        source, _, tokenizer = source.partition(",")  # MODEL[,TOKENIZER FOLDER] for transformers CLIP folders
+        tok = tokenizer or None
+        if name == "clip":
+            reward = ClipScore(model_name, source, tokenizer=tok, device=device)
+        else:
+            cls = PickScoreLike if name == "pickscore" else HPSv2Like
+            reward = cls(source, model_name or "ViT-H-14", tokenizer=tok, device=device)
     elif name == "imagereward":
         reward = ImageReward(source, device=device)
     else:

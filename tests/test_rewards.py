@@ -350,3 +350,75 @@ def test_empty_weights_file_is_named(tiny_clip_dir: Path, tmp_path: Path) -> Non
     (folder / "open_clip_model.safetensors").write_bytes(b"\x00" * 4)
     with pytest.raises(ValueError, match="open_clip_model.safetensors"):
         ClipScore(pretrained=folder)
+
+
+# ---------------------------------------------------------------------------------------------- transformers CLIP
+
+
+@pytest.fixture(scope="module")
+def hf_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny transformers ``CLIPModel`` folder (``config.json`` + safetensors), the format of PickScore_v1 and of
+    ReNO's CLIP (laion/CLIP-ViT-H-14-laion2B-s32B-b79K), with the tiny SD pipeline's CLIP tokenizer beside it."""
+    import shutil
+
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    tokenizer_dir = cached_tiny("sd") / "tokenizer"
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": tok.model_max_length,
+                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                     "pad_token_id": tok.pad_token_id},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2},
+        projection_dim=16)
+    folder = tmp_path_factory.mktemp("hf_clip")
+    CLIPModel(config).save_pretrained(str(folder))
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def test_transformers_clip_folder_scores_like_renos_clip(hf_clip_dir: Path, tmp_path: Path) -> None:
+    """ReNO loads CLIP and PickScore with transformers (rewards/clip.py, pickscore.py @bd6f6acf):
+    score = exp(logit_scale) * cos(get_image_features, get_text_features), prompts tokenized with padding,
+    truncation, max_length 77 (here the tiny tokenizer's 16)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    clip = ClipScore(pretrained=hf_clip_dir)
+    images, prompts = _images(), ["a red square", "a blue circle on a table"]
+    score = clip(images, prompts)
+    model = CLIPModel.from_pretrained(str(hf_clip_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(hf_clip_dir))
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=preprocess_images(images, size=32)).pooler_output
+        txt = model.get_text_features(**tok(prompts, return_tensors="pt", padding=True, truncation=True,
+                                            max_length=16)).pooler_output
+        manual = model.logit_scale.exp() * torch.nn.functional.cosine_similarity(img, txt)
+    torch.testing.assert_close(score, manual, atol=1e-5, rtol=1e-5)
+    pick = PickScoreLike(hf_clip_dir)
+    torch.testing.assert_close(pick.loss(images, prompts), 30 - manual, atol=1e-4, rtol=1e-5)
+    # a model folder without tokenizer files (PickScore_v1 ships none) takes tokenizer=<folder>
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((hf_clip_dir / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="no tokenizer in .*bare"):
+        PickScoreLike(bare)
+    torch.testing.assert_close(PickScoreLike(bare, tokenizer=hf_clip_dir)(images, prompts), manual, atol=1e-5,
+                               rtol=1e-5)
+    from mmalign.rewards import reward_from_spec
+
+    spec, weight = reward_from_spec(f"pickscore={bare},{hf_clip_dir}")
+    assert weight == 0.05
+    torch.testing.assert_close(spec(images, prompts), manual, atol=1e-5, rtol=1e-5)
+    from mmalign.rewards import reno_rewards
+
+    pair = reno_rewards(hpsv2=None, imagereward=None, clip=hf_clip_dir, pickscore=bare, tokenizer=hf_clip_dir)
+    assert [(n, w) for n, (_, w) in zip(pair.names, pair.members, strict=True)] == [("clip", 0.01), ("pickscore", 0.05)]
+    torch.testing.assert_close(pair.evaluate(images, prompts).scores["pickscore"], manual, atol=1e-5, rtol=1e-5)
+    (bare / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        PickScoreLike(bare, tokenizer=hf_clip_dir)
