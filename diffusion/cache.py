@@ -12,6 +12,20 @@ Layout of a cache folder::
 Sides are stored in the pair's own order (before any label swap; ``collate`` swaps). Shards hold a
 fixed run of ``shard_size`` consecutive pairs, are written to a temporary name and renamed, and the
 index is rewritten after each one: an interrupted build resumes by skipping the shards that exist.
+
+Fingerprints (what makes a cache stale; pair ids alone do not):
+
+* model: ``meta["model"]``, a SHA-256 over every tensor (name, dtype, shape, bytes) of the VAE and
+  the text encoders, the VAE's config and latent scaling/shift, and each tokenizer's class, length
+  limit and vocabulary. Another checkpoint, another frozen dtype or a retouched VAE gives another
+  fingerprint; such a cache is refused (by :func:`build_cache` and by :class:`LatentCache` when an
+  adapter opens it) with a message saying the weights differ. Hashing reads every frozen weight
+  once (a few seconds for SDXL's ~0.9 B frozen parameters).
+* data: per shard, ``"data"``, a SHA-256 over each pair's id, the texts each side is conditioned on
+  and, per side, the image's relative path, size and modification time (the stamps the engine's
+  precomputed-reference cache uses). :func:`build_cache` re-encodes a shard whose pairs, texts or
+  images changed, even under the same ids, and keeps the others. An image replaced by one of the
+  same size with its old modification time restored is not noticed.
 Latents are the VAE posterior *mean* (no sampling), scaled like the adapter scales them, so a run
 with the cache sees exactly the inputs a run without it sees.
 
@@ -26,6 +40,7 @@ it is never used to train silently unflipped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,18 +52,61 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["CACHE_VERSION", "LatentCache", "build_cache"]
+__all__ = ["CACHE_VERSION", "LatentCache", "build_cache", "model_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: model fingerprint in meta, data fingerprint per shard
 _SIDES = ("chosen", "rejected")
 
 
-def _meta_for(adapter: Any) -> dict[str, Any]:
+def model_fingerprint(adapter: Any) -> str:
+    """SHA-256 of what turns pixels and texts into the cached tensors: the VAE and text-encoder
+    weights (every tensor's name, dtype, shape and bytes), the VAE config and latent scaling/shift,
+    and the tokenizers (class, length limit, vocabulary)."""
+    h = hashlib.sha256()
+    vae_config = {k: v for k, v in dict(adapter.vae.config).items() if not k.startswith("_")}
+    h.update(json.dumps({"vae": vae_config, "scaling": adapter.scaling_factor, "shift": adapter.shift_factor},
+                        sort_keys=True, default=str).encode())
+    for index, module in enumerate([adapter.vae, *adapter.text_encoders]):
+        for name, tensor in module.state_dict().items():
+            flat = tensor.detach().contiguous().reshape(-1)
+            h.update(f"{index}.{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
+            h.update(flat.view(torch.uint8).cpu().numpy().tobytes())
+    for attr in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = getattr(adapter.pipeline, attr, None)
+        if tokenizer is not None:
+            vocab = sorted(tokenizer.get_vocab().items())
+            h.update(json.dumps([attr, type(tokenizer).__name__, tokenizer.model_max_length, vocab]).encode())
+    return h.hexdigest()
+
+
+def _data_fingerprint(adapter: Any, pairs: Sequence[Any]) -> str:
+    """SHA-256 of the pairs' ids, their sides' texts and each image's relative path, size and mtime."""
+    h = hashlib.sha256()
+    for pair in pairs:
+        media = []
+        for side in _SIDES:
+            path = adapter._media_path(pair, side)
+            st = path.stat()
+            media.append([str((getattr(pair, f"{side}_media") or [""])[0]), st.st_size, st.st_mtime_ns])
+        h.update(json.dumps([str(pair.id), adapter.side_texts(pair), media]).encode())
+    return h.hexdigest()
+
+
+def _weights_message(where: Path) -> str:
+    return (
+        f"{where}: this cache was built with other frozen weights (VAE, text encoders, tokenizers or their "
+        "dtype differ from this pipeline's); its latents would not be this model's. Use another cache_dir "
+        "(or delete this one) to rebuild it"
+    )
+
+
+def _meta_for(adapter: Any, fingerprint: str | None = None) -> dict[str, Any]:
     """The settings a cache's contents depend on (stored in ``index.json``, compared on reuse)."""
     return {
         "version": CACHE_VERSION,
+        "model": fingerprint if fingerprint is not None else model_fingerprint(adapter),
         "architecture": adapter.architecture,
         "pipeline_class": type(adapter.pipeline).__name__,
         "resolution": adapter.resolution,
@@ -94,10 +152,12 @@ def build_cache(
 
     With ``adapter.random_flip`` the latents of the mirrored images are stored too (``{side}_flipped_latents``).
 
-    Returns the cache folder. Re-running with the same pairs skips finished shards; a cache built for
-    another resolution, caption mode or pipeline family is an error (use a new folder), and so is one
-    without mirrored latents when the adapter flips. A cache that has them keeps getting them even
-    when the resuming adapter does not flip (its shards stay alike).
+    Returns the cache folder. Re-running with the same pairs skips finished shards whose data
+    fingerprint (ids, texts, image paths, sizes and mtimes) still matches and re-encodes the others;
+    a cache built with other frozen weights (model fingerprint), for another resolution, caption mode
+    or pipeline family is an error (use a new folder), and so is one without mirrored latents when
+    the adapter flips. A cache that has them keeps getting them even when the resuming adapter does
+    not flip (its shards stay alike).
     """
     if adapter.cache is not None:
         raise ValueError("build_cache needs an adapter that reads images, not one already using a cache")
@@ -120,6 +180,8 @@ def build_cache(
         elif meta["flipped_latents"] and not old_meta["flipped_latents"]:
             raise ValueError(_no_flips_message(index_path))
         old["meta"] = old_meta
+        if old_meta.get("version") == meta["version"] and old_meta.get("model") != meta["model"]:
+            raise ValueError(_weights_message(index_path))
         if old_meta != meta or old.get("shard_size") != shard_size:
             raise ValueError(
                 f"{index_path}: cache was built with {old.get('meta')} (shard_size {old.get('shard_size')}), "
@@ -143,12 +205,12 @@ def build_cache(
     for number, start in enumerate(range(0, len(pairs), shard_size)):
         chunk = list(pairs[start : start + shard_size])
         name = f"shard-{number:05d}.safetensors"
-        entry = {"file": name, "ids": [str(p.id) for p in chunk]}
+        entry = {"file": name, "ids": [str(p.id) for p in chunk], "data": _data_fingerprint(adapter, chunk)}
         if name in done and (root / name).is_file():
-            if done[name]["ids"] != entry["ids"]:
-                raise ValueError(f"{root / name} holds other pairs than this dataset's shard {number}; use another cache_dir")
-            shards.append(entry)
-            continue
+            if done[name] == entry:
+                shards.append(entry)
+                continue
+            logger.info("cache: %s is stale (its pairs, texts or images changed); re-encoding it", name)
         tensors: dict[str, torch.Tensor] = {}
         for b in range(0, len(chunk), batch_size):
             group = chunk[b : b + batch_size]
@@ -217,9 +279,18 @@ class LatentCache:
         return state
 
     def check_compatible(self, adapter: Any) -> None:
-        """Raise if the cache was built for another pipeline family, resolution or caption mode, or
-        lacks the mirrored latents a ``random_flip`` adapter needs."""
+        """Raise if the cache was built with other frozen weights (model fingerprint), for another
+        pipeline family, resolution or caption mode, or lacks the mirrored latents a ``random_flip``
+        adapter needs. (The data side is checked by :func:`build_cache`, which ``diffusion.train.run``
+        always calls first.)"""
+        if self.meta.get("version") != CACHE_VERSION:
+            raise ValueError(
+                f"{self.root / 'index.json'}: cache format version {self.meta.get('version')}, this code reads "
+                f"{CACHE_VERSION} (it fingerprints weights and data); rebuild the cache in another folder"
+            )
         want = _meta_for(adapter)
+        if self.meta.get("model") != want["model"]:
+            raise ValueError(_weights_message(self.root / "index.json"))
         if want["flipped_latents"] and not self.flipped_latents:
             raise ValueError(_no_flips_message(self.root / "index.json"))
         for key in ("architecture", "resolution", "caption_mode", "latent_channels", "max_sequence_length"):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import diffusion.toy as toy
 from diffusion.train import DiffusionTrainConfig, run
@@ -84,3 +85,96 @@ def test_run_rebuilds_a_partial_toy_folder(tmp_path, partial):
     run(load_config(DiffusionTrainConfig, _toy_argv(out)))
     assert json.loads((out / "summary.json").read_text())["pairs"] == 64
     assert len(read_pairs(folder)) == 64
+
+
+# ------------------------------------------------------------------ latent cache fingerprints
+
+
+def _write_pairs(folder: Path, images: list[tuple[float, float]], prompts: list[str]) -> list:
+    """Pairs p0, p1, ... whose chosen/rejected images have the given mean brightness."""
+    import numpy as np
+    from PIL import Image
+
+    from mmalign.pairs import PairWriter, PreferencePair
+
+    def image(value: float, seed: int) -> Image.Image:
+        rng = np.random.default_rng(seed)
+        return Image.fromarray((np.clip(value + 0.1 * rng.standard_normal((32, 32, 3)), 0, 1) * 255).astype(np.uint8))
+
+    with PairWriter(folder) as writer:
+        for i, ((c, r), prompt) in enumerate(zip(images, prompts, strict=True)):
+            cm = writer.add_media(image(c, i), f"img/{i}_c.png")
+            rm = writer.add_media(image(r, 50 + i), f"img/{i}_r.png")
+            writer.write(PreferencePair(id=f"p{i}", prompt=prompt, chosen="", rejected="",
+                                        chosen_media=[cm], rejected_media=[rm]))
+    return read_pairs(folder)
+
+
+def _fresh_latents(adapter, pair) -> dict[str, torch.Tensor]:
+    rows = adapter.load_pair_images(pair)
+    pixels = torch.stack([rows["chosen_pixel_values"], rows["rejected_pixel_values"]])
+    latents = adapter.encode_images(pixels)
+    return {"chosen_latents": latents[0], "rejected_latents": latents[1],
+            "prompt_embeds": adapter.encode_texts([pair.prompt], torch.device("cpu"))["prompt_embeds"][0]}
+
+
+@pytest.fixture(scope="module")
+def sd():
+    from diffusion.train import load_pipeline
+
+    return load_pipeline("tiny:sd")
+
+
+def test_cache_rebuilds_when_the_data_under_the_same_ids_changes(sd, tmp_path):
+    """Same pair ids, swapped images and new prompts: the old code kept the stale latents."""
+    from diffusion.adapter import DiffusionAdapter
+    from diffusion.cache import LatentCache, build_cache
+
+    old = _write_pairs(tmp_path / "old", [(0.8, 0.2), (0.7, 0.3), (0.6, 0.4)], ["a red cube"] * 3)
+    new = _write_pairs(tmp_path / "new", [(0.2, 0.8), (0.3, 0.7), (0.4, 0.6)], ["a blue ball"] * 3)
+    adapter = DiffusionAdapter(sd)
+    root = build_cache(adapter, old, tmp_path / "cache", shard_size=2)
+    build_cache(adapter, new, root, shard_size=2)
+    cache = LatentCache(root)
+    for pair in new:
+        cached, fresh = cache.load_pair(pair.id), _fresh_latents(adapter, pair)
+        torch.testing.assert_close(cached["chosen_latents"], fresh["chosen_latents"])
+        torch.testing.assert_close(cached["rejected_latents"], fresh["rejected_latents"])
+        torch.testing.assert_close(cached["chosen_prompt_embeds"], fresh["prompt_embeds"])
+
+
+def test_cache_rebuilds_a_shard_whose_image_was_replaced_in_place(sd, tmp_path):
+    from diffusion.adapter import DiffusionAdapter
+    from diffusion.cache import LatentCache, build_cache
+
+    pairs = _write_pairs(tmp_path / "d", [(0.8, 0.2), (0.7, 0.3), (0.6, 0.4)], ["a red cube"] * 3)
+    adapter = DiffusionAdapter(sd)
+    root = build_cache(adapter, pairs, tmp_path / "cache", shard_size=2)
+    untouched = (root / "shard-00000.safetensors").stat().st_mtime_ns
+    import shutil
+
+    shutil.copyfile(tmp_path / "d" / "img" / "0_c.png", tmp_path / "d" / "img" / "2_r.png")  # pair p2, shard 1
+    build_cache(adapter, pairs, root, shard_size=2)
+    assert (root / "shard-00000.safetensors").stat().st_mtime_ns == untouched  # still valid, kept
+    torch.testing.assert_close(LatentCache(root).load_pair("p2")["rejected_latents"],
+                               _fresh_latents(adapter, pairs[2])["rejected_latents"])
+
+
+def test_cache_built_by_other_weights_is_refused(tmp_path):
+    """A pipeline whose VAE (or text encoder) weights differ must not train on the old latents."""
+    from diffusion.adapter import DiffusionAdapter
+    from diffusion.cache import build_cache
+    from diffusion.train import load_pipeline
+
+    pairs = _write_pairs(tmp_path / "d", [(0.8, 0.2), (0.7, 0.3)], ["a red cube"] * 2)
+    first = load_pipeline("tiny:sd")
+    root = build_cache(DiffusionAdapter(first), pairs, tmp_path / "cache")
+    DiffusionAdapter(first, cache_dir=root)  # the same weights: accepted
+    for component in ("vae", "text_encoder"):
+        other = load_pipeline("tiny:sd")
+        with torch.no_grad():
+            next(getattr(other, component).parameters()).add_(0.01)
+        with pytest.raises(ValueError, match="weights"):
+            build_cache(DiffusionAdapter(other), pairs, root)
+        with pytest.raises(ValueError, match="weights"):
+            DiffusionAdapter(other, cache_dir=root)
