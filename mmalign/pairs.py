@@ -837,6 +837,8 @@ def _decode_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
 
 
 def _check_pair_media(pair: PreferencePair, root: Path | None, check_media: CheckMedia) -> None:
+    """Media of ``pair`` inside ``root`` and present (and decodable with ``"decode"``); the error
+    names the pair id and the field (callers add file and line)."""
     if check_media == "none" or root is None:
         return
     for name, rel in _media_fields(pair):
@@ -844,15 +846,15 @@ def _check_pair_media(pair: PreferencePair, root: Path | None, check_media: Chec
             path = resolve_media(root, rel)
             exists = path.is_file()
         except PairFormatError as exc:
-            raise PairFormatError(exc.reason, field=name) from exc
+            raise PairFormatError(f"pair {pair.id!r}: {exc.reason}", field=name) from exc
         except OSError as exc:  # e.g. permission denied on a parent folder
-            raise PairFormatError(f"cannot access media file {rel!r}: {exc}", field=name) from exc
+            raise PairFormatError(f"pair {pair.id!r}: cannot access media file {rel!r}: {exc}", field=name) from exc
         if not exists:
-            raise PairFormatError(f"media file {rel!r} not found in {str(root)!r}", field=name)
+            raise PairFormatError(f"pair {pair.id!r}: media file {rel!r} not found in {str(root)!r}", field=name)
         if check_media == "decode":
             problem = _decode_problem(path)
             if problem is not None:
-                raise PairFormatError(problem, field=name)
+                raise PairFormatError(f"pair {pair.id!r}: {problem}", field=name)
 
 
 def _collect_pairs(
@@ -1637,8 +1639,9 @@ def check_media(
 ) -> MediaCheckReport:
     """Decode every media file of a pair dataset once, before training, and name each bad one.
 
-    ``dataset``: a :class:`PairDataset`, a dataset folder, or pairs (resolved against ``root``,
-    else each pair's :attr:`PreferencePair.root`). Each distinct file is opened, verified and
+    ``dataset``: a :class:`PairDataset`, a dataset folder (read here; with ``skip_bad`` its bad
+    rows are skipped and reported too), or pairs (resolved against ``root``, else each pair's
+    :attr:`PreferencePair.root`). Each distinct file is opened, verified and
     decoded (:func:`load_image`; a JPEG at its smallest DCT scale) in a pool of ``workers``
     threads (default: the CPU count, at most 8) behind a ``tqdm`` bar (``progress``). A file is
     bad when it is missing, empty, not an image, corrupt, truncated, larger than ``max_pixels``,
@@ -1654,12 +1657,14 @@ def check_media(
 
     from tqdm.auto import tqdm
 
+    read_skipped: list[SkippedRow] = []
     if isinstance(dataset, PairDataset):
         pairs = dataset.pairs
         root = root if root is not None else dataset.root
     elif isinstance(dataset, str | os.PathLike):
         root = root if root is not None else dataset
-        pairs = read_pairs(dataset)
+        # missing files are found by the decode below, so with skip_bad they are counted there
+        pairs, read_skipped = read_pairs_report(dataset, skip_bad=skip_bad, check_media="none")
     else:
         pairs = list(dataset)
     # (pair index, field order) -> (field, reason): the first problem of each pair
@@ -1713,7 +1718,7 @@ def check_media(
     if isinstance(dataset, PairDataset):
         dataset.pairs = kept
         dataset.skipped.extend(skipped)
-    return MediaCheckReport(pairs=kept, skipped=skipped, files=len(users))
+    return MediaCheckReport(pairs=kept, skipped=read_skipped + skipped, files=len(users))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -149,6 +149,32 @@ def test_check_media_decodes_each_file_once_and_shows_progress(tmp_path: Path, c
     assert "checking media" in capsys.readouterr().err
 
 
+def test_check_media_on_a_folder_counts_missing_files_and_bad_rows(tmp_path: Path) -> None:
+    folder = _dataset(tmp_path / "ds", n_good=2)
+    with open(folder / "pairs.jsonl", "a") as fh:
+        fh.write(json.dumps({"id": "gone", "prompt": "q", "chosen": "a", "rejected": "b",
+                             "chosen_media": ["media/gone.png"]}) + "\n")
+        fh.write("{not json}\n")
+    report = check_media(folder, skip_bad=True, progress=False)
+    assert [p.id for p in report.pairs] == ["p0", "p1"]
+    assert sorted((row.line, row.field) for row in report.skipped) == [(3, "chosen_media[0]"), (4, None)]
+    with pytest.raises(PairFormatError, match=r"line 3, field 'chosen_media\[0\]': pair 'gone'.*gone\.png"):
+        check_media(read_pairs(folder, check_media="none", skip_bad=True), progress=False)
+
+
+def test_truncation_is_caught_in_threads_whatever_pil_is_told(tmp_path: Path) -> None:
+    from PIL import ImageFile
+
+    folder = _dataset(tmp_path / "ds", {f"t{i}": BAD_MEDIA["truncated"]() for i in range(6)}, n_good=6)
+    ImageFile.LOAD_TRUNCATED_IMAGES = True  # set elsewhere in a process, e.g. by another library
+    try:
+        report = check_media(folder, skip_bad=True, progress=False, workers=4)
+        assert report.bad == 6 and len(report.pairs) == 6
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored once the last decode finished
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
 def test_check_media_names_item_for_pairs_built_in_memory(tmp_path: Path) -> None:
     folder = _dataset(tmp_path / "ds", {"zero_bytes": b""}, n_good=0)
     pair = PreferencePair("mem", "q", "a", "b", ["media/zero_bytes.png"], [])
@@ -177,6 +203,7 @@ def test_symlink_loop_is_a_bad_media_error(tmp_path: Path) -> None:
     with pytest.raises(PairFormatError) as info:
         read_pairs(folder)
     assert (info.value.line, info.value.field) == (4, "rejected_media[0]")
+    assert "pair 'looped'" in str(info.value)
     assert "symlink loop" in str(info.value) and "loop1.png" in str(info.value)
     pairs, skipped = read_pairs_report(folder, skip_bad=True)
     assert len(pairs) == 3 and len(skipped) == 1 and skipped[0].field == "rejected_media[0]"
