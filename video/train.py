@@ -1,0 +1,107 @@
+"""Glue: load a video LLM and its processor, build the adapter and dataset, call the engine.
+
+``run(VideoTrainConfig(...))`` is what ``scripts/train_video.py`` calls. Models load like the image VLMs
+(:func:`vision.train.load_vlm`: ``AutoModelForImageTextToText`` / ``AutoProcessor``, safetensors only,
+remote code off unless asked); ``tiny:<name>`` loads a tiny model of :mod:`mmalign.tiny` (tests, smoke runs).
+
+PhysDPO's recipe (PhysGame/PhysVLM, arXiv 2412.01800): DPO on LLaVA-OneVision-Qwen2-7B with 16 frames,
+beta 0.1, learning rate 5e-6, 2 epochs, full fine-tuning, no SFT term; ``scripts/configs/*physdpo*.yaml``
+carry it for LLaVA-OneVision, LLaVA-NeXT-Video and Qwen2.5-VL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.config import help_
+from mmalign.engine import TrainConfig
+
+__all__ = ["VideoTrainConfig", "load_video_llm", "run"]
+
+
+@dataclass
+class VideoTrainConfig:
+    """Preference optimisation of a video LLM (every field a CLI flag and a YAML key)."""
+
+    model: str = field(default="", metadata=help_("model folder, hub name or tiny:<name> (AutoModelForImageTextToText)"))
+    data: str = field(default="", metadata=help_("pair dataset folder, or LLaVA-Hound records with data_format=llava_hound"))
+    data_format: str = field(default="pairs", metadata=help_("pairs (our folder) | llava_hound (JSON/JSONL records)"))
+    video_root: str | None = field(default=None, metadata=help_("folder of the videos LLaVA-Hound records name"))
+    trust_remote_code: bool = field(default=False, metadata=help_("allow the checkpoint's own Python code"))
+    dtype: str = field(default="float32", metadata=help_("float32 | bfloat16 | float16 weights"))
+    num_frames: int | None = field(default=16, metadata=help_("frames per video, uniformly spaced (PhysDPO: 16)"))
+    sample_fps: float | None = field(default=None, metadata=help_("instead of num_frames: frames per second of video"))
+    max_frames: int | None = field(default=None, metadata=help_("with sample_fps: at most this many frames"))
+    frame_multiple: int = field(default=1, metadata=help_("drop trailing frames to a multiple (2 for Qwen2-VL)"))
+    max_length: int | None = field(default=4096, metadata=help_("max tokens per row (video tokens are never cut)"))
+    truncation: str = field(default="response", metadata=help_("response (cut the response) | drop (drop the pair)"))
+    system_prompt: str | None = field(default=None, metadata=help_("system message for every prompt"))
+    lora_scope: str = field(default="language", metadata=help_("LoRA targets: language | language+projector | all"))
+    check_videos: bool = field(default=True, metadata=help_("decode every video once before the first step"))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=help_("engine settings"))
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("VideoTrainConfig.model is required (a model folder, name or tiny:<name>)")
+        if not self.data:
+            raise ValueError("VideoTrainConfig.data is required (a pair dataset folder or records file)")
+        if self.data_format not in ("pairs", "llava_hound"):
+            raise ValueError(f"VideoTrainConfig.data_format must be 'pairs' or 'llava_hound', got {self.data_format!r}")
+        if self.data_format == "llava_hound" and not self.video_root:
+            raise ValueError("VideoTrainConfig: data_format=llava_hound needs video_root")
+        if self.truncation not in ("response", "drop"):
+            raise ValueError(f"VideoTrainConfig.truncation must be 'response' or 'drop', got {self.truncation!r}")
+        if self.sample_fps is not None:
+            self.num_frames = None
+        self.sampling()  # validates the frame settings
+
+    def sampling(self) -> Any:
+        """The :class:`~video.frames.FrameSampling` these settings describe."""
+        from video.frames import FrameSampling
+
+        return FrameSampling(num_frames=self.num_frames, fps=self.sample_fps, max_frames=self.max_frames,
+                             multiple_of=self.frame_multiple)
+
+
+def load_video_llm(
+    name_or_path: str | Path, *, trust_remote_code: bool = False, dtype: str = "float32"
+) -> tuple[torch.nn.Module, Any]:
+    """``(model, processor)`` from a folder, a hub name or ``tiny:<name>`` (a key of ``mmalign.tiny.TINY_BUILDERS``)."""
+    from vision.train import load_vlm
+
+    name = str(name_or_path)
+    if name.startswith("tiny:"):
+        from mmalign.tiny import cached_tiny
+
+        name_or_path = cached_tiny(name[len("tiny:") :])
+    return load_vlm(name_or_path, trust_remote_code=trust_remote_code, dtype=dtype)
+
+
+def run(config: VideoTrainConfig) -> Any:
+    """Train ``config.model`` on ``config.data`` with the engine; returns its ``TrainResult``."""
+    from mmalign.engine import train
+    from mmalign.pairs import PairDataset
+    from video.adapter import VideoLLMAdapter
+    from video.formats import load_video_pairs
+
+    dataset = load_video_pairs(config.data, data_format=config.data_format, video_root=config.video_root)
+    model, processor = load_video_llm(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype)
+    adapter = VideoLLMAdapter(
+        processor, media_root=dataset.root, sampling=config.sampling(), max_length=config.max_length,
+        truncation=config.truncation, system_prompt=config.system_prompt, lora_scope=config.lora_scope,
+    )
+    adapter.check_model(model)
+    if config.check_videos:  # every clip decodes (and lands in the frame cache) before any step
+        for pair in dataset:
+            adapter.clip(pair, "chosen")
+            adapter.clip(pair, "rejected")
+    kept, dropped = adapter.filter_pairs(dataset.pairs)
+    if dropped:
+        print(f"video.train: dropped {sum(dropped.values())} of {len(dataset)} pairs: {dict(dropped)}")
+    if not kept:
+        raise ValueError(f"no pair of {config.data} fits max_length={config.max_length}")
+    return train(model, adapter, PairDataset(kept, root=dataset.root), config.train)
