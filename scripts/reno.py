@@ -66,12 +66,14 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"reno.py: {exc}") from exc
     if not prompts:
         raise SystemExit("reno.py: no prompts: pass them as arguments or with --prompts-file")
+    try:  # rewards first: a bad spec or weights file is reported before the pipeline loads
+        rewards = WeightedRewards([reward_from_spec(s, model_name=args.clip_arch, device=args.device)
+                                   for s in args.reward])
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"reno.py: {exc}") from exc
     from diffusers import DiffusionPipeline
 
-    dtype = getattr(torch, args.dtype)
-    pipe = DiffusionPipeline.from_pretrained(args.pipeline, dtype=dtype).to(args.device)
-    rewards = WeightedRewards([reward_from_spec(s, model_name=args.clip_arch, device=args.device)
-                               for s in args.reward])
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline, dtype=getattr(torch, args.dtype)).to(args.device)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
         result = optimize_noise(

@@ -49,3 +49,25 @@ def test_script_reports_a_bad_prompts_file(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"prompts.txt: line 1 is not valid UTF-8"):
         _script().main(["--pipeline", "p", "--reward", "redness", "--out", str(tmp_path), "--prompts-file",
                         str(file)])
+
+
+def test_script_reports_a_bad_reward_spec(tmp_path: Path) -> None:
+    """A non-numeric weight is named as such (it used to read as an unknown reward 'redness:abc'), before the
+    pipeline is loaded (the pipeline path here does not exist)."""
+    with pytest.raises(SystemExit, match="weight 'abc' is not a number"):
+        _script().main(["--pipeline", str(tmp_path / "no-pipeline"), "--reward", "redness:abc", "--out",
+                        str(tmp_path), "a red fox"])
+
+
+def test_script_runs_on_a_tiny_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mmalign.tiny import cached_tiny
+
+    pipeline = cached_tiny("sd", scheduler="euler")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n\na blue car\n", encoding="utf-8")
+    _script().main(["--pipeline", str(pipeline), "--reward", "redness:1", "--out", str(tmp_path / "out"), "--steps",
+                    "2", "--height", "16", "--width", "16", "--device", "cpu", "--batch-size", "2", "--prompts-file",
+                    str(prompts)])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "000_a_red_fox.png", "001_a_blue_car.png", "rewards.json", "rewards.png"]
+    assert "a blue car" in capsys.readouterr().out
