@@ -1667,9 +1667,9 @@ def check_media(
         pairs, read_skipped = read_pairs_report(dataset, skip_bad=skip_bad, check_media="none")
     else:
         pairs = list(dataset)
-    # (pair index, field order) -> (field, reason): the first problem of each pair
-    problems: dict[int, tuple[int, str, str]] = {}
-    users: dict[Path, list[tuple[int, int, str]]] = {}
+    problems: dict[int, tuple[int, str, str]] = {}  # pair index -> (field order, field, reason) of its first
+    users: dict[Path, list[tuple[int, int, str]]] = {}  # file -> (pair index, field order, field) using it
+    unresolved: set[tuple[Path, str]] = set()  # paths that leave the folder or loop
     for i, pair in enumerate(pairs):
         folder = Path(root) if root is not None else pair.root
         for k, (name, rel) in enumerate(_media_fields(pair)):
@@ -1679,9 +1679,10 @@ def check_media(
                 path = resolve_media(folder, rel, follow_symlinks=follow_symlinks)
             except PairFormatError as exc:
                 problems.setdefault(i, (k, name, exc.reason))
+                unresolved.add((folder, rel))
                 continue
             users.setdefault(path, []).append((i, k, name))
-    bad_files = 0
+    bad_files = len(unresolved)
     n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     with (
         ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool,

@@ -214,7 +214,7 @@ def test_symlink_loop_is_a_bad_media_error(tmp_path: Path) -> None:
 def test_symlink_loop_in_check_media_names_the_pair(tmp_path: Path) -> None:
     folder = _loop_folder(tmp_path)
     pairs = read_pairs(folder, check_media="none")
-    with pytest.raises(PairFormatError, match=r"line 4, field 'rejected_media\[0\]': pair 'looped'.*symlink loop"):
+    with pytest.raises(PairFormatError, match=r"line 4, field 'rejected_media\[0\]': pair 'looped'.*symlink loop.*1 bad media file"):
         check_media(pairs, progress=False)
     report = check_media(pairs, skip_bad=True, progress=False)
     assert report.bad == 1 and len(report.pairs) == 3
