@@ -210,6 +210,10 @@ class POVIDRecipeConfig:
     trained on every pair with POVID's 0.5/0.5 weights for 1 epoch. Both stages as the official
     scripts: beta 0.1, LoRA r128/alpha 256 on the language model, lr 1e-7, cosine, warmup ratio 0.03,
     1 pair per device.
+
+    Start from ``scripts/configs/llava15_povid_recipe.yaml`` and override on top of it: the flag parser
+    builds a nested config from the keys it is given, so a ``--stage1.*`` flag *without* a YAML that
+    lists the stage starts that stage from ``TrainConfig``'s own defaults, not from this recipe's.
     """
 
     model: str = field(default="", metadata=help_("model folder or hub name (AutoModelForImageTextToText)"))
@@ -225,8 +229,8 @@ class POVIDRecipeConfig:
                                 metadata=help_("stage 2: 0.5/0.5 objective (output_dir default: <output_dir>/stage2)"))
 
     def __post_init__(self) -> None:
-        if not self.model or not self.data:
-            raise ValueError("POVIDRecipeConfig: model and data are required")
+        # model and data are checked by run_povid_recipe: a config that builds without arguments lets
+        # the flag parser start from these recipe defaults when a flag changes one stage field
         for name in ("stage1", "stage2"):
             stage = getattr(self, name)
             if stage.output_dir in ("", "runs/default"):
@@ -245,6 +249,8 @@ def run_povid_recipe(config: POVIDRecipeConfig) -> tuple[Any, Any]:
     from vision.adapter import VLMAdapter
     from vision.train import apply_warmup_ratio, load_vlm
 
+    if not config.model or not config.data:
+        raise ValueError("POVIDRecipeConfig: model and data are required")
     data = Path(config.data)
     pairs = list(PairDataset(data).pairs)
     text = []
