@@ -559,8 +559,9 @@ def _head_from_state_dict(
 class AestheticHead:
     """Aesthetic score: a linear / MLP head on L2-normalised CLIP image features (prompts unused).
 
-    The head loads from a safetensors file: either one ``weight``/``bias`` pair (a linear probe)
-    or numbered layers ``<prefix><i>.weight``/``.bias`` applied in index order, which is the LAION
+    The head loads from a safetensors file or a plain torch state dict (``.pth``/``.pt``, read with
+    ``weights_only=True``, such as ReNO's ``aesthetic-model.pth``): either one ``weight``/``bias``
+    pair (a linear probe) or numbered layers ``<prefix><i>.weight``/``.bias`` applied in index order, which is the LAION
     aesthetic predictor v2 layout (``layers.0``, ``layers.2``, ``layers.4``, ``layers.6``,
     ``layers.7``; no nonlinearities, dropout is a no-op at eval). ``activation="relu"|"gelu"``
     inserts one between layers for heads trained with them.
@@ -582,11 +583,9 @@ class AestheticHead:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        from safetensors.torch import load_file
-
         path = Path(head_weights)
         if not path.is_file():
-            raise FileNotFoundError(f"AestheticHead: head weights file not found: {path} (expected safetensors)")
+            raise FileNotFoundError(f"AestheticHead: head weights file not found: {path} (safetensors or .pth)")
         if activation not in (None, "relu", "gelu"):
             raise ValueError(f"AestheticHead: activation must be None, 'relu' or 'gelu', got {activation!r}")
         self.name = name
@@ -596,7 +595,8 @@ class AestheticHead:
                             who="AestheticHead")
         )
         p = self.encoder._param()
-        self.head = _freeze(_head_from_state_dict(load_file(str(path)), path, activation).to(p.device, p.dtype))
+        state = _load_state_dict(path, "AestheticHead")
+        self.head = _freeze(_head_from_state_dict(state, path, activation).to(p.device, p.dtype))
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         _check_batch(images, prompts, "AestheticHead")

@@ -207,6 +207,9 @@ def test_aesthetic_head_linear_and_errors(tiny_clip_dir: Path, tmp_path: Path) -
     images = _images()
     feats = head.encoder.image_features(images)
     torch.testing.assert_close(head(images, ["a", "b"]), feats.sum(-1), atol=1e-5, rtol=1e-5)
+    torch.save({"weight": torch.ones(1, EMBED), "bias": torch.zeros(1)}, tmp_path / "aesthetic-model.pth")
+    from_pth = AestheticHead(tmp_path / "aesthetic-model.pth", pretrained=tiny_clip_dir)  # ReNO's file format
+    torch.testing.assert_close(from_pth(images, ["a", "b"]), feats.sum(-1), atol=1e-5, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="aesthetic_v2.safetensors"):
         AestheticHead(tmp_path / "aesthetic_v2.safetensors", pretrained=tiny_clip_dir)
     save_file({"weight": torch.ones(2, EMBED)}, str(tmp_path / "two.safetensors"))
