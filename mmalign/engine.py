@@ -17,8 +17,17 @@ What it does, top to bottom:
    randomness, ``adapter.logps`` runs the policy (and the reference), the loss is computed per pair,
    weighted (``batch["weight"]`` when present) and averaged; a non-finite loss stops the run;
 5. every ``save_every`` optimizer steps, an atomic checkpoint (safetensors: trainable weights,
-   optimizer, scheduler, RNG states, data position, resolved config); ``resume=True`` continues
-   from the newest complete one and ends bitwise equal to an uninterrupted run on the CPU.
+   optimizer, scheduler, RNG states, data position, resolved config, the run's id and fingerprints of
+   the initial model and of the pairs); ``resume=True`` continues from the newest complete one and
+   ends bitwise equal to an uninterrupted run on the CPU.
+
+Checkpoints survive a kill at any point: a checkpoint is written whole into ``step-N.tmp``, every
+file and folder fsynced, the ``COMPLETE`` marker (run id and file sizes) written last, then renamed
+into place; one being replaced is first renamed to ``step-N.old`` and deleted only after its
+replacement is in place; a deletion removes ``COMPLETE`` first. The next start finishes or cleans up
+what a kill left. Pruning (``keep_last``) deletes only this run's complete checkpoints. A folder
+holding another run's checkpoints or metrics is refused unless ``resume`` or ``overwrite_output_dir``
+says what to do with it; weights that are not finite are never saved.
 """
 
 from __future__ import annotations
@@ -26,12 +35,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import inspect
 import json
+import logging
 import math
 import os
 import random
+import re
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +60,7 @@ from mmalign.config import config_to_dict, diff_configs, help_
 __all__ = [
     "CheckpointError",
     "NonFiniteLossError",
+    "NonFiniteWeightsError",
     "StepInfo",
     "TrainConfig",
     "TrainResult",
@@ -59,9 +73,15 @@ __all__ = [
 
 Reference = Literal["auto", "frozen", "lora_disabled", "precomputed", "none"]
 
+logger = logging.getLogger(__name__)
+
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; the last good checkpoint is left intact."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """Trainable weights became NaN or inf; they are not saved, the last good checkpoint is left intact."""
 
 
 class CheckpointError(RuntimeError):
@@ -103,7 +123,9 @@ class TrainConfig:
     )
     lr_scheduler: Literal["constant", "cosine", "linear"] = field(default="constant", metadata=help_("after warmup"))
     warmup_steps: int = field(default=0, metadata=help_("linear warmup steps"))
-    max_grad_norm: float = field(default=1.0, metadata=help_("gradient clipping norm (0 = off)"))
+    max_grad_norm: float | None = field(
+        default=1.0, metadata=help_("gradient clipping norm (0 or null = no clipping; negative is an error)")
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata=help_("no | fp16 | bf16"))
     gradient_checkpointing: bool = field(default=False, metadata=help_("trade compute for activation memory"))
     lora_r: int = field(default=0, metadata=help_("LoRA rank (0 = full fine-tuning)"))
@@ -114,8 +136,21 @@ class TrainConfig:
     )
     seed: int = field(default=0, metadata=help_("seed of data order, noise and initialisation"))
     save_every: int = field(default=0, metadata=help_("checkpoint every N optimizer steps (0 = only at the end)"))
-    keep_last: int = field(default=2, metadata=help_("checkpoints kept"))
-    resume: bool = field(default=False, metadata=help_("continue from the newest complete checkpoint"))
+    keep_last: int = field(
+        default=2,
+        metadata=help_("this run's checkpoints kept (another run's are never deleted); until the run ends, the "
+                       "newest one whose weights have given a finite loss is kept too"),
+    )
+    resume: bool = field(
+        default=False,
+        metadata=help_("continue from the newest complete checkpoint in output_dir; with none, start at step 0 "
+                       "(with a warning) and append to its metrics.jsonl"),
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=help_("delete the checkpoints and metrics of an earlier run in output_dir before training; "
+                       "without it (or resume) such a folder is refused"),
+    )
     log_every: int = field(default=1, metadata=help_("write metrics every N optimizer steps"))
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=help_("accelerate trackers"))
     diagnostics_every: int = field(default=0, metadata=help_("diagnostics every N steps (0 = off)"))
@@ -133,8 +168,17 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "save_every", "lora_r", "diagnostics_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not all(_finite(v) for v in (value.values() if isinstance(value, dict) else [value])):
+                raise ValueError(f"{f.name} must be finite, got {value!r}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 or None turns clipping off), got {self.max_grad_norm}")
+        if self.resume and self.overwrite_output_dir:
+            raise ValueError("resume and overwrite_output_dir contradict each other: pick one")
+        _check_loss_kwargs(self.loss, self.loss_kwargs)
         if self.reference == "lora_disabled" and self.lora_r == 0:
             raise ValueError("reference='lora_disabled' needs LoRA (lora_r > 0)")
         if self.sft_weight is None:
@@ -154,9 +198,36 @@ class TrainConfig:
         return self.reference
 
 
+def _finite(value: Any) -> bool:
+    """False for a NaN or infinite float, also inside a list; True for anything else."""
+    if isinstance(value, list | tuple):
+        return all(_finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _check_loss_kwargs(loss: str, kwargs: dict[str, Any]) -> None:
+    """Fail before any model loads on a hyperparameter the loss does not take (a typo) or rejects.
+
+    The names are the loss function's keyword-only parameters; the values are checked by calling it
+    once on one-element inputs, so its own checks (beta > 0, label_smoothing in range) run here.
+    """
+    from mmalign.losses import LOSSES
+
+    params = inspect.signature(LOSSES[loss]).parameters.values()
+    known = sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise ValueError(f"loss_kwargs {unknown} are not hyperparameters of loss {loss!r}; it takes {known}")
+    inputs = [torch.zeros(1) for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    try:
+        LOSSES[loss](*inputs, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"loss_kwargs {kwargs} for loss {loss!r}: {exc}") from exc
+
+
 #: Config fields that may change between a run and its resumption.
 RESUMABLE_CHANGES = (
-    "output_dir", "resume", "max_steps", "num_epochs", "save_every", "keep_last", "log_every",
+    "output_dir", "resume", "overwrite_output_dir", "max_steps", "num_epochs", "save_every", "keep_last", "log_every",
     "trackers", "progress", "plot", "diagnostics_every", "ref_cache_dir",
 )
 
@@ -256,19 +327,115 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], gener
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """Newest complete checkpoint folder (``checkpoints/step-N`` holding ``COMPLETE``), or None."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
+_STEP_NAME = re.compile(r"step-(\d+)")
+#: Run id of checkpoints written before run ids were recorded.
+_LEGACY_RUN = "legacy"
+
+
+def _step_of(path: Path) -> int | None:
+    """N for a ``step-N`` name (N an integer), else None: ``step-final`` or ``step-3.tmp`` are no checkpoints."""
+    match = _STEP_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def _marker(ckpt: Path) -> dict[str, Any] | None:
+    """The ``COMPLETE`` marker of a checkpoint whose files it lists are all there, else None."""
+    try:
+        text = (ckpt / "COMPLETE").read_text()
+    except OSError:
         return None
-    done = [p for p in root.glob("step-*") if (p / "COMPLETE").is_file() and not p.name.endswith(".tmp")]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    try:
+        marker = json.loads(text)
+    except json.JSONDecodeError:
+        marker = None
+    if not isinstance(marker, dict):  # a marker from before run ids: "ok"
+        marker = {"run_id": _LEGACY_RUN, "files": ["trainer_state.json", "model.safetensors"]}
+    if not all((ckpt / name).is_file() for name in marker.get("files", ())):
+        return None
+    return marker
+
+
+def _checkpoints(root: Path, *, unfinished_swaps: bool = False) -> list[tuple[int, Path, dict[str, Any]]]:
+    """(step, folder, marker) of the complete checkpoints in ``root``, oldest first.
+
+    With ``unfinished_swaps``, a complete ``step-N.old`` stands in for a missing ``step-N``: a kill fell
+    between the two renames of a replacement (the next start finishes it). A ``step-N.tmp`` never
+    does: a live run may be about to rename it.
+    """
+    if not root.is_dir():
+        return []
+    found: dict[int, tuple[int, Path, dict[str, Any]]] = {}
+    for path in sorted(root.iterdir(), key=lambda p: p.suffix == ""):  # step-N wins over step-N.old
+        if path.suffix == ".old":
+            step = _step_of(path.with_suffix("")) if unfinished_swaps else None
+        else:
+            step = _step_of(path)
+        marker = _marker(path) if step is not None else None
+        if marker is not None:
+            found[step] = (step, path, marker)
+    return sorted(found.values(), key=lambda t: t[0])
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint folder (``checkpoints/step-N`` whose ``COMPLETE`` marker lists files
+    that are all there), or None. Other names (``step-final``, ``step-N.tmp``) are ignored; a complete
+    ``step-N.old`` counts only where a kill cut a replacement short and left no ``step-N`` (``train``
+    puts one back in place on its next start)."""
+    found = _checkpoints(Path(output_dir) / "checkpoints", unfinished_swaps=True)
+    return found[-1][1] if found else None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (after creating, renaming or deleting in it), to the disk."""
+    if os.name == "nt" and path.is_dir():
+        return  # Windows cannot open a folder; its renames are durable once done
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_durable(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path))
+    _fsync(path)
+
+
+def _delete_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder so that a kill half-way leaves no folder that looks complete:
+    ``COMPLETE`` goes first (a recursive delete may remove it last)."""
+    marker = path / "COMPLETE"
+    if marker.exists():
+        os.unlink(marker)
+        _fsync(path)
+    shutil.rmtree(path)
+    _fsync(path.parent)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    _write_durable(tmp, text)
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _earlier_run(out: Path) -> list[str]:
+    """What in ``out`` belongs to a run: its checkpoint folders (complete or not) and non-empty metrics."""
+    found = []
+    root = out / "checkpoints"
+    if root.is_dir():
+        found = [f"checkpoints/{p.name}" for p in sorted(root.iterdir()) if p.name.startswith("step-")]
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(f"metrics.jsonl ({len(metrics.read_text().splitlines())} rows)")
+    return found
 
 
 # --------------------------------------------------------------------------- plotting
@@ -337,14 +504,29 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _hash_model(model: torch.nn.Module) -> str:
-    """Cheap, stable fingerprint: names, shapes and a strided sample of every tensor."""
+    """Cheap, stable fingerprint: names, shapes, dtypes and a strided sample of every tensor."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // 256)
         h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
         h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _record(item: Any) -> bytes:
+    """One pair as bytes for a fingerprint: its fields (ids, texts, media names, labels, meta)."""
+    return json.dumps(dataclasses.asdict(item) if dataclasses.is_dataclass(item) else repr(item),
+                      sort_keys=True, default=str).encode()
+
+
+def _hash_records(dataset: Sequence[Any]) -> str:
+    """Fingerprint of the pair records, in order. Media files are not read: online PSO rewrites its
+    samples during a run, and a dataset folder may be copied or moved between a run and its resume."""
+    h = hashlib.sha256()
+    for item in dataset:
+        h.update(_record(item))
     return h.hexdigest()[:16]
 
 
@@ -353,8 +535,7 @@ def _hash_data(dataset: Sequence[Any]) -> str:
     (so replacing an image under the same name invalidates a cached reference)."""
     h = hashlib.sha256()
     for item in dataset:
-        h.update(json.dumps(dataclasses.asdict(item) if dataclasses.is_dataclass(item) else repr(item),
-                            sort_keys=True, default=str).encode())
+        h.update(_record(item))
         if getattr(item, "root", None) is not None and hasattr(item, "media_paths"):
             for path in (p for side in item.media_paths() for p in side):
                 st = path.stat()
@@ -524,7 +705,20 @@ class _Engine:
                 f"{sorted(DIFFUSION_LOSSES)}, sequence adapters the others"
             )
         self.out = Path(config.output_dir)
+        earlier = _earlier_run(self.out)
+        if earlier and not (config.resume or config.overwrite_output_dir):
+            # Checked by every process before any of them writes (the Accelerator below is a rendezvous).
+            raise FileExistsError(
+                f"{self.out} holds the checkpoints and metrics of another run ({', '.join(earlier)}). Pass "
+                "resume=True to continue that run, overwrite_output_dir=True to delete them and start over, "
+                "or choose another output_dir."
+            )
         self.out.mkdir(parents=True, exist_ok=True)
+        # What a checkpoint is checked against on resume: the model as given (before LoRA and any step)
+        # and the pair records. The run id tells this run's checkpoints from another's when pruning.
+        self.model_fingerprint = _hash_model(model)
+        self.data_fingerprint = _hash_records(dataset)
+        self.run_id = uuid.uuid4().hex
         _allow_new_precision(config.mixed_precision)
         self.accelerator = Accelerator(
             cpu=_distributed_on_cpu(),
@@ -584,6 +778,11 @@ class _Engine:
         self.global_step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
+        self.saved_step: int | None = None  # the step of the newest checkpoint written or loaded
+        # The newest checkpoint whose weights have since given a finite loss, and a newer one whose
+        # weights have not been through a loss yet: a NaN stop names the former, and pruning spares it.
+        self.good_checkpoint: Path | None = None
+        self.unproven_checkpoint: Path | None = None
         self.metrics: list[dict[str, float]] = []
         self.diagnostics = None
         if config.diagnostics_every:
@@ -768,20 +967,41 @@ class _Engine:
 
     # ---- checkpoints
 
-    def _save_checkpoint(self) -> Path | None:
+    def _check_weights_finite(self) -> None:
+        """Raise (on every process) rather than save weights holding NaN or inf. Sharded runs check
+        the part each process holds (``self.trainable`` are the unsharded originals there)."""
         acc = self.accelerator
+        params = list(self.model.parameters()) if self.sharded else self.trainable
+        bad = torch.stack([(~torch.isfinite(p.detach())).sum() for p in params]).sum()
+        if acc.num_processes > 1:  # sharded: each process holds a part; DDP: each holds a copy
+            bad = acc.reduce(bad, reduction="sum") // (1 if self.sharded else acc.num_processes)
+        if bad.item():
+            raise NonFiniteWeightsError(
+                f"{bad.item()} trainable weight(s) are NaN or inf after optimizer step {self.global_step}; "
+                f"not saving them. {self._last_good()}. Lower the learning rate, or check the data."
+            )
+
+    def _last_good(self) -> str:
+        text = f"The last good checkpoint is {self.good_checkpoint or 'none'}"
+        if self.unproven_checkpoint is not None:
+            text += f"; {self.unproven_checkpoint} holds the weights that gave this"
+        return text
+
+    def _save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        self._check_weights_finite()
         acc.wait_for_everyone()
         root = self.out / "checkpoints"
         final = root / f"step-{self.global_step:08d}"
-        tmp = root / f"step-{self.global_step:08d}.tmp"
+        tmp = root / f"{final.name}.tmp"
         rng_t, rng_m = _rng_state(self.generator)
         if acc.is_main_process:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        save_file(rng_t, str(tmp / f"rng_{acc.process_index}.safetensors"))
-        (tmp / f"rng_{acc.process_index}.json").write_text(json.dumps(rng_m))
+        _save_durable(rng_t, tmp / f"rng_{acc.process_index}.safetensors")
+        _write_durable(tmp / f"rng_{acc.process_index}.json", json.dumps(rng_m))
         if self.sharded:
             # FSDP / DeepSpeed: parameters are shards; gather the full weights (a collective on every
             # rank). The sharded optimizer state is not written, so such checkpoints cannot be resumed.
@@ -790,33 +1010,83 @@ class _Engine:
             weights = {n: t.detach().cpu().contiguous() for n, t in full.items() if n in trainable} or full
         if acc.is_main_process:
             if self.sharded:
-                save_file(weights, str(tmp / "model.safetensors"))
+                _save_durable(weights, tmp / "model.safetensors")
             else:
-                save_file(_trainable_state(self._unwrapped()), str(tmp / "model.safetensors"))
+                _save_durable(_trainable_state(self._unwrapped()), tmp / "model.safetensors")
                 opt_t, opt_m = _optimizer_to_tensors(self.optimizer.optimizer)
-                save_file(opt_t, str(tmp / "optimizer.safetensors"))
-                (tmp / "optimizer.json").write_text(json.dumps(opt_m))
+                _save_durable(opt_t, tmp / "optimizer.safetensors")
+                _write_durable(tmp / "optimizer.json", json.dumps(opt_m))
             state = {
                 "global_step": self.global_step,
                 "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch,
                 "num_processes": acc.num_processes,
                 "scheduler": self.scheduler.state_dict(),
+                "run_id": self.run_id,
+                "model_fingerprint": self.model_fingerprint,
+                "data_fingerprint": self.data_fingerprint,
                 "config": config_to_dict(self.cfg),
             }
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+            _write_durable(tmp / "trainer_state.json", json.dumps(state, indent=1, default=str))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (tmp / "COMPLETE").write_text("ok\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            done = sorted((p for p in root.glob("step-*") if not p.name.endswith(".tmp")),
-                          key=lambda p: int(p.name.split("-")[1]))
-            for old in done[: -self.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._publish(tmp, final)
+            self._prune(spare=self.good_checkpoint)
         acc.wait_for_everyone()
+        self.saved_step = self.global_step
+        self.unproven_checkpoint = final
         return final
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Mark ``tmp`` complete and put it in place of ``final``. An older ``final`` is renamed to
+        ``step-N.old`` and deleted only once the new one is in place: a kill at any point leaves the old
+        or the new ``step-N`` complete, or (between the two renames) a complete ``step-N.old``, which
+        ``latest_checkpoint`` accepts and the next start puts back or replaces by the finished ``.tmp``."""
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}  # sizes: for a reader's checks
+        _write_durable(tmp / "COMPLETE", json.dumps({"run_id": self.run_id, "step": self.global_step,
+                                                     "files": files}))
+        _fsync(tmp)
+        old = final.with_name(f"{final.name}.old")
+        if final.exists():
+            if old.exists():
+                _delete_checkpoint(old)
+            os.replace(final, old)
+            _fsync(final.parent)
+        os.replace(tmp, final)
+        _fsync(final.parent)
+        if old.exists():
+            _delete_checkpoint(old)
+
+    def _prune(self, spare: Path | None) -> None:
+        """Delete this run's complete checkpoints beyond the newest ``keep_last`` (sparing ``spare``);
+        other runs' checkpoints and anything not named ``step-N`` are left alone."""
+        mine = [path for _, path, marker in _checkpoints(self.out / "checkpoints") if marker.get("run_id") == self.run_id]
+        for path in mine[: -self.cfg.keep_last]:
+            if path != spare:
+                _delete_checkpoint(path)
+
+    def _recover_checkpoints(self) -> None:
+        """Finish or clean up what a kill left in ``checkpoints/`` (main process, before resuming):
+        a complete ``step-N.tmp`` or ``step-N.old`` becomes ``step-N`` when that is missing (the newer
+        ``.tmp`` first), other leftovers and ``step-N`` folders without ``COMPLETE`` (a deletion cut
+        short) are deleted. A folder with ``COMPLETE`` but missing files is left alone (and not used)."""
+        root = self.out / "checkpoints"
+        if not root.is_dir():
+            return
+        leftovers = [p for p in root.iterdir() if p.suffix in (".tmp", ".old") and p.is_dir()
+                     and _step_of(p.with_suffix("")) is not None]
+        for path in sorted(leftovers, key=lambda p: (p.suffix != ".tmp", p.name)):
+            final = path.with_suffix("")
+            if not final.exists() and _marker(path) is not None:
+                os.replace(path, final)
+                _fsync(root)
+                logger.warning("recovered %s from %s (a save was interrupted)", final, path.name)
+            else:
+                _delete_checkpoint(path)
+        for path in root.iterdir():
+            if _step_of(path) is not None and path.is_dir() and not (path / "COMPLETE").exists():
+                logger.warning("deleting %s: an incomplete checkpoint (a deletion was interrupted)", path)
+                _delete_checkpoint(path)
 
     def _load_checkpoint(self, ckpt: Path) -> None:
         acc = self.accelerator
@@ -828,6 +1098,16 @@ class _Engine:
             raise CheckpointError(
                 f"{ckpt} was written by {state['num_processes']} processes, this run has {acc.num_processes}"
             )
+        for what, ours in (("model", self.model_fingerprint), ("data", self.data_fingerprint)):
+            theirs = state.get(f"{what}_fingerprint")
+            if theirs is None:
+                logger.warning("%s records no %s fingerprint (an older checkpoint): not checked", ckpt, what)
+            elif theirs != ours:
+                raise CheckpointError(
+                    f"{ckpt} was trained from another {what}: its {what} fingerprint is {theirs}, this run's is "
+                    f"{ours} (model: names, shapes, dtypes and a sample of every initial weight; data: the "
+                    f"pair records in order). Resume with the same model and pairs, or use another output_dir."
+                )
         weights = load_file(str(ckpt / "model.safetensors"))
         model = self._unwrapped()
         expected = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -847,7 +1127,24 @@ class _Engine:
         self.global_step = state["global_step"]
         self.epoch = state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
+        self.run_id = state.get("run_id", _LEGACY_RUN)  # this run continues that one: its checkpoints are ours
+        self.saved_step = self.global_step
+        self.unproven_checkpoint = ckpt
         self.metrics = [m for m in self._read_metrics() if m["step"] <= self.global_step]
+
+    def _delete_earlier_run(self) -> None:
+        """``overwrite_output_dir``: delete the checkpoints and metrics an earlier run left here."""
+        root = self.out / "checkpoints"
+        if root.is_dir():
+            for path in sorted(root.iterdir()):
+                if path.name.startswith("step-") and path.is_dir():
+                    _delete_checkpoint(path)
+                elif path.name.startswith("step-"):
+                    os.unlink(path)
+        for name in ("metrics.jsonl", "metrics.png"):
+            if (self.out / name).exists():
+                os.unlink(self.out / name)
+        logger.warning("overwrite_output_dir: deleted the checkpoints and metrics of an earlier run in %s", self.out)
 
     def _read_metrics(self) -> list[dict[str, float]]:
         path = self.out / "metrics.jsonl"
@@ -874,11 +1171,19 @@ class _Engine:
         from tqdm.auto import tqdm
 
         acc, cfg = self.accelerator, self.cfg
-        if cfg.resume:
-            ckpt = latest_checkpoint(self.out)
-            if ckpt is not None:
-                self._load_checkpoint(ckpt)
-                acc.print(f"resumed from {ckpt} at step {self.global_step}")
+        metrics_file = self.out / "metrics.jsonl"
+        if acc.is_main_process:
+            if cfg.overwrite_output_dir:
+                self._delete_earlier_run()
+            self._recover_checkpoints()
+        acc.wait_for_everyone()
+        ckpt = latest_checkpoint(self.out) if cfg.resume else None
+        if ckpt is not None:
+            self._load_checkpoint(ckpt)
+            acc.print(f"resumed from {ckpt} at step {self.global_step}")
+        elif cfg.resume and acc.is_main_process:
+            logger.warning("resume: %s holds no complete checkpoint; starting at step 0 and appending to %s",
+                           self.out / "checkpoints", metrics_file)
         if self.reference == "precomputed":
             self._precompute_reference()
         if acc.is_main_process:
@@ -889,14 +1194,13 @@ class _Engine:
         total = self.total_steps()
         bar = tqdm(total=total, initial=self.global_step, desc=f"train {cfg.loss}",
                    disable=not (cfg.progress and acc.is_local_main_process))
-        metrics_file = self.out / "metrics.jsonl"
-        if acc.is_main_process:
-            # Rewrite the metrics to what the resumed checkpoint had seen: no duplicated steps.
+        if acc.is_main_process and not (cfg.resume and ckpt is None):
+            # Rewrite the metrics to what the resumed checkpoint had seen: no duplicated steps. (A resume
+            # without a checkpoint appends: the rows of the interrupted attempt stay.)
             _atomic_write_text(metrics_file, "".join(json.dumps(m) + "\n" for m in self.metrics))
         sums: dict[str, torch.Tensor] = {}
         n_micro = 0
         t0 = time.perf_counter()
-        final_ckpt = None
         batches = self._micro_batches()
         while self.global_step < total:
             batch = next(batches)
@@ -907,11 +1211,13 @@ class _Engine:
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"loss is {loss.item()} at optimizer step {self.global_step} (epoch {self.epoch}, "
-                        f"micro-batch {self.batch_in_epoch}); stopping. The last good checkpoint is "
-                        f"{latest_checkpoint(self.out)}. Lower the learning rate or beta, or check the data."
+                        f"micro-batch {self.batch_in_epoch}); stopping. {self._last_good()}. Lower the "
+                        "learning rate or beta, or check the data."
                     )
+                if self.unproven_checkpoint is not None:  # its weights gave a finite loss
+                    self.good_checkpoint, self.unproven_checkpoint = self.unproven_checkpoint, None
                 acc.backward(loss)
-                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                if acc.sync_gradients and cfg.max_grad_norm:
                     if acc.scaler is None and not self.sharded:
                         # plain parameters: torch's clip on the cached list, without accelerate's
                         # per-step DTensor and unscale checks (~3 ms a step on small models)
@@ -946,10 +1252,12 @@ class _Engine:
             for cb in self.callbacks:
                 cb(StepInfo(self.global_step, row, self._unwrapped(), acc))
             if cfg.save_every and self.global_step % cfg.save_every == 0:
-                final_ckpt = self._save_checkpoint()
+                self._save_checkpoint()
         bar.close()
-        if final_ckpt is None or not final_ckpt.name.endswith(f"{self.global_step:08d}"):
-            final_ckpt = self._save_checkpoint()
+        # Saved at the last step already, or resumed from a finished run: nothing to re-save.
+        final_ckpt = self._save_checkpoint() if self.saved_step != self.global_step else self.unproven_checkpoint
+        if acc.is_main_process:
+            self._prune(spare=None)  # the run ended well: the spared checkpoint may go too
         acc.end_training()
         if cfg.plot and acc.is_main_process and self.metrics:
             plot_metrics(metrics_file)

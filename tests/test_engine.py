@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import random
 import signal
@@ -195,6 +196,45 @@ def test_bad_inputs_fail_before_compute(tmp_path, lm, pairs):
         _cfg(tmp_path, reference="lora_disabled")
     with pytest.raises(TypeError, match="Adapter protocol"):
         train(model, object(), pairs[0][:8], _cfg(tmp_path))
+
+
+def test_config_rejects_non_finite_negative_and_unknown_hyperparameters(tmp_path):
+    """All before a model loads: an inf learning rate used to pass and save inf weights; a negative
+    max_grad_norm silently disabled clipping; a typo in loss_kwargs surfaced only at the first step."""
+    for field, value in (("learning_rate", math.inf), ("max_grad_norm", math.nan), ("adam_betas", [0.9, math.inf]),
+                         ("loss_kwargs", {"beta": math.inf}), ("weight_decay", -math.inf)):
+        with pytest.raises(ValueError, match=f"{field} must be finite"):
+            _cfg(tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=r"max_grad_norm must be >= 0 \(0 or None turns clipping off\), got -1"):
+        _cfg(tmp_path, max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match=r"loss_kwargs \['bta'\] are not hyperparameters of loss 'dpo'; "
+                                         r"it takes \['beta', 'label_smoothing'\]"):
+        _cfg(tmp_path, loss_kwargs={"bta": 0.1})
+    with pytest.raises(ValueError, match=r"loss_kwargs \['beta'\] .* loss 'sft'; it takes \[\]"):
+        _cfg(tmp_path, loss="sft", loss_kwargs={"beta": 0.1})
+    with pytest.raises(ValueError, match="loss 'dpo'.*beta must be > 0|loss 'dpo'.*beta"):
+        _cfg(tmp_path, loss_kwargs={"beta": -0.1})  # the loss's own check, run on a one-element input
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        _cfg(tmp_path, loss_kwargs={"label_smoothing": 0.7})
+    with pytest.raises(ValueError, match="contradict"):
+        _cfg(tmp_path, resume=True, overwrite_output_dir=True)
+    from mmalign.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="bta"):
+        load_config(TrainConfig, ["--loss_kwargs", "{bta: 0.1}"])
+    assert _cfg(tmp_path, loss="mapo", loss_kwargs={"beta": 0.1, "scale": 0.5, "num_train_timesteps": 1000})
+    assert load_config(TrainConfig, ["--max_grad_norm", "null"]).max_grad_norm is None
+
+
+def test_max_grad_norm_none_and_zero_turn_clipping_off(tmp_path, lm_path, pairs):
+    tok = AutoTokenizer.from_pretrained(lm_path)
+    weights = {}
+    for norm in (None, 0.0, 1e-3):
+        res = train(AutoModelForCausalLM.from_pretrained(lm_path), CausalLMAdapter(tok, max_length=32), pairs[0][:8],
+                    _cfg(tmp_path / str(norm), max_grad_norm=norm, optimizer="sgd", learning_rate=0.5))
+        weights[norm] = res.model.lm_head.weight.detach().clone()
+    assert torch.equal(weights[None], weights[0.0])
+    assert not torch.equal(weights[None], weights[1e-3])  # clipping to 1e-3 changes the step
 
 
 def test_resume_rejects_other_config_and_missing_tensors(tmp_path, lm_path, pairs):
