@@ -147,6 +147,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    data = _with_parent_defaults(cls, data)
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -154,6 +155,42 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _init_values(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
+
+
+def _with_parent_defaults(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """Give a nested config given in part the parent's own defaults for the keys it leaves out.
+
+    ``stage1: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-7, lora_r=128))``
+    with only ``--stage1.max_steps 5`` given must keep ``learning_rate=1e-7, lora_r=128``, not fall
+    back to ``TrainConfig()``'s. Only the values the parent's factory *sets* (those differing from
+    the nested class's own defaults) are carried over, so values a ``__post_init__`` derives (for
+    example from ``loss``) are still derived from what the user gave.
+    """
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        given = out.get(f.name)
+        if not (f.init and isinstance(given, dict)) or f.default_factory is dataclasses.MISSING:
+            continue
+        try:
+            parent_default = f.default_factory()
+            nested_cls = type(parent_default)
+            if not dataclasses.is_dataclass(parent_default) or isinstance(parent_default, type):
+                continue
+            plain = _init_values(nested_cls())
+        except (TypeError, ValueError):  # a nested class that needs arguments has no plain default
+            continue
+        overrides = {k: v for k, v in _init_values(parent_default).items() if plain.get(k) != v}
+        out[f.name] = {**_json_ready(overrides), **given}
+    return out
+
+
+def _json_ready(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: (config_to_dict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v)
+            for k, v in values.items()}
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

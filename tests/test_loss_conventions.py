@@ -112,3 +112,17 @@ def test_help_shows_defaults_and_choices_and_bad_flags_blame_the_flag(tmp_path, 
     path.write_text("shift: 0.5\n")
     with pytest.raises(ConfigError, match=r"command line: --train.batch_size"):
         load_config(_Outer, ["--config", str(path), "--train.batch_size", "two"])
+
+
+@dataclasses.dataclass
+class _Recipe:
+    stage1: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(learning_rate=1e-7, lora_r=128, trackers=[])
+    )
+
+
+def test_a_nested_config_given_in_part_keeps_the_parents_defaults():
+    cfg = load_config(_Recipe, ["--stage1.max_steps", "5"])
+    assert (cfg.stage1.max_steps, cfg.stage1.learning_rate, cfg.stage1.lora_r) == (5, 1e-7, 128)
+    cfg = load_config(_Recipe, ["--stage1.loss", "orpo"])  # derived values follow what was given
+    assert cfg.stage1.sft_weight == 1.0 and cfg.stage1.lora_r == 128
