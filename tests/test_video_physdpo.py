@@ -127,3 +127,17 @@ def test_config_and_records_are_checked(tmp_path: Path) -> None:
     bad.write_text('{"video": "a.mp4"}\n')
     with pytest.raises(ValueError, match="question"):
         read_video_qa(bad)
+
+
+def test_shard_comes_from_the_launcher_environment(monkeypatch) -> None:  # noqa: ANN001
+    from video.physdpo import _shard
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert _shard(None, None) == (0, 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert _shard(None, None) == (1, 3)
+    assert _shard(0, 2) == (0, 2)
+    with pytest.raises(ValueError, match="rank"):
+        _shard(2, 2)

@@ -74,3 +74,37 @@ def test_pairs_config_parses() -> None:
     assert job.physdpo.hacks == ["title", "frames", "resolution"]
     assert (job.physdpo.hack_frames, job.physdpo.hack_scale, job.physdpo.num_frames) == (1, 16.0, 16)
     assert yaml.safe_load(path.read_text())["model"] == job.model
+
+
+def test_precomputed_reference_and_vision_gradients_with_videos(tmp_path: Path) -> None:
+    """The engine's precomputed reference works on video pairs (different frames per side) and equals the
+    frozen copy; full fine-tuning reaches the vision tower through the shared video features."""
+    import torch
+
+    from mmalign.engine import TrainConfig, train
+    from mmalign.pairs import PairDataset, PreferencePair, write_pairs
+    from video.adapter import VideoLLMAdapter
+    from video.frames import FrameSampling
+    from video.train import load_video_llm
+
+    data = tmp_path / "data"
+    pairs = []
+    for i, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]):
+        write_video(data / "media" / f"{i}.mp4", moving_square_clip(6, size=(32, 48), color=color), fps=6)
+        meta = {"sampling": {"rejected": {"num_frames": 1}}} if i % 2 else {}
+        pairs.append(PreferencePair(f"p{i}", "what moves in the video", "a square moves right", "a cat sleeps",
+                                    [f"media/{i}.mp4"], [f"media/{i}.mp4"], meta=meta))
+    write_pairs(data, pairs)
+    losses = {}
+    for mode in ("frozen", "precomputed"):
+        model, processor = load_video_llm("tiny:llava_onevision")
+        before = model.model.vision_tower.encoder.layers[0].mlp.fc1.weight.detach().clone()
+        dataset = PairDataset(data)
+        adapter = VideoLLMAdapter(processor, media_root=data, sampling=FrameSampling(num_frames=4))
+        cfg = TrainConfig(output_dir=str(tmp_path / mode), reference=mode, ref_cache_dir=str(tmp_path / "cache"),
+                          max_steps=2, batch_size=2, learning_rate=1e-3, trackers=[], progress=False, plot=False)
+        losses[mode] = [m["loss"] for m in train(model, adapter, dataset, cfg).metrics]
+        after = model.model.vision_tower.encoder.layers[0].mlp.fc1.weight
+        assert not torch.equal(before, after)
+    assert losses["frozen"][0] == pytest.approx(0.6931, abs=1e-4)  # policy == reference at step 1
+    assert losses["precomputed"] == pytest.approx(losses["frozen"], abs=1e-5)
