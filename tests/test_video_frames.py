@@ -111,6 +111,12 @@ def test_real_clip_from_photos(tmp_path) -> None:
     assert 10 * np.log10(255**2 / mse) > 25  # PSNR in dB
     # consecutive samples differ (the camera moves; the photo changes every 24 frames)
     assert all(np.abs(decoded[i + 1] - decoded[i]).mean() > 2 for i in range(7))
+    # a seek for every frame (B-frames with libx264) still lands on the frames a full decode gives
+    full = decode_frames(path, range(72))
+    wanted = sorted(np.random.default_rng(0).choice(72, size=10, replace=False).tolist())
+    stats = DecodeStats()
+    assert torch.equal(decode_frames(path, wanted, seek_gap=0, stats=stats), full[wanted])
+    assert stats.seeks >= 5
 
 
 def test_errors(tmp_path, monkeypatch) -> None:  # noqa: ANN001

@@ -141,3 +141,24 @@ def test_shard_comes_from_the_launcher_environment(monkeypatch) -> None:  # noqa
     assert _shard(0, 2) == (0, 2)
     with pytest.raises(ValueError, match="rank"):
         _shard(2, 2)
+
+
+def test_generated_chosen_uses_the_true_title_on_the_clean_clip(qa: Path, tmp_path: Path) -> None:
+    """With ``generate_chosen`` the preferred answer is the policy's, hinted with the video's own title (as the
+    paper made its preferred answers); ``pairs_per_record="one"`` picks one seeded hack per record."""
+    calls: list[tuple[list[str], list[int]]] = []
+
+    def fake(model, processor, prompts, clips, seeds, settings, **kw):  # noqa: ANN001, ANN003, ANN202
+        calls.append((list(prompts), [c.num_frames for c in clips]))
+        return [f"answer {len(calls)}.{i}" for i in range(len(prompts))]
+
+    config = _config(qa, tmp_path / "out", generate_chosen=True, pairs_per_record="one", batch_size=8)
+    report = build_physdpo_pairs(None, None, config, rank=0, world_size=1, generate_fn=fake)
+    assert report.written == 3 and sum(report.by_hack.values()) == 3
+    (rejected_prompts, _), (chosen_prompts, chosen_frames) = calls
+    records = read_video_qa(qa)
+    assert chosen_prompts == [f'The title of this video is "{r.title}".\n{r.question}' for r in records]
+    assert chosen_frames == [4, 4, 4]
+    for pair in read_pairs(tmp_path / "out"):
+        assert pair.chosen.startswith("answer 2.") and pair.meta["physdpo"]["chosen_generated"] is True
+        assert pair.prompt == "what moves in the video"

@@ -284,7 +284,8 @@ def decode_frames(
     Seeks to the keyframe before each wanted frame that lies more than ``seek_gap`` frames past the
     last decoded one; decodes forward otherwise. A frame index is ``round((pts - start) * time_base *
     fps)``; an index past the last decodable frame (a container that over-reports its length) gives the
-    last frame. Streams without timestamps are decoded from the start without seeking.
+    last frame. A seek that lands past its target (inexact container index) or frames without
+    timestamps make it decode from the start without further seeks.
 
     Raises:
         MediaError: the file is missing, not a video, or yields no frame.
@@ -309,15 +310,16 @@ def decode_frames(
         position = -1  # index of the last decoded frame
         counter = 0  # fallback index for frames without pts
         sought = -1  # the target of the last seek (seek once per target: the keyframe may lie far before it)
+        can_seek, fresh = True, False  # fresh: the next frame is the first after a seek
         pending = list(wanted)
         while pending:
             target = pending[0]
-            if frames_iter is None or (target > position + seek_gap and target != sought):
+            if frames_iter is None or (can_seek and target > position + seek_gap and target != sought):
                 if target > 0 and (frames_iter is not None or target > seek_gap):
                     ts = start + int(round(target / fps / float(time_base)))
                     container.seek(ts, stream=stream, backward=True, any_frame=False)
                     stats.seeks += 1
-                    sought = target
+                    sought, fresh = target, True
                 frames_iter = container.decode(stream)
             frame = next(frames_iter, None)
             if frame is None:  # end of stream: remaining targets get the last frame
@@ -332,6 +334,14 @@ def decode_frames(
             else:
                 position = int(round(float((frame.pts - start) * time_base) * fps))
             counter += 1
+            if fresh:
+                fresh = False
+                if frame.pts is None or position > target:
+                    # the seek overshot (or frames carry no timestamps): decode from the start, no more seeks
+                    container.seek(start, stream=stream, backward=True, any_frame=False)
+                    stats.seeks += 1
+                    frames_iter, can_seek, counter = container.decode(stream), False, 0
+                    continue
             last = frame
             while pending and position >= pending[0]:
                 found[pending.pop(0)] = frame.to_ndarray(format="rgb24")
