@@ -224,3 +224,24 @@ def test_description_infused_set(tmp_path) -> None:  # noqa: ANN001
     out = read_pairs(tmp_path / "sft")
     assert out[0].prompt == "Image description:\nA red square.\n\nWhat colour is it?"
     assert out[0].chosen == "Red." and (tmp_path / "sft" / out[0].chosen_media[0]).is_file()
+
+
+def test_stage1_skips_blank_and_whitespace_equal_generations(llava, tmp_path) -> None:  # noqa: ANN001
+    """A generation the pair rules refuse (whitespace only, or equal to the other side up to whitespace)
+    is skipped and counted with its reason; the run goes on and writes the rest."""
+    model, processor = llava
+    _image_folder(tmp_path)
+    calls = {"n": 0}
+
+    def canned(model, processor, prompts, images, settings, **kw):  # noqa: ANN001, ANN003, ANN202
+        calls["n"] += 1  # per batch: chosen descriptions first, then rejected ones
+        texts = ["  ", "a cat", "a dog"] if calls["n"] % 2 else [" a", "a  cat ", "a bird"]
+        return texts[: len(prompts)]
+
+    report = build_stic_pairs(model, processor, _config(tmp_path), rank=0, world_size=1, generate_fn=canned)
+    written = read_pairs(tmp_path / "out")
+    assert report.written == len(written) > 0
+    rule_skips = {reason: items for reason, items in report.skipped.items() if "pair rule" in reason}
+    assert sum(len(items) for items in rule_skips.values()) >= 2, report.skipped
+    assert {"pair rule (chosen)", "pair rule (rejected)"} <= {r[r.index("pair rule"):] for r in rule_skips}
+    assert all(p.chosen.strip() and p.chosen.split() != p.rejected.split() for p in written)

@@ -210,7 +210,7 @@ def build_stic_pairs(
         A :class:`STICReport` (pairs written now, already done, skipped with reasons, converted).
     """
     from mmalign.corruptions import apply_corruption, describe, hacked_negative, pil_to_tensor, tensor_to_pil
-    from mmalign.pairs import PairWriter, PreferencePair, load_image
+    from mmalign.pairs import PairFormatError, PairWriter, PreferencePair, load_image
 
     image_dir, out_dir = Path(config.image_dir), Path(config.out_dir)
     rank, world_size, state = _rank_world(rank, world_size)
@@ -300,9 +300,6 @@ def build_stic_pairs(
                     rejected_media, corruption = hacked_negative(
                         [clean_rel], [corrupted_rel], it["corruption"], scored_on=config.score_rejected_on
                     )
-                if chosen_text == rejected_text and rejected_media == [clean_rel]:
-                    report.skip("identical chosen and rejected description", str(it["path"]))
-                    continue
                 meta = {
                     "stic": {
                         "image_id": it["id"],
@@ -314,12 +311,15 @@ def build_stic_pairs(
                         "shard": shard_rel.rstrip("/"),
                     }
                 }
-                writer.write(
-                    PreferencePair(
+                try:  # the pair rules (blank text, sides equal up to whitespace) are the core's
+                    pair = PreferencePair(
                         id=f"stic/{it['id']}", prompt=it["prompt"], chosen=chosen_text, rejected=rejected_text,
                         chosen_media=[clean_rel], rejected_media=rejected_media, meta=meta,
                     )
-                )
+                except PairFormatError as exc:
+                    report.skip(f"generation breaks a pair rule ({exc.field})", f"{it['path']}: {exc.reason}")
+                    continue
+                writer.write(pair)
                 report.written += 1
             writer.sync()
 
