@@ -117,6 +117,11 @@ def test_real_clip_from_photos(tmp_path) -> None:
     stats = DecodeStats()
     assert torch.equal(decode_frames(path, wanted, seek_gap=0, stats=stats), full[wanted])
     assert stats.seeks >= 5
+    # max_side shrinks at decode time (area interpolation): 96x128 -> 48x64, close to the shrunk source
+    small = load_clip(path, FrameSampling(num_frames=2, max_side=64))
+    assert small.frames.shape == (2, 3, 48, 64)
+    reference = torch.nn.functional.avg_pool2d(full[small.indices].float(), 2)
+    assert (small.frames.float() - reference).abs().mean() < 3
 
 
 def test_errors(tmp_path, monkeypatch) -> None:  # noqa: ANN001

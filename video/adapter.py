@@ -213,10 +213,11 @@ class VideoLLMAdapter:
         return units[0], units[1]
 
     def _process(self, unit: _Unit) -> dict[str, Any]:
+        # the frames are sampled already: a checkpoint whose video processor samples by default must not resample
         return dict(
             self.processor(
                 text=[unit.text], videos=[unit.clip.frames], video_metadata=[unit.clip.metadata()],
-                return_tensors="pt",
+                do_sample_frames=False, return_tensors="pt",
             )
         )
 

@@ -87,12 +87,16 @@ class FrameSampling:
         max_frames: with ``fps``, thin to at most this many frames (uniformly).
         multiple_of: drop trailing frames so the count is a multiple (2 for Qwen2-VL's temporal patches);
             a clip with fewer frames than ``multiple_of`` keeps them all.
+        max_side: shrink decoded frames (area interpolation, aspect kept) so the longer side is at most this;
+            the processor resizes to its own size anyway, so e.g. 448 for a 384 px model keeps 1080p clips
+            from filling the frame cache (None: frames as decoded).
     """
 
     num_frames: int | None = None
     fps: float | None = None
     max_frames: int | None = None
     multiple_of: int = 1
+    max_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_frames is None and self.fps is None:
@@ -109,6 +113,8 @@ class FrameSampling:
             raise ValueError(f"FrameSampling.max_frames must be >= 1, got {self.max_frames}")
         if self.multiple_of < 1:
             raise ValueError(f"FrameSampling.multiple_of must be >= 1, got {self.multiple_of}")
+        if self.max_side is not None and self.max_side < 2:
+            raise ValueError(f"FrameSampling.max_side must be >= 2 or None, got {self.max_side}")
 
     def indices(self, total_frames: int, video_fps: float | None) -> list[int]:
         """Frame indices (sorted, distinct) to take from a video of ``total_frames`` at ``video_fps``."""
@@ -277,6 +283,7 @@ def decode_frames(
     indices: Sequence[int],
     *,
     seek_gap: int = 16,
+    max_side: int | None = None,
     stats: DecodeStats | None = None,
 ) -> torch.Tensor:
     """Decode the frames ``indices`` of ``path``: ``uint8 (len(indices), 3, H, W)`` in the order given.
@@ -285,7 +292,8 @@ def decode_frames(
     last decoded one; decodes forward otherwise. A frame index is ``round((pts - start) * time_base *
     fps)``; an index past the last decodable frame (a container that over-reports its length) gives the
     last frame. A seek that lands past its target (inexact container index) or frames without
-    timestamps make it decode from the start without further seeks.
+    timestamps make it decode from the start without further seeks. ``max_side`` shrinks each kept frame
+    (area interpolation, aspect kept, sides even) so its longer side is at most ``max_side``.
 
     Raises:
         MediaError: the file is missing, not a video, or yields no frame.
@@ -306,6 +314,12 @@ def decode_frames(
         fps = _stream_fps(stream)
         time_base = stream.time_base
         start = stream.start_time or 0
+        ctx = stream.codec_context
+        size: dict[str, Any] = {}
+        if max_side is not None and max(ctx.width, ctx.height) > max_side:
+            scale = max_side / max(ctx.width, ctx.height)
+            size = {"width": max(2, int(ctx.width * scale) // 2 * 2), "height": max(2, int(ctx.height * scale) // 2 * 2),
+                    "interpolation": "AREA"}
         frames_iter: Any = None
         position = -1  # index of the last decoded frame
         counter = 0  # fallback index for frames without pts
@@ -326,7 +340,7 @@ def decode_frames(
                 if last is None:
                     raise MediaError(f"no frame could be decoded from {str(path)!r}")
                 for t in pending:
-                    found[t] = last.to_ndarray(format="rgb24")
+                    found[t] = last.to_ndarray(format="rgb24", **size)
                 break
             stats.decoded += 1
             if frame.pts is None:
@@ -344,7 +358,7 @@ def decode_frames(
                     continue
             last = frame
             while pending and position >= pending[0]:
-                found[pending.pop(0)] = frame.to_ndarray(format="rgb24")
+                found[pending.pop(0)] = frame.to_ndarray(format="rgb24", **size)
     except MediaError:
         raise
     except Exception as exc:  # av.error.* from a damaged stream
@@ -374,7 +388,11 @@ def load_clip(
             if not items:
                 raise ValueError("load_clip: empty frame list")
             chosen = sampling.indices(len(items), None)
-            frames = [np.asarray(load_image(items[i])) for i in chosen]
+            images = [load_image(items[i]) for i in chosen]
+            if sampling.max_side is not None:
+                for image in images:
+                    image.thumbnail((sampling.max_side, sampling.max_side), Image.BOX)
+            frames = [np.asarray(image) for image in images]
             shapes = {f.shape for f in frames}
             if len(shapes) != 1:
                 raise MediaError(f"frames of {str(items[0].parent)!r} differ in size: {sorted(shapes)}")
@@ -383,7 +401,7 @@ def load_clip(
     path = Path(media)
     info = probe(path)
     chosen = sampling.indices(info.num_frames, info.fps)
-    frames = decode_frames(path, chosen, stats=stats)
+    frames = decode_frames(path, chosen, max_side=sampling.max_side, stats=stats)
     return Clip(frames, chosen, info.num_frames, info.fps, str(path))
 
 

@@ -64,7 +64,8 @@ def generate_video_responses(
                 with _left_padding(tokenizer):
                     inputs = processor(
                         text=[texts[i] for i in rows], videos=[clips[i].frames for i in rows],
-                        video_metadata=[clips[i].metadata() for i in rows], return_tensors="pt", padding=True,
+                        video_metadata=[clips[i].metadata() for i in rows], do_sample_frames=False,
+                        return_tensors="pt", padding=True,
                     ).to(device)
                 kwargs = settings.generate_kwargs(_pad_id(tokenizer), [seeds[i] for i in rows])
                 sequences = model.generate(**inputs, **kwargs)

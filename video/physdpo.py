@@ -13,6 +13,8 @@ or misread the frames:
   2 frames, 57.8 at 4);
 * ``"resolution"`` (spatial hacking): every frame downsampled by ``hack_scale`` and restored to its size
   (:func:`mmalign.corruptions.lower_resolution`); 1/16 worked best (59.5 vs 57.1 at 1/8, 58.6 at 1/32).
+  The scale applies to the decoded frames: set ``max_side`` to the model's input size (384 for
+  LLaVA-OneVision) to make it relative to what the model sees rather than to the file's resolution.
 
 Dropping any one hack cost the paper 1.9-2.2 points, so by default every record gets one pair per hack
 (``pairs_per_record="each"``; ``"one"`` picks one hack per record with its seed). The paper's data
@@ -75,6 +77,11 @@ class PhysDPOConfig:
     num_frames: int = field(default=16, metadata=help_("frames of the clean clip (PhysDPO: 16)"))
     hack_frames: int = field(default=1, metadata=help_("frames kept by the frames hack (paper's best: 1)"))
     hack_scale: float = field(default=16.0, metadata=help_("downsampling factor of the resolution hack (best: 16)"))
+    max_side: int | None = field(
+        default=None,
+        metadata=help_("shrink decoded frames to this longer side first (e.g. the model's input size, so hack_scale "
+                       "is relative to what the model sees); None: as decoded"),
+    )
     title_style: str = field(default="other", metadata=help_("other (another video's title) | violation (+ a physics violation)"))
     generate_chosen: bool = field(default=False, metadata=help_("generate the preferred answer with the true title as a hint"))
     max_new_tokens: int = field(default=256, metadata=help_("tokens per generated answer"))
@@ -257,7 +264,7 @@ def build_physdpo_pairs(
     digest = hashlib.sha256(json.dumps([[r.id, r.video] for r in records]).encode()).hexdigest()[:16]
     (out_dir / shard_rel / "DONE").unlink(missing_ok=True)
     done = _done_ids(out_dir)
-    sampling = FrameSampling(num_frames=config.num_frames)
+    sampling = FrameSampling(num_frames=config.num_frames, max_side=config.max_side)
     cache = FrameCache(max_bytes=256 << 20)
     settings = GenerationSettings(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, batch_size=config.batch_size,

@@ -37,6 +37,9 @@ class VideoTrainConfig:
     sample_fps: float | None = field(default=None, metadata=help_("instead of num_frames: frames per second of video"))
     max_frames: int | None = field(default=None, metadata=help_("with sample_fps: at most this many frames"))
     frame_multiple: int = field(default=1, metadata=help_("drop trailing frames to a multiple (2 for Qwen2-VL)"))
+    frame_max_side: int | None = field(
+        default=None, metadata=help_("shrink decoded frames to this longer side (frame-cache memory; None: as decoded)")
+    )
     max_length: int | None = field(default=4096, metadata=help_("max tokens per row (video tokens are never cut)"))
     truncation: str = field(default="response", metadata=help_("response (cut the response) | drop (drop the pair)"))
     system_prompt: str | None = field(default=None, metadata=help_("system message for every prompt"))
@@ -64,7 +67,7 @@ class VideoTrainConfig:
         from video.frames import FrameSampling
 
         return FrameSampling(num_frames=self.num_frames, fps=self.sample_fps, max_frames=self.max_frames,
-                             multiple_of=self.frame_multiple)
+                             multiple_of=self.frame_multiple, max_side=self.frame_max_side)
 
 
 def load_video_llm(
