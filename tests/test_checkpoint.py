@@ -371,3 +371,52 @@ def test_resume_without_a_checkpoint_warns_and_appends_metrics(tmp_path, lm_path
     assert res.global_step == 3
     assert "no complete checkpoint" in caplog.text and "step 0" in caplog.text
     assert _metric_steps(out) == [1, 2, 1, 2, 3]
+
+
+def test_every_checkpoint_file_is_fsynced_before_its_folder_and_the_rename(tmp_path, lm_path, adapter, data,
+                                                                           monkeypatch):
+    """Order of the flushes of one save: each file, then the ``.tmp`` folder (after COMPLETE), then the
+    rename into ``checkpoints/`` is flushed there."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("rename", f"{Path(src).name} -> {Path(dst).name}"))
+        real_replace(src, dst)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name the flushed files")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "run"
+    _train(lm_path, adapter, data, out, max_steps=1)
+    monkeypatch.undo()
+    tmp = str(out.resolve() / "checkpoints" / "step-00000001.tmp")
+    order = [e for e in events if e[1].startswith(tmp) or e[0] == "rename" and "step-" in e[1]
+             or e[1] == str(out.resolve() / "checkpoints")]
+    flushed = [Path(p).name for kind, p in order if kind == "fsync" and p.startswith(tmp + "/")]
+    assert sorted(flushed) == sorted((*CHECKPOINT_FILES, "COMPLETE")) and flushed[-1] == "COMPLETE"
+    tail = order[len(flushed):]
+    assert tail == [("fsync", tmp), ("rename", "step-00000001.tmp -> step-00000001"),
+                    ("fsync", str(out.resolve() / "checkpoints"))], tail
+
+
+def test_checkpoints_from_before_run_ids_still_resume(tmp_path, lm_path, adapter, data, caplog):
+    """A checkpoint with the old ``ok`` marker and no run id or fingerprints: resumed with a warning,
+    and pruned as the resumed run's own."""
+    out = tmp_path / "run"
+    _train(lm_path, adapter, data, out, max_steps=2)
+    for ckpt in (out / "checkpoints").iterdir():
+        (ckpt / "COMPLETE").write_text("ok\n")
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        for key in ("run_id", "model_fingerprint", "data_fingerprint"):
+            del state[key]
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    with caplog.at_level(logging.WARNING, logger="mmalign.engine"):
+        res = _train(lm_path, adapter, data, out, max_steps=4, resume=True)
+    assert res.global_step == 4 and "records no model fingerprint" in caplog.text
+    assert _steps(out) == ["step-00000003", "step-00000004"]
