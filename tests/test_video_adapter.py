@@ -1,4 +1,4 @@
-"""VideoLLMAdapter on tiny LLaVA-NeXT-Video, LLaVA-OneVision and Qwen2.5-VL: log-probs against a brute-force
+"""VideoLLMAdapter on tiny LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL: log-probs against a brute-force
 per-sequence computation, one encoding per shared video, different frames per side, truncation that keeps
 every video token."""
 
@@ -17,7 +17,7 @@ from video.synthetic import moving_square_clip
 
 pytest.importorskip("av")
 
-FAMILIES = ["llava_next_video", "llava_onevision", "qwen2_5_vl"]
+FAMILIES = ["llava_next_video", "llava_onevision", "qwen2vl", "qwen2_5_vl"]
 
 
 def load_tiny(name: str) -> tuple[torch.nn.Module, object]:
@@ -113,6 +113,8 @@ def test_truncation_keeps_every_video_token(clips: Path) -> None:
     pair = _pairs()[0].with_root(clips)
     sampling = FrameSampling(num_frames=4)
     full = VideoLLMAdapter(processor, media_root=clips, sampling=sampling).collate([pair])
+    # 4 of 12 frames of a 12 fps clip: sampled at 4 fps, a temporal patch of 2 frames spans 0.5 s
+    assert full["video_inputs"][0]["second_per_grid_ts"].tolist() == [0.5]
     prompt_len = int(full["attention_mask"][0].sum() - (full["labels"][0] != -100).sum())
     n_video = int(full["video_tokens"][0])
     cut = VideoLLMAdapter(processor, media_root=clips, sampling=sampling, max_length=prompt_len + 2).collate([pair])

@@ -5,8 +5,8 @@ padded batch of ``2B`` rows (chosen rows first, then rejected rows) and returns 
 log-probs of each row (:func:`mmalign.logprobs.sequence_logps`). Families covered by tests, each with a tiny
 model from :mod:`mmalign.tiny` loaded through ``from_pretrained``: LLaVA-NeXT-Video (``<video>`` token,
 2x2 average-pooled frame features), LLaVA-OneVision (``<video>``, bilinear pooling + one newline token per
-video) and Qwen2.5-VL (``<|video_pad|>``; ``pixel_values_videos``, ``video_grid_thw``, temporal patch 2
-so frames come in pairs, and ``second_per_grid_ts`` from the clip's sampled fps).
+video), Qwen2-VL and Qwen2.5-VL (``<|video_pad|>``; ``pixel_values_videos``, ``video_grid_thw``, temporal
+patch 2 so frames come in pairs, and for 2.5 ``second_per_grid_ts`` from the clip's sampled fps).
 
 * **A side's media is one video**: a video file, or a list of frame images (in order). ``rejected_media``
   may name other frames than ``chosen_media`` (fewer frames, another clip); empty means "same as chosen".
