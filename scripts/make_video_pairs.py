@@ -12,6 +12,7 @@ LLaVA-Hound-DPO records into our pair folder.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -30,11 +31,17 @@ class PhysDPOJob:
 
 
 def physdpo(argv: list[str]) -> None:
+    import torch
+
     from video.physdpo import build_physdpo_pairs
     from video.train import load_video_llm
 
     job = load_config(PhysDPOJob, argv, description="PhysDPO pairs")
     model, processor = load_video_llm(job.model, trust_remote_code=job.trust_remote_code, dtype=job.dtype)
+    # the launcher's GPU for this process (accelerate launch sets LOCAL_RANK; rank/world come from RANK/WORLD_SIZE);
+    # no accelerate state is created, so a training run later in the same process configures its own
+    if torch.cuda.is_available():
+        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     print(build_physdpo_pairs(model, processor, job.physdpo))
 
 
