@@ -242,8 +242,7 @@ def run_povid_recipe(config: POVIDRecipeConfig) -> tuple[Any, Any]:
 
     Raises ``ValueError`` when the dataset has no text pair (stage 1 would have nothing to train on).
     """
-    from accelerate import PartialState
-
+    from mmalign.distributed import process_state
     from mmalign.engine import train
     from mmalign.pairs import PairDataset, PreferencePair
     from vision.adapter import VLMAdapter
@@ -261,7 +260,7 @@ def run_povid_recipe(config: POVIDRecipeConfig) -> tuple[Any, Any]:
             text.append(PreferencePair.from_dict(d))
     if not text:
         raise ValueError(f"{data}: no POVID text pair (meta.povid.kind == 'text') for stage 1")
-    world = PartialState().num_processes
+    world = process_state().num_processes
     model, processor = load_vlm(config.model, dtype=config.dtype)
 
     def adapter() -> VLMAdapter:
@@ -275,7 +274,7 @@ def run_povid_recipe(config: POVIDRecipeConfig) -> tuple[Any, Any]:
     if config.stage1.lora_r > 0:
         model = model.merge_and_unload()
     merged = Path(config.output_dir) / "stage1_merged"
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         model.save_pretrained(merged, safe_serialization=True)
         processor.save_pretrained(merged)
     stage2 = train(model, adapter(), PairDataset(pairs, root=data),

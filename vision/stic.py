@@ -36,7 +36,8 @@ Stage 1 details:
   :class:`mmalign.pairs.PairWriter` (one crash-safe line per pair, media written before the line).
   On start, the ids in *all* shards count as done, so a re-run after a crash (with any number of
   processes) continues with no duplicate and no missing pair.
-* Sharded: ``rank``/``world_size`` default to accelerate's ``PartialState``; image ``i`` (sorted
+* Sharded: ``rank``/``world_size`` default to :func:`mmalign.distributed.process_state` (accelerate's
+  state, joined to the gloo group on CPU); image ``i`` (sorted
   order) belongs to rank ``i % world_size``. After all ranks finish, rank 0 merges the shards into
   ``out_dir/pairs.jsonl`` (media paths stay inside ``out_dir``: ``shards/rankNNNNN/media/...``).
 * Bad images: unreadable or truncated files and files with other extensions are skipped and
@@ -182,9 +183,9 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int, Any
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         return rank, world_size, None
-    from accelerate import PartialState
+    from mmalign.distributed import process_state
 
-    state = PartialState()
+    state = process_state()
     return state.process_index, state.num_processes, state
 
 
@@ -202,7 +203,7 @@ def build_stic_pairs(
 
     Args:
         model, processor: the policy (an ``AutoModelForImageTextToText``) and its ``AutoProcessor``.
-        rank, world_size: this process's shard; default from ``accelerate.PartialState``.
+        rank, world_size: this process's shard; default from :func:`mmalign.distributed.process_state`.
         merge: after all ranks finish, rank 0 merges the shards into ``out_dir/pairs.jsonl``.
         generate_fn: the batched generator (``vision.generate.generate_responses`` signature).
 
@@ -420,9 +421,9 @@ def train_stic_dpo(
 
     dataset = PairDataset(pairs_dir)
     if config is None:
-        from accelerate import PartialState
+        from mmalign.distributed import process_state
 
-        config = stic_dpo_config(len(dataset), num_processes=PartialState().num_processes)
+        config = stic_dpo_config(len(dataset), num_processes=process_state().num_processes)
     adapter = VLMAdapter(processor, media_root=pairs_dir, **(adapter_kwargs or {}))
     adapter.check_model(model)
     return train(model, adapter, dataset, config)
@@ -499,8 +500,8 @@ def train_description_infused(
         )
     dataset = PairDataset(sft_dir)
     if config is None:
-        from accelerate import PartialState
+        from mmalign.distributed import process_state
 
-        config = stic_sft_config(len(dataset), num_processes=PartialState().num_processes)
+        config = stic_sft_config(len(dataset), num_processes=process_state().num_processes)
     adapter = VLMAdapter(processor, media_root=sft_dir)
     return train(model, adapter, dataset, config)

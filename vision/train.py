@@ -91,9 +91,13 @@ def apply_warmup_ratio(train: TrainConfig, n_pairs: int, ratio: float, *, num_pr
 def load_vlm(
     name_or_path: str | Path, *, trust_remote_code: bool = False, dtype: str = "float32"
 ) -> tuple[torch.nn.Module, Any]:
-    """``(model, processor)`` from a folder or name; safetensors weights only, remote code off by default."""
+    """``(model, processor)`` from a folder, a hub name or ``tiny:<family>`` (a tiny built model, see
+    :mod:`mmalign.hub`); safetensors weights only, remote code off by default."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from mmalign.hub import resolve_pretrained
+
+    name_or_path = resolve_pretrained(name_or_path)
     processor = AutoProcessor.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(
         str(name_or_path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=_DTYPES[dtype]
@@ -129,8 +133,8 @@ def run(config: VLMTrainConfig) -> Any:
         raise ValueError(f"no pair of {data} fits max_length={config.max_length}")
     train_config = config.train
     if config.warmup_ratio is not None:
-        from accelerate import PartialState
+        from mmalign.distributed import process_state
 
         train_config = apply_warmup_ratio(train_config, len(kept), config.warmup_ratio,
-                                          num_processes=PartialState().num_processes)
+                                          num_processes=process_state().num_processes)
     return train(model, adapter, PairDataset(kept, root=data), train_config)

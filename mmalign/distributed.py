@@ -1,0 +1,49 @@
+"""Which process am I: rank and world size under ``accelerate launch``, right on CPU machines too.
+
+Every job that splits work across processes (training, pair generation, ReNO over a prompt file)
+asks :func:`process_state` instead of building ``accelerate.PartialState()`` itself. The reason:
+``accelerate launch --multi_gpu --num_processes 2`` on a machine without CUDA sets ``WORLD_SIZE``,
+but accelerate (1.x) only joins the gloo process group (its MULTI_CPU mode) when the state is built
+with ``cpu=True``. A bare ``PartialState()`` built first makes that choice for the whole process
+(the state is a singleton), so every process then believes it is rank 0 of 1: both write the same
+files and the training engine's accelerator inherits the wrong state.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["distributed_on_cpu", "process_state", "shard"]
+
+T = TypeVar("T")
+
+
+def distributed_on_cpu() -> bool:
+    """True when launched with several processes on a machine without CUDA.
+
+    Then accelerate must be told ``cpu=True`` to use gloo; on other devices (MPS, XPU, NPU) a
+    single process never takes this path.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def process_state() -> Any:
+    """accelerate's ``PartialState`` for this process, joined to the launch's process group.
+
+    Safe to call before or after the training engine builds its ``Accelerator``: both see the same
+    shared state.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=distributed_on_cpu())
+
+
+def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Item ``i`` goes to process ``i % world_size``: disjoint shards whose union is ``items``."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"shard: rank {rank} is not in [0, {world_size})")
+    return [item for i, item in enumerate(items) if i % world_size == rank]
