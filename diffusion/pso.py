@@ -11,8 +11,10 @@ Two ways to get the model's samples:
 * offline, once before training: :func:`make_pso_pairs` writes a new pair dataset folder (chosen =
   the target image copied in, rejected = a fresh sample) through :class:`mmalign.pairs.PairWriter`;
 * online, every ``every_n_steps`` optimizer steps: :class:`OnlinePSO`, an engine callback, re-samples
-  the rejected images of that folder in place (round-robin, ``refresh_per_call`` pairs at a time)
-  from the current policy, so the next batches are contrasted with what the model now draws.
+  the rejected images of that folder (round-robin, ``refresh_per_call`` pairs at a time) from the
+  current policy, so the next batches are contrasted with what the model now draws. Each call's
+  samples go to new files and the offline samples are never overwritten, so a resumed run can put
+  back exactly the images a checkpoint was trained with (:meth:`OnlinePSO.restore`).
 
 Few-step samplers: :func:`few_step_scheduler` swaps the pipeline's scheduler for one configured
 with ``timestep_spacing="trailing"`` (what one- to four-step distilled models are sampled with).
@@ -20,10 +22,12 @@ with ``timestep_spacing="trailing"`` (what one- to four-step distilled models ar
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -213,11 +217,25 @@ def make_pso_pairs(
 class OnlinePSO:
     """Engine callback: every ``every_n_steps`` steps, re-sample rejected images from the current model.
 
-    ``pairs`` are the training pairs of a PSO folder written by :func:`make_pso_pairs` (their
-    ``rejected_media[0]`` files are overwritten in place; the adapter reads images each step, so the
-    change is seen by the next batch; a latent cache cannot be used with online PSO). Each call
-    refreshes ``refresh_per_call`` pairs round-robin (default: all), with seeds that change per call
-    so the model's samples are fresh draws.
+    ``pairs`` are the training pairs of a PSO folder written by :func:`make_pso_pairs`: a call samples
+    new images for ``refresh_per_call`` pairs (round-robin, default all) and writes each over its
+    pair's ``rejected_media[0]`` file; the adapter reads images each step, so the next batch sees them
+    (a latent cache cannot be used with online PSO). The pair records never change (the engine
+    fingerprints them to check a resume), only the files they name.
+
+    Exact resume. The state is a function of the optimizer step alone, so nothing beyond the step
+    needs saving: call ``c = step // every_n_steps`` (at steps that are multiples of
+    ``every_n_steps``) samples the pairs at positions ``(c - 1) * n ... c * n - 1`` (mod the number
+    of pairs, ``n = min(refresh_per_call, pairs)``) with seeds ``seed + 1_000_003 * c + i`` (image
+    ``i`` of the call, see :func:`sample_images`). Every image a pair trains on is also kept under
+    its call number, ``sample/<id>.online-<c>.png`` beside ``sample/<id>.png`` (call 0: the offline
+    sample, saved before it is first overwritten and kept). :meth:`restore` (``diffusion.train.run``
+    calls it with the step of the checkpoint it resumes from) copies back, for every pair, the image
+    of the last call at or before that step, and removes the files of later calls (a killed run's
+    samples the checkpoint never saw). Other kept images are deleted as soon as no resumable state
+    can need them: given ``run_dir`` (the engine's output folder), a superseded image stays while it
+    is the one the newest complete checkpoint was trained with; without ``run_dir`` only the current
+    image and the offline sample of each pair are kept.
     """
 
     def __init__(
@@ -232,15 +250,18 @@ class OnlinePSO:
         seed: int = 0,
         resolution: int | None = None,
         max_sequence_length: int | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if refresh_per_call is not None and refresh_per_call < 1:
             raise ValueError(f"refresh_per_call must be >= 1 or None, got {refresh_per_call}")
+        if not pairs:
+            raise ValueError("OnlinePSO needs at least one pair")
         self.pipeline = pipeline
         self.pairs = list(pairs)
         self.every_n_steps = every_n_steps
-        self.refresh_per_call = refresh_per_call or len(self.pairs)
+        self.refresh_per_call = min(refresh_per_call or len(self.pairs), len(self.pairs))
         self.sampling = {
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
@@ -248,27 +269,138 @@ class OnlinePSO:
             "max_sequence_length": max_sequence_length,
         }
         self.seed = seed
-        self.cursor = 0
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        #: sampling calls made so far, and the call whose image each pair now trains on (0: offline)
         self.calls = 0
+        self.current = [0] * len(self.pairs)
+        self._kept: list[set[int]] = [set() for _ in self.pairs]  # calls whose kept copy is on disk
+
+    # ---- the state as a function of the step
+
+    def calls_at(self, step: int) -> int:
+        """Number of sampling calls made by the end of optimizer step ``step``."""
+        return max(0, step) // self.every_n_steps
+
+    def positions(self, call: int) -> list[int]:
+        """Indices of the pairs re-sampled by call ``call`` (1-based)."""
+        n, total = self.refresh_per_call, len(self.pairs)
+        return [((call - 1) * n + j) % total for j in range(n)]
+
+    def versions_at(self, calls: int) -> list[int]:
+        """For each pair, the last call ``<= calls`` that re-sampled it (0: its offline sample)."""
+        out = [0] * len(self.pairs)
+        span = -(-len(self.pairs) // self.refresh_per_call)  # every pair is covered within this many calls
+        for call in range(max(1, calls - span), calls + 1):
+            for i in self.positions(call):
+                out[i] = call
+        return out
+
+    def _live(self, index: int) -> Path:
+        """The file pair ``index`` trains on (its ``rejected_media[0]``)."""
+        from mmalign.pairs import resolve_media
+
+        return resolve_media(self.pairs[index].root, self.pairs[index].rejected_media[0])
+
+    def kept_media(self, index: int, call: int) -> str:
+        """Relative path (in the pair's folder) where pair ``index``'s image of call ``call`` is kept
+        (call 0: the offline sample)."""
+        live = PurePosixPath(self.pairs[index].rejected_media[0])
+        return str(live.with_name(f"{live.stem}.online-{call:06d}{live.suffix}"))
+
+    def kept(self, index: int, call: int) -> Path:
+        """:meth:`kept_media` as a path."""
+        from mmalign.pairs import resolve_media
+
+        return resolve_media(self.pairs[index].root, self.kept_media(index, call))
+
+    @staticmethod
+    def _copy(src: Path, dest: Path) -> None:
+        """Atomically give ``dest`` the bytes of ``src`` (no-op when they are already equal)."""
+        data = src.read_bytes()
+        if dest.is_file() and dest.read_bytes() == data:
+            return
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+
+    # ---- resume
+
+    def restore(self, step: int, *, is_main_process: bool = True) -> None:
+        """Give every pair the image it had at the end of optimizer step ``step`` (0: a fresh run: the
+        offline samples) and delete the kept images of every other call but 0.
+
+        File work happens on the main process only (pass ``is_main_process`` and wait for it).
+        Raises ``FileNotFoundError`` when an image that state needs is gone."""
+        self.calls = self.calls_at(step)
+        versions = self.versions_at(self.calls)
+        self.current = list(versions)
+        if not is_main_process:
+            return
+        for i, call in enumerate(versions):
+            source = self.kept(i, call)
+            if source.is_file():
+                self._copy(source, self._live(i))
+            elif call:  # (call 0 without a kept copy: the live file was never overwritten)
+                raise FileNotFoundError(
+                    f"cannot resume online PSO at step {step}: pair {self.pairs[i].id}'s sample of call {call} "
+                    f"({source}) is gone; start the run afresh in another output_dir"
+                )
+            live = self._live(i)
+            for path in live.parent.glob(f"{glob.escape(live.stem)}.online-*{glob.escape(live.suffix)}"):
+                number = path.stem.rsplit(".online-", 1)[-1]
+                if number.isdigit() and int(number) not in (0, call):
+                    path.unlink(missing_ok=True)
+            self._kept[i] = {c for c in (0, call) if self.kept(i, c).is_file()}
+
+    def _checkpointed_versions(self) -> list[int] | None:
+        """The images the newest complete checkpoint under ``run_dir`` was trained with."""
+        if self.run_dir is None:
+            return None
+        from mmalign.engine import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.run_dir)
+        step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"] if ckpt is not None else 0
+        return self.versions_at(self.calls_at(step))
+
+    def _collect(self) -> None:
+        """Delete the kept images neither current, nor the offline sample, nor needed to resume from
+        the newest checkpoint."""
+        at_checkpoint = self._checkpointed_versions()
+        for i, calls in enumerate(self._kept):
+            keep = {0, self.current[i]} | ({at_checkpoint[i]} if at_checkpoint is not None else set())
+            for call in sorted(calls - keep):
+                self.kept(i, call).unlink(missing_ok=True)
+            self._kept[i] = calls & keep
+
+    # ---- the callback
 
     def __call__(self, info: Any) -> None:
         if info.step % self.every_n_steps:
             return
         accelerator = getattr(info, "accelerator", None)
-        if accelerator is not None and not accelerator.is_main_process:
-            accelerator.wait_for_everyone()
-            return
-        n = min(self.refresh_per_call, len(self.pairs))
-        chosen = [self.pairs[(self.cursor + i) % len(self.pairs)] for i in range(n)]
-        self.cursor = (self.cursor + n) % len(self.pairs)
-        self.calls += 1
-        images = sample_images(
-            self.pipeline, [p.prompt for p in chosen], seed=self.seed + 1_000_003 * self.calls, **self.sampling
-        )
-        from mmalign.pairs import add_media
+        main = accelerator is None or accelerator.is_main_process
+        call = self.calls = self.calls_at(info.step)
+        chosen = self.positions(call)
+        if main:
+            from mmalign.pairs import add_media
 
-        for pair, image in zip(chosen, images, strict=True):
-            add_media(pair.root, image, pair.rejected_media[0], overwrite=True, durable=False)
-        logger.info("PSO: step %d, re-sampled %d rejected images", info.step, n)
+            images = sample_images(
+                self.pipeline, [self.pairs[i].prompt for i in chosen], seed=self.seed + 1_000_003 * call,
+                **self.sampling,
+            )
+            for i, image in zip(chosen, images, strict=True):
+                live, offline = self._live(i), self.kept(i, 0)
+                if not offline.is_file():  # keep the offline sample before it is first overwritten
+                    self._copy(live, offline)
+                    self._kept[i].add(0)
+                add_media(self.pairs[i].root, image, self.kept_media(i, call), overwrite=True, durable=False)
+                self._kept[i].add(call)
+                self._copy(self.kept(i, call), live)
+                self.current[i] = call
+            self._collect()
+            logger.info("PSO: step %d, re-sampled %d rejected images (call %d)", info.step, len(chosen), call)
+        else:
+            for i in chosen:
+                self.current[i] = call
         if accelerator is not None:
-            accelerator.wait_for_everyone()
+            accelerator.wait_for_everyone()  # every process reads the new files from here on

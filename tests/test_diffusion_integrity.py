@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import diffusion.toy as toy
 from diffusion.train import DiffusionTrainConfig, run
@@ -178,3 +179,78 @@ def test_cache_built_by_other_weights_is_refused(tmp_path):
             build_cache(DiffusionAdapter(other), pairs, root)
         with pytest.raises(ValueError, match="weights"):
             DiffusionAdapter(other, cache_dir=root)
+
+
+# ------------------------------------------------------------------ online PSO across a resume
+
+
+def _pso_argv(data: Path, out: Path, every: int, *extra: str) -> list[str]:
+    return ["--config", str(CONFIGS / "sd15_diffusion_dpo.yaml"), "--tiny", "true", "--data", str(data),
+            "--output_dir", str(out), "--objective", "pso", "--pso_mode", "online", "--pso_sampler", "euler_ancestral",
+            "--pso_every_n_steps", str(every), "--pso_refresh_per_call", "3", "--empty_prompt_prob", "0",
+            "--train.max_steps", "6", "--train.batch_size", "2", "--train.grad_accum", "1", "--train.save_every", "2", "--grid_steps", "0",
+            "--train.trackers", "[]", "--train.progress", "false", "--train.plot", "false", *extra]
+
+
+@pytest.fixture(scope="module")
+def pso_targets(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pso") / "targets"
+    _write_pairs(folder, [(0.8, 0.2), (0.7, 0.3), (0.6, 0.4), (0.9, 0.1)], ["a red cube", "a cat", "a dog", "a car"])
+    return folder
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_online_pso_stopped_and_resumed_ends_bitwise_equal(monkeypatch, tmp_path, pso_targets, every):
+    """Killed after step 3's re-sampling (checkpoint at step 2), then resumed: the old code restarted
+    the call counter (other seeds, other pairs) and trained on images sampled after the checkpoint."""
+    from diffusion.pso import OnlinePSO
+
+    straight = run(load_config(DiffusionTrainConfig, _pso_argv(pso_targets, tmp_path / "straight", every)))
+    assert straight.metrics[-1]["step"] == 6
+
+    real = OnlinePSO.__call__
+
+    def killed_at_3(self, info):
+        real(self, info)
+        if info.step == 3:
+            raise _Killed
+
+    monkeypatch.setattr(OnlinePSO, "__call__", killed_at_3)
+    with pytest.raises(_Killed):
+        run(load_config(DiffusionTrainConfig, _pso_argv(pso_targets, tmp_path / "resumed", every)))
+    monkeypatch.undo()
+    run(load_config(DiffusionTrainConfig, _pso_argv(pso_targets, tmp_path / "resumed", every, "--train.resume", "true")))
+
+    a = load_file(str(tmp_path / "straight" / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} LoRA tensors differ"
+
+
+def test_online_pso_keeps_what_a_resume_needs_and_restores_it(tmp_path, pso_targets):
+    """Without checkpoints only the offline sample and the current image of a pair stay; restore(step)
+    copies back the image of the last call at or before ``step`` and drops later calls' files."""
+    from types import SimpleNamespace
+
+    from diffusion.pso import OnlinePSO, make_pso_pairs
+    from diffusion.train import load_pipeline
+
+    pipe = load_pipeline("tiny:sd", scheduler="euler_ancestral")
+    pairs = read_pairs(make_pso_pairs(pipe, read_pairs(pso_targets), tmp_path / "pso"))
+    records = [repr(p) for p in pairs]
+    online = OnlinePSO(pipe, pairs, every_n_steps=1, refresh_per_call=3)
+    live = tmp_path / "pso" / pairs[0].rejected_media[0]
+    seen = {0: live.read_bytes()}
+    for step in (1, 2, 3):  # 4 pairs, 3 a call: positions 0-2, then 3, 0, 1, then 2, 3, 0
+        online(SimpleNamespace(step=step, accelerator=None))
+        seen[step] = live.read_bytes()
+    assert len(set(seen.values())) == 4  # pair 0: a fresh draw at every call
+    kept = sorted(p.name for p in live.parent.glob(f"{live.stem}.online-*"))
+    assert kept == [f"{live.stem}.online-000000.png", f"{live.stem}.online-000003.png"]
+    with pytest.raises(FileNotFoundError, match="call 1"):
+        OnlinePSO(pipe, pairs, every_n_steps=1, refresh_per_call=3).restore(1)  # call 1's image was not kept
+    online.restore(0)
+    assert live.read_bytes() == seen[0]
+    assert sorted(p.name for p in live.parent.glob(f"{live.stem}.online-*")) == [f"{live.stem}.online-000000.png"]
+    assert [repr(p) for p in pairs] == records  # records unchanged
