@@ -1,0 +1,44 @@
+"""The tiny video-LLM builders of mmalign.tiny: deterministic, tiny, registered for ``tiny:`` names, and their
+processors expand ``<video>`` to the number of features the model gives (4 per frame, + 1 for OneVision)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmalign import tiny
+
+
+@pytest.mark.parametrize("name", ["llava_next_video", "llava_onevision"])
+def test_builder_is_deterministic_tiny_and_registered(tmp_path: Path, name: str) -> None:
+    builder = tiny.TINY_BUILDERS[name]
+    before = torch.random.get_rng_state()
+    first = load_file(str(builder(tmp_path / "a", seed=0) / "model.safetensors"))
+    assert torch.equal(torch.random.get_rng_state(), before), "builder disturbed the global RNG"
+    again = load_file(str(builder(tmp_path / "b", seed=0) / "model.safetensors"))
+    other = load_file(str(builder(tmp_path / "c", seed=1) / "model.safetensors"))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+    assert sum(t.numel() for t in first.values()) < 300_000
+
+
+@pytest.mark.parametrize(("name", "tokens"), [("llava_next_video", 6 * 4), ("llava_onevision", 6 * 4 + 1)])
+def test_video_tokens_match_features(name: str, tokens: int) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = tiny.cached_tiny(name)
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what moves"}]}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    assert text == "USER: <video>\nwhat moves ASSISTANT:"
+    inputs = processor(text=[text], videos=[torch.zeros(6, 3, 40, 56, dtype=torch.uint8)], return_tensors="pt")
+    assert int((inputs["input_ids"] == processor.video_token_id).sum()) == tokens
+    assert inputs["pixel_values_videos"].shape == (1, 6, 3, tiny.LLAVA_IMAGE_SIZE, tiny.LLAVA_IMAGE_SIZE)
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
