@@ -19,7 +19,7 @@ import torch
 
 from mmalign.adapter import ChosenRejected
 from mmalign.logprobs import model_sequence_logps, model_token_logps, response_labels, sequence_logps
-from mmalign.packing import pack_rows
+from mmalign.packing import pack_rows, use_varlen_sdpa
 
 __all__ = ["CausalLMAdapter"]
 
@@ -38,9 +38,10 @@ class CausalLMAdapter:
             from ``model.get_output_embeddings()``); elsewhere a warning gives the reason and the full
             logits are made. Same values and gradients either way.
         packed: run the 2B rows as one padding-free row (position ids restart per sequence, attention
-            stays within each sequence). The first call for each model checks, once, that the packed
-            log-probs equal the padded ones (a model whose attention ignores packed position ids is
-            refused with a ValueError).
+            stays within each sequence). A model on SDPA attention is switched to "sdpa_varlen" (the same
+            kernel, per packed sequence; see :func:`mmalign.packing.use_varlen_sdpa`). The first call for
+            each model checks, once, that the packed log-probs equal the padded ones (a model whose
+            attention ignores packed position ids is refused with a ValueError).
     """
 
     value_kind = "sequence"
@@ -111,15 +112,17 @@ class CausalLMAdapter:
 
     def _packed_logps(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]
+        first = model not in self._packing_checked
+        if first:
+            use_varlen_sdpa(model)  # SDPA: attend per packed sequence, not over a dense (N, N) mask
         packed = pack_rows(batch["input_ids"], batch["attention_mask"], labels)
         # No attention_mask and no cache: transformers then reads the sequences from the position ids.
         per_token, _ = model_token_logps(model, packed.labels, fused=self.fused_head, input_ids=packed.input_ids,
                                          position_ids=packed.position_ids, use_cache=False)
-        logps, n_tokens = packed.row_sums(per_token), (labels[:, 1:] != -100).sum(dim=-1)
-        if model not in self._packing_checked:
+        if first:
             self._check_packing(model, batch)
             self._packing_checked.add(model)
-        return logps, n_tokens
+        return packed.row_sums(per_token), (labels[:, 1:] != -100).sum(dim=-1)
 
     def _check_packing(self, model: torch.nn.Module, batch: dict[str, Any]) -> None:
         """Once per model: packed and padded forwards (no grad, eval mode: no dropout) must agree."""

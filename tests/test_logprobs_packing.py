@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmalign.logprobs import model_token_logps, response_labels
-from mmalign.packing import pack_rows
+from mmalign.packing import VARLEN_SDPA, pack_rows, use_varlen_sdpa
 from mmalign.text import CausalLMAdapter
 from mmalign.tiny import make_tiny_tokenizer
 from mmalign.toy import colour_pairs
@@ -44,9 +44,12 @@ def _llama(vocab: int, attn: str = "sdpa"):
     return LlamaForCausalLM(cfg).double()
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", VARLEN_SDPA])
 def test_packed_model_logps_equal_padded(attn: str) -> None:
-    model = _llama(97, attn)
+    """Dense block-diagonal masks (sdpa, eager) and per-sequence SDPA all keep packed sequences apart."""
+    model = _llama(97, "sdpa" if attn == VARLEN_SDPA else attn)
+    if attn == VARLEN_SDPA:
+        assert use_varlen_sdpa(model) == VARLEN_SDPA == model.config._attn_implementation
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 97, (4, 12), generator=g)
     mask = torch.zeros_like(ids)
@@ -92,12 +95,26 @@ def test_text_adapter_variants_equal_the_plain_padded_path(fused: bool, packed: 
 
 
 def test_packing_is_refused_where_attention_ignores_the_position_ids(monkeypatch) -> None:
-    """If the mask builder does not see the packed sequences, the one-time check raises."""
+    """If the mask builder does not see the packed sequences (eager attention), the one-time check raises."""
     import transformers.masking_utils as masking_utils
 
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     tok = make_tiny_tokenizer(flavour="llava")
-    model = _llama(len(tok))
+    model = _llama(len(tok), "eager")
     adapter = CausalLMAdapter(tok, max_length=32, packed=True)
     with pytest.raises(ValueError, match="packed log-probs that differ from the padded ones"):
         adapter.logps(model, adapter.collate(colour_pairs(seed=0)[0][:2]))
+
+
+def test_varlen_sdpa_leaves_unpacked_batches_and_other_backends_alone() -> None:
+    model = _llama(97)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 97, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    before = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    use_varlen_sdpa(model)
+    after = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert torch.equal(before, after)
+    eager = _llama(97, "eager")
+    assert use_varlen_sdpa(eager) == "eager" == eager.config._attn_implementation
