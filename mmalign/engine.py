@@ -1144,17 +1144,19 @@ class _Engine:
 
     def _delete_earlier_run(self) -> None:
         """``overwrite_output_dir``: delete the checkpoints and metrics an earlier run left here."""
+        earlier = _earlier_run(self.out)
         root = self.out / "checkpoints"
-        if root.is_dir():
-            for path in sorted(root.iterdir()):
-                if path.name.startswith("step-") and path.is_dir():
-                    _delete_checkpoint(path)
-                elif path.name.startswith("step-"):
-                    os.unlink(path)
+        for path in sorted(root.glob("step-*")):
+            if path.is_dir():
+                _delete_checkpoint(path)
+            else:
+                os.unlink(path)
         for name in ("metrics.jsonl", "metrics.png"):
             if (self.out / name).exists():
                 os.unlink(self.out / name)
-        logger.warning("overwrite_output_dir: deleted the checkpoints and metrics of an earlier run in %s", self.out)
+        if earlier:
+            logger.warning("overwrite_output_dir: deleted what an earlier run left in %s: %s", self.out,
+                           ", ".join(earlier))
 
     def _read_metrics(self) -> list[dict[str, float]]:
         path = self.out / "metrics.jsonl"
