@@ -53,6 +53,17 @@ def test_sparse_decode_seeks_and_equals_full_decode(long_clip) -> None:  # noqa:
     assert torch.equal(decode_frames(long_clip, [80, 0, 80]), full[[80, 0, 80]])
 
 
+def test_long_gop_is_decoded_on_not_sought_backwards(tmp_path) -> None:  # noqa: ANN001
+    """Keyframes every 120 frames, wanted frames ~34 apart: seeking would land behind the decoder each time;
+    after one such seek the decoder learns the spacing and decodes on (about one pass over the clip)."""
+    path = write_video(tmp_path / "long_gop.mp4", moving_square_clip(240, size=(32, 48)), fps=24, gop_size=120)
+    wanted = FrameSampling(num_frames=8).indices(240, 24.0)
+    stats = DecodeStats()
+    frames = decode_frames(path, wanted, stats=stats)
+    assert stats.seeks <= 2 and stats.decoded <= 240 + 40
+    assert torch.equal(frames, decode_frames(path, range(240))[wanted])
+
+
 def test_sampling_indices() -> None:
     assert FrameSampling(num_frames=4).indices(16, 24.0) == [0, 5, 10, 15]
     assert FrameSampling(num_frames=1).indices(16, 24.0) == [7]

@@ -16,9 +16,9 @@ Sampling (:class:`FrameSampling`):
 * ``multiple_of=2``: drop trailing frames so the count is even (Qwen2-VL/2.5-VL merge frames in temporal
   patches of 2; their processor otherwise repeats the last frame).
 
-Decoding seeks instead of decoding every frame: for each wanted frame further than ``seek_gap`` frames
-ahead of the decoder, PyAV seeks to the keyframe before it and decodes forward to it; nearer frames are
-reached by decoding on. :class:`DecodeStats` counts seeks and decoded frames (tests check a sparse sample
+Decoding seeks instead of decoding every frame: for each wanted frame further than ``seek_gap`` frames (and
+than the keyframe spacing learnt while decoding) ahead of the decoder, PyAV seeks to the keyframe before it
+and decodes forward to it; nearer frames are reached by decoding on. :class:`DecodeStats` counts seeks and decoded frames (tests check a sparse sample
 of a long clip decodes a fraction of it). PyAV is the optional ``video`` extra (``pip install
 'mmalign[video]'``); without it decoding raises an ``ImportError`` that says so. A media entry may also be
 a list of image files (the frames of one video, e.g. LLaVA-Hound's extracted frames): sampling then picks
@@ -288,8 +288,9 @@ def decode_frames(
 ) -> torch.Tensor:
     """Decode the frames ``indices`` of ``path``: ``uint8 (len(indices), 3, H, W)`` in the order given.
 
-    Seeks to the keyframe before each wanted frame that lies more than ``seek_gap`` frames past the
-    last decoded one; decodes forward otherwise. A frame index is ``round((pts - start) * time_base *
+    Seeks to the keyframe before each wanted frame that lies more than ``seek_gap`` frames, and more than
+    the keyframe spacing seen so far, past the last decoded one; decodes forward otherwise (in a stream
+    with keyframes every 250 frames a seek to a frame 60 ahead would land behind the decoder). A frame index is ``round((pts - start) * time_base *
     fps)``; an index past the last decodable frame (a container that over-reports its length) gives the
     last frame. A seek that lands past its target (inexact container index) or frames without
     timestamps make it decode from the start without further seeks. ``max_side`` shrinks each kept frame
@@ -325,15 +326,16 @@ def decode_frames(
         counter = 0  # fallback index for frames without pts
         sought = -1  # the target of the last seek (seek once per target: the keyframe may lie far before it)
         can_seek, fresh = True, False  # fresh: the next frame is the first after a seek
+        gop, last_key = 0, None  # keyframe spacing learnt so far; the last keyframe of the current run
         pending = list(wanted)
         while pending:
             target = pending[0]
-            if frames_iter is None or (can_seek and target > position + seek_gap and target != sought):
+            if frames_iter is None or (can_seek and target > position + max(seek_gap, gop) and target != sought):
                 if target > 0 and (frames_iter is not None or target > seek_gap):
                     ts = start + int(round(target / fps / float(time_base)))
                     container.seek(ts, stream=stream, backward=True, any_frame=False)
                     stats.seeks += 1
-                    sought, fresh = target, True
+                    sought, fresh, last_key, before = target, True, None, position
                 frames_iter = container.decode(stream)
             frame = next(frames_iter, None)
             if frame is None:  # end of stream: remaining targets get the last frame
@@ -356,6 +358,12 @@ def decode_frames(
                     stats.seeks += 1
                     frames_iter, can_seek, counter = container.decode(stream), False, 0
                     continue
+                if position <= before:  # landed on a keyframe already passed: no keyframe up to the target
+                    gop = max(gop, target - position)
+            if frame.key_frame:  # a long-GOP stream is decoded on rather than sought in (a seek would go back)
+                if last_key is not None:
+                    gop = max(gop, position - last_key)
+                last_key = position
             last = frame
             while pending and position >= pending[0]:
                 found[pending.pop(0)] = frame.to_ndarray(format="rgb24", **size)
