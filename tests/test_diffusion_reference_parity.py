@@ -70,12 +70,11 @@ def test_train_timesteps_are_validated(sd):
         DiffusionTrainConfig(train_timesteps=[])
 
 
-def test_turbo_config_trains_on_the_four_turbo_timesteps():
-    config = _load("sdxl_turbo_pso")
-    assert config.train_timesteps == TURBO_TIMESTEPS
+def test_turbo_configs_train_on_the_four_turbo_timesteps():
+    turbo = [name for name in DIFFUSION_CONFIGS if "turbo" in name]
+    assert {"sdxl_turbo_pso", "sdxl_turbo_diffusion_dpo"} <= set(turbo)
     for name in DIFFUSION_CONFIGS:
-        if "turbo" not in name:
-            assert _load(name).train_timesteps is None, name
+        assert _load(name).train_timesteps == (TURBO_TIMESTEPS if name in turbo else None), name
 
 
 # ------------------------------------------------------------------ crop offsets
@@ -132,8 +131,9 @@ def test_configs_match_the_papers():
     assert mapo.empty_prompt_prob == 0.0  # MaPO's code has no empty-prompt dropout
     dcpo = _load("sd21_dcpo")
     assert (dcpo.resolution, dcpo.empty_prompt_prob) == (512, 0.0)  # DCPO's SD path: 512 px, no dropout
-    turbo = _load("sdxl_turbo_pso")
-    assert (turbo.resolution, turbo.empty_prompt_prob) == (512, 0.0)  # Salesforce launchers/turbo.sh
+    for name in ("sdxl_turbo_pso", "sdxl_turbo_diffusion_dpo"):
+        turbo = _load(name)
+        assert (turbo.resolution, turbo.empty_prompt_prob) == (512, 0.0), name  # Salesforce launchers/turbo.sh
     for name in ("sd15_diffusion_dpo", "sdxl_diffusion_dpo"):
         assert _load(name).empty_prompt_prob == 0.2, name  # Salesforce default proportion_empty_prompts
 

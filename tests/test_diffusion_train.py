@@ -21,6 +21,7 @@ from mmalign.pairs import PairWriter, PreferencePair, read_pairs
 CONFIGS = Path(__file__).resolve().parents[1] / "scripts" / "configs"
 DIFFUSION_CONFIGS = [
     "sd15_diffusion_dpo", "sdxl_diffusion_dpo", "sdxl_mapo", "sd21_dcpo", "sdxl_turbo_pso", "sd3_diffusion_dpo",
+    "sdxl_turbo_diffusion_dpo",
 ]
 
 
@@ -84,12 +85,15 @@ def test_config_runs_end_to_end_on_tiny(name, dataset, tmp_path):
         "sd21_dcpo": ("diffusion_dpo", 500.0, "v_prediction"),
         "sdxl_turbo_pso": ("diffusion_dpo", 5000.0, "epsilon"),
         "sd3_diffusion_dpo": ("diffusion_dpo", 5000.0, "flow_velocity"),
+        "sdxl_turbo_diffusion_dpo": ("diffusion_dpo", 5000.0, "epsilon"),
     }[name]
     assert (summary["loss"], summary["loss_kwargs"]["beta"], summary["prediction_type"]) == expected
     if name == "sdxl_mapo":
         assert summary["loss_kwargs"]["num_train_timesteps"] == 1000
     if name == "sdxl_turbo_pso":
         assert len(read_pairs(out / "pso_pairs")) == 4
+    if "turbo" in name:
+        assert summary["train_timesteps"] == [249, 499, 749, 999]
 
 
 def test_first_step_loss_is_ln2_for_dpo(dataset, tmp_path):
