@@ -32,8 +32,8 @@ Stage 1 details:
 * Generation follows official STIC's ``generate_pref.py``: temperature 0.2, ``max_new_tokens`` 1024
   (the step-by-step descriptions run long; 256 cut them), no nucleus cut, and transformers' default
   ``top_k=50`` (STIC passes none).
-* Resumable: each process appends to its own shard ``out_dir/shards/rankNNNNN/pairs.jsonl`` through
-  :class:`mmalign.pairs.PairWriter` (one crash-safe line per pair, media written before the line).
+* Resumable and sharded through :mod:`mmalign.sharding` (as POVID and SCL). Resumable: each process
+  appends to its own shard ``out_dir/shards/rankNNNNN/pairs.jsonl`` through :class:`mmalign.pairs.PairWriter` (one crash-safe line per pair, media written before the line).
   On start, the ids in *all* shards count as done, so a re-run after a crash (with any number of
   processes) continues with no duplicate and no missing pair.
 * Sharded: ``rank``/``world_size`` default to :func:`mmalign.distributed.process_state` (accelerate's
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +59,9 @@ import torch
 from mmalign.config import help_
 from mmalign.corruptions import REJECTED_SCORED_ON
 from mmalign.prompts import DESCRIBE_PROMPTS, STIC_DESCRIBE_PROMPT, description_infused, stic_negative_plan
+from mmalign.sharding import ShardedRun, ShardReport, media_stem
+from mmalign.sharding import done_ids as _done_ids  # noqa: F401  (video.physdpo resumes with it)
+from mmalign.sharding import merge_shards as _merge_shards
 from vision.generate import GenerationSettings, generate_responses, record_seed
 
 __all__ = [
@@ -74,6 +76,9 @@ __all__ = [
     "train_description_infused",
     "train_stic_dpo",
 ]
+
+STIC_META_MEDIA: tuple[str, ...] = ("stic.corruption.media",)
+"""Media lists inside a STIC pair's ``meta`` (rewritten by :func:`merge_shards`)."""
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -128,23 +133,11 @@ class STICConfig:
 
 
 @dataclass
-class STICReport:
-    """What one call of :func:`build_stic_pairs` did (this process only, except ``merged``)."""
+class STICReport(ShardReport):
+    """What one call of :func:`build_stic_pairs` did (this process only, except ``merged``); ``converted``:
+    image path -> the conversion to RGB it went through."""
 
-    written: int = 0
-    already_done: int = 0
-    other_ranks: int = 0
-    skipped: dict[str, list[str]] = field(default_factory=dict)
     converted: dict[str, str] = field(default_factory=dict)
-    merged: int | None = None
-    out_dir: str = ""
-
-    def skip(self, reason: str, path: str) -> None:
-        self.skipped.setdefault(reason, []).append(path)
-
-    @property
-    def n_skipped(self) -> int:
-        return sum(len(v) for v in self.skipped.values())
 
 
 def _image_files(image_dir: Path) -> list[Path]:
@@ -153,40 +146,9 @@ def _image_files(image_dir: Path) -> list[Path]:
     return sorted((p for p in image_dir.rglob("*") if p.is_file()), key=lambda p: p.relative_to(image_dir).as_posix())
 
 
-def _media_name(image_id: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(image_id).stem)[:60] or "image"
-    return f"{stem}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
-
-
 def _int_seed(*parts: Any) -> int:
     """56-bit seed of the plan and the corruption (kept as before: existing datasets resume with the same plans)."""
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:7], "big")
-
-
-def _done_ids(out_dir: Path) -> set[str]:
-    import json
-
-    done: set[str] = set()
-    for shard in sorted((out_dir / "shards").glob("rank*/pairs.jsonl")):
-        for line in shard.read_bytes().split(b"\n"):
-            try:
-                rec = json.loads(line)
-            except ValueError:  # blank or torn last line: not done
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("id"), str):
-                done.add(rec["id"])
-    return done
-
-
-def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int, Any]:
-    if rank is not None and world_size is not None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        return rank, world_size, None
-    from mmalign.distributed import process_state
-
-    state = process_state()
-    return state.process_index, state.num_processes, state
 
 
 def build_stic_pairs(
@@ -211,16 +173,14 @@ def build_stic_pairs(
         A :class:`STICReport` (pairs written now, already done, skipped with reasons, converted).
     """
     from mmalign.corruptions import apply_corruption, describe, hacked_negative, pil_to_tensor, tensor_to_pil
-    from mmalign.pairs import PairFormatError, PairWriter, PreferencePair, load_image
+    from mmalign.pairs import PairFormatError, PreferencePair, load_image
 
     image_dir, out_dir = Path(config.image_dir), Path(config.out_dir)
-    rank, world_size, state = _rank_world(rank, world_size)
     files = _image_files(image_dir)
     if config.limit is not None:
         files = files[: config.limit]
+    run = ShardedRun(out_dir, rank=rank, world_size=world_size)
     report = STICReport(out_dir=str(out_dir))
-    done = _done_ids(out_dir)
-    shard_dir = out_dir / "shards" / f"rank{rank:05d}"
     settings = GenerationSettings(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
         top_p=config.top_p, batch_size=config.batch_size, seed=config.seed,
@@ -229,17 +189,16 @@ def build_stic_pairs(
     todo: list[tuple[str, Path]] = []
     for i, path in enumerate(files):
         image_id = path.relative_to(image_dir).as_posix()
-        if i % world_size != rank:
+        if not run.mine(i):
             report.other_ranks += 1
-        elif f"stic/{image_id}" in done:
+        elif f"stic/{image_id}" in run.done:
             report.already_done += 1
         elif path.suffix.lower() not in IMAGE_EXTENSIONS:
             report.skip(f"unsupported extension {path.suffix or '(none)'!r}", str(path))
         else:
             todo.append((image_id, path))
 
-    # One fsync per generated batch, not per line: a crashed process loses nothing either way.
-    with PairWriter(shard_dir, durable=False) as writer:
+    with run.writer() as writer:
         for start in range(0, len(todo), config.batch_size):
             items: list[dict[str, Any]] = []
             for image_id, path in todo[start : start + config.batch_size]:
@@ -290,8 +249,7 @@ def build_stic_pairs(
                 seeds=[record_seed(config.seed, it["id"], "rejected") for it in items],
             )
             for it, chosen_text, rejected_text in zip(items, chosen, rejected, strict=True):
-                name = _media_name(it["id"])
-                shard_rel = f"shards/rank{rank:05d}/"
+                name = media_stem(it["id"])
                 clean_rel = writer.add_media(it["clean"], f"media/{name}.png", overwrite=True)
                 rejected_media, corruption = [clean_rel], None
                 if it["corruption"] is not None:
@@ -309,7 +267,7 @@ def build_stic_pairs(
                         "rejected_prompt": it["plan"].prompt,
                         "corruption": corruption,
                         "notes": it["notes"],
-                        "shard": shard_rel.rstrip("/"),
+                        "shard": run.shard_rel,
                     }
                 }
                 try:  # the pair rules (blank text, sides equal up to whitespace) are the core's
@@ -324,42 +282,15 @@ def build_stic_pairs(
                 report.written += 1
             writer.sync()
 
-    if state is not None:
-        state.wait_for_everyone()
-    if merge and rank == 0:
-        report.merged = merge_shards(out_dir, order=[f"stic/{p.relative_to(image_dir).as_posix()}" for p in files])
+    report.merged = run.finish(merge=merge, order=[f"stic/{p.relative_to(image_dir).as_posix()}" for p in files],
+                               meta_media=STIC_META_MEDIA)
     return report
 
 
 def merge_shards(out_dir: str | Path, *, order: Sequence[str] | None = None) -> int:
-    """Merge ``out_dir/shards/*/pairs.jsonl`` into ``out_dir/pairs.jsonl`` (atomic); return the pair count.
-
-    Media paths (also the corrupted image in ``meta["stic"]["corruption"]["media"]``) are rewritten
-    relative to ``out_dir`` (``shards/rankNNNNN/media/...``). A duplicate id
-    across shards keeps the first; ``order`` (pair ids) sorts the output, others go last by id.
-    """
-    from mmalign.pairs import PreferencePair, read_pairs, write_pairs
-
-    out_dir = Path(out_dir)
-    merged: dict[str, PreferencePair] = {}
-    for shard in sorted((out_dir / "shards").glob("rank*")):
-        if not (shard / "pairs.jsonl").exists():
-            continue
-        prefix = shard.relative_to(out_dir).as_posix()
-        for pair in read_pairs(shard):
-            if pair.id in merged:
-                continue
-            data = pair.to_dict()
-            data["chosen_media"] = [f"{prefix}/{m}" for m in pair.chosen_media]
-            data["rejected_media"] = [f"{prefix}/{m}" for m in pair.rejected_media]
-            corruption = (data.get("meta") or {}).get("stic", {}).get("corruption")
-            if corruption and corruption.get("media"):
-                corruption["media"] = [f"{prefix}/{m}" for m in corruption["media"]]
-            merged[pair.id] = PreferencePair.from_dict(data)
-    rank_of = {pid: i for i, pid in enumerate(order or [])}
-    pairs = sorted(merged.values(), key=lambda p: (rank_of.get(p.id, len(rank_of)), p.id))
-    write_pairs(out_dir, pairs, overwrite=True)
-    return len(pairs)
+    """:func:`mmalign.sharding.merge_shards` for STIC datasets (the corrupted image's path in
+    ``meta["stic"]["corruption"]["media"]`` is rewritten too); returns the pair count."""
+    return _merge_shards(out_dir, order=order, meta_media=STIC_META_MEDIA)
 
 
 def _stic_recipe(n_pairs: int, num_processes: int, total_batch: int, fields: dict[str, Any],
