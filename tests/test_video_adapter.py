@@ -136,3 +136,18 @@ def test_processor_without_video_is_refused() -> None:
 
     with pytest.raises(ValueError, match="video"):
         VideoLLMAdapter(AutoProcessor.from_pretrained(cached_tiny("llava")))
+
+
+def test_per_side_sampling_keeps_the_adapters_frame_size(clips: Path) -> None:
+    from transformers import AutoProcessor
+
+    from mmalign.tiny import cached_tiny
+
+    adapter = VideoLLMAdapter(AutoProcessor.from_pretrained(cached_tiny("qwen2_5_vl")), media_root=clips,
+                              sampling=FrameSampling(num_frames=4, max_side=24))
+    pair = _pairs()[2].with_root(clips)  # rejected side: meta sampling {"num_frames": 2}
+    assert adapter.clip(pair, "chosen").frames.shape == (4, 3, 16, 24)
+    assert adapter.clip(pair, "rejected").frames.shape == (2, 3, 16, 24)
+    bad = PreferencePair("bad", "q", "a", "b", ["media/red.mp4"], [], meta={"sampling": {"rejected": {"frames": 2}}})
+    with pytest.raises(ValueError, match="bad.*sampling"):
+        adapter.clip(bad.with_root(clips), "rejected")

@@ -191,10 +191,15 @@ class VideoLLMAdapter:
         return out
 
     def _sampling(self, pair: Any, side: str) -> FrameSampling:
+        """The adapter's sampling, or the pair's ``meta["sampling"][side]`` (frame choice only: ``max_side``
+        and ``multiple_of`` stay the adapter's unless given)."""
         override = ((pair.meta or {}).get("sampling") or {}).get(side)
         if not override:
             return self.sampling
-        return FrameSampling(**override)
+        try:
+            return FrameSampling(**{"max_side": self.sampling.max_side, "multiple_of": self.sampling.multiple_of, **override})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"pair {pair.id!r}: bad meta['sampling'][{side!r}] {override!r}: {exc}") from exc
 
     def clip(self, pair: Any, side: str) -> Clip:
         """The sampled frames of ``pair``'s ``side`` (``"chosen"``/``"rejected"``), through the cache."""
