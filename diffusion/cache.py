@@ -72,7 +72,7 @@ def model_fingerprint(adapter: Any) -> str:
         for name, tensor in module.state_dict().items():
             flat = tensor.detach().contiguous().reshape(-1)
             h.update(f"{index}.{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
-            h.update(flat.view(torch.uint8).cpu().numpy().tobytes())
+            h.update(flat.view(torch.uint8).cpu().numpy())
     for attr in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         tokenizer = getattr(adapter.pipeline, attr, None)
         if tokenizer is not None:

@@ -352,15 +352,23 @@ class OnlinePSO:
                     path.unlink(missing_ok=True)
             self._kept[i] = {c for c in (0, call) if self.kept(i, c).is_file()}
 
+    def checkpoint_step(self) -> int:
+        """Optimizer step of the newest complete checkpoint under ``run_dir``, the one
+        ``mmalign.engine`` resumes from (0: none, or no ``run_dir``)."""
+        if self.run_dir is None:
+            return 0
+        from mmalign.engine import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return 0
+        return int(json.loads((ckpt / "trainer_state.json").read_text())["global_step"])
+
     def _checkpointed_versions(self) -> list[int] | None:
         """The images the newest complete checkpoint under ``run_dir`` was trained with."""
         if self.run_dir is None:
             return None
-        from mmalign.engine import latest_checkpoint
-
-        ckpt = latest_checkpoint(self.run_dir)
-        step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"] if ckpt is not None else 0
-        return self.versions_at(self.calls_at(step))
+        return self.versions_at(self.calls_at(self.checkpoint_step()))
 
     def _collect(self) -> None:
         """Delete the kept images neither current, nor the offline sample, nor needed to resume from

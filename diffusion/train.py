@@ -307,16 +307,6 @@ def _pso_guidance(pipeline: Any, config: DiffusionTrainConfig) -> float:
     return 0.0
 
 
-def _resume_step(output_dir: Path) -> int:
-    """The optimizer step of the checkpoint ``mmalign.engine`` resumes from in ``output_dir`` (0: none)."""
-    from mmalign.engine import latest_checkpoint
-
-    ckpt = latest_checkpoint(output_dir)
-    if ckpt is None:
-        return 0
-    return int(json.loads((ckpt / "trainer_state.json").read_text())["global_step"])
-
-
 def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
     """Train as ``config`` says and write the outputs (see the module docstring)."""
     from accelerate import PartialState
@@ -383,7 +373,8 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
                 seed=config.train.seed, run_dir=out, **sampling,
             )
             # the images the checkpoint the engine resumes from was trained with (step 0: the offline samples)
-            online.restore(_resume_step(out) if config.train.resume else 0, is_main_process=state.is_main_process)
+            online.restore(online.checkpoint_step() if config.train.resume else 0,
+                           is_main_process=state.is_main_process)
             state.wait_for_everyone()
             callbacks.append(online)
 
