@@ -45,7 +45,7 @@ def _llama(vocab: int, attn: str = "sdpa"):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager", VARLEN_SDPA])
-def test_packed_model_logps_equal_padded(attn: str) -> None:
+def test_packed_model_logps_equal_padded(attn: str, monkeypatch) -> None:
     """Dense block-diagonal masks (sdpa, eager) and per-sequence SDPA all keep packed sequences apart."""
     model = _llama(97, "sdpa" if attn == VARLEN_SDPA else attn)
     if attn == VARLEN_SDPA:
@@ -58,9 +58,19 @@ def test_packed_model_logps_equal_padded(attn: str) -> None:
     labels = response_labels(ids, mask, prompt_lengths=torch.tensor([3, 4, 5, 1]))
     padded, _ = model_token_logps(model, labels, input_ids=ids, attention_mask=mask, use_cache=False)
     p = pack_rows(ids, mask, labels)
+    key_lengths: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(q, k, v, *args, **kwargs):  # type: ignore[no-untyped-def]
+        key_lengths.append(k.shape[-2])
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
     per_token, _ = model_token_logps(model, p.labels, input_ids=p.input_ids, position_ids=p.position_ids,
                                      use_cache=False)
     assert torch.allclose(p.row_sums(per_token), padded.sum(-1), atol=1e-10)
+    if attn == VARLEN_SDPA:  # one SDPA call per sequence and layer, never over the whole pack
+        assert key_lengths == [12, 7, 9, 3] * 2
 
 
 @pytest.mark.parametrize(("fused", "packed"), [(True, False), (False, True), (True, True)])
@@ -118,3 +128,27 @@ def test_varlen_sdpa_leaves_unpacked_batches_and_other_backends_alone() -> None:
     assert torch.equal(before, after)
     eager = _llama(97, "eager")
     assert use_varlen_sdpa(eager) == "eager" == eager.config._attn_implementation
+
+
+def test_tiny_qwen2vl_text_fused_and_packed_equal_padded(tmp_path) -> None:
+    """Qwen2-VL: the fused head passes its one-position check; packed rows take (4, 1, N) position ids
+    (the text positions, which the mask reads, then the three M-RoPE rows; all equal for text)."""
+    from transformers import AutoModelForImageTextToText
+
+    from mmalign.tiny import make_tiny_qwen2vl
+
+    model = AutoModelForImageTextToText.from_pretrained(make_tiny_qwen2vl(tmp_path / "qwen2vl")).double()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 100, (4, 10), generator=g)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate([10, 6, 8, 4]):
+        mask[row, :n] = 1
+    labels = response_labels(ids, mask, prompt_lengths=torch.tensor([2, 3, 2, 1]))
+    plain, _ = model_token_logps(model, labels, fused=False, input_ids=ids, attention_mask=mask, use_cache=False)
+    fused, _ = model_token_logps(model, labels, input_ids=ids, attention_mask=mask, use_cache=False)
+    assert torch.allclose(fused, plain, atol=1e-10)
+    p = pack_rows(ids, mask, labels)
+    assert use_varlen_sdpa(model) == VARLEN_SDPA
+    per_token, _ = model_token_logps(model, p.labels, input_ids=p.input_ids,
+                                     position_ids=p.position_ids[None].expand(4, 1, -1), use_cache=False)
+    assert torch.allclose(p.row_sums(per_token), plain.sum(-1), atol=1e-10)
