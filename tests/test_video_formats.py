@@ -86,3 +86,19 @@ def test_bad_records_name_line_and_field(hound, tmp_path: Path) -> None:  # noqa
         read_llava_hound(bad, video_root=videos)
     pairs, skipped = read_llava_hound(bad, video_root=videos, skip_bad=True)
     assert pairs == [] and [(s.line, s.field) for s in skipped] == [(1, "video"), (2, "rejected")]
+
+
+def test_training_reads_llava_hound_records_directly(hound, tmp_path: Path) -> None:  # noqa: ANN001
+    from mmalign.engine import TrainConfig
+    from video.train import VideoTrainConfig, run
+
+    src, videos = hound
+    config = VideoTrainConfig(
+        model="tiny:qwen2_5_vl", data=str(src), data_format="llava_hound", video_root=str(videos), num_frames=4,
+        train=TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=2, trackers=[], progress=False,
+                          plot=False),
+    )
+    result = run(config)
+    assert result.global_step == 1 and result.final_checkpoint is not None
+    with pytest.raises(ValueError, match="video_root"):
+        VideoTrainConfig(model="tiny:qwen2_5_vl", data=str(src), data_format="llava_hound")
