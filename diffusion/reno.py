@@ -64,9 +64,11 @@ from mmalign.rewards import Reward, WeightedRewards
 
 __all__ = [
     "NoiseSampler",
+    "PromptSetReport",
     "ReNOResult",
     "noise_norm_penalty",
     "optimize_noise",
+    "optimize_prompt_set",
     "read_prompts",
     "save_report",
     "to_pil",
@@ -732,8 +734,7 @@ def save_report(result: ReNOResult, out_dir: str | Path) -> list[Path]:
         pair = Image.new("RGB", (before.width + after.width, max(before.height, after.height)))
         pair.paste(before, (0, 0))
         pair.paste(after, (before.width, 0))
-        slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:40] or "prompt"
-        written.append(out / f"{i:03d}_{slug}.png")
+        written.append(out / f"{i:03d}_{_slug(prompt)}.png")
         pair.save(written[-1])
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, prompt in enumerate(result.prompts):
@@ -759,3 +760,189 @@ def save_report(result: ReNOResult, out_dir: str | Path) -> list[Path]:
     written.append(out / "rewards.json")
     written[-1].write_text(json.dumps(summary, indent=1))
     return written
+
+
+# ------------------------------------------------------------------------- many prompts, many processes
+
+
+@dataclass
+class PromptSetReport:
+    """What :func:`optimize_prompt_set` did in this process (and, on rank 0, the merged summary)."""
+
+    out_dir: Path
+    prompts: int  # in the whole set
+    batches_done_here: int  # optimised by this process in this call
+    batches_already_done: int  # found complete on disk (resumed), this process's share
+    summary: dict[str, Any] | None = None  # rewards.json, on the process that merged
+
+
+def _slug(prompt: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:40] or "prompt"
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    """Whole or absent: a temporary file, fsynced, renamed over ``path``, the folder fsynced."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def optimize_prompt_set(
+    pipe: Any,
+    prompts: Sequence[str],
+    rewards: Reward | WeightedRewards | Sequence[Any],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 1,
+    seed: int = 0,
+    run_settings: dict[str, Any] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+    **optimize_kwargs: Any,
+) -> PromptSetReport:
+    """ReNO over a prompt list: resumable, and split across the processes of ``accelerate launch``.
+
+    The prompts are cut into batches of ``batch_size`` in order; batch ``j`` belongs to process
+    ``j % world_size`` and prompt ``i`` starts from the noise seeded ``seed + i`` (as in
+    :func:`optimize_noise`), so the images do not depend on the number of processes. Per prompt
+    ``images/<i>_<slug>.png`` (initial | optimised) and ``best/<i>_<slug>.png`` are written, then the
+    batch's record ``batches/<j>.json`` (atomically: it is the batch's completeness mark). A re-run
+    skips the batches whose record exists, so a crash loses at most the batches in flight. When
+    every process is done, rank 0 merges the records into ``rewards.json`` (prompt order) and draws
+    ``rewards.png``.
+
+    ``run.json`` holds the prompts' digest, ``batch_size``, ``seed`` and ``run_settings`` (put the
+    pipeline, rewards and optimiser settings there); a re-run with other values is refused rather
+    than mixing results of two settings in one folder.
+
+    ``rank``/``world_size`` default to :func:`mmalign.distributed.process_state`; other keyword
+    arguments go to :func:`optimize_noise`.
+    """
+    import hashlib
+
+    from mmalign.distributed import process_state
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("optimize_prompt_set: no prompts")
+    state = None
+    if rank is None or world_size is None:
+        state = process_state()
+        rank, world_size = state.process_index, state.num_processes
+    out = Path(out_dir)
+    for sub in ("images", "best", "batches"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    record = {
+        "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "prompts": len(prompts),
+        "batch_size": batch_size,
+        "seed": seed,
+        "settings": json.loads(json.dumps(run_settings or {}, default=str)),
+    }
+    run_file = out / "run.json"
+    if rank == 0 and not run_file.exists():
+        _write_json_atomic(run_file, record)
+    if state is not None:
+        state.wait_for_everyone()
+    if run_file.exists():
+        old = json.loads(run_file.read_text(encoding="utf-8"))
+        if old != record:
+            differ = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+            raise ValueError(f"{out} holds a ReNO run with other {', '.join(differ)}: its results would be "
+                             f"mixed with this run's; choose another output folder or delete {out}")
+    starts = list(range(0, len(prompts), batch_size))
+    mine = [(j, s) for j, s in enumerate(starts) if j % world_size == rank]
+    todo = [(j, s) for j, s in mine if not (out / "batches" / f"{j:05d}.json").exists()]
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"ReNO (process {rank})",
+               disable=not progress, unit="batch")
+    for j, start in todo:
+        batch = prompts[start : start + batch_size]
+        result = optimize_noise(pipe, batch, rewards, seed=seed + start, progress=False, **optimize_kwargs)
+        names = [f"{start + k:05d}_{_slug(p)}.png" for k, p in enumerate(batch)]
+        for name, before, after in zip(names, result.initial_images, result.images, strict=True):
+            pair = Image.new("RGB", (before.width + after.width, max(before.height, after.height)))
+            pair.paste(before, (0, 0))
+            pair.paste(after, (before.width, 0))
+            pair.save(out / "images" / name)
+            after.save(out / "best" / name)
+        _write_json_atomic(out / "batches" / f"{j:05d}.json", {
+            "batch": j, "first_prompt": start, "prompts": batch, "images": names,
+            "initial_rewards": result.initial_rewards.tolist(), "best_rewards": result.best_rewards.tolist(),
+            "best_iteration": result.best_iteration.tolist(), "nan_skipped": result.nan_skipped.tolist(),
+            "rewards": result.rewards.T.tolist(),  # per prompt, per iteration
+            "reward_scores": {k: v.T.tolist() for k, v in result.reward_scores.items()},
+            "seconds_per_update": result.iteration_times.tolist(),
+        })
+        bar.update(1)
+    bar.close()
+    report = PromptSetReport(out, len(prompts), len(todo), len(mine) - len(todo))
+    if state is not None:
+        state.wait_for_everyone()
+    if rank == 0:
+        report.summary = _merge_prompt_set(out, prompts, len(starts))
+    return report
+
+
+def _merge_prompt_set(out: Path, prompts: list[str], n_batches: int) -> dict[str, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: list[dict[str, Any]] = []
+    missing = []
+    for j in range(n_batches):
+        path = out / "batches" / f"{j:05d}.json"
+        if not path.exists():
+            missing.append(j)
+            continue
+        batch = json.loads(path.read_text(encoding="utf-8"))
+        for k, prompt in enumerate(batch["prompts"]):
+            rows.append({"index": batch["first_prompt"] + k, "prompt": prompt, "image": batch["images"][k],
+                         "initial_reward": batch["initial_rewards"][k], "best_reward": batch["best_rewards"][k],
+                         "best_iteration": batch["best_iteration"][k], "rewards": batch["rewards"][k]})
+    if missing:
+        raise RuntimeError(f"{out}: batches {missing[:10]} have no record after every process finished")
+    rows.sort(key=lambda r: r["index"])
+    if [r["prompt"] for r in rows] != prompts:
+        raise RuntimeError(f"{out}: the batch records do not add up to the prompt list")
+    initial = [r["initial_reward"] for r in rows]
+    best = [r["best_reward"] for r in rows]
+    summary = {
+        "prompts": len(rows),
+        "mean_initial_reward": sum(initial) / len(initial),
+        "mean_best_reward": sum(best) / len(best),
+        "improved": sum(b > i for b, i in zip(best, initial, strict=True)),
+        "per_prompt": rows,
+    }
+    _write_json_atomic(out / "rewards.json", summary)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curves = torch.tensor([r["rewards"] for r in rows])
+    if len(rows) <= 10:
+        for r in rows:
+            ax.plot(r["rewards"], label=r["prompt"][:30], alpha=0.8)
+        ax.legend(fontsize=7)
+    ax.plot(curves.mean(0).numpy(), color="black", linewidth=2, label="mean")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("total reward (-weighted loss)")
+    ax.set_title(f"ReNO on {len(rows)} prompts")
+    fig.tight_layout()
+    fig.savefig(out / "rewards.png", dpi=100)
+    plt.close(fig)
+    return summary

@@ -1,24 +1,14 @@
-"""Preference-optimise a vision-language model: ``python scripts/train_vlm.py --config c.yaml [--flag v ...]``.
+"""Preference-optimise a vision-language model (the same job as ``mmalign train-vlm``); see ``--help``.
 
-Multi-GPU / multi-node: ``accelerate launch scripts/train_vlm.py --config ...``.
+    python scripts/train_vlm.py --config scripts/configs/llava15_stic.yaml --data data/stic_pairs
+    accelerate launch scripts/train_vlm.py --config ...
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
-from mmalign.config import load_config
-from vision.train import VLMTrainConfig, run
-
-
-def main(argv: list[str] | None = None) -> None:
-    config = load_config(VLMTrainConfig, argv, description=__doc__)
-    result = run(config)
-    last = result.metrics[-1] if result.metrics else {}
-    print(json.dumps({"steps": result.global_step, "output_dir": str(result.output_dir),
-                      "checkpoint": str(result.final_checkpoint), "last_metrics": last}, indent=1))
-
+from vision.cli import train_vlm as main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -51,7 +51,7 @@ def _metric_rows(out: Path) -> list[dict]:
 
 def test_stic_stage1_two_processes_write_distinct_shards_merged_once(tmp_path):
     _images(tmp_path / "images", 6)
-    _launch(tmp_path, "make_pairs.py", "vision", "stic", "--model", "tiny:llava",
+    _launch(tmp_path, "make_pairs.py", "stic", "--model", "tiny:llava",
             "--stic.image_dir", str(tmp_path / "images"), "--stic.out_dir", str(tmp_path / "pairs"),
             "--stic.max_new_tokens", "4", "--stic.batch_size", "2")
     pairs = read_pairs(tmp_path / "pairs")
@@ -78,3 +78,23 @@ def test_vlm_training_two_processes_one_row_per_step(tmp_path):
 
     state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
     assert state["num_processes"] == 2
+
+
+def test_reno_prompt_file_two_processes_split_batches_and_merge_once(tmp_path):
+    from mmalign.tiny import cached_tiny
+
+    pipeline = cached_tiny("sd", scheduler="euler")
+    (tmp_path / "prompts.txt").write_text("a red fox\na blue car\na green field\n", encoding="utf-8")
+    common = ["--pipeline", str(pipeline), "--reward", "redness:1", "--steps", "2", "--height", "16",
+              "--width", "16", "--prompts_file", str(tmp_path / "prompts.txt"), "--no_progress"]
+    _launch(tmp_path, "reno.py", *common, "--out", str(tmp_path / "two"))
+    two = json.loads((tmp_path / "two" / "rewards.json").read_text())
+    assert [r["prompt"] for r in two["per_prompt"]] == ["a red fox", "a blue car", "a green field"]
+    assert sorted(p.name for p in (tmp_path / "two" / "batches").iterdir()) == ["00000.json", "00001.json",
+                                                                                 "00002.json"]
+    from diffusion.cli import reno
+
+    assert reno([*common, "--out", str(tmp_path / "one")]) == 0  # one process: the same images and rewards
+    one = json.loads((tmp_path / "one" / "rewards.json").read_text())
+    for a, b in zip(one["per_prompt"], two["per_prompt"], strict=True):
+        assert a["rewards"] == pytest.approx(b["rewards"], abs=1e-5)

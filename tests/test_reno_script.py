@@ -1,23 +1,34 @@
-"""``scripts/reno.py`` and ``diffusion.reno.read_prompts``: bad command lines and prompt files get clear errors."""
+"""``mmalign reno`` (``scripts/reno.py``) and ``diffusion.reno.read_prompts``: bad command lines and prompt files
+get clear errors; a prompt set is resumable and refuses a folder of another run."""
 
 from __future__ import annotations
 
-import importlib.util
+import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from diffusion.reno import read_prompts
 
 
-def _script() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "scripts" / "reno.py"
-    spec = importlib.util.spec_from_file_location("reno_script", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+class _Script:
+    """The command as the scripts and ``mmalign reno`` run it."""
+
+    @staticmethod
+    def parse_args(argv: list[str]) -> object:
+        from diffusion.cli import reno_parser
+
+        return reno_parser().parse_args(argv)
+
+    @staticmethod
+    def main(argv: list[str]) -> int:
+        from diffusion.cli import reno
+
+        return reno(argv)
+
+
+def _script() -> _Script:
+    return _Script()
 
 
 @pytest.mark.parametrize("flag", ["--batch-size", "--steps", "--num-inference-steps"])
@@ -25,7 +36,7 @@ def test_counts_must_be_positive(flag: str, capsys: pytest.CaptureFixture[str], 
     """``--batch-size 0`` used to reach ``range(0, n, 0)`` ("range() arg 3 must not be zero")."""
     with pytest.raises(SystemExit):
         _script().parse_args(["--pipeline", "p", "--reward", "redness", "--out", str(tmp_path), flag, "0", "a"])
-    assert f"argument {flag}: must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert f"{flag}: must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_read_prompts_skips_blank_lines(tmp_path: Path) -> None:
@@ -64,10 +75,28 @@ def test_script_runs_on_a_tiny_pipeline(tmp_path: Path, capsys: pytest.CaptureFi
 
     pipeline = cached_tiny("sd", scheduler="euler")
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red fox\n\na blue car\n", encoding="utf-8")
-    _script().main(["--pipeline", str(pipeline), "--reward", "redness:1", "--out", str(tmp_path / "out"), "--steps",
-                    "2", "--height", "16", "--width", "16", "--device", "cpu", "--batch-size", "2", "--prompts-file",
-                    str(prompts)])
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "000_a_red_fox.png", "001_a_blue_car.png", "rewards.json", "rewards.png"]
-    assert "a blue car" in capsys.readouterr().out
+    prompts.write_text("a red fox\n\na blue car\na green field\n", encoding="utf-8")
+    argv = ["--pipeline", str(pipeline), "--reward", "redness:1", "--out", str(tmp_path / "out"), "--steps", "2",
+            "--height", "16", "--width", "16", "--device", "cpu", "--batch-size", "2", "--prompts-file", str(prompts),
+            "--no_progress"]
+    assert _script().main(argv) == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "best").iterdir()) == [
+        "00000_a_red_fox.png", "00001_a_blue_car.png", "00002_a_green_field.png"]
+    assert sorted(p.name for p in (out / "batches").iterdir()) == ["00000.json", "00001.json"]
+    summary = json.loads((out / "rewards.json").read_text())
+    assert [r["prompt"] for r in summary["per_prompt"]] == ["a red fox", "a blue car", "a green field"]
+    assert (out / "rewards.png").exists() and "a blue car" in capsys.readouterr().out
+
+    # A re-run resumes: a finished batch is not optimised again (its image keeps its mtime), a lost one is.
+    kept = (out / "best" / "00000_a_red_fox.png").stat().st_mtime_ns
+    (out / "batches" / "00001.json").unlink()
+    (out / "best" / "00002_a_green_field.png").unlink()
+    assert _script().main(argv) == 0
+    assert (out / "best" / "00000_a_red_fox.png").stat().st_mtime_ns == kept
+    assert (out / "best" / "00002_a_green_field.png").exists()
+    assert json.loads((out / "rewards.json").read_text())["per_prompt"] == summary["per_prompt"]
+
+    # Other settings in the same folder are refused, not mixed in.
+    with pytest.raises(SystemExit, match="other settings"):
+        _script().main([*argv[:-1], "--lr", "1.0", "--no_progress"])

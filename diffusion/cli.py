@@ -1,0 +1,153 @@
+"""Command-line jobs of the diffusion package: ``mmalign train-diffusion`` and ``mmalign reno``.
+
+``scripts/train_diffusion.py`` and ``scripts/reno.py`` call these functions; both run unchanged
+under ``accelerate launch`` (training through the engine's accelerator, ReNO split by prompt batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["reno", "reno_parser", "train_diffusion"]
+
+
+def train_diffusion(argv: Sequence[str] | None = None) -> int:
+    """Preference-train a text-to-image model: Diffusion-DPO, MaPO, DCPO, PSO (SD1.5/2.1, SDXL, SD3, Flux).
+
+    Every field of ``diffusion.train.DiffusionTrainConfig`` is a flag and a YAML key (``--config c.yaml``;
+    nested engine settings as ``--train.<field>``).
+    """
+    from diffusion.train import DiffusionTrainConfig, run
+    from mmalign.config import load_config
+    from mmalign.distributed import process_state
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config = load_config(DiffusionTrainConfig, argv, description=train_diffusion.__doc__)
+    result = run(config)
+    if not process_state().is_main_process:
+        return 0
+    final = result.metrics[-1] if result.metrics else {}
+    print(json.dumps({
+        "output_dir": str(result.output_dir),
+        "lora": str(result.lora_dir) if result.lora_dir else None,
+        "pipeline": str(result.pipeline_dir) if result.pipeline_dir else None,
+        "grid": str(result.grid_path) if result.grid_path else None,
+        "ties_dropped": result.ties_dropped,
+        "attention": result.attention,
+        "final": {k: final[k] for k in ("loss", "rewards/accuracies", "rewards/margins") if k in final},
+    }, indent=1))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+RENO_DOC = """Optimise the initial noise of a one/few-step text-to-image pipeline against rewards (ReNO).
+
+    mmalign reno --pipeline /models/sd-turbo --reward hpsv2=/models/HPS_v2.1_compressed.pt:5 \\
+        --reward clip=/models/CLIP-ViT-H-14:0.01 --out runs/reno "a red fox in the snow"
+    accelerate launch -m mmalign reno --pipeline tiny:sd --reward redness:1 --prompts_file p.txt --out runs/toy
+
+ReNO's default set (HPS 5, ImageReward 1, CLIP 0.01, PickScore 0.05): --reward hpsv2=<file or folder>
+--reward imagereward=<folder> --reward clip=<folder> --reward pickscore=<folder> (weights default to ReNO's).
+
+Writes per prompt images/<i>_<slug>.png (initial | optimised) and best/<i>_<slug>.png, a record per
+prompt batch (batches/, the resume point: a re-run skips finished batches), and at the end
+rewards.json and rewards.png. Under accelerate launch each process takes every n-th batch; prompt i
+starts from the noise seeded seed + i whatever the number of processes. Flags are written with
+underscores (--prompts_file); the dashed forms (--prompts-file) are accepted too.
+"""
+
+
+def reno_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmalign reno", description=RENO_DOC, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(name: str, **kw: object) -> None:
+        dashed = name.replace("_", "-")
+        p.add_argument(*([name] if name == dashed else [name, dashed]), **kw)  # type: ignore[arg-type]
+
+    p.add_argument("prompts", nargs="*", help="prompts (or use --prompts_file)")
+    add("--prompts_file", type=Path, help="text file, one prompt per line (blank lines skipped)")
+    add("--pipeline", required=True, help="diffusers pipeline: local folder, hub name or tiny:<sd|sdxl|sd3|flux>")
+    add("--reward", action="append", required=True,
+        help="NAME[=SOURCE][:WEIGHT], repeatable, e.g. clip=/path/model:0.01, hpsv2=/path/w.safetensors:5, "
+             "imagereward=/path/ImageReward, redness:1")
+    add("--clip_arch", default=None, help="open_clip architecture for bare weights files (e.g. ViT-H-14)")
+    add("--out", type=Path, required=True, help="output folder (re-run to resume)")
+    add("--steps", type=_positive_int, default=50, help="iterations: images scored; updates = steps - 1 (ReNO: 50)")
+    add("--lr", type=float, default=5.0, help="learning rate (ReNO: 5)")
+    add("--optimizer", choices=("sgd", "adam"), default="sgd", help="sgd (Nesterov 0.9, ReNO) | adam (eps 1e-2)")
+    add("--grad_clip", type=float, default=0.1, help="max gradient norm per prompt (ReNO: 0.1)")
+    add("--reg_weight", type=float, default=0.01, help="noise-norm regulariser weight (ReNO: 0.01)")
+    add("--num_inference_steps", type=_positive_int, default=1, help="denoiser calls per image")
+    add("--guidance_scale", type=float, default=0.0, help="classifier-free guidance (turbo models: 0)")
+    add("--height", type=int, default=None, help="image height (default: the pipeline's)")
+    add("--width", type=int, default=None, help="image width (default: the pipeline's)")
+    add("--seed", type=int, default=0, help="prompt i starts from the noise seeded seed + i")
+    add("--batch_size", type=_positive_int, default=1, help="prompts optimised together")
+    add("--device", default=None, help="default: this process's accelerator device (cuda:N under "
+                                       "accelerate launch), else cpu")
+    add("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="pipeline weights")
+    add("--gradient_checkpointing", action="store_true", help="checkpoint the denoiser (less memory)")
+    add("--vae_checkpointing", action="store_true", help="checkpoint the VAE decoder (less memory)")
+    add("--no_progress", action="store_true", help="no progress bar")
+    for action in p._actions:
+        if action.default not in (None, argparse.SUPPRESS, False) and action.help and "%(default)" not in action.help:
+            action.help += " (default: %(default)s)"
+    return p
+
+
+def reno(argv: Sequence[str] | None = None) -> int:
+    """ReNO: optimise the initial noise against rewards, over prompts or a prompt file; resumable, sharded."""
+    import torch
+
+    from diffusion.reno import optimize_prompt_set, read_prompts
+    from diffusion.train import load_pipeline
+    from mmalign.distributed import process_state
+    from mmalign.rewards import WeightedRewards, reward_from_spec
+
+    args = reno_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    prompts = list(args.prompts)
+    if args.prompts_file is not None:
+        try:
+            prompts += read_prompts(args.prompts_file)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"reno: {exc}") from exc
+    if not prompts:
+        raise SystemExit("reno: no prompts: pass them as arguments or with --prompts_file")
+    state = process_state()
+    device = args.device or str(state.device)
+    try:  # rewards first: a bad spec or weights file is reported before the pipeline loads
+        rewards = WeightedRewards([reward_from_spec(s, model_name=args.clip_arch, device=device)
+                                   for s in args.reward])
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"reno: {exc}") from exc
+    pipe = load_pipeline(args.pipeline, torch_dtype=getattr(torch, args.dtype)).to(device)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("prompts", "prompts_file", "out", "device", "no_progress")}
+    try:
+        report = optimize_prompt_set(
+            pipe, prompts, rewards, args.out, batch_size=args.batch_size, seed=args.seed, run_settings=settings,
+            progress=not args.no_progress, steps=args.steps, lr=args.lr, optimizer=args.optimizer,
+            grad_clip=args.grad_clip, reg_weight=args.reg_weight, num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+            gradient_checkpointing=args.gradient_checkpointing, vae_checkpointing=args.vae_checkpointing,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"reno: {exc}") from exc
+    if report.summary is not None:
+        for row in report.summary["per_prompt"]:
+            print(f"{row['initial_reward']:+.4f} -> {row['best_reward']:+.4f}  {row['prompt']}")
+        print(f"{report.summary['improved']}/{report.summary['prompts']} prompts improved; wrote {args.out}")
+    return 0

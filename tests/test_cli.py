@@ -1,0 +1,54 @@
+"""The ``mmalign`` command: every job is reachable, documented, and the scripts are thin wrappers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from mmalign.cli import COMMANDS_GROUP, PAIR_BUILDERS_GROUP, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_job_is_registered_and_listed(capsys):
+    commands = {ep.name for ep in entry_points(group=COMMANDS_GROUP)}
+    builders = {ep.name for ep in entry_points(group=PAIR_BUILDERS_GROUP)}
+    assert {"train-vlm", "train-diffusion", "reno"} <= commands
+    assert {"stic", "trl"} <= builders
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in [*commands, "make-pairs"])
+    assert "unavailable" not in listed
+    assert main(["make-pairs", "--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in builders)
+
+
+@pytest.mark.parametrize("argv", [["train-vlm", "--help"], ["train-diffusion", "--help"], ["reno", "--help"],
+                                  ["make-pairs", "stic", "--help"], ["make-pairs", "trl", "--help"]])
+def test_each_job_help_shows_defaults(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    assert "default" in capsys.readouterr().out
+
+
+def test_unknown_names_are_clear():
+    with pytest.raises(SystemExit, match="unknown command 'trian-vlm'; known: .*train-vlm"):
+        main(["trian-vlm"])
+    with pytest.raises(SystemExit, match="unknown kind 'stik'"):
+        main(["make-pairs", "stik"])
+
+
+def test_python_dash_m_and_scripts_are_the_same_command():
+    out = subprocess.run([sys.executable, "-m", "mmalign", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "train-vlm" in out.stdout
+    script = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_pairs.py"), "--help"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert script.returncode == 0 and "stic" in script.stdout, script.stderr[-2000:]
+    for name in ("train_vlm.py", "train_diffusion.py", "make_pairs.py", "reno.py"):
+        assert len((ROOT / "scripts" / name).read_text().splitlines()) < 40, name

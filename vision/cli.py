@@ -1,0 +1,87 @@
+"""Command-line jobs of the vision package: ``mmalign train-vlm`` and ``mmalign make-pairs {stic,trl}``.
+
+``scripts/train_vlm.py`` and ``scripts/make_pairs.py`` call these functions. Every job runs under
+``accelerate launch``: training through the engine's accelerator, STIC stage 1 with one shard of
+images per process, merged by the first process when all are done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mmalign.config import help_, load_config
+from vision.stic import STICConfig
+
+__all__ = ["STICJob", "stic_pairs", "train_vlm", "trl_pairs"]
+
+
+def _argv(argv: Sequence[str] | None) -> list[str]:
+    return list(sys.argv[1:] if argv is None else argv)
+
+
+def train_vlm(argv: Sequence[str] | None = None) -> int:
+    """Preference-optimise a vision-language model (DPO and friends; STIC, POVID, SCL configs).
+
+    Every field of ``vision.train.VLMTrainConfig`` is a flag and a YAML key (``--config c.yaml``; nested
+    engine settings as ``--train.<field>``). ``--model`` takes a folder, a hub name or tiny:<family>.
+    """
+    from mmalign.distributed import process_state
+    from vision.train import VLMTrainConfig, run
+
+    config = load_config(VLMTrainConfig, _argv(argv), description=train_vlm.__doc__)
+    result = run(config)
+    if process_state().is_main_process:
+        last = result.metrics[-1] if result.metrics else {}
+        print(json.dumps({"steps": result.global_step, "output_dir": str(result.output_dir),
+                          "checkpoint": str(result.final_checkpoint), "last_metrics": last}, indent=1))
+    return 0
+
+
+@dataclass
+class STICJob:
+    """STIC stage 1: self-constructed preference pairs from a folder of unlabeled images."""
+
+    model: str = field(default="", metadata=help_("policy: folder, hub name or tiny:<family>"))
+    trust_remote_code: bool = field(default=False, metadata=help_("allow the checkpoint's own code"))
+    stic: STICConfig = field(default_factory=STICConfig, metadata=help_("stage-1 settings"))
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("--model is required (a model folder, hub name or tiny:<family>)")
+
+
+def stic_pairs(argv: Sequence[str] | None = None) -> int:
+    """STIC stage 1: the policy describes clean images (chosen) and hacked inputs (rejected); resumable.
+
+    ``--stic.image_dir IMAGES --stic.out_dir OUT``; re-run the same command to resume. Under
+    ``accelerate launch`` each process writes its own shard and the first merges them.
+    """
+    from mmalign.distributed import process_state
+    from vision.stic import build_stic_pairs
+    from vision.train import load_vlm
+
+    job = load_config(STICJob, _argv(argv), description=stic_pairs.__doc__)
+    model, processor = load_vlm(job.model, trust_remote_code=job.trust_remote_code)
+    model.to(process_state().device)
+    report = build_stic_pairs(model, processor, job.stic)
+    print(report)
+    return 0
+
+
+def trl_pairs(argv: Sequence[str] | None = None) -> int:
+    """Convert TRL preference records (JSONL/JSON/parquet with prompt, chosen, rejected, images) into a pair folder."""
+    from mmalign.pairs import from_trl
+
+    parser = argparse.ArgumentParser(prog="mmalign make-pairs trl", description=trl_pairs.__doc__,
+                                     allow_abbrev=False)
+    parser.add_argument("--src", required=True, help="TRL records file or folder")
+    parser.add_argument("--out", required=True, help="pair folder to write")
+    parser.add_argument("--image_root", default=None,
+                        help="folder the records' image paths are relative to (default: the records' folder)")
+    args = parser.parse_args(_argv(argv))
+    print(from_trl(args.src, args.out, image_root=args.image_root))
+    return 0
