@@ -12,6 +12,13 @@ pairs, calls :func:`mmalign.engine.train` and writes, into ``output_dir``:
 * ``grid.png``: the fixed ``grid_prompts`` sampled with the same seeds before (top row) and after
   (bottom row) training.
 
+Interrupted runs (``train.resume``): ``toy:brightness`` data is complete or absent (a partial
+``toy_pairs`` folder is replaced, a complete one reused); a latent cache is rebuilt where its data
+fingerprint no longer matches the pairs and refused when it was built with other frozen weights
+(:mod:`diffusion.cache`); online PSO puts back the rejected images the resumed checkpoint was
+trained with (:meth:`diffusion.pso.OnlinePSO.restore`), so a resumed run ends bitwise equal to an
+uninterrupted one on the CPU.
+
 Objectives (``objective``) map to :mod:`mmalign.losses`:
 
 =============== ================= ===================== ============================================
