@@ -12,7 +12,6 @@ LLaVA-Hound-DPO records into our pair folder.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -31,18 +30,14 @@ class PhysDPOJob:
 
 
 def physdpo(argv: list[str]) -> None:
-    import torch
-
+    from mmalign.distributed import process_state
     from video.physdpo import build_physdpo_pairs
-    from video.train import load_video_llm
+    from vision.train import load_vlm
 
     job = load_config(PhysDPOJob, argv, description="PhysDPO pairs")
-    model, processor = load_video_llm(job.model, trust_remote_code=job.trust_remote_code, dtype=job.dtype)
-    # the launcher's GPU for this process (accelerate launch sets LOCAL_RANK; rank/world come from RANK/WORLD_SIZE);
-    # no accelerate state is created, so a training run later in the same process configures its own
-    if torch.cuda.is_available():
-        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
-    print(build_physdpo_pairs(model, processor, job.physdpo))
+    model, processor = load_vlm(job.model, trust_remote_code=job.trust_remote_code, dtype=job.dtype)
+    report = build_physdpo_pairs(model.to(process_state().device), processor, job.physdpo)
+    print(report)
 
 
 def llava_hound(argv: list[str]) -> None:

@@ -63,7 +63,7 @@ def test_hacks_generate_and_clean_video_scores(qa: Path, tmp_path: Path, policy)
         return generate_video_responses(model, processor, prompts, clips, seeds, settings, **kw)
 
     report = build_physdpo_pairs(model, processor, _config(qa, tmp_path / "out"), rank=0, world_size=1, generate_fn=spy)
-    assert report.written == 9 and report.merged == 9 and report.by_hack == {"title": 3, "frames": 3, "resolution": 3}
+    assert report.written == 9 and report.merged == 9 and report.counts == {"title": 3, "frames": 3, "resolution": 3}
     pairs = {p.id: p for p in read_pairs(tmp_path / "out")}
     records = {r.id: r for r in read_video_qa(qa)}
     for pid, pair in pairs.items():
@@ -129,20 +129,6 @@ def test_config_and_records_are_checked(tmp_path: Path) -> None:
         read_video_qa(bad)
 
 
-def test_shard_comes_from_the_launcher_environment(monkeypatch) -> None:  # noqa: ANN001
-    from video.physdpo import _shard
-
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert _shard(None, None) == (0, 1)
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    assert _shard(None, None) == (1, 3)
-    assert _shard(0, 2) == (0, 2)
-    with pytest.raises(ValueError, match="rank"):
-        _shard(2, 2)
-
-
 def test_generated_chosen_uses_the_true_title_on_the_clean_clip(qa: Path, tmp_path: Path) -> None:
     """With ``generate_chosen`` the preferred answer is the policy's, hinted with the video's own title (as the
     paper made its preferred answers); ``pairs_per_record="one"`` picks one seeded hack per record."""
@@ -154,7 +140,7 @@ def test_generated_chosen_uses_the_true_title_on_the_clean_clip(qa: Path, tmp_pa
 
     config = _config(qa, tmp_path / "out", generate_chosen=True, pairs_per_record="one", batch_size=8)
     report = build_physdpo_pairs(None, None, config, rank=0, world_size=1, generate_fn=fake)
-    assert report.written == 3 and sum(report.by_hack.values()) == 3
+    assert report.written == 3 and sum(report.counts.values()) == 3
     (rejected_prompts, _), (chosen_prompts, chosen_frames) = calls
     records = read_video_qa(qa)
     assert chosen_prompts == [f'The title of this video is "{r.title}".\n{r.question}' for r in records]

@@ -85,7 +85,7 @@ def test_precomputed_reference_and_vision_gradients_with_videos(tmp_path: Path) 
     from mmalign.pairs import PairDataset, PreferencePair, write_pairs
     from video.adapter import VideoLLMAdapter
     from video.frames import FrameSampling
-    from video.train import load_video_llm
+    from vision.train import load_vlm
 
     data = tmp_path / "data"
     pairs = []
@@ -97,7 +97,7 @@ def test_precomputed_reference_and_vision_gradients_with_videos(tmp_path: Path) 
     write_pairs(data, pairs)
     losses = {}
     for mode in ("frozen", "precomputed"):
-        model, processor = load_video_llm("tiny:llava_onevision")
+        model, processor = load_vlm("tiny:llava_onevision")
         before = model.model.vision_tower.encoder.layers[0].mlp.fc1.weight.detach().clone()
         dataset = PairDataset(data)
         adapter = VideoLLMAdapter(processor, media_root=data, sampling=FrameSampling(num_frames=4))

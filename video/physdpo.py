@@ -30,23 +30,20 @@ Input records (JSON list or JSONL): ``video`` (path relative to ``video_root``),
 video with the video's true title as a hint, as the paper made its preferred answers), optional ``title``
 (needed by the title hack: titles are drawn from the other records) and ``id`` (default: the line number).
 
-Runs are batched, resumable and sharded like :func:`vision.stic.build_stic_pairs`: each process appends
-to ``out_dir/shards/rankNNNNN/pairs.jsonl``; ids in any shard count as done on a re-run; record ``i``
-belongs to rank ``i % world_size``; each answer is sampled with its own seed (run seed, record id, hack),
-so a resumed or sharded run writes the same pairs as one uninterrupted process. Rank and world size come
-from the arguments, else from the ``RANK``/``WORLD_SIZE`` variables ``accelerate launch`` sets (no
-accelerate state is created here, so a training ``Accelerator`` made later in the same process is not
-pre-empted). Each rank writes ``shards/rankNNNNN/DONE`` when finished; whichever rank finds all of them
-merges the shards into ``out_dir/pairs.jsonl`` (an atomic, idempotent rewrite).
+Runs are batched, resumable and sharded through :class:`mmalign.sharding.ShardedRun`: each process
+appends to ``out_dir/shards/rankNNNNN/pairs.jsonl``; ids in any shard count as done on a re-run (and
+records whose hacked answer equalled the preferred one, logged as outcomes); record ``i`` belongs to rank
+``i % world_size``; rank 0 merges the shards into ``out_dir/pairs.jsonl`` once every rank is done. Rank and
+world size come from the arguments, else from :func:`mmalign.distributed.process_state` (never a bare
+``PartialState``, so a training ``Accelerator`` built later in the process gets the right state). Each
+answer is sampled with its own seed (run seed, record id, hack), so a resumed or sharded run writes the
+same pairs as one uninterrupted process.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +52,12 @@ from typing import Any
 import torch
 
 from mmalign.config import help_
+from mmalign.sharding import ShardReport
 from video.frames import Clip, FrameCache, FrameSampling
 from video.generate import generate_video_responses
 from vision.generate import GenerationSettings, record_seed
 
-__all__ = ["HACKS", "PhysDPOConfig", "PhysDPOReport", "VideoQA", "build_physdpo_pairs", "read_video_qa"]
+__all__ = ["HACKS", "PhysDPOConfig", "VideoQA", "build_physdpo_pairs", "read_video_qa"]
 
 HACKS: tuple[str, ...] = ("title", "frames", "resolution")
 """The three PhysDPO hacks: misleading title, fewer frames, lower resolution."""
@@ -143,36 +141,6 @@ def read_video_qa(path: str | os.PathLike[str]) -> list[VideoQA]:
     return records
 
 
-@dataclass
-class PhysDPOReport:
-    """What one call of :func:`build_physdpo_pairs` did (this process only, except ``merged``)."""
-
-    written: int = 0
-    already_done: int = 0
-    other_ranks: int = 0
-    skipped: dict[str, list[str]] = field(default_factory=dict)
-    by_hack: dict[str, int] = field(default_factory=dict)
-    merged: int | None = None
-    out_dir: str = ""
-
-    def skip(self, reason: str, item: str) -> None:
-        self.skipped.setdefault(reason, []).append(item)
-
-
-def _shard(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is None or world_size is None:
-        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    return rank, world_size
-
-
-def _media_name(video: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(video).stem)[:60] or "video"
-    return f"{stem}-{hashlib.sha1(video.encode()).hexdigest()[:8]}{Path(video).suffix.lower()}"
-
-
 def _plan(record: VideoQA, records: Sequence[VideoQA], config: PhysDPOConfig) -> list[dict[str, Any]]:
     """The hacks of one record with their parameters; a function of (seed, record id) and the record set only."""
     from mmalign.prompts import misleading_title
@@ -216,17 +184,6 @@ def _hacked_input(record: VideoQA, clip: Clip, plan: dict[str, Any]) -> tuple[st
     return record.question, clip.with_frames(frames), describe("lower_resolution", factor=params["factor"])
 
 
-def _all_done(out_dir: Path, world_size: int, digest: str) -> bool:
-    for r in range(world_size):
-        try:
-            marker = json.loads((out_dir / "shards" / f"rank{r:05d}" / "DONE").read_text())
-        except (OSError, ValueError):
-            return False
-        if marker != {"world_size": world_size, "digest": digest}:
-            return False
-    return True
-
-
 def build_physdpo_pairs(
     model: torch.nn.Module,
     processor: Any,
@@ -236,21 +193,24 @@ def build_physdpo_pairs(
     world_size: int | None = None,
     merge: bool = True,
     generate_fn: Callable[..., list[str]] = generate_video_responses,
-) -> PhysDPOReport:
+) -> ShardReport:
     """Write (or resume) a PhysDPO pair dataset in ``config.out_dir``; see the module docstring.
 
     Args:
         model, processor: the policy (a video LLM) and its ``AutoProcessor``.
-        rank, world_size: this process's shard; default ``RANK``/``WORLD_SIZE`` from the environment (0/1).
-        merge: merge the shards into ``out_dir/pairs.jsonl`` once every rank has finished.
+        rank, world_size: this process's shard; default from :func:`mmalign.distributed.process_state`.
+        merge: rank 0 merges the shards into ``out_dir/pairs.jsonl`` once every rank has finished.
         generate_fn: the batched generator (:func:`video.generate.generate_video_responses` signature).
+
+    Returns:
+        A :class:`mmalign.sharding.ShardReport`; ``counts`` holds the pairs written per hack.
     """
     from tqdm.auto import tqdm
 
     from mmalign.corruptions import hacked_negative
-    from mmalign.pairs import PairWriter, PreferencePair, resolve_media
+    from mmalign.pairs import PreferencePair, resolve_media
     from mmalign.prompts import with_title
-    from vision.stic import _done_ids, merge_shards
+    from mmalign.sharding import ShardedRun, media_stem
 
     records_path = Path(config.records)
     records = read_video_qa(records_path)
@@ -258,12 +218,8 @@ def build_physdpo_pairs(
         records = records[: config.limit]
     video_root = Path(config.video_root) if config.video_root else records_path.parent
     out_dir = Path(config.out_dir)
-    rank, world_size = _shard(rank, world_size)
-    report = PhysDPOReport(out_dir=str(out_dir))
-    shard_rel = f"shards/rank{rank:05d}"
-    digest = hashlib.sha256(json.dumps([[r.id, r.video] for r in records]).encode()).hexdigest()[:16]
-    (out_dir / shard_rel / "DONE").unlink(missing_ok=True)
-    done = _done_ids(out_dir)
+    run = ShardedRun(out_dir, rank=rank, world_size=world_size)
+    report = ShardReport(out_dir=str(out_dir))
     sampling = FrameSampling(num_frames=config.num_frames, max_side=config.max_side)
     cache = FrameCache(max_bytes=256 << 20)
     settings = GenerationSettings(
@@ -277,9 +233,9 @@ def build_physdpo_pairs(
         for plan in _plan(record, records, config):
             pid = f"physdpo/{record.id}/{plan['hack']}"
             order.append(pid)
-            if i % world_size != rank:
+            if not run.mine(i):
                 report.other_ranks += 1
-            elif pid in done:
+            elif pid in run.done:
                 report.already_done += 1
             elif "error" in plan:
                 report.skip(plan["error"], pid)
@@ -290,9 +246,8 @@ def build_physdpo_pairs(
             else:
                 todo.append((record, plan))
 
-    bar = tqdm(total=len(todo), desc="physdpo", disable=not config.progress or rank != 0)
-    # one fsync per generated batch, not per line: a crashed process loses nothing either way
-    with PairWriter(out_dir / shard_rel, durable=False, check_media=True) as writer:
+    bar = tqdm(total=len(todo), desc="physdpo", disable=not config.progress or run.rank != 0)
+    with run.writer() as writer:
         for start in range(0, len(todo), config.batch_size):
             items: list[dict[str, Any]] = []
             for record, plan in todo[start : start + config.batch_size]:
@@ -322,10 +277,12 @@ def build_physdpo_pairs(
                 chosen = [it["record"].answer for it in items]
             for it, chosen_text, rejected_text in zip(items, chosen, rejected, strict=True):
                 bar.update(1)
-                if chosen_text.strip() == rejected_text.strip():
-                    report.skip("identical preferred and dispreferred answer", it["id"])
+                if chosen_text.strip() == rejected_text.strip():  # the same seed would give it again: done
+                    run.outcome(it["id"], "identical preferred and dispreferred answer")
+                    report.count("identical")
                     continue
-                clean = writer.add_media(it["path"], f"media/{_media_name(it['record'].video)}", overwrite=True, verify=False)
+                name = media_stem(it["record"].video) + Path(it["record"].video).suffix.lower()
+                clean = writer.add_media(it["path"], f"media/{name}", overwrite=True, verify=False)
                 rejected_media, hack_record = hacked_negative([clean], [], it["corruption"])
                 hack_record.pop("media")  # the hacked frames are derived from the clean video, not stored
                 meta = {"physdpo": {
@@ -344,10 +301,9 @@ def build_physdpo_pairs(
                     chosen_media=[clean], rejected_media=rejected_media, meta=meta,
                 ))
                 report.written += 1
-                report.by_hack[it["plan"]["hack"]] = report.by_hack.get(it["plan"]["hack"], 0) + 1
+                report.count(it["plan"]["hack"])
             writer.sync()
+            run.sync()
     bar.close()
-    (out_dir / shard_rel / "DONE").write_text(json.dumps({"world_size": world_size, "digest": digest}))
-    if merge and _all_done(out_dir, world_size, digest):
-        report.merged = merge_shards(out_dir, order=order)
+    report.merged = run.finish(merge=merge, order=order)
     return report

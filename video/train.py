@@ -2,7 +2,7 @@
 
 ``run(VideoTrainConfig(...))`` is what ``scripts/train_video.py`` calls. Models load like the image VLMs
 (:func:`vision.train.load_vlm`: ``AutoModelForImageTextToText`` / ``AutoProcessor``, safetensors only,
-remote code off unless asked); ``tiny:<name>`` loads a tiny model of :mod:`mmalign.tiny` (tests, smoke runs).
+remote code off unless asked; ``tiny:<name>`` is a tiny model of :mod:`mmalign.tiny`, see :mod:`mmalign.hub`).
 
 PhysDPO's recipe (PhysGame/PhysVLM, arXiv 2412.01800): DPO on LLaVA-OneVision-Qwen2-7B with 16 frames,
 beta 0.1, learning rate 5e-6, 2 epochs, full fine-tuning, no SFT term; ``scripts/configs/*physdpo*.yaml``
@@ -12,15 +12,12 @@ carry it for LLaVA-OneVision, LLaVA-NeXT-Video and Qwen2.5-VL.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import torch
 
 from mmalign.config import help_
 from mmalign.engine import TrainConfig
 
-__all__ = ["VideoTrainConfig", "load_video_llm", "run"]
+__all__ = ["VideoTrainConfig", "run"]
 
 
 @dataclass
@@ -70,29 +67,16 @@ class VideoTrainConfig:
                              multiple_of=self.frame_multiple, max_side=self.frame_max_side)
 
 
-def load_video_llm(
-    name_or_path: str | Path, *, trust_remote_code: bool = False, dtype: str = "float32"
-) -> tuple[torch.nn.Module, Any]:
-    """``(model, processor)`` from a folder, a hub name or ``tiny:<name>`` (a key of ``mmalign.tiny.TINY_BUILDERS``)."""
-    from vision.train import load_vlm
-
-    name = str(name_or_path)
-    if name.startswith("tiny:"):
-        from mmalign.tiny import cached_tiny
-
-        name_or_path = cached_tiny(name[len("tiny:") :])
-    return load_vlm(name_or_path, trust_remote_code=trust_remote_code, dtype=dtype)
-
-
 def run(config: VideoTrainConfig) -> Any:
     """Train ``config.model`` on ``config.data`` with the engine; returns its ``TrainResult``."""
     from mmalign.engine import train
     from mmalign.pairs import PairDataset
     from video.adapter import VideoLLMAdapter
     from video.formats import load_video_pairs
+    from vision.train import load_vlm
 
     dataset = load_video_pairs(config.data, data_format=config.data_format, video_root=config.video_root)
-    model, processor = load_video_llm(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype)
+    model, processor = load_vlm(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype)
     adapter = VideoLLMAdapter(
         processor, media_root=dataset.root, sampling=config.sampling(), max_length=config.max_length,
         truncation=config.truncation, system_prompt=config.system_prompt, lora_scope=config.lora_scope,
