@@ -140,6 +140,13 @@ class ShardReport:
     def n_skipped(self) -> int:
         return sum(len(v) for v in self.skipped.values())
 
+    def summary(self, first: int = 3) -> str:
+        """One JSON line for a command's output: the counts, and per skip reason its count and first items."""
+        skipped = {reason: {"count": len(items), "first": items[:first]} for reason, items in self.skipped.items()}
+        return json.dumps({"out_dir": self.out_dir, "written": self.written, "counts": self.counts,
+                           "already_done": self.already_done, "other_ranks": self.other_ranks,
+                           "merged": self.merged, "skipped": skipped}, ensure_ascii=False)
+
 
 class ShardedRun:
     """One process's part of a sharded, resumable pair-generation run (see the module docstring).

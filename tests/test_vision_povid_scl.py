@@ -1,4 +1,5 @@
-"""POVID and SCL pair builders on tiny models (a tiny causal LM rewrites answers for POVID)."""
+"""POVID and SCL pair builders on tiny models (a tiny causal LM rewrites answers for POVID): pairs, shards,
+resume, the online negative and the recipes."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import torch
 from PIL import Image
 
 from mmalign.pairs import read_pairs
-from vision.generate import GenerationSettings
-from vision.povid import POVIDRecord, build_povid_pairs
-from vision.scl import SCLRecord, build_scl_pairs, extract_answer
+from vision.povid import POVIDPairsConfig, build_povid_pairs
+from vision.records import ImageQA
+from vision.scl import SCLPairsConfig, build_scl_pairs, extract_answer
 
 
 @pytest.fixture(scope="module")
@@ -36,24 +37,32 @@ def _rewriter():  # noqa: ANN202
     return AutoModelForCausalLM.from_pretrained(lm_path, use_safetensors=True), AutoTokenizer.from_pretrained(lm_path)
 
 
+def _records(n: int = 2, answer: str = "a red cube on a table") -> list[ImageQA]:
+    return [ImageQA(f"r{i}", _img(i), "what is in the image", answer) for i in range(n)]
+
+
+def _povid(out, **kw) -> POVIDPairsConfig:  # noqa: ANN001
+    kw = {"max_new_tokens": 6, "temperature": 1.0, "batch_size": 2, "progress": False, **kw}
+    return POVIDPairsConfig(out_dir=str(out), **kw)
+
+
 def test_povid_two_sets_with_weights_online_by_default(llava, tmp_path) -> None:  # noqa: ANN001
     model, processor = llava
     rewriter, tok = _rewriter()
-    records = [POVIDRecord(f"r{i}", _img(i), "what is in the image", "a red cube on a table") for i in range(2)]
-    settings = GenerationSettings(max_new_tokens=6, temperature=1.0)
     calls = []
 
     def no_generation(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         calls.append(args)
         raise AssertionError("online image negatives generate nothing before training")
 
-    report = build_povid_pairs(model, processor, records, tmp_path, rewriter=rewriter, rewriter_tokenizer=tok,
-                               settings=settings, generate_fn=no_generation)
+    report = build_povid_pairs(model, processor, _povid(tmp_path), records=_records(), rewriter=rewriter,
+                               rewriter_tokenizer=tok, rank=0, world_size=1, generate_fn=no_generation)
     pairs = {p.id: p for p in read_pairs(tmp_path)}
-    assert report.written == {"text": 2, "image": 2} and len(pairs) == 4 and not calls
+    assert report.counts == {"text": 2, "image": 2} and report.merged == len(pairs) == 4 and not calls
+    assert list(pairs) == ["povid/r0/text", "povid/r0/image", "povid/r1/text", "povid/r1/image"]
     # weight 2 * 0.5 per pair: the engine's mean over both sets is 0.5 * mean_text + 0.5 * mean_image
     assert {p.meta["weight"] for p in pairs.values()} == {1.0}
-    image_pair = pairs["r0/image"]
+    image_pair = pairs["povid/r0/image"]
     corruption = image_pair.meta["povid"]["corruption"]
     assert image_pair.meta["povid"]["negative"] == "online"
     assert image_pair.meta["online_negative"] == {"method": "argmax", "media": corruption["media"]}
@@ -63,23 +72,68 @@ def test_povid_two_sets_with_weights_online_by_default(llava, tmp_path) -> None:
     assert np.abs(noisy - clean).mean() > 10
     assert corruption["params"]["t"] == 500 and corruption["params"]["signed"] is False  # POVID's [0, 1] form
     with pytest.raises(ValueError, match="weights"):
-        build_povid_pairs(model, processor, records, tmp_path / "x", text_weight=0, image_weight=0)
+        POVIDPairsConfig(text_weight=0, image_weight=0)
     with pytest.raises(ValueError, match="clean-image logits"):
-        build_povid_pairs(model, processor, records, tmp_path / "x", text_weight=0, score_rejected_on="corrupted")
+        POVIDPairsConfig(score_rejected_on="corrupted")
+    with pytest.raises(ValueError, match="image_negatives"):
+        POVIDPairsConfig(image_negatives="cached")
 
 
 def test_povid_offline_image_negatives_are_a_named_option(llava, tmp_path) -> None:  # noqa: ANN001
     model, processor = llava
-    records = [POVIDRecord(f"r{i}", _img(i), "what is in the image", "a red cube on a table") for i in range(2)]
-    report = build_povid_pairs(model, processor, records, tmp_path, text_weight=0, image_negatives="offline",
-                               settings=GenerationSettings(max_new_tokens=6, temperature=1.0))
+    report = build_povid_pairs(model, processor, _povid(tmp_path, text_weight=0, image_negatives="offline"),
+                               records=_records(), rank=0, world_size=1)
     pairs = read_pairs(tmp_path)
-    assert report.written["image"] + len(report.skipped.get("image: empty or identical negative", [])) == 2
+    assert report.counts.get("image", 0) + report.n_skipped == 2 and len(pairs) == report.written
     for pair in pairs:
         assert pair.meta["povid"]["negative"] == "offline" and "online_negative" not in pair.meta
         assert pair.rejected and pair.rejected_media == pair.chosen_media  # generated on noise, scored on clean
-    with pytest.raises(ValueError, match="image_negatives"):
-        build_povid_pairs(model, processor, records, tmp_path / "x", image_negatives="cached")
+
+
+def _fake_rewrite(model, tok, prompts, settings, *, seeds):  # noqa: ANN001, ANN202
+    """A rewriter whose text depends on the record's seed only (as the real one's sampling does)."""
+    return [f"a dog number {s % 1000}" for s in seeds]
+
+
+def test_povid_shards_by_rank_and_merges(tmp_path) -> None:  # noqa: ANN001
+    """Ranks 0 and 1 of 2 take records 0, 2, 4 and 1, 3; rank 0 merges in record order; media paths stay
+    inside out_dir."""
+    records = _records(5)
+
+    r1 = build_povid_pairs(None, None, _povid(tmp_path), records=records, rewriter=object(), rewriter_tokenizer=object(),
+                           rank=1, world_size=2, merge=False, rewrite_fn=_fake_rewrite)
+    assert r1.merged is None and r1.other_ranks == 6 and r1.counts == {"text": 2, "image": 2}
+    assert {p.id for p in read_pairs(tmp_path / "shards/rank00001")} == {
+        "povid/r1/text", "povid/r1/image", "povid/r3/text", "povid/r3/image"}
+    r0 = build_povid_pairs(None, None, _povid(tmp_path), records=records, rewriter=object(), rewriter_tokenizer=object(),
+                           rank=0, world_size=2, rewrite_fn=_fake_rewrite)
+    pairs = read_pairs(tmp_path)
+    assert r0.merged == len(pairs) == 10
+    assert [p.id for p in pairs] == [f"povid/r{i}/{k}" for i in range(5) for k in ("text", "image")]
+    for pair in pairs:
+        media = pair.chosen_media + pair.meta.get("online_negative", {}).get("media", [])
+        assert media[0].startswith(f"shards/rank0000{int(pair.id[7]) % 2}/media/")
+        assert all((tmp_path / m).is_file() for m in media)
+    # a third rank-0 pass with no rank 1 in sight finds everything done
+    again = build_povid_pairs(None, None, _povid(tmp_path), records=records, rewriter=object(),
+                              rewriter_tokenizer=object(), rank=0, world_size=1, rewrite_fn=_fake_rewrite)
+    assert again.already_done == 10 and again.written == 0 and again.merged == 10
+
+
+def test_povid_negative_equal_to_answer_is_logged_once(tmp_path) -> None:  # noqa: ANN001
+    calls = {"n": 0}
+
+    def echo(model, tok, prompts, settings, *, seeds):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        return [" a red  cube on a table "] + ["a blue dog"] * (len(prompts) - 1)
+
+    config = _povid(tmp_path, image_weight=0)
+    report = build_povid_pairs(None, None, config, records=_records(2), rewriter=object(), rewriter_tokenizer=object(),
+                               rank=0, world_size=1, rewrite_fn=echo)
+    assert report.written == 1 and list(report.skipped) == ["text: negative equal to the answer"]
+    again = build_povid_pairs(None, None, config, records=_records(2), rewriter=object(), rewriter_tokenizer=object(),
+                              rank=0, world_size=1, rewrite_fn=echo)
+    assert again.already_done == 2 and calls["n"] == 1
 
 
 def _online_pair_folder(root, n: int = 2):  # noqa: ANN001, ANN202
@@ -164,12 +218,15 @@ def test_online_pairs_train_through_the_engine(llava, tmp_path) -> None:  # noqa
         assert result.global_step == 2 and all(np.isfinite(m["loss"]) for m in result.metrics)
 
 
-def test_scl_keeps_only_flips(llava, tmp_path) -> None:  # noqa: ANN001
-    model, processor = llava
-    records = [SCLRecord(f"s{i}", _img(i), "is there a cube? A. yes B. no", reference=i) for i in range(4)]
+def _scl(out, **kw) -> SCLPairsConfig:  # noqa: ANN001
+    return SCLPairsConfig(out_dir=str(out), **{"batch_size": 4, "progress": False, **kw})
+
+
+def test_scl_keeps_only_flips(tmp_path) -> None:  # noqa: ANN001
+    records = [ImageQA(f"s{i}", _img(i), "is there a cube? A. yes B. no", "a") for i in range(4)]
     calls = []
 
-    def fake_generate(policy, proc, convs, images, settings):  # noqa: ANN001, ANN202
+    def fake_generate(policy, proc, convs, images, settings, *, system_prompt, seeds):  # noqa: ANN001, ANN202
         calls.append(settings)
         if len(calls) == 2:  # second turn: conversations carry the first answer and a review prompt
             assert all(len(c) == 3 and c[1]["role"] == "assistant" for c in convs)
@@ -178,15 +235,73 @@ def test_scl_keeps_only_flips(llava, tmp_path) -> None:  # noqa: ANN001
         assert all("Explain your reasoning step by step." in c for c in convs)  # turn 1: SCL's question form
         return ["## B ##", "## A ##", "## A ##", "## B ##"]
 
-    report = build_scl_pairs(model, processor, records, lambda rec, ans: extract_answer(ans) == "A", tmp_path,
+    report = build_scl_pairs(None, None, _scl(tmp_path), records=records, rank=0, world_size=1,
                              generate_fn=fake_generate)
     assert calls[0].max_new_tokens == 256 and not calls[0].do_sample  # SCL: generation_config.max_new_tokens = 256
-    assert report.counts == {"improved": 1, "worsened": 1, "both": 1, "neither": 1}
+    assert report.counts == {"improved": 1, "worsened": 1, "both": 1, "neither": 1}  # gold "a" matches "## A ##"
     pairs = {p.id: p for p in read_pairs(tmp_path)}
     assert set(pairs) == {"scl/s0", "scl/s1"}
     assert pairs["scl/s0"].chosen == "## A ##" and pairs["scl/s0"].meta["scl"]["kind"] == "improved"
     assert pairs["scl/s1"].chosen == "## A ##" and pairs["scl/s1"].rejected == "## B ##"
     assert pairs["scl/s0"].prompt.startswith("is there a cube? A. yes B. no Explain your reasoning")
+    # the records without a flip are logged: a re-run generates nothing
+    again = build_scl_pairs(None, None, _scl(tmp_path), records=records, rank=0, world_size=1,
+                            generate_fn=fake_generate)
+    assert again.already_done == 4 and len(calls) == 2
+
+
+def test_scl_shards_by_rank_and_merges(tmp_path) -> None:  # noqa: ANN001
+    """Record i goes to rank i % 2; the turn-2 text depends on the record's seed only, so the flips found
+    by two ranks equal one process's."""
+    records = [ImageQA(f"s{i}", _img(i), "is there a cube? A. yes B. no", "A") for i in range(6)]
+
+    def by_seed(policy, proc, convs, images, settings, *, system_prompt, seeds):  # noqa: ANN001, ANN202
+        return [f"so ## {'AB'[s % 2]} ##" for s in seeds]
+
+    one = build_scl_pairs(None, None, _scl(tmp_path / "one"), records=records, rank=0, world_size=1,
+                          generate_fn=by_seed)
+    r1 = build_scl_pairs(None, None, _scl(tmp_path / "two"), records=records, rank=1, world_size=2, merge=False,
+                         generate_fn=by_seed)
+    r0 = build_scl_pairs(None, None, _scl(tmp_path / "two"), records=records, rank=0, world_size=2,
+                         generate_fn=by_seed)
+    assert r0.other_ranks == r1.other_ranks == 3 and r1.merged is None
+    assert sum(r0.counts.values()) == sum(r1.counts.values()) == 3
+    whole = [(p.id, p.chosen, p.rejected) for p in read_pairs(tmp_path / "one")]
+    sharded = [(p.id, p.chosen, p.rejected) for p in read_pairs(tmp_path / "two")]
+    assert whole == sharded and r0.merged == one.merged == len(whole) > 0
+
+
+def test_scl_resumed_run_writes_the_same_pairs(llava, tmp_path) -> None:  # noqa: ANN001
+    """Killed after its first batch (the generator raises) and re-run: the same pairs as an uninterrupted
+    run, each id once; sampling is seeded per record and turn."""
+    from vision.generate import generate_responses
+
+    model, processor = llava
+    records = [ImageQA(f"s{i}", _img(i), "is there a cube", "A") for i in range(5)]
+
+    def checker(rec, answer):  # noqa: ANN001, ANN202
+        return len(answer) % 2 == 0
+
+    config = {"batch_size": 2, "max_new_tokens": 4, "temperature": 1.0}
+    whole = build_scl_pairs(model, processor, _scl(tmp_path / "a", **config), records=records, checker=checker,
+                            rank=0, world_size=1)
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] > 2:  # first batch (two turns) succeeds, then "crash"
+            raise RuntimeError("simulated crash")
+        return generate_responses(*args, **kwargs)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_scl_pairs(model, processor, _scl(tmp_path / "b", **config), records=records, checker=checker,
+                        rank=0, world_size=1, generate_fn=crashing)
+    resumed = build_scl_pairs(model, processor, _scl(tmp_path / "b", **config), records=records, checker=checker,
+                              rank=0, world_size=1)
+    assert resumed.already_done == 2 and sum(resumed.counts.values()) == 3
+    a = [(p.id, p.chosen, p.rejected) for p in read_pairs(tmp_path / "a")]
+    b = [(p.id, p.chosen, p.rejected) for p in read_pairs(tmp_path / "b")]
+    assert a == b and len({i for i, _, _ in b}) == len(b) == whole.merged > 0
 
 
 def test_extract_answer_and_scl_recipe_yaml() -> None:
@@ -205,15 +320,6 @@ def test_extract_answer_and_scl_recipe_yaml() -> None:
     assert (t.loss, t.loss_kwargs, t.sft_weight, t.sft_normaliser) == ("dpo", {"beta": 0.1}, 0.1, 0.0)
     assert (t.learning_rate, t.num_epochs, t.max_steps) == (5e-5, 3, 0) and t.lora_r > 0
     assert cfg.warmup_ratio == 0.03
-
-
-def test_scl_real_generation_runs(llava, tmp_path) -> None:  # noqa: ANN001
-    """The two-turn chat renders through the tiny LLaVA template and generates."""
-    model, processor = llava
-    records = [SCLRecord("a", _img(0), "is there a cube")]
-    report = build_scl_pairs(model, processor, records, lambda rec, ans: len(ans) % 2 == 0, tmp_path,
-                             settings=GenerationSettings(max_new_tokens=3, temperature=1.0))
-    assert sum(report.counts.values()) == 1
 
 
 def test_povid_recipe_yaml_is_the_official_two_stages() -> None:
@@ -241,10 +347,9 @@ def test_povid_recipe_runs_both_stages(llava, tmp_path) -> None:  # noqa: ANN001
     from vision.povid import POVIDRecipeConfig, run_povid_recipe
 
     model, processor = llava
-    records = [POVIDRecord(f"r{i}", _img(i), "what is in the image", "a red cube on a table") for i in range(2)]
     rewriter, tok = _rewriter()
-    build_povid_pairs(model, processor, records, tmp_path / "data", rewriter=rewriter, rewriter_tokenizer=tok,
-                      settings=GenerationSettings(max_new_tokens=6, temperature=1.0))
+    build_povid_pairs(model, processor, _povid(tmp_path / "data"), records=_records(), rewriter=rewriter,
+                      rewriter_tokenizer=tok, rank=0, world_size=1)
     n_text = sum(p.meta["povid"]["kind"] == "text" for p in read_pairs(tmp_path / "data"))
 
     def stage(epochs: int) -> TrainConfig:

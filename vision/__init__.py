@@ -2,8 +2,9 @@
 
 Modules: :mod:`vision.adapter` (``VLMAdapter``: LoRA on the language model by default, online
 negatives), :mod:`vision.generate` (batched generation, seeded per record), :mod:`vision.stic`,
-:mod:`vision.povid` (pair builders; POVID's two-stage recipe), :mod:`vision.scl` (self-correction
-pairs), :mod:`vision.train` (config + ``run``). Names are imported lazily so ``import vision`` stays cheap.
+:mod:`vision.povid` (pair builder and command; POVID's two-stage recipe), :mod:`vision.scl`
+(self-correction pairs and command), :mod:`vision.records` (their question-answer input files),
+:mod:`vision.train` (config + ``run``). Names are imported lazily so ``import vision`` stays cheap.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 
 __all__ = [
     "GenerationSettings",
+    "ImageQA",
+    "POVIDPairsConfig",
     "POVIDRecipeConfig",
-    "POVIDRecord",
-    "SCLRecord",
+    "SCLPairsConfig",
     "STICConfig",
     "VLMAdapter",
     "VLMTrainConfig",
@@ -24,10 +26,12 @@ __all__ = [
     "build_stic_pairs",
     "generate_responses",
     "online_negative",
+    "povid_pairs_command",
     "record_seed",
     "render_prompt",
     "run",
     "run_povid_recipe",
+    "scl_pairs_command",
     "stic_dpo_config",
     "train_stic_dpo",
 ]
@@ -37,11 +41,14 @@ _WHERE = {
     "generate_responses": "vision.generate",
     "record_seed": "vision.generate",
     "POVIDRecipeConfig": "vision.povid",
-    "POVIDRecord": "vision.povid",
+    "POVIDPairsConfig": "vision.povid",
     "build_povid_pairs": "vision.povid",
+    "povid_pairs_command": "vision.povid",
     "run_povid_recipe": "vision.povid",
-    "SCLRecord": "vision.scl",
+    "SCLPairsConfig": "vision.scl",
     "build_scl_pairs": "vision.scl",
+    "scl_pairs_command": "vision.scl",
+    "ImageQA": "vision.records",
     "STICConfig": "vision.stic",
     "build_stic_pairs": "vision.stic",
     "stic_dpo_config": "vision.stic",

@@ -2,10 +2,10 @@
 
 Two pair sets over the same (image, question, answer) records, written into one dataset:
 
-* **text** (``id = "<record id>/text"``): chosen = the ground-truth answer, rejected = the answer
-  rewritten by a local language model (any causal LM, or a VLM used text-only; a parameter, no web
-  API) with :func:`mmalign.prompts.hallucination_injection_prompt`;
-* **image** (``id = "<record id>/image"``): chosen = the ground-truth answer, rejected = what the
+* **text** (``id = "povid/<record id>/text"``): chosen = the ground-truth answer, rejected = the answer
+  rewritten by a local language model (any causal LM, or the policy used text-only; a parameter, no
+  web API) with :func:`mmalign.prompts.hallucination_injection_prompt`;
+* **image** (``id = "povid/<record id>/image"``): chosen = the ground-truth answer, rejected = what the
   policy says when it looks at the noised image (``mmalign.corruptions.povid_noise``, t = 500, on
   the ``[0, 1]`` image as POVID does). The noisy image is saved in the dataset and recorded in
   ``meta["povid"]["corruption"]`` (parameters, seed, ``media``). Two forms (``image_negatives``):
@@ -30,6 +30,20 @@ hallucinated text)`` per record. The engine multiplies each pair's loss by ``bat
 ``(1/2N) * sum_r 2 * (w_text * l_text + w_image * l_image) = w_text * mean(l_text) + w_image * mean(l_image)``,
 POVID's objective exactly for the default ``w_text = w_image = 0.5``.
 
+Generating the pairs (:func:`build_povid_pairs`, :class:`POVIDPairsConfig`; from the command line
+:func:`povid_pairs_command`, e.g. ``--model llava-hf/llava-1.5-7b-hf --povid.records data/llava.json
+--povid.image_root data/images --povid.out_dir data/povid_pairs``). Input: a records file, JSONL
+``{"id", "image", "question", "answer"}`` per line or LLaVA instruction JSON (first human/gpt turn),
+images relative to the file's folder or ``image_root`` (:mod:`vision.records`); bad records are
+skipped and counted, each named by file, line and field. Records go in batches of ``batch_size``;
+the hallucinated rewrite (seed ``(seed, id, "text")``), the noise (``(seed, id, "povid_noise")``) and
+an offline noisy-image answer (``(seed, id, "image")``) are functions of the record only, so the pairs
+do not depend on batching, sharding or resumption. Sharded and resumable through
+:mod:`mmalign.sharding`: record ``i`` belongs to rank ``i % world_size``, each process appends to
+``out_dir/shards/rankNNNNN/``, a re-run skips every pair id already in a shard (and the negatives
+logged as equal to the answer), and rank 0 merges the shards into ``out_dir/pairs.jsonl``. The clean
+image is stored as its own file's bytes, the noisy one as a lossless PNG of exactly the pixels used.
+
 The official two-stage recipe (:class:`POVIDRecipeConfig`, :func:`run_povid_recipe`, the YAML
 ``scripts/configs/llava15_povid_recipe.yaml``; ``python -m vision.povid --config ...``): stage 1 is
 plain DPO on the text pairs for 3 epochs (``scripts/run_dpo.sh``), its LoRA merged into the weights;
@@ -49,39 +63,93 @@ from typing import Any
 import torch
 
 from mmalign.config import help_
+from mmalign.corruptions import REJECTED_SCORED_ON
 from mmalign.engine import TrainConfig
 from mmalign.prompts import hallucination_injection_prompt
+from mmalign.sharding import ShardedRun, ShardReport, media_stem
+from vision.adapter import ONLINE_NEGATIVE, online_negative
 from vision.generate import GenerationSettings, generate_responses, generate_text, record_seed
+from vision.records import ImageQA, load_records, open_record_image, run_pairs_job, store_record_image
 
 __all__ = [
     "IMAGE_NEGATIVES",
+    "POVIDPairsConfig",
+    "POVIDPairsJob",
     "POVIDRecipeConfig",
-    "POVIDRecord",
-    "POVIDReport",
     "build_povid_pairs",
     "inject_hallucinations",
+    "load_rewriter",
     "main",
+    "povid_pairs_command",
     "run_povid_recipe",
 ]
 
-#: ``build_povid_pairs(image_negatives=...)``: ``"online"`` (official, default) or ``"offline"``.
+#: ``POVIDPairsConfig.image_negatives``: ``"online"`` (official, default) or ``"offline"``.
 IMAGE_NEGATIVES: tuple[str, str] = ("online", "offline")
 
 
 @dataclass
-class POVIDRecord:
-    """One supervised example: an image (path or PIL), a question and its correct answer."""
+class POVIDPairsConfig:
+    """POVID pair generation (every field a CLI flag and a YAML key; the policy is given apart).
 
-    id: str
-    image: Any
-    question: str
-    answer: str
+    ``records``: a records file of ``{"id", "image", "question", "answer"}`` per line (JSONL), or LLaVA
+    instruction JSON (``[{"id", "image", "conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}]``,
+    first human/gpt turn); images relative to the file's folder or ``image_root``
+    (:mod:`vision.records`). ``answer`` is the chosen response of both pairs of a record.
+    """
+
+    records: str = field(default="", metadata=help_(
+        "records file: JSONL {id, image, question, answer} per line, or LLaVA JSON [{id, image, conversations}] "
+        "(first human/gpt turn); image paths relative to the file's folder or image_root"))
+    image_root: str = field(default="", metadata=help_("folder image paths resolve against (default: the records' folder)"))
+    out_dir: str = field(default="", metadata=help_("pair dataset folder to create or resume"))
+    rewriter: str = field(default="", metadata=help_(
+        "causal LM (folder, hub name or tiny:<name>) that injects hallucinations into the answers; "
+        "default: the policy itself, text only"))
+    text_weight: float = field(default=0.5, metadata=help_("weight of the hallucinated-text DPO term (0: no text pairs)"))
+    image_weight: float = field(default=0.5, metadata=help_("weight of the noisy-image DPO term (0: no image pairs)"))
+    noise_step: int = field(default=500, metadata=help_("diffusion step t of the image noise (POVID: 500 of 1000)"))
+    image_negatives: str = field(default="online", metadata=help_(
+        "online (POVID: the negative is built at each training step from the saved noisy image) | offline "
+        "(the policy's answer on the noisy image, generated now)"))
+    score_rejected_on: str = field(default="clean", metadata=help_(
+        "offline only: clean (the negative scored on the clean image) | corrupted (ablation)"))
+    batch_size: int = field(default=8, metadata=help_("records per generate() call"))
+    max_new_tokens: int = field(default=512, metadata=help_("tokens per rewritten answer / noisy-image answer"))
+    temperature: float = field(default=0.0, metadata=help_("sampling temperature (0: greedy)"))
+    seed: int = field(default=0, metadata=help_("seed of the noise and of sampling (per record)"))
+    limit: int | None = field(default=None, metadata=help_("use only the first N records of the file"))
+    skip_bad: bool = field(default=True, metadata=help_(
+        "skip and count bad records (named by file, line and field); false: stop at the first"))
+    system_prompt: str | None = field(default=None, metadata=help_("system message for the policy's generation"))
+    progress: bool = field(default=True, metadata=help_("progress bar (rank 0)"))
+
+    def __post_init__(self) -> None:
+        # records and out_dir are checked by build_povid_pairs: a config that builds without arguments
+        # lets the flag parser start from these defaults
+        tw, iw = self.text_weight, self.image_weight
+        if tw < 0 or iw < 0 or tw + iw == 0:
+            raise ValueError(f"POVID weights must be >= 0 and not both 0, got {tw}, {iw}")
+        if self.image_negatives not in IMAGE_NEGATIVES:
+            raise ValueError(f"image_negatives must be one of {IMAGE_NEGATIVES}, got {self.image_negatives!r}")
+        if self.score_rejected_on not in REJECTED_SCORED_ON:
+            raise ValueError(f"score_rejected_on must be one of {REJECTED_SCORED_ON}, got {self.score_rejected_on!r}")
+        if self.image_negatives == "online" and self.score_rejected_on != "clean":
+            raise ValueError("online image negatives are always scored with the clean-image logits (as POVID)")
+        if not 0 < self.noise_step <= 1000:
+            raise ValueError(f"noise_step must be in [1, 1000], got {self.noise_step}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("POVIDPairsConfig: batch_size and max_new_tokens must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"POVIDPairsConfig.limit must be >= 1 or None, got {self.limit}")
+
+    def kinds(self) -> list[str]:
+        """The pair kinds this config writes per record: ``"text"`` and/or ``"image"``."""
+        return [k for k, w in (("text", self.text_weight), ("image", self.image_weight)) if w > 0]
 
 
-@dataclass
-class POVIDReport:
-    written: dict[str, int] = field(default_factory=lambda: {"text": 0, "image": 0})
-    skipped: dict[str, list[str]] = field(default_factory=dict)
+#: media lists inside a POVID pair's ``meta`` (rewritten when shards are merged)
+POVID_META_MEDIA: tuple[str, ...] = ("povid.corruption.media", f"{ONLINE_NEGATIVE}.media")
 
 
 def inject_hallucinations(
@@ -90,104 +158,199 @@ def inject_hallucinations(
     answers: Sequence[str],
     questions: Sequence[str | None] | None = None,
     settings: GenerationSettings | None = None,
+    *,
+    seeds: Sequence[int] | None = None,
+    text_fn: Callable[..., list[str]] = generate_text,
 ) -> list[str]:
-    """Rewrite each answer with plausible hallucinations using a local LM (``rewriter``); stripped texts."""
+    """Rewrite each answer with plausible hallucinations using a local LM (``rewriter``); stripped texts.
+
+    ``seeds``: one sampling seed per answer (:func:`vision.generate.generate_text`); ``text_fn``: the
+    generator (``generate_text`` signature).
+    """
     questions = list(questions) if questions is not None else [None] * len(answers)
     prompts = [hallucination_injection_prompt(a, q) for a, q in zip(answers, questions, strict=True)]
-    return [t.strip() for t in generate_text(rewriter, tokenizer, prompts, settings)]
+    return [t.strip() for t in text_fn(rewriter, tokenizer, prompts, settings, seeds=seeds)]
 
 
 def build_povid_pairs(
     policy: torch.nn.Module,
     processor: Any,
-    records: Sequence[POVIDRecord],
-    out_dir: str | Path,
+    config: POVIDPairsConfig,
     *,
+    records: Sequence[ImageQA] | None = None,
     rewriter: torch.nn.Module | None = None,
     rewriter_tokenizer: Any = None,
-    text_weight: float = 0.5,
-    image_weight: float = 0.5,
-    noise_step: int = 500,
-    image_negatives: str = "online",
-    score_rejected_on: str = "clean",
-    settings: GenerationSettings | None = None,
-    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    merge: bool = True,
     generate_fn: Callable[..., list[str]] = generate_responses,
-) -> POVIDReport:
-    """Write POVID's two pair sets for ``records`` into ``out_dir`` (see the module docstring).
+    rewrite_fn: Callable[..., list[str]] = generate_text,
+) -> ShardReport:
+    """Write (or resume) POVID's two pair sets in ``config.out_dir`` (see the module docstring).
 
-    ``rewriter=None`` uses the policy itself (text only, through ``processor``) to inject
-    hallucinations. ``text_weight``/``image_weight``: weights of the two DPO terms (0 drops that set).
-    ``image_negatives``: ``"online"`` (official: built each training step) or ``"offline"`` (a greedy
-    answer on the noisy image, generated here). ``score_rejected_on`` applies to ``"offline"`` only.
-    The noise of record ``r`` is drawn from ``torch.Generator().manual_seed(record_seed(seed, r.id))``.
+    Args:
+        policy, processor: the VLM being aligned and its ``AutoProcessor``.
+        config: what to generate; ``config.records`` is read unless ``records`` is given.
+        records: in-memory records (``image`` a path or a PIL image) instead of the file.
+        rewriter, rewriter_tokenizer: the causal LM that injects hallucinations; ``None``: the policy,
+            text only, through ``processor``.
+        rank, world_size: this process's shard; default :func:`mmalign.distributed.process_state`.
+        merge: after every rank finishes, rank 0 merges the shards into ``out_dir/pairs.jsonl``.
+        generate_fn: the VLM generator (:func:`vision.generate.generate_responses` signature; offline
+            image negatives only).
+        rewrite_fn: the text generator (:func:`vision.generate.generate_text` signature).
+
+    Returns:
+        A :class:`mmalign.sharding.ShardReport`; ``counts``: pairs written per kind (``"text"``,
+        ``"image"``) and items decided without a pair (``"no pair"``).
     """
-    from mmalign.corruptions import describe, hacked_negative, pil_to_tensor, povid_noise, tensor_to_pil
-    from mmalign.pairs import PairWriter, PreferencePair, load_image
-    from vision.adapter import ONLINE_NEGATIVE, online_negative
+    from tqdm.auto import tqdm
 
-    if text_weight < 0 or image_weight < 0 or text_weight + image_weight == 0:
-        raise ValueError(f"POVID weights must be >= 0 and not both 0, got {text_weight}, {image_weight}")
-    if image_negatives not in IMAGE_NEGATIVES:
-        raise ValueError(f"image_negatives must be one of {IMAGE_NEGATIVES}, got {image_negatives!r}")
-    if image_negatives == "online" and score_rejected_on != "clean":
-        raise ValueError("online image negatives are always scored with the clean-image logits (as POVID)")
-    settings = settings or GenerationSettings(max_new_tokens=128, temperature=0.0)
-    report = POVIDReport()
-    images = [rec.image if not isinstance(rec.image, (str, Path)) else load_image(rec.image) for rec in records]
-    hallucinated: list[str] = []
-    if text_weight > 0:
-        model = rewriter if rewriter is not None else policy
-        tok = rewriter_tokenizer if rewriter is not None else processor
-        if tok is None:
-            raise ValueError("build_povid_pairs: pass rewriter_tokenizer with rewriter")
-        hallucinated = inject_hallucinations(model, tok, [r.answer for r in records], [r.question for r in records],
-                                             settings)
-    noisy: list[Any] = []
-    noise_seeds = [record_seed(seed, rec.id, "povid_noise") for rec in records]
-    noisy_answers: list[str] = []
-    if image_weight > 0:
-        for img, noise_seed in zip(images, noise_seeds, strict=True):
-            generator = torch.Generator().manual_seed(noise_seed)
-            noisy.append(tensor_to_pil(povid_noise(pil_to_tensor(img), t=noise_step, generator=generator)))
-        if image_negatives == "offline":
-            noisy_answers = [a.strip() for a in generate_fn(
-                policy, processor, [r.question for r in records], [[n] for n in noisy], settings,
-                seeds=[record_seed(seed, r.id, "image") for r in records],
-            )]
-    with PairWriter(out_dir) as writer:
-        for i, rec in enumerate(records):
-            clean_rel = writer.add_media(images[i].convert("RGB"), f"media/{rec.id}.png", overwrite=True)
-            kinds: list[tuple[str, str, list[str], dict[str, Any], float]] = []
-            if text_weight > 0:
-                kinds.append(("text", hallucinated[i], [clean_rel], {}, text_weight))
-            if image_weight > 0:
-                noisy_rel = writer.add_media(noisy[i], f"media/{rec.id}-povid_noise.png", overwrite=True)
-                corruption = describe("povid_noise", seed=noise_seeds[i], t=noise_step)
-                if image_negatives == "online":
-                    _, record = hacked_negative([clean_rel], [noisy_rel], corruption)
-                    kinds.append(("image", "", [clean_rel], {"negative": "online", "corruption": record,
-                                                            ONLINE_NEGATIVE: online_negative([noisy_rel])},
-                                  image_weight))
-                else:
-                    rejected_media, record = hacked_negative([clean_rel], [noisy_rel], corruption,
-                                                             scored_on=score_rejected_on)
-                    kinds.append(("image", noisy_answers[i], rejected_media,
-                                  {"negative": "offline", "corruption": record}, image_weight))
-            for kind, rejected, rejected_media, extra, weight in kinds:
-                online = extra.pop(ONLINE_NEGATIVE, None)
-                if online is None and (not rejected or rejected == rec.answer.strip()):
-                    report.skipped.setdefault(f"{kind}: empty or identical negative", []).append(rec.id)
+    from mmalign.corruptions import describe, hacked_negative, pil_to_tensor, povid_noise, tensor_to_pil
+    from mmalign.pairs import PairFormatError, PreferencePair
+
+    if not config.out_dir:
+        raise ValueError("POVIDPairsConfig.out_dir is required")
+    if rewriter is not None and rewriter_tokenizer is None:
+        raise ValueError("build_povid_pairs: pass rewriter_tokenizer with rewriter")
+    report = ShardReport(out_dir=config.out_dir)
+    records = load_records(config, records, report)
+    run = ShardedRun(config.out_dir, rank=rank, world_size=world_size)
+    kinds = config.kinds()
+    settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                  batch_size=config.batch_size, seed=config.seed)
+    text_model, text_tok = (rewriter, rewriter_tokenizer) if rewriter is not None else (policy, processor)
+
+    todo: list[tuple[ImageQA, list[str]]] = []
+    for i, rec in enumerate(records):
+        if not run.mine(i):
+            report.other_ranks += len(kinds)
+            continue
+        left = [k for k in kinds if f"povid/{rec.id}/{k}" not in run.done]
+        report.already_done += len(kinds) - len(left)
+        if left:
+            todo.append((rec, left))
+
+    bar = tqdm(total=len(todo), desc="povid", disable=not config.progress or run.rank != 0)
+    with run.writer() as writer:
+        for start in range(0, len(todo), config.batch_size):
+            items = []
+            for rec, left in todo[start : start + config.batch_size]:
+                image = open_record_image(rec, report)
+                if image is None:
+                    bar.update(1)
                     continue
-                meta: dict[str, Any] = {"weight": 2.0 * weight, "povid": {"kind": kind, **extra}}
-                if online is not None:
-                    meta[ONLINE_NEGATIVE] = online
-                writer.write(PreferencePair(
-                    id=f"{rec.id}/{kind}", prompt=rec.question, chosen=rec.answer, rejected=rejected,
-                    chosen_media=[clean_rel], rejected_media=rejected_media, meta=meta,
-                ))
-                report.written[kind] += 1
+                items.append({"rec": rec, "kinds": left, "image": image, "stem": media_stem(rec.id)})
+            if not items:
+                continue
+            texted = [it for it in items if "text" in it["kinds"]]
+            if texted:
+                hallucinated = inject_hallucinations(
+                    text_model, text_tok, [it["rec"].answer for it in texted], [it["rec"].question for it in texted],
+                    settings, seeds=[record_seed(config.seed, it["rec"].id, "text") for it in texted],
+                    text_fn=rewrite_fn,
+                )
+                for it, text in zip(texted, hallucinated, strict=True):
+                    it["text"] = text
+            imaged = [it for it in items if "image" in it["kinds"]]
+            for it in imaged:
+                it["noise_seed"] = record_seed(config.seed, it["rec"].id, "povid_noise")
+                generator = torch.Generator().manual_seed(it["noise_seed"])
+                noisy = povid_noise(pil_to_tensor(it["image"]), t=config.noise_step, generator=generator)
+                it["noisy"] = tensor_to_pil(noisy)  # saved as PNG below: exactly these pixels
+            if imaged and config.image_negatives == "offline":
+                answers = generate_fn(
+                    policy, processor, [it["rec"].question for it in imaged], [[it["noisy"]] for it in imaged],
+                    settings, system_prompt=config.system_prompt,
+                    seeds=[record_seed(config.seed, it["rec"].id, "image") for it in imaged],
+                )
+                for it, text in zip(imaged, answers, strict=True):
+                    it["offline"] = text.strip()
+            for it in items:
+                rec = it["rec"]
+                clean_rel = store_record_image(writer, rec, it["image"])
+                for kind in it["kinds"]:
+                    pid = f"povid/{rec.id}/{kind}"
+                    weight = config.text_weight if kind == "text" else config.image_weight
+                    meta: dict[str, Any] = {"weight": 2.0 * weight, "povid": {"kind": kind, "record_id": rec.id}}
+                    rejected, rejected_media = it.get("text", ""), [clean_rel]
+                    if kind == "image":
+                        noisy_rel = writer.add_media(it["noisy"], f"media/{it['stem']}-povid_noise.png", overwrite=True)
+                        corruption = describe("povid_noise", seed=it["noise_seed"], t=config.noise_step)
+                        scored_on = config.score_rejected_on if config.image_negatives == "offline" else "clean"
+                        rejected_media, record = hacked_negative([clean_rel], [noisy_rel], corruption, scored_on=scored_on)
+                        meta["povid"].update(negative=config.image_negatives, corruption=record)
+                        if config.image_negatives == "online":
+                            rejected = ""
+                            meta[ONLINE_NEGATIVE] = online_negative([noisy_rel])
+                        else:
+                            rejected = it["offline"]
+                    if ONLINE_NEGATIVE not in meta and rejected.split() == rec.answer.split():
+                        run.outcome(pid, f"{kind}: negative equal to the answer")
+                        report.skip(f"{kind}: negative equal to the answer", pid)
+                        continue
+                    try:  # the pair rules (blank text, ...) are the core's
+                        pair = PreferencePair(id=pid, prompt=rec.question, chosen=rec.answer, rejected=rejected,
+                                              chosen_media=[clean_rel], rejected_media=rejected_media, meta=meta)
+                    except PairFormatError as exc:
+                        run.outcome(pid, f"{kind}: breaks a pair rule ({exc.field}): {exc.reason}")
+                        report.skip(f"{kind}: generation breaks a pair rule ({exc.field})", f"{pid}: {exc.reason}")
+                        continue
+                    writer.write(pair)
+                    report.written += 1
+                    report.count(kind)
+                bar.update(1)
+            writer.sync()
+            run.sync()
+    bar.close()
+    order = [f"povid/{rec.id}/{k}" for rec in records for k in kinds]
+    report.merged = run.finish(merge=merge, order=order, meta_media=POVID_META_MEDIA)
     return report
+
+
+@dataclass
+class POVIDPairsJob:
+    """POVID pair generation from the command line: the policy plus :class:`POVIDPairsConfig`."""
+
+    model: str = field(default="", metadata=help_("policy: folder, hub name or tiny:<family>"))
+    trust_remote_code: bool = field(default=False, metadata=help_("allow the checkpoints' own code"))
+    dtype: str = field(default="float32", metadata=help_("float32 | bfloat16 | float16 weights"))
+    povid: POVIDPairsConfig = field(default_factory=POVIDPairsConfig, metadata=help_("pair generation"))
+
+
+def load_rewriter(name: str, *, trust_remote_code: bool = False, dtype: str = "float32") -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a causal LM from a folder, a hub name or ``tiny:<name>``; safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mmalign.hub import resolve_pretrained
+
+    path = resolve_pretrained(name)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True,
+                                                 dtype=dtype)
+    return model, tokenizer
+
+
+def povid_pairs_command(argv: list[str]) -> int:
+    """``--model M --povid.records R --povid.out_dir O [--povid.* ...] [--config job.yaml]``.
+
+    Generates (or resumes) POVID pairs with :func:`build_povid_pairs` (shard it with ``accelerate
+    launch``); ``--povid.rewriter`` names the causal LM that injects hallucinations. Returns 0, or 2
+    when the model, the records file or the output folder is missing.
+    """
+    from mmalign.config import load_config
+
+    job = load_config(POVIDPairsJob, argv, description=povid_pairs_command.__doc__)
+
+    def build(policy: torch.nn.Module, processor: Any, device: Any) -> ShardReport:
+        rewriter = tokenizer = None
+        if job.povid.rewriter and job.povid.text_weight > 0:
+            rewriter, tokenizer = load_rewriter(job.povid.rewriter, trust_remote_code=job.trust_remote_code,
+                                                dtype=job.dtype)
+            rewriter.to(device)
+        return build_povid_pairs(policy, processor, job.povid, rewriter=rewriter, rewriter_tokenizer=tokenizer)
+
+    return run_pairs_job(job, "povid", build)
 
 
 # ------------------------------------------------------------------------------ two-stage recipe

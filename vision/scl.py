@@ -16,6 +16,21 @@ Records where both or neither turn is correct are counted, not written. (SCL sto
 question as the pair's prompt; we store the first-turn prompt the answers were written for, whose
 format instruction their final ``## X ##`` follows.)
 
+Generating the pairs (:func:`build_scl_pairs`, :class:`SCLPairsConfig`; from the command line
+:func:`scl_pairs_command`, e.g. ``--model llava-hf/llava-1.5-7b-hf --scl.records data/mcq.jsonl
+--scl.out_dir data/scl_pairs``). Input: a records file, JSONL ``{"id", "image", "question", "answer"}``
+per line (or LLaVA instruction JSON, first human/gpt turn; :mod:`vision.records`), where ``question``
+holds its options (``"What colour is the cube? A. red B. blue"``) and ``answer`` is the gold answer
+(``"A"``). The default checker (:func:`answer_is_correct`) compares the response's ``## X ##`` answer
+with it, ignoring case and surrounding spaces (SCL: ``extract_answer(res) == str(item['answer'])``).
+Bad records are skipped and counted, each named by file, line and field. Records go in batches of
+``batch_size``: turn 1 for the batch, then turn 2; each turn is sampled with its own seed
+``(seed, id, "turn1"/"turn2")`` and the review prompt is chosen with ``(seed, id)``, so the pairs do not
+depend on batching, sharding or resumption. Sharded and resumable through :mod:`mmalign.sharding`:
+record ``i`` belongs to rank ``i % world_size``; records that did not flip are logged in the shard's
+outcome log, so a re-run generates neither them nor the written pairs again; rank 0 merges the
+shards into ``out_dir/pairs.jsonl``.
+
 Training: DPO (beta 0.1) plus an SFT term on the chosen answer weighted 0.1, LoRA, lr 5e-5, 3 epochs
 (SCL README, ms-swift ``rlhf --rlhf_type dpo --beta 0.1 --sft_beta 0.1``): the YAML
 ``scripts/configs/llava15_scl.yaml`` for ``scripts/train_vlm.py``.
@@ -27,15 +42,25 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmalign.config import help_
 from mmalign.prompts import self_correction_messages
-from vision.generate import GenerationSettings, generate_responses
+from mmalign.sharding import ShardedRun, ShardReport
+from vision.generate import GenerationSettings, generate_responses, record_seed
+from vision.records import ImageQA, load_records, open_record_image, run_pairs_job, store_record_image
 
-__all__ = ["SCLRecord", "SCLReport", "build_scl_pairs", "extract_answer", "review_conversation"]
+__all__ = [
+    "SCLPairsConfig",
+    "SCLPairsJob",
+    "answer_is_correct",
+    "build_scl_pairs",
+    "extract_answer",
+    "review_conversation",
+    "scl_pairs_command",
+]
 
 # "## A ##" first, then any "## ... ##", then a bare option letter followed by a full stop ("B.")
 _ANSWER_PATTERNS = (re.compile(r"##\s*([A-Z0-9])\s*##"), re.compile(r"##(.*?)##"), re.compile(r"\b([A-D])\."))
@@ -51,18 +76,44 @@ def extract_answer(text: str) -> str | None:
     return None
 
 
-@dataclass
-class SCLRecord:
-    id: str
-    image: Any
-    question: str  # with its options, if any
-    reference: Any = None  # whatever the checker needs (e.g. the correct option)
+def answer_is_correct(record: ImageQA, response: str) -> bool:
+    """SCL's check: the response's final answer (:func:`extract_answer`) equals the record's gold answer,
+    ignoring case and surrounding spaces."""
+    found = extract_answer(response)
+    return found is not None and found.strip().casefold() == record.answer.strip().casefold()
 
 
 @dataclass
-class SCLReport:
-    written: int = 0
-    counts: dict[str, int] = field(default_factory=lambda: {"improved": 0, "worsened": 0, "both": 0, "neither": 0})
+class SCLPairsConfig:
+    """SCL pair generation (every field a CLI flag and a YAML key; the policy is given apart)."""
+
+    records: str = field(default="", metadata=help_(
+        "records file: JSONL {id, image, question (with its options), answer (the gold answer, e.g. B)} per line, "
+        "or LLaVA JSON [{id, image, conversations}] (first human/gpt turn); image paths relative to the file's "
+        "folder or image_root"))
+    image_root: str = field(default="", metadata=help_("folder image paths resolve against (default: the records' folder)"))
+    out_dir: str = field(default="", metadata=help_("pair dataset folder to create or resume"))
+    answer_example: str = field(default="A", metadata=help_(
+        "example answer in the format suffix (## A ##): A for lettered options, 0 for numbered ones"))
+    batch_size: int = field(default=8, metadata=help_("records per generate() call"))
+    max_new_tokens: int = field(default=256, metadata=help_("tokens per turn (SCL: 256)"))
+    temperature: float = field(default=0.0, metadata=help_("sampling temperature (0: greedy, as SCL's LLaVA runs)"))
+    seed: int = field(default=0, metadata=help_("seed of the review prompts and of sampling (per record)"))
+    limit: int | None = field(default=None, metadata=help_("use only the first N records of the file"))
+    skip_bad: bool = field(default=True, metadata=help_(
+        "skip and count bad records (named by file, line and field); false: stop at the first"))
+    system_prompt: str | None = field(default=None, metadata=help_("system message for generation"))
+    progress: bool = field(default=True, metadata=help_("progress bar (rank 0)"))
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("SCLPairsConfig: batch_size and max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"SCLPairsConfig.temperature must be >= 0, got {self.temperature}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"SCLPairsConfig.limit must be >= 1 or None, got {self.limit}")
+        if not self.answer_example.strip():
+            raise ValueError("SCLPairsConfig.answer_example must not be empty")
 
 
 def review_conversation(
@@ -80,46 +131,119 @@ def review_conversation(
 def build_scl_pairs(
     policy: torch.nn.Module,
     processor: Any,
-    records: Sequence[SCLRecord],
-    checker: Callable[[SCLRecord, str], bool],
-    out_dir: str | Path,
+    config: SCLPairsConfig,
     *,
-    settings: GenerationSettings | None = None,
-    seed: int = 0,
-    answer_example: str = "A",
+    records: Sequence[ImageQA] | None = None,
+    checker: Callable[[ImageQA, str], bool] = answer_is_correct,
+    rank: int | None = None,
+    world_size: int | None = None,
+    merge: bool = True,
     generate_fn: Callable[..., list[str]] = generate_responses,
-) -> SCLReport:
-    """Generate both turns in batches, check them, and write the flipped ones as pairs to ``out_dir``.
+) -> ShardReport:
+    """Write (or resume) SCL pairs in ``config.out_dir``: both turns in batches, the flips kept.
 
-    ``settings`` default: greedy, 256 new tokens (SCL). ``answer_example``: the example answer in the
-    format suffix (``"A"`` for lettered options, ``"0"`` for numbered ones).
+    Args:
+        policy, processor: the VLM and its ``AutoProcessor``.
+        config: what to generate; ``config.records`` is read unless ``records`` is given.
+        records: in-memory records (``image`` a path or a PIL image) instead of the file.
+        checker: ``checker(record, response) -> bool``; default :func:`answer_is_correct`.
+        rank, world_size: this process's shard; default :func:`mmalign.distributed.process_state`.
+        merge: after every rank finishes, rank 0 merges the shards into ``out_dir/pairs.jsonl``.
+        generate_fn: the batched generator (:func:`vision.generate.generate_responses` signature).
+
+    Returns:
+        A :class:`mmalign.sharding.ShardReport`; ``counts``: records per outcome of this run
+        (``improved``, ``worsened``: written; ``both``, ``neither``: correct in both or neither turn).
     """
-    from mmalign.pairs import PairWriter, PreferencePair, load_image
+    from tqdm.auto import tqdm
+
+    from mmalign.pairs import PairFormatError, PreferencePair
     from mmalign.prompts import scl_question
 
-    settings = settings or GenerationSettings(max_new_tokens=256, temperature=0.0)
-    images = [r.image if not isinstance(r.image, (str, Path)) else load_image(r.image) for r in records]
-    prompts = [scl_question(r.question, answer_example=answer_example) for r in records]
-    first = generate_fn(policy, processor, prompts, [[im] for im in images], settings)
-    convs = [review_conversation(r.question, a, random.Random(f"{seed}:{r.id}"), answer_example=answer_example)
-             for r, a in zip(records, first, strict=True)]
-    second = generate_fn(policy, processor, convs, [[im] for im in images], settings)
-    report = SCLReport()
-    with PairWriter(out_dir) as writer:
-        for rec, img, prompt, conv, a1, a2 in zip(records, images, prompts, convs, first, second, strict=True):
-            ok1, ok2 = bool(checker(rec, a1)), bool(checker(rec, a2))
-            kind = {(False, True): "improved", (True, False): "worsened", (True, True): "both"}.get(
-                (ok1, ok2), "neither")
-            report.counts[kind] += 1
-            if ok1 == ok2:
+    if not config.out_dir:
+        raise ValueError("SCLPairsConfig.out_dir is required")
+    report = ShardReport(out_dir=config.out_dir, counts={"improved": 0, "worsened": 0, "both": 0, "neither": 0})
+    records = load_records(config, records, report)
+    run = ShardedRun(config.out_dir, rank=rank, world_size=world_size)
+    settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                  batch_size=config.batch_size, seed=config.seed)
+    todo: list[ImageQA] = []
+    for i, rec in enumerate(records):
+        if not run.mine(i):
+            report.other_ranks += 1
+        elif f"scl/{rec.id}" in run.done:
+            report.already_done += 1
+        else:
+            todo.append(rec)
+
+    bar = tqdm(total=len(todo), desc="scl", disable=not config.progress or run.rank != 0)
+    with run.writer() as writer:
+        for start in range(0, len(todo), config.batch_size):
+            items = []
+            for rec in todo[start : start + config.batch_size]:
+                image = open_record_image(rec, report)
+                if image is None:
+                    bar.update(1)
+                    continue
+                items.append((rec, image))
+            if not items:
                 continue
-            chosen, rejected = (a2, a1) if ok2 else (a1, a2)
-            rel = writer.add_media(img.convert("RGB"), f"media/{rec.id}.png", overwrite=True)
-            writer.write(PreferencePair(
-                id=f"scl/{rec.id}", prompt=prompt, chosen=chosen, rejected=rejected,
-                chosen_media=[rel], rejected_media=[rel],
-                meta={"scl": {"kind": kind, "question": rec.question, "turn1": a1, "turn2": a2,
-                              "review_prompt": conv[2]["content"][0]["text"]}},
-            ))
-            report.written += 1
+            images = [[im] for _, im in items]
+            prompts = [scl_question(rec.question, answer_example=config.answer_example) for rec, _ in items]
+            first = generate_fn(policy, processor, prompts, images, settings, system_prompt=config.system_prompt,
+                                seeds=[record_seed(config.seed, rec.id, "turn1") for rec, _ in items])
+            convs = [review_conversation(rec.question, a1, random.Random(f"{config.seed}:{rec.id}"),
+                                         answer_example=config.answer_example)
+                     for (rec, _), a1 in zip(items, first, strict=True)]
+            second = generate_fn(policy, processor, convs, images, settings, system_prompt=config.system_prompt,
+                                 seeds=[record_seed(config.seed, rec.id, "turn2") for rec, _ in items])
+            for (rec, image), prompt, conv, a1, a2 in zip(items, prompts, convs, first, second, strict=True):
+                bar.update(1)
+                pid = f"scl/{rec.id}"
+                ok1, ok2 = bool(checker(rec, a1)), bool(checker(rec, a2))
+                kind = {(False, True): "improved", (True, False): "worsened", (True, True): "both"}.get(
+                    (ok1, ok2), "neither")
+                report.count(kind)
+                if ok1 == ok2:
+                    run.outcome(pid, f"no flip: {kind}")
+                    continue
+                chosen, rejected = (a2, a1) if ok2 else (a1, a2)
+                rel = store_record_image(writer, rec, image)
+                meta = {"scl": {"kind": kind, "record_id": rec.id, "question": rec.question, "answer": rec.answer,
+                                "turn1": a1, "turn2": a2, "review_prompt": conv[2]["content"][0]["text"]}}
+                try:  # the pair rules (blank text, sides equal up to whitespace) are the core's
+                    pair = PreferencePair(id=pid, prompt=prompt, chosen=chosen, rejected=rejected,
+                                          chosen_media=[rel], rejected_media=[rel], meta=meta)
+                except PairFormatError as exc:
+                    run.outcome(pid, f"breaks a pair rule ({exc.field}): {exc.reason}")
+                    report.skip(f"generation breaks a pair rule ({exc.field})", f"{pid}: {exc.reason}")
+                    continue
+                writer.write(pair)
+                report.written += 1
+            writer.sync()
+            run.sync()
+    bar.close()
+    report.merged = run.finish(merge=merge, order=[f"scl/{rec.id}" for rec in records])
     return report
+
+
+@dataclass
+class SCLPairsJob:
+    """SCL pair generation from the command line: the policy plus :class:`SCLPairsConfig`."""
+
+    model: str = field(default="", metadata=help_("policy: folder, hub name or tiny:<family>"))
+    trust_remote_code: bool = field(default=False, metadata=help_("allow the checkpoint's own code"))
+    dtype: str = field(default="float32", metadata=help_("float32 | bfloat16 | float16 weights"))
+    scl: SCLPairsConfig = field(default_factory=SCLPairsConfig, metadata=help_("pair generation"))
+
+
+def scl_pairs_command(argv: list[str]) -> int:
+    """``--model M --scl.records R --scl.out_dir O [--scl.* ...] [--config job.yaml]``.
+
+    Generates (or resumes) SCL pairs with :func:`build_scl_pairs` (shard it with ``accelerate launch``).
+    Returns 0, or 2 when the model, the records file or the output folder is missing.
+    """
+    from mmalign.config import load_config
+
+    job = load_config(SCLPairsJob, argv, description=scl_pairs_command.__doc__)
+    return run_pairs_job(job, "scl", lambda policy, processor, device: build_scl_pairs(policy, processor, job.scl))
