@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from mmalign.config import help_, load_config
 from vision.stic import STICConfig
 
-__all__ = ["STICJob", "stic_pairs", "train_vlm", "trl_pairs"]
+__all__ = ["STICJob", "export", "stic_pairs", "train_vlm", "trl_pairs"]
 
 
 def _argv(argv: Sequence[str] | None) -> list[str]:
@@ -84,4 +84,27 @@ def trl_pairs(argv: Sequence[str] | None = None) -> int:
                         help="folder the records' image paths are relative to (default: the records' folder)")
     args = parser.parse_args(_argv(argv))
     print(from_trl(args.src, args.out, image_root=args.image_root))
+    return 0
+
+
+def export(argv: Sequence[str] | None = None) -> int:
+    """Merge a trained LoRA adapter into its base model and save the result (save_pretrained + model card)."""
+    from mmalign.export import merge_adapter, push_to_hub
+
+    parser = argparse.ArgumentParser(prog="mmalign export", description=export.__doc__, allow_abbrev=False)
+    parser.add_argument("--adapter", required=True, help="PEFT adapter folder (a run's output_dir/adapter)")
+    parser.add_argument("--out", required=True, help="folder for the merged model")
+    parser.add_argument("--base_model", default=None,
+                        help="base model folder or name (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--auto_class", default="AutoModelForImageTextToText",
+                        help="transformers class of the base (default: %(default)s; AutoModelForCausalLM for text)")
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="also upload the merged folder")
+    args = parser.parse_args(_argv(argv))
+    try:
+        out = merge_adapter(args.adapter, args.out, auto_class=args.auto_class, base_model=args.base_model)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"export: {exc}") from exc
+    print(f"merged model written to {out}")
+    if args.push_to_hub:
+        print(push_to_hub(out, args.push_to_hub))
     return 0

@@ -19,7 +19,7 @@ import torch
 from mmalign.config import help_
 from mmalign.engine import TrainConfig
 
-__all__ = ["VLMTrainConfig", "apply_warmup_ratio", "load_vlm", "run"]
+__all__ = ["VLMTrainConfig", "apply_warmup_ratio", "load_vlm", "run", "save_result"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -131,10 +131,32 @@ def run(config: VLMTrainConfig) -> Any:
         print(f"vision.train: dropped {sum(dropped.values())} of {len(dataset)} pairs: {dict(dropped)}")
     if not kept:
         raise ValueError(f"no pair of {data} fits max_length={config.max_length}")
+    from mmalign.distributed import process_state
+
     train_config = config.train
     if config.warmup_ratio is not None:
-        from mmalign.distributed import process_state
-
         train_config = apply_warmup_ratio(train_config, len(kept), config.warmup_ratio,
                                           num_processes=process_state().num_processes)
-    return train(model, adapter, PairDataset(kept, root=data), train_config)
+    result = train(model, adapter, PairDataset(kept, root=data), train_config)
+    if process_state().is_main_process:
+        save_result(result, processor, config, dataset=str(data))
+    return result
+
+
+def save_result(result: Any, processor: Any, config: VLMTrainConfig, *, dataset: str) -> Path:
+    """The trained model as users load it: ``output_dir/adapter`` (LoRA: a PEFT folder) or
+    ``output_dir/model`` (full fine-tuning), with the processor and a model card."""
+    from mmalign.config import config_to_dict
+    from mmalign.export import save_trained
+
+    train = config.train
+    method = train.loss + (f" + SFT x{train.sft_weight:g}" if train.sft_weight else "")
+    keep = ("loss", "loss_kwargs", "sft_weight", "sft_normaliser", "learning_rate", "lr_scheduler", "warmup_steps",
+            "batch_size", "grad_accum", "max_steps", "num_epochs", "lora_r", "lora_alpha", "seed")
+    hyper = {k: v for k, v in config_to_dict(train).items() if k in keep}
+    hyper.update(steps_run=result.global_step, lora_scope=config.lora_scope, max_length=config.max_length)
+    last = result.metrics[-1] if result.metrics else {}
+    metrics = {k: v for k, v in last.items() if k.startswith(("loss", "rewards/", "logps/"))}
+    return save_trained(result.model, processor, train.output_dir, base_model=config.model, method=method,
+                        auto_class="AutoModelForImageTextToText", dataset=dataset, hyperparameters=hyper,
+                        metrics=metrics, tags=("vision-language", train.loss))
