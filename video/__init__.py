@@ -4,7 +4,8 @@ Modules: :mod:`video.frames` (PyAV decoding, frame sampling, frame cache), :mod:
 (``VideoLLMAdapter`` for LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2.5-VL), :mod:`video.generate` (batched,
 per-record seeded answers), :mod:`video.physdpo` (misleading-title / fewer-frames / lower-resolution
 negatives), :mod:`video.formats` (our pair folders, LLaVA-Hound-DPO records), :mod:`video.train` (config +
-``run``), :mod:`video.synthetic` (test clips). Names are imported lazily so ``import video`` stays cheap.
+``run``), :mod:`video.cli` (the ``train-video``, ``physdpo`` and ``llava-hound`` jobs), :mod:`video.synthetic`
+(test clips). Names are imported lazily so ``import video`` stays cheap.
 """
 
 from __future__ import annotations
