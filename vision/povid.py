@@ -332,11 +332,13 @@ def load_rewriter(name: str, *, trust_remote_code: bool = False, dtype: str = "f
 
 
 def povid_pairs_command(argv: list[str]) -> int:
-    """``--model M --povid.records R --povid.out_dir O [--povid.* ...] [--config job.yaml]``.
+    """POVID pairs: hallucinated-text and noisy-image negatives for a records file; resumable, sharded.
 
-    Generates (or resumes) POVID pairs with :func:`build_povid_pairs` (shard it with ``accelerate
-    launch``); ``--povid.rewriter`` names the causal LM that injects hallucinations. Returns 0, or 2
-    when the model, the records file or the output folder is missing.
+    ``--model M --povid.records R --povid.out_dir O [--povid.<field> V ...] [--config job.yaml]``:
+    :func:`build_povid_pairs` with every :class:`POVIDPairsConfig` field as a ``--povid.*`` flag
+    (``--povid.rewriter`` names the causal LM that injects hallucinations; default the policy). Re-run
+    the same command to resume; under ``accelerate launch`` each process writes its own shard and the
+    first merges them. Returns 0, or 2 when the model, the records file or the output folder is missing.
     """
     from mmalign.config import load_config
 

@@ -238,10 +238,12 @@ class SCLPairsJob:
 
 
 def scl_pairs_command(argv: list[str]) -> int:
-    """``--model M --scl.records R --scl.out_dir O [--scl.* ...] [--config job.yaml]``.
+    """SCL pairs: two-turn answers (answer, review) for a records file, kept when correctness flips; resumable.
 
-    Generates (or resumes) SCL pairs with :func:`build_scl_pairs` (shard it with ``accelerate launch``).
-    Returns 0, or 2 when the model, the records file or the output folder is missing.
+    ``--model M --scl.records R --scl.out_dir O [--scl.<field> V ...] [--config job.yaml]``:
+    :func:`build_scl_pairs` with every :class:`SCLPairsConfig` field as a ``--scl.*`` flag. Re-run the
+    same command to resume; under ``accelerate launch`` each process writes its own shard and the first
+    merges them. Returns 0, or 2 when the model, the records file or the output folder is missing.
     """
     from mmalign.config import load_config
 

@@ -60,7 +60,6 @@ from mmalign.config import help_
 from mmalign.corruptions import REJECTED_SCORED_ON
 from mmalign.prompts import DESCRIBE_PROMPTS, STIC_DESCRIBE_PROMPT, description_infused, stic_negative_plan
 from mmalign.sharding import ShardedRun, ShardReport, media_stem
-from mmalign.sharding import done_ids as _done_ids  # noqa: F401  (video.physdpo resumes with it)
 from mmalign.sharding import merge_shards as _merge_shards
 from vision.generate import GenerationSettings, generate_responses, record_seed
 
