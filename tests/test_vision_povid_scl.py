@@ -374,3 +374,19 @@ def test_povid_recipe_runs_both_stages(llava, tmp_path) -> None:  # noqa: ANN001
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     base = dict(stage2.model.get_base_model().named_parameters())[name.replace(".weight", ".base_layer.weight")]
     assert torch.equal(base, after)  # stage 2's frozen base (its lora_disabled reference) is the merged model
+
+
+def test_pair_generation_yamls_load() -> None:
+    """The pair-generation job YAMLs are complete configs of the commands, with the papers' settings."""
+    from pathlib import Path
+
+    from mmalign.config import load_config
+    from vision.povid import POVIDPairsJob
+    from vision.scl import SCLPairsJob
+
+    configs = Path(__file__).resolve().parents[1] / "scripts" / "configs"
+    povid = load_config(POVIDPairsJob, ["--config", str(configs / "llava15_povid_pairs.yaml")])
+    assert povid.model and (povid.povid.noise_step, povid.povid.image_negatives) == (500, "online")
+    assert (povid.povid.text_weight, povid.povid.image_weight) == (0.5, 0.5)
+    scl = load_config(SCLPairsJob, ["--config", str(configs / "llava15_scl_pairs.yaml"), "--scl.batch_size", "2"])
+    assert (scl.scl.max_new_tokens, scl.scl.temperature, scl.scl.batch_size) == (256, 0.0, 2)
