@@ -52,6 +52,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mmalign.files import honour_umask
+
 __all__ = ["CACHE_VERSION", "LatentCache", "build_cache", "model_fingerprint"]
 
 logger = logging.getLogger(__name__)
@@ -198,6 +200,7 @@ def build_cache(
         empty = adapter.empty_embeds(device)
         tmp = empty_path.with_name(empty_path.name + ".tmp")
         save_file({k: v.cpu().contiguous() for k, v in empty.items()}, str(tmp))
+        honour_umask(tmp)
         os.replace(tmp, empty_path)
 
     done = {s["file"]: s for s in index["shards"]}
@@ -243,6 +246,7 @@ def build_cache(
                         tensors[f"{pair.id}/{side}_time_ids"] = encoded["time_ids"][j]
         tmp = root / (name + ".tmp")
         save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        honour_umask(tmp)
         os.replace(tmp, root / name)
         shards.append(entry)
         index["shards"] = shards + [s for s in index["shards"] if s["file"] not in {e["file"] for e in shards}]

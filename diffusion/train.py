@@ -45,6 +45,7 @@ import torch
 
 from mmalign.config import help_
 from mmalign.engine import TrainConfig
+from mmalign.files import honour_umask
 
 __all__ = [
     "OBJECTIVES",
@@ -281,6 +282,7 @@ def save_lora(pipeline: Any, peft_model: torch.nn.Module, out_dir: str | os.Path
         )
     else:
         type(pipeline).save_lora_weights(out, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
+    honour_umask(out)
     return out
 
 
@@ -440,6 +442,7 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
                 set_denoiser(pipe, trained.merge_and_unload())
             pipeline_dir = out / "pipeline"
             pipe.save_pretrained(pipeline_dir, safe_serialization=True)
+            honour_umask(pipeline_dir)
         save_config(config, out / "diffusion_config.yaml")
         summary = {
             "objective": config.objective,

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mmalign.files import honour_umask
+
 __all__ = ["merge_adapter", "push_to_hub", "save_trained", "write_model_card"]
 
 
@@ -93,6 +95,7 @@ def save_trained(
     model.save_pretrained(folder, safe_serialization=True)
     if processor is not None:
         processor.save_pretrained(folder)
+    honour_umask(folder)
     if is_adapter:
         usage = (f"from peft import PeftModel\nfrom transformers import {auto_class}, AutoProcessor\n\n"
                  f"base = {auto_class}.from_pretrained({str(base_model)!r})\n"
@@ -140,6 +143,7 @@ def merge_adapter(
     model = cls.from_pretrained(resolve_pretrained(base), dtype=dtype, use_safetensors=True)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
+    honour_umask(out)
     try:
         transformers.AutoProcessor.from_pretrained(str(adapter_dir)).save_pretrained(out)
     except (OSError, ValueError):

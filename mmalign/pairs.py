@@ -67,6 +67,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 
+from mmalign.files import file_mode
+
 __all__ = [
     "PAIRS_JSONL",
     "PAIRS_PARQUET",
@@ -437,6 +439,7 @@ def _atomic_write_bytes(dest: Path, data: bytes, *, durable: bool = True) -> Non
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            os.fchmod(fh.fileno(), file_mode())  # mkstemp makes 0600; the dataset is meant to be shared
             if durable:
                 os.fsync(fh.fileno())
         os.replace(tmp, dest)

@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from mmalign.files import honour_umask
+
 __all__ = [
     "IDEFICS3_IMAGE_SEQ_LEN",
     "IDEFICS3_TILE_SIZE",
@@ -1237,6 +1239,7 @@ def cached_tiny(name: str, **kw: Any) -> Path:
         staging = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             TINY_BUILDERS[name](staging, **kw)
+            honour_umask(staging)  # shared by every user of the machine's cache
             try:
                 os.rename(staging, final)
             except OSError:

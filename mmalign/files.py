@@ -1,0 +1,42 @@
+"""File permissions of what the project writes: the user's umask, not the writer library's 0600.
+
+safetensors' ``save_file`` (and so every ``save_pretrained`` of weights) and ``tempfile.mkstemp``
+create files readable by their owner only, whatever the umask. Outputs meant to be shared (pair
+datasets, caches, checkpoints, adapters, pipelines) then cannot be read by a serving account or a
+colleague on shared storage. :func:`honour_umask` gives a file, or a folder and everything in it,
+the mode a plain ``open()``/``mkdir()`` would have had under the current umask.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["file_mode", "honour_umask"]
+
+_UMASK: int | None = None
+
+
+def _umask() -> int:
+    global _UMASK
+    if _UMASK is None:
+        # os.umask can only be read by setting it; done once (the umask of a process rarely changes).
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file under the current umask (e.g. 0o644)."""
+    return 0o666 & ~_umask()
+
+
+def honour_umask(path: str | os.PathLike[str]) -> None:
+    """Set ``path`` (a file, or a folder recursively) to the modes the umask allows for new files/folders."""
+    root = Path(path)
+    dir_mode = 0o777 & ~_umask()
+    targets = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for p in targets:
+        if p.is_symlink():
+            continue
+        os.chmod(p, dir_mode if p.is_dir() else file_mode())
