@@ -214,8 +214,8 @@ def build_povid_pairs(
     if rewriter is not None and rewriter_tokenizer is None:
         raise ValueError("build_povid_pairs: pass rewriter_tokenizer with rewriter")
     report = ShardReport(out_dir=config.out_dir)
-    records = load_records(config, records, report)
     run = ShardedRun(config.out_dir, rank=rank, world_size=world_size)
+    records = load_records(config, records, report, count_bad=run.rank == 0)
     kinds = config.kinds()
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   batch_size=config.batch_size, seed=config.seed)

@@ -136,8 +136,8 @@ def _record(row: Any, root: Path) -> ImageQA:
         question, answer = _text(row, "question").strip(), _text(row, "answer").strip()
     if row.get("image") is None:
         raise PairFormatError("missing (a text-only record?)", field="image")
-    try:
-        image = resolve_media(root, row["image"])
+    try:  # symlinks may point anywhere (an image root often links to a shared data disk); ".." may not
+        image = resolve_media(root, row["image"], follow_symlinks=True)
     except PairFormatError as exc:
         raise PairFormatError(exc.reason, field="image") from exc
     return ImageQA(str(rid), str(image), question, answer)
@@ -174,16 +174,17 @@ def read_image_qa(
     return records, errors
 
 
-def load_records(config: Any, records: Sequence[ImageQA] | None, report: Any) -> list[ImageQA]:
-    """The records to work on (given, or read from ``config.records``), bad rows skipped and counted
-    (``config.skip_bad``) or raised; ``config.limit`` applied to the file's records."""
+def load_records(config: Any, records: Sequence[ImageQA] | None, report: Any, *, count_bad: bool = True) -> list[ImageQA]:
+    """The records to work on (given, or read from ``config.records``); bad rows raise (``config.skip_bad``
+    false) or are skipped, and counted in ``report`` when ``count_bad`` (one process of a sharded run
+    counts them: every process reads the whole file). ``config.limit`` keeps the first good records."""
     if records is None:
         if not config.records:
             raise ValueError(f"{type(config).__name__}.records is required (a records file)")
         records, errors = read_image_qa(config.records, image_root=config.image_root or None)
         if errors and not config.skip_bad:
             raise errors[0]
-        for exc in errors:
+        for exc in errors if count_bad else ():
             report.skip("bad record", str(exc))
     records = list(records)
     return records[: config.limit] if config.limit is not None else records

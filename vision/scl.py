@@ -163,8 +163,8 @@ def build_scl_pairs(
     if not config.out_dir:
         raise ValueError("SCLPairsConfig.out_dir is required")
     report = ShardReport(out_dir=config.out_dir, counts={"improved": 0, "worsened": 0, "both": 0, "neither": 0})
-    records = load_records(config, records, report)
     run = ShardedRun(config.out_dir, rank=rank, world_size=world_size)
+    records = load_records(config, records, report, count_bad=run.rank == 0)
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   batch_size=config.batch_size, seed=config.seed)
     todo: list[ImageQA] = []
