@@ -120,20 +120,25 @@ def test_povid_shards_by_rank_and_merges(tmp_path) -> None:  # noqa: ANN001
     assert again.already_done == 10 and again.written == 0 and again.merged == 10
 
 
-def test_povid_negative_equal_to_answer_is_logged_once(tmp_path) -> None:  # noqa: ANN001
+def test_povid_negatives_without_a_pair_are_logged_once(tmp_path) -> None:  # noqa: ANN001
+    """A rewrite equal to the answer up to whitespace (the core's pair rule) or empty is skipped, counted and
+    logged: the re-run finds every record decided and generates nothing."""
     calls = {"n": 0}
 
     def echo(model, tok, prompts, settings, *, seeds):  # noqa: ANN001, ANN202
         calls["n"] += 1
-        return [" a red  cube on a table "] + ["a blue dog"] * (len(prompts) - 1)
+        return [" a red  cube on a table ", "  ", "a blue dog"]
 
-    config = _povid(tmp_path, image_weight=0)
-    report = build_povid_pairs(None, None, config, records=_records(2), rewriter=object(), rewriter_tokenizer=object(),
+    config = _povid(tmp_path, image_weight=0, batch_size=3)
+    report = build_povid_pairs(None, None, config, records=_records(3), rewriter=object(), rewriter_tokenizer=object(),
                                rank=0, world_size=1, rewrite_fn=echo)
-    assert report.written == 1 and list(report.skipped) == ["text: negative equal to the answer"]
-    again = build_povid_pairs(None, None, config, records=_records(2), rewriter=object(), rewriter_tokenizer=object(),
+    assert report.written == 1 and report.skipped == {
+        "text: generation breaks a pair rule (rejected)": ["povid/r0/text: chosen and rejected differ only in "
+                                                           "whitespace (same words, media and caption)"],
+        "text: empty negative": ["povid/r1/text"]}
+    again = build_povid_pairs(None, None, config, records=_records(3), rewriter=object(), rewriter_tokenizer=object(),
                               rank=0, world_size=1, rewrite_fn=echo)
-    assert again.already_done == 2 and calls["n"] == 1
+    assert again.already_done == 3 and calls["n"] == 1
 
 
 def _online_pair_folder(root, n: int = 2):  # noqa: ANN001, ANN202

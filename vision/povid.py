@@ -41,7 +41,7 @@ an offline noisy-image answer (``(seed, id, "image")``) are functions of the rec
 do not depend on batching, sharding or resumption. Sharded and resumable through
 :mod:`mmalign.sharding`: record ``i`` belongs to rank ``i % world_size``, each process appends to
 ``out_dir/shards/rankNNNNN/``, a re-run skips every pair id already in a shard (and the negatives
-logged as equal to the answer), and rank 0 merges the shards into ``out_dir/pairs.jsonl``. The clean
+logged as making no pair: empty, or equal to the answer), and rank 0 merges the shards into ``out_dir/pairs.jsonl``. The clean
 image is stored as its own file's bytes, the noisy one as a lossless PNG of exactly the pixels used.
 
 The official two-stage recipe (:class:`POVIDRecipeConfig`, :func:`run_povid_recipe`, the YAML
@@ -202,11 +202,12 @@ def build_povid_pairs(
 
     Returns:
         A :class:`mmalign.sharding.ShardReport`; ``counts``: pairs written per kind (``"text"``,
-        ``"image"``) and items decided without a pair (``"no pair"``).
+        ``"image"``); ``skipped``: bad records, unreadable images, and negatives that make no pair (empty,
+        or equal to the answer), the last logged so a re-run does not generate them again.
     """
     from tqdm.auto import tqdm
 
-    from mmalign.corruptions import describe, hacked_negative, pil_to_tensor, povid_noise, tensor_to_pil
+    from mmalign.corruptions import pil_to_tensor, povid_noise, tensor_to_pil
     from mmalign.pairs import PairFormatError, PreferencePair
 
     if not config.out_dir:
@@ -240,7 +241,7 @@ def build_povid_pairs(
                 if image is None:
                     bar.update(1)
                     continue
-                items.append({"rec": rec, "kinds": left, "image": image, "stem": media_stem(rec.id)})
+                items.append({"rec": rec, "kinds": left, "image": image})
             if not items:
                 continue
             texted = [it for it in items if "text" in it["kinds"]]
@@ -271,25 +272,12 @@ def build_povid_pairs(
                 clean_rel = store_record_image(writer, rec, it["image"])
                 for kind in it["kinds"]:
                     pid = f"povid/{rec.id}/{kind}"
-                    weight = config.text_weight if kind == "text" else config.image_weight
-                    meta: dict[str, Any] = {"weight": 2.0 * weight, "povid": {"kind": kind, "record_id": rec.id}}
-                    rejected, rejected_media = it.get("text", ""), [clean_rel]
-                    if kind == "image":
-                        noisy_rel = writer.add_media(it["noisy"], f"media/{it['stem']}-povid_noise.png", overwrite=True)
-                        corruption = describe("povid_noise", seed=it["noise_seed"], t=config.noise_step)
-                        scored_on = config.score_rejected_on if config.image_negatives == "offline" else "clean"
-                        rejected_media, record = hacked_negative([clean_rel], [noisy_rel], corruption, scored_on=scored_on)
-                        meta["povid"].update(negative=config.image_negatives, corruption=record)
-                        if config.image_negatives == "online":
-                            rejected = ""
-                            meta[ONLINE_NEGATIVE] = online_negative([noisy_rel])
-                        else:
-                            rejected = it["offline"]
-                    if ONLINE_NEGATIVE not in meta and rejected.split() == rec.answer.split():
-                        run.outcome(pid, f"{kind}: negative equal to the answer")
-                        report.skip(f"{kind}: negative equal to the answer", pid)
+                    rejected, rejected_media, meta = _negative(kind, it, clean_rel, writer, config)
+                    if not rejected and ONLINE_NEGATIVE not in meta:
+                        run.outcome(pid, f"{kind}: empty negative")
+                        report.skip(f"{kind}: empty negative", pid)
                         continue
-                    try:  # the pair rules (blank text, ...) are the core's
+                    try:  # the pair rules (sides equal up to whitespace, ...) are the core's
                         pair = PreferencePair(id=pid, prompt=rec.question, chosen=rec.answer, rejected=rejected,
                                               chosen_media=[clean_rel], rejected_media=rejected_media, meta=meta)
                     except PairFormatError as exc:
@@ -306,6 +294,29 @@ def build_povid_pairs(
     order = [f"povid/{rec.id}/{k}" for rec in records for k in kinds]
     report.merged = run.finish(merge=merge, order=order, meta_media=POVID_META_MEDIA)
     return report
+
+
+def _negative(kind: str, item: dict[str, Any], clean_rel: str, writer: Any,
+              config: POVIDPairsConfig) -> tuple[str, list[str], dict[str, Any]]:
+    """``(rejected text, rejected media, meta)`` of one record's ``kind`` pair; the noisy image is saved
+    into the shard for the image pair."""
+    from mmalign.corruptions import describe, hacked_negative
+
+    weight = config.text_weight if kind == "text" else config.image_weight
+    meta: dict[str, Any] = {"weight": 2.0 * weight, "povid": {"kind": kind, "record_id": item["rec"].id}}
+    if kind == "text":
+        return item["text"], [clean_rel], meta
+    noisy_rel = writer.add_media(item["noisy"], f"media/{media_stem(item['rec'].id)}-povid_noise.png",
+                                 overwrite=True)
+    corruption = describe("povid_noise", seed=item["noise_seed"], t=config.noise_step)
+    online = config.image_negatives == "online"
+    rejected_media, record = hacked_negative([clean_rel], [noisy_rel], corruption,
+                                             scored_on="clean" if online else config.score_rejected_on)
+    meta["povid"].update(negative=config.image_negatives, corruption=record)
+    if online:  # built at each training step by the adapter from the noisy image
+        meta[ONLINE_NEGATIVE] = online_negative([noisy_rel])
+        return "", rejected_media, meta
+    return item["offline"], rejected_media, meta
 
 
 @dataclass
