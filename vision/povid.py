@@ -41,8 +41,9 @@ an offline noisy-image answer (``(seed, id, "image")``) are functions of the rec
 do not depend on batching, sharding or resumption. Sharded and resumable through
 :mod:`mmalign.sharding`: record ``i`` belongs to rank ``i % world_size``, each process appends to
 ``out_dir/shards/rankNNNNN/``, a re-run skips every pair id already in a shard (and the negatives
-logged as making no pair: empty, or equal to the answer), and rank 0 merges the shards into ``out_dir/pairs.jsonl``. The clean
-image is stored as its own file's bytes, the noisy one as a lossless PNG of exactly the pixels used.
+logged as making no pair: empty, or equal to the answer), and rank 0 merges the shards into
+``out_dir/pairs.jsonl``. The clean image is stored as its own file's bytes (one copy per image file),
+the noisy one as a lossless PNG of exactly the pixels used.
 
 The official two-stage recipe (:class:`POVIDRecipeConfig`, :func:`run_povid_recipe`, the YAML
 ``scripts/configs/llava15_povid_recipe.yaml``; ``python -m vision.povid --config ...``): stage 1 is
