@@ -25,8 +25,9 @@ holds its options (``"What colour is the cube? A. red B. blue"``) and ``answer``
 with it, ignoring case and surrounding spaces (SCL: ``extract_answer(res) == str(item['answer'])``).
 Bad records are skipped and counted, each named by file, line and field. Records go in batches of
 ``batch_size``: turn 1 for the batch, then turn 2; each turn is sampled with its own seed
-``(seed, id, "turn1"/"turn2")`` and the review prompt is chosen with ``(seed, id)``, so the pairs do not
-depend on batching, sharding or resumption. Sharded and resumable through :mod:`mmalign.sharding`:
+``(seed, id, "turn1"/"turn2")`` and the review prompt is chosen with ``(seed, id)`` (SCL fixes one of
+the four per run, ``--prompt``; we draw one per record), so the pairs do not depend on batching,
+sharding or resumption. Sharded and resumable through :mod:`mmalign.sharding`:
 record ``i`` belongs to rank ``i % world_size``; records that did not flip are logged in the shard's
 outcome log, so a re-run generates neither them nor the written pairs again; rank 0 merges the
 shards into ``out_dir/pairs.jsonl``.
