@@ -318,10 +318,9 @@ def _pso_guidance(pipeline: Any, config: DiffusionTrainConfig) -> float:
 
 def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
     """Train as ``config`` says and write the outputs (see the module docstring)."""
-    from accelerate import PartialState
-
     from diffusion.adapter import DiffusionAdapter, denoiser, drop_ties, set_denoiser
     from diffusion.pso import OnlinePSO, few_step_scheduler, make_pso_pairs, sample_images
+    from mmalign.distributed import barrier, process_state
     from mmalign.engine import train
     from mmalign.pairs import check_media, read_pairs
 
@@ -329,7 +328,7 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
         raise ValueError("config.data: give the pair dataset folder (--data path)")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = PartialState()
+    state = process_state()  # joined to the gloo group on CPU machines (a bare PartialState is not)
     device = state.device
     tiny_kwargs = dict(config.tiny_kwargs) if config.pretrained.startswith("tiny:") else {}
     pipe = load_pipeline(config.pretrained, **tiny_kwargs)
@@ -461,5 +460,5 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
             "grid": str(grid_path) if grid_path else None,
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    state.wait_for_everyone()
+    barrier()  # the engine's end of training may have closed the process group already
     return DiffusionRunResult(out, lora_dir, pipeline_dir, grid_path, result.metrics, ties, attention)

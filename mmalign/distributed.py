@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["distributed_on_cpu", "process_state", "shard"]
+__all__ = ["barrier", "distributed_on_cpu", "process_state", "shard"]
 
 T = TypeVar("T")
 
@@ -47,3 +47,15 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"shard: rank {rank} is not in [0, {world_size})")
     return [item for i, item in enumerate(items) if i % world_size == rank]
+
+
+def barrier() -> None:
+    """Wait for every process, while the launch's process group exists.
+
+    The training engine ends its accelerator (``end_training``), which destroys the group; code that
+    runs after ``train()`` returns (saving outputs on the main process) then goes on without one.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        process_state().wait_for_everyone()

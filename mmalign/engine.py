@@ -58,6 +58,8 @@ from safetensors.torch import load_file, save_file
 
 from mmalign.adapter import Adapter, ChosenRejected
 from mmalign.config import config_to_dict, diff_configs, help_
+from mmalign.distributed import distributed_on_cpu
+from mmalign.files import honour_umask
 
 __all__ = [
     "CheckpointError",
@@ -407,6 +409,7 @@ def _write_durable(path: Path, text: str) -> None:
 
 def _save_durable(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path))
+    honour_umask(path)  # safetensors writes 0600
     _fsync(path)
 
 
@@ -539,13 +542,29 @@ def _hash_records(dataset: Sequence[Any]) -> str:
     return h.hexdigest()[:16]
 
 
+def _hash_adapter(adapter: Any) -> str:
+    """Fingerprint of what an adapter does with a pair: its class and plain settings (``max_length``,
+    truncation, system prompt, frames per video, ...), so a cached reference computed under other
+    settings is not reused. An adapter may define ``fingerprint() -> str`` to say it itself."""
+    if callable(getattr(adapter, "fingerprint", None)):
+        return str(adapter.fingerprint())
+    plain = (str, int, float, bool, type(None))
+
+    def simple(value: Any) -> bool:
+        return isinstance(value, plain) or (isinstance(value, (tuple, list)) and all(simple(v) for v in value))
+
+    settings = {k: v for k, v in sorted(vars(adapter).items()) if not k.startswith("_") and simple(v)}
+    text = json.dumps([type(adapter).__module__, type(adapter).__qualname__, settings], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _hash_data(dataset: Sequence[Any]) -> str:
     """Fingerprint of the pairs: their fields, and the size and mtime of every media file they name
     (so replacing an image under the same name invalidates a cached reference)."""
     h = hashlib.sha256()
     for item in dataset:
-        h.update(json.dumps(dataclasses.asdict(item) if dataclasses.is_dataclass(item) else repr(item),
-                            sort_keys=True, default=str).encode())
+        getter = _fields_of(type(item))
+        h.update(json.dumps(getter(item) if getter else repr(item), sort_keys=True, default=str).encode())
         if getattr(item, "root", None) is not None and hasattr(item, "media_paths"):
             for path in (p for side in item.media_paths() for p in side):
                 st = path.stat()
@@ -651,16 +670,6 @@ def evaluate(
     return {k: v / (len(pairs) * draws) for k, v in sums.items()}
 
 
-def _distributed_on_cpu() -> bool:
-    """True when launched with several processes on a machine without CUDA.
-
-    ``accelerate launch --multi_gpu`` then sets WORLD_SIZE but accelerate (1.x) only picks its
-    MULTI_CPU (gloo) mode when the Accelerator is built with ``cpu=True``; without it every process
-    would silently train alone. Other devices (MPS, XPU, NPU) never take this path with one process.
-    """
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
 def _set_lora_disabled(layers: list[Any], disabled: bool) -> None:
     for layer in layers:
         if hasattr(layer, "_disable_adapters"):
@@ -731,7 +740,7 @@ class _Engine:
         self.run_id = uuid.uuid4().hex
         _allow_new_precision(config.mixed_precision)
         self.accelerator = Accelerator(
-            cpu=_distributed_on_cpu(),
+            cpu=distributed_on_cpu(),  # gloo on CPU machines: see mmalign.distributed
             gradient_accumulation_steps=config.grad_accum,
             mixed_precision=config.mixed_precision,
             log_with=config.trackers or None,
@@ -937,7 +946,7 @@ class _Engine:
         is looked for in the same places, so a second run over the same data and model skips the pass.
         """
         model = self._unwrapped()
-        key = f"{_hash_model(model)}-{_hash_data(self.dataset)}-{self.adapter.value_kind}"
+        key = f"{_hash_model(model)}-{_hash_data(self.dataset)}-{_hash_adapter(self.adapter)}-{self.adapter.value_kind}"
         name = f"ref_logps-{key}.safetensors"
         if self.cfg.ref_cache_dir:
             places = [Path(self.cfg.ref_cache_dir)]
@@ -970,6 +979,7 @@ class _Engine:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             save_file({"values": values.float()}, str(tmp), metadata={"pairs": str(len(self.dataset))})
+            honour_umask(tmp)
             os.replace(tmp, path)
         self.accelerator.wait_for_everyone()
         self.ref_cache = load_file(str(path))["values"]

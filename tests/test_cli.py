@@ -18,7 +18,7 @@ def test_every_job_is_registered_and_listed(capsys):
     commands = {ep.name for ep in entry_points(group=COMMANDS_GROUP)}
     builders = {ep.name for ep in entry_points(group=PAIR_BUILDERS_GROUP)}
     assert {"train-vlm", "train-diffusion", "train-video", "reno", "export"} <= commands
-    assert {"stic", "trl", "physdpo", "llava-hound"} <= builders
+    assert {"stic", "povid", "scl", "trl", "physdpo", "llava-hound"} <= builders
     assert main(["--help"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in [*commands, "make-pairs"])
@@ -31,6 +31,7 @@ def test_every_job_is_registered_and_listed(capsys):
 @pytest.mark.parametrize("argv", [["train-vlm", "--help"], ["train-diffusion", "--help"], ["reno", "--help"],
                                   ["train-video", "--help"], ["export", "--help"],
                                   ["make-pairs", "stic", "--help"], ["make-pairs", "trl", "--help"],
+                                  ["make-pairs", "povid", "--help"], ["make-pairs", "scl", "--help"],
                                   ["make-pairs", "physdpo", "--help"], ["make-pairs", "llava-hound", "--help"]])
 def test_each_job_help_shows_defaults(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:

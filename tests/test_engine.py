@@ -132,6 +132,18 @@ def test_precomputed_reference_matches_frozen_and_is_cached(tmp_path, lm_path, p
     assert values.shape == (16, 2) and torch.isfinite(values).all()
 
 
+def test_precomputed_reference_is_keyed_by_the_adapter_settings(tmp_path, lm_path, pairs):
+    """A reference computed under other adapter settings (here max_length, which truncates responses; for
+    video the number of frames) is not reused: each setting gets its own cache and its own values."""
+    tok = AutoTokenizer.from_pretrained(lm_path)
+    for max_length in (32, 12):
+        model = AutoModelForCausalLM.from_pretrained(lm_path)
+        res = train(model, CausalLMAdapter(tok, max_length=max_length), pairs[0][:8],
+                    _cfg(tmp_path / str(max_length), reference="precomputed", ref_cache_dir=str(tmp_path / "cache")))
+        assert res.metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == its own reference
+    assert len(list((tmp_path / "cache").glob("ref_logps-*.safetensors"))) == 2
+
+
 def test_metrics_jsonl_and_plot(tmp_path, lm, pairs):
     model, adapter = lm
     res = train(model, adapter, pairs[0][:8], _cfg(tmp_path, max_steps=3, plot=True))

@@ -98,3 +98,19 @@ def test_reno_prompt_file_two_processes_split_batches_and_merge_once(tmp_path):
     one = json.loads((tmp_path / "one" / "rewards.json").read_text())
     for a, b in zip(one["per_prompt"], two["per_prompt"], strict=True):
         assert a["rewards"] == pytest.approx(b["rewards"], abs=1e-5)
+
+
+def test_diffusion_training_two_processes_one_row_per_step_outputs_once(tmp_path):
+    out = tmp_path / "run"
+    proc = _launch(tmp_path, "train_diffusion.py", "--config", str(ROOT / "scripts" / "configs" /
+                   "sd15_diffusion_dpo.yaml"), "--tiny", "true", "--data", "toy:brightness", "--output_dir", str(out),
+                   "--train.max_steps", "3", "--train.batch_size", "2", "--train.grad_accum", "1", "--grid_steps", "0",
+                   "--train.trackers", "[]", "--train.progress", "false")
+    rows = _metric_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    from mmalign.engine import latest_checkpoint
+
+    state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2
+    assert proc.stdout.count('"output_dir"') == 1  # one summary, from the main process
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
