@@ -68,6 +68,7 @@ __all__ = [
     "StepInfo",
     "TrainConfig",
     "TrainResult",
+    "check_loss_fits",
     "compute_loss",
     "evaluate",
     "latest_checkpoint",
@@ -97,7 +98,7 @@ class TrainConfig:
     """Everything the engine needs; every field is a CLI flag and a YAML key."""
 
     output_dir: str = field(default="runs/default", metadata=help_("folder for checkpoints, metrics, plots"))
-    loss: str = field(default="dpo", metadata=help_("name in mmalign.losses.LOSSES"))
+    loss: str = field(default="dpo", metadata=help_("objective: a name in mmalign.losses.LOSS_SPECS"))
     loss_kwargs: dict[str, Any] = field(default_factory=dict, metadata=help_("loss hyperparameters, e.g. {beta: 0.1}"))
     sft_weight: float | None = field(
         default=None,
@@ -186,14 +187,16 @@ class TrainConfig:
         if self.reference == "lora_disabled" and self.lora_r == 0:
             raise ValueError("reference='lora_disabled' needs LoRA (lora_r > 0)")
         if self.sft_weight is None:
-            self.sft_weight = 1.0 if self.loss in ("orpo", "asft", "sft") else 0.0
+            from mmalign.losses import get_spec
+
+            self.sft_weight = get_spec(self.loss).default_sft_weight
         if len(self.adam_betas) != 2:
             raise ValueError(f"adam_betas needs two values, got {self.adam_betas}")
 
     def resolved_reference(self) -> str:
-        from mmalign.losses import REFERENCE_FREE
+        from mmalign.losses import get_spec
 
-        if self.loss in REFERENCE_FREE:
+        if not get_spec(self.loss).needs_reference:
             return "none"
         if self.reference == "auto":
             return "lora_disabled" if self.lora_r > 0 else "frozen"
@@ -572,6 +575,22 @@ def _hash_data(dataset: Sequence[Any]) -> str:
     return h.hexdigest()[:16]
 
 
+def check_loss_fits(config: TrainConfig, adapter: Any) -> None:
+    """Raise unless ``config.loss`` takes the values ``adapter`` produces (one check for train and evaluate).
+
+    Sequence adapters give log-probs (higher is better), diffusion adapters denoising MSEs (lower is
+    better): a loss of the other kind would train or score with the sign reversed.
+    """
+    from mmalign.losses import LOSS_SPECS, get_spec
+
+    spec = get_spec(config.loss)
+    kind = getattr(adapter, "value_kind", None)
+    if spec.value_kind != kind:
+        fitting = sorted(n for n, s in LOSS_SPECS.items() if s.value_kind == kind)
+        raise ValueError(f"loss {config.loss!r} takes {spec.value_kind} values, but {type(adapter).__name__} "
+                         f"gives {kind!r} values; losses for it: {', '.join(fitting)}")
+
+
 def compute_loss(
     config: TrainConfig,
     policy: ChosenRejected,
@@ -584,11 +603,12 @@ def compute_loss(
     Length-normalised losses get log-probs divided by token counts; the SFT term and per-pair
     weights (``batch["weight"]``) are applied here, once, for every modality.
     """
-    from mmalign.losses import LENGTH_NORMALISED, LOSSES, REFERENCE_FREE, implicit_accuracy, sft_nll
+    from mmalign.losses import get_spec, implicit_accuracy, sft_term
 
+    spec = get_spec(config.loss)
     pc, pr = policy.chosen.float(), policy.rejected.float()
     rc, rr = (ref.chosen.float(), ref.rejected.float()) if ref is not None else (None, None)
-    if config.loss in LENGTH_NORMALISED:
+    if spec.length_normalised:
         if policy.chosen_tokens is None or policy.rejected_tokens is None:
             raise ValueError(f"loss {config.loss!r} needs token counts; the adapter gave none")
         # Policy and reference score the same response tokens, so the policy's counts serve both
@@ -597,8 +617,8 @@ def compute_loss(
         pc, pr = pc / nc, pr / nr
         if rc is not None:
             rc, rr = rc / nc, rr / nr
-    fn = LOSSES[config.loss]
-    if config.loss in REFERENCE_FREE:
+    fn = spec.fn
+    if not spec.needs_reference:
         out = fn(pc, pr, **config.loss_kwargs)
     elif ref is None:
         raise ValueError(f"loss {config.loss!r} needs reference values")
@@ -606,9 +626,12 @@ def compute_loss(
         out = fn(pc, pr, rc, rr, **config.loss_kwargs)
     losses = out.losses
     if config.sft_weight:
+        # The supervised term of the loss's own value kind: chosen NLL for sequences, chosen MSE for
+        # diffusion (so a positive weight always raises the chosen side's likelihood).
         norm = config.sft_normaliser or None
-        tokens = None if norm else policy.chosen_tokens
-        losses = losses + config.sft_weight * sft_nll(policy.chosen.float(), tokens, normaliser=norm)
+        tokens = None if norm or spec.value_kind == "diffusion" else policy.chosen_tokens
+        losses = losses + config.sft_weight * sft_term(spec.value_kind, policy.chosen.float(), tokens,
+                                                       normaliser=norm)
     if weight is not None:
         losses = losses * weight.to(losses.dtype)
     loss = losses.mean()
@@ -644,10 +667,12 @@ def evaluate(
     ``preference/accuracy``: the fraction of pairs whose policy value alone ranks them right
     (chosen log-prob above rejected; chosen MSE below rejected).
     """
-    from mmalign.losses import REFERENCE_FREE
+    from mmalign.losses import get_spec
 
-    config = config or TrainConfig(trackers=[])
-    if ref_model is None and config.loss not in REFERENCE_FREE:
+    if config is None:  # the default objective of the adapter's kind of values
+        config = TrainConfig(loss="diffusion_dpo" if adapter.value_kind == "diffusion" else "dpo", trackers=[])
+    check_loss_fits(config, adapter)
+    if ref_model is None and get_spec(config.loss).needs_reference:
         raise ValueError(f"evaluating loss {config.loss!r} needs ref_model (it is reference-based)")
     value_name = "mse" if adapter.value_kind == "diffusion" else "logps"
     generator = torch.Generator().manual_seed(seed)
@@ -701,8 +726,6 @@ class _Engine:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from mmalign.losses import DIFFUSION_LOSSES
-
         if not isinstance(adapter, Adapter):
             raise TypeError(f"{type(adapter).__name__} does not implement the Adapter protocol (mmalign.adapter)")
         if len(dataset) == 0:
@@ -718,11 +741,7 @@ class _Engine:
                 "reference='precomputed' needs fixed inputs per pair; diffusion draws fresh noise and "
                 "timesteps each step, so use 'frozen' or 'lora_disabled'"
             )
-        if (config.loss in DIFFUSION_LOSSES) != (adapter.value_kind == "diffusion"):
-            raise ValueError(
-                f"loss {config.loss!r} does not fit a {adapter.value_kind!r} adapter; diffusion adapters take "
-                f"{sorted(DIFFUSION_LOSSES)}, sequence adapters the others"
-            )
+        check_loss_fits(config, adapter)
         self.out = Path(config.output_dir)
         earlier = _earlier_run(self.out)
         if earlier and not (config.resume or config.overwrite_output_dir):
@@ -1199,6 +1218,8 @@ class _Engine:
                 self._delete_earlier_run()
             self._recover_checkpoints()
         acc.wait_for_everyone()
+        if self.reference == "precomputed":  # before a resume loads trained weights: the reference is the initial model
+            self._precompute_reference()
         ckpt = latest_checkpoint(self.out) if cfg.resume else None
         if ckpt is not None:
             self._load_checkpoint(ckpt)
@@ -1206,8 +1227,6 @@ class _Engine:
         elif cfg.resume and acc.is_main_process:
             logger.warning("resume: %s holds no complete checkpoint; starting at step 0 and appending to %s",
                            self.out / "checkpoints", metrics_file)
-        if self.reference == "precomputed":
-            self._precompute_reference()
         if acc.is_main_process:
             from mmalign.config import save_config
 

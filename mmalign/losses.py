@@ -16,13 +16,17 @@ Conventions
 * ORPO and ASFT return only their preference term (times its weight); their SFT term is
   :func:`sft_nll` on the chosen side, which the caller adds (see each docstring).
 
-Name to function: :data:`LOSSES`, or :func:`get_loss` for a clear error on unknown names.
+One registry, :data:`LOSS_SPECS` (name -> :class:`LossSpec`: function, whether it needs a reference,
+whether it length-normalises, which values it takes, its default SFT weight, its paper), is what the
+engine reads; :data:`LOSSES` and the membership sets are views of it. :func:`get_spec` / :func:`get_loss`
+give a clear error on unknown names.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -32,19 +36,25 @@ __all__ = [
     "DIFFUSION_LOSSES",
     "LENGTH_NORMALISED",
     "LOSSES",
+    "LOSS_SPECS",
     "REFERENCE_FREE",
+    "VALUE_KINDS",
     "LossOutput",
+    "LossSpec",
     "asft",
     "diffusion_dpo",
     "dpo",
     "get_loss",
+    "get_spec",
     "hinge",
     "implicit_accuracy",
     "ipo",
     "mapo",
     "orpo",
+    "register_loss",
     "robust",
     "sft_nll",
+    "sft_term",
     "simpo",
 ]
 
@@ -499,34 +509,109 @@ def implicit_accuracy(out: LossOutput) -> torch.Tensor:
     return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
 
 
-#: Objective name -> function. Reference-based ones take four tensors, the rest two.
-LOSSES: dict[str, Callable[..., LossOutput]] = {
-    "dpo": dpo,
-    "ipo": ipo,
-    "hinge": hinge,
-    "robust": robust,
-    "simpo": simpo,
-    "orpo": orpo,
-    "asft": asft,
-    "diffusion_dpo": diffusion_dpo,
-    "mapo": mapo,
-    "sft": sft,
-}
+@dataclass(frozen=True)
+class LossSpec:
+    """What the engine must know about an objective, beside its function (one entry per loss).
 
-#: Objectives that take only ``(policy_chosen, policy_rejected)``: no reference model needed.
-REFERENCE_FREE: frozenset[str] = frozenset({"simpo", "orpo", "asft", "mapo", "sft"})
+    Attributes:
+        name: the config name (``TrainConfig.loss``).
+        fn: the pure loss function.
+        needs_reference: takes reference values (four tensors) rather than the policy's two.
+        length_normalised: sequence inputs are length-averaged log-probs (the engine divides summed
+            log-probs by response-token counts, for policy and reference alike).
+        value_kind: ``"sequence"`` (log-probs, higher is better) or ``"diffusion"`` (denoising MSEs,
+            lower is better); an adapter's ``value_kind`` must match.
+        default_sft_weight: weight of the SFT term when the config leaves ``sft_weight`` unset (1 for
+            objectives whose paper includes it: ORPO, ASFT, plain SFT).
+        paper: where the formula comes from.
+    """
 
-#: Objectives whose sequence inputs are length-averaged log-probs (``average=True``).
-LENGTH_NORMALISED: frozenset[str] = frozenset({"ipo", "simpo", "orpo", "asft"})
+    name: str
+    fn: Callable[..., LossOutput]
+    needs_reference: bool
+    length_normalised: bool = False
+    value_kind: str = "sequence"
+    default_sft_weight: float = 0.0
+    paper: str = ""
 
-#: Objectives whose inputs are denoising MSEs (adapters with ``value_kind == "diffusion"``).
-DIFFUSION_LOSSES: frozenset[str] = frozenset({"diffusion_dpo", "mapo"})
+    def __post_init__(self) -> None:
+        if self.value_kind not in VALUE_KINDS:
+            raise ValueError(f"loss {self.name!r}: value_kind must be one of {VALUE_KINDS}, got {self.value_kind!r}")
+        if self.length_normalised and self.value_kind != "sequence":
+            raise ValueError(f"loss {self.name!r}: only sequence losses can be length-normalised")
+
+
+#: The two kinds of per-pair values adapters produce.
+VALUE_KINDS: tuple[str, str] = ("sequence", "diffusion")
+
+#: Objective name -> :class:`LossSpec`; add one with :func:`register_loss`.
+LOSS_SPECS: dict[str, LossSpec] = {}
+
+
+def register_loss(spec: LossSpec) -> LossSpec:
+    """Add ``spec`` to :data:`LOSS_SPECS` (a name may be registered once)."""
+    if spec.name in LOSS_SPECS:
+        raise ValueError(f"loss {spec.name!r} is registered already")
+    LOSS_SPECS[spec.name] = spec
+    return spec
+
+
+for _spec in (
+    LossSpec("dpo", dpo, True, paper="Rafailov et al. 2023, Eq. 7; cDPO label smoothing (Mitchell 2023)"),
+    LossSpec("ipo", ipo, True, length_normalised=True, paper="Azar et al. 2023, Eq. 17 (per-token, as TRL)"),
+    LossSpec("hinge", hinge, True, paper="SLiC-HF, Zhao et al. 2023"),
+    LossSpec("robust", robust, True, paper="Chowdhury et al. 2024 (rDPO)"),
+    LossSpec("simpo", simpo, False, length_normalised=True, paper="Meng et al. 2024"),
+    LossSpec("orpo", orpo, False, length_normalised=True, default_sft_weight=1.0, paper="Hong et al. 2024"),
+    LossSpec("asft", asft, False, length_normalised=True, default_sft_weight=1.0, paper="Wang et al. 2024 (ASFT)"),
+    LossSpec("sft", sft, False, default_sft_weight=1.0, paper="supervised fine-tuning on the chosen side"),
+    LossSpec("diffusion_dpo", diffusion_dpo, True, value_kind="diffusion",
+             paper="Wallace et al. 2024, Eq. 14 (Salesforce convention)"),
+    LossSpec("mapo", mapo, False, value_kind="diffusion", paper="Hong et al. 2024 (mapo-t2i)"),
+):
+    register_loss(_spec)
+
+#: Objective name -> function (a view of :data:`LOSS_SPECS`).
+LOSSES: dict[str, Callable[..., LossOutput]] = {name: spec.fn for name, spec in LOSS_SPECS.items()}
+
+#: Views of :data:`LOSS_SPECS` kept for callers that test membership; the specs are the source.
+REFERENCE_FREE: frozenset[str] = frozenset(n for n, s in LOSS_SPECS.items() if not s.needs_reference)
+LENGTH_NORMALISED: frozenset[str] = frozenset(n for n, s in LOSS_SPECS.items() if s.length_normalised)
+DIFFUSION_LOSSES: frozenset[str] = frozenset(n for n, s in LOSS_SPECS.items() if s.value_kind == "diffusion")
+
+
+def get_spec(name: str) -> LossSpec:
+    """The :class:`LossSpec` called ``name``; unknown names raise ``ValueError`` listing the known ones."""
+    try:
+        return LOSS_SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSS_SPECS))}") from None
+
+
+def sft_term(
+    value_kind: str,
+    policy_chosen: torch.Tensor,
+    chosen_tokens: torch.Tensor | None = None,
+    *,
+    normaliser: float | None = None,
+) -> torch.Tensor:
+    """The supervised term on the chosen side, per example ``(B,)``, for either kind of values.
+
+    Sequences: :func:`sft_nll` (the chosen NLL, per token or divided by ``normaliser``). Diffusion:
+    the chosen denoising MSE itself (lower error = higher likelihood; MaPO's ``mean(L_w)`` term), so a
+    positive weight always pulls the chosen side *up* in likelihood. (Adding ``-MSE`` would push the
+    chosen error up.)
+    """
+    if value_kind == "diffusion":
+        if normaliser is not None:
+            _check_positive("sft_term", normaliser=normaliser)
+            return policy_chosen / normaliser
+        return policy_chosen
+    if value_kind != "sequence":
+        raise ValueError(f"sft_term: value_kind must be one of {VALUE_KINDS}, got {value_kind!r}")
+    return sft_nll(policy_chosen, chosen_tokens, normaliser=normaliser)
 
 
 def get_loss(name: str) -> Callable[..., LossOutput]:
     """Return the objective called ``name``; unknown names raise ``ValueError`` listing the known ones."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        known = ", ".join(sorted(LOSSES))
-        raise ValueError(f"unknown loss {name!r}; known losses: {known}") from None
+    return get_spec(name).fn

@@ -1,0 +1,61 @@
+"""One registry of loss specifications, read by the engine: SFT terms per value kind, one fit check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmalign.adapter import ChosenRejected
+from mmalign.engine import TrainConfig, check_loss_fits, compute_loss, evaluate
+from mmalign.losses import LOSS_SPECS, LOSSES, LossSpec, get_spec, register_loss
+
+
+def test_every_loss_has_one_spec_and_the_views_agree():
+    assert set(LOSSES) == set(LOSS_SPECS)
+    assert {n for n, s in LOSS_SPECS.items() if not s.needs_reference} == {"simpo", "orpo", "asft", "mapo", "sft"}
+    assert {n for n, s in LOSS_SPECS.items() if s.value_kind == "diffusion"} == {"diffusion_dpo", "mapo"}
+    assert all(s.paper for s in LOSS_SPECS.values())
+    assert TrainConfig(loss="orpo", trackers=[]).sft_weight == 1.0 == get_spec("orpo").default_sft_weight
+    with pytest.raises(ValueError, match="registered already"):
+        register_loss(LossSpec("dpo", LOSSES["dpo"], True))
+    with pytest.raises(ValueError, match="length-normalised"):
+        LossSpec("x", LOSSES["mapo"], False, length_normalised=True, value_kind="diffusion")
+
+
+def test_sft_weight_on_a_diffusion_loss_pulls_the_chosen_error_down():
+    """The SFT term of a diffusion loss is +MSE(chosen): d loss / d mse_chosen must be positive (descending it
+    lowers the chosen error). Adding -MSE, the sequence NLL's form, gave -0.75 at beta 1, weight 1:
+    d/dmse_c of [-logsig(-0.5 (mse_c - mse_r))] = 0.5 sigmoid(0) = 0.25, minus 1 = -0.75."""
+    config = TrainConfig(loss="diffusion_dpo", loss_kwargs={"beta": 1.0}, sft_weight=1.0, trackers=[])
+    mse_c = torch.tensor([0.3], requires_grad=True)
+    mse_r = torch.tensor([0.3])
+    loss, _ = compute_loss(config, ChosenRejected(mse_c, mse_r), ChosenRejected(mse_c.detach(), mse_r))
+    loss.backward()
+    assert mse_c.grad.item() == pytest.approx(1.25)  # 0.25 from the DPO term + 1 from the SFT term
+
+
+class _DiffusionLike:
+    value_kind = "diffusion"
+
+    def collate(self, pairs):  # noqa: ANN001, ANN201
+        return {"n": len(pairs)}
+
+    def prepare(self, batch, *, generator):  # noqa: ANN001, ANN201
+        return batch
+
+    def logps(self, model, batch):  # noqa: ANN001, ANN201
+        mse_c = model.scale * torch.full((batch["n"],), 0.1)
+        return ChosenRejected(mse_c, torch.full((batch["n"],), 0.2))
+
+
+def test_evaluate_without_a_config_uses_a_loss_of_the_adapters_kind():
+    """Before, ``evaluate()`` without a config applied ``dpo`` to diffusion MSEs: a chosen error lower than the
+    reference's read as a *lower* chosen reward. Now the default is Diffusion-DPO, and a misfit is an error."""
+    policy, ref = torch.nn.Module(), torch.nn.Module()
+    policy.scale, ref.scale = torch.nn.Parameter(torch.tensor(0.5)), torch.nn.Parameter(torch.tensor(1.0))
+    metrics = evaluate(policy, _DiffusionLike(), list(range(4)), ref_model=ref)
+    assert metrics["rewards/chosen"] > 0 and metrics["rewards/accuracies"] == 1.0
+    with pytest.raises(ValueError, match="takes sequence values, but _DiffusionLike gives 'diffusion'"):
+        check_loss_fits(TrainConfig(loss="dpo", trackers=[]), _DiffusionLike())
+    with pytest.raises(ValueError, match="losses for it: diffusion_dpo, mapo"):
+        evaluate(policy, _DiffusionLike(), list(range(4)), ref_model=ref, config=TrainConfig(trackers=[]))
