@@ -76,10 +76,12 @@ class DiffusionTrainConfig:
     """Text-to-image preference training (Diffusion-DPO, MaPO, DCPO, PSO); every field is a flag and a YAML key."""
 
     pretrained: str = field(
-        default="tiny:sd", metadata=help_("diffusers pipeline: hub name, local folder or tiny:<sd|sdxl|sd3|flux>")
+        default="", metadata=help_("diffusers pipeline to train (required): hub name, local folder or "
+                                   "tiny:<sd|sdxl|sd3|flux>; every shipped config names one")
     )
     tiny: bool = field(default=False, metadata=help_("replace pretrained by tiny_pretrained (tests, smoke runs)"))
-    tiny_pretrained: str = field(default="tiny:sd", metadata=help_("the tiny pipeline --tiny uses"))
+    tiny_pretrained: str = field(default="tiny:sd", metadata=help_("the tiny pipeline --tiny uses (--tiny also caps "
+                                                                  "grid_steps at 2 and trains in fp32 on CPU)"))
     tiny_kwargs: dict[str, Any] = field(
         default_factory=dict, metadata=help_("builder kwargs of the tiny pipeline, e.g. {prediction_type: v_prediction}")
     )
@@ -326,6 +328,9 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
 
     if not config.data:
         raise ValueError("config.data: give the pair dataset folder (--data path)")
+    if not config.pretrained:  # never a random model trained on the user's data by default
+        raise ValueError("config.pretrained: name the pipeline to train (--pretrained stabilityai/sd-turbo, a "
+                         "folder, or tiny:sd for a smoke run), or pass --config scripts/configs/<recipe>.yaml")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = process_state()  # joined to the gloo group on CPU machines (a bare PartialState is not)

@@ -91,7 +91,12 @@ def main() -> None:
     ap.add_argument("--reno-steps", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(1)  # tiny models: one thread is fastest, and never spin-waits
-    shutil.rmtree(args.out, ignore_errors=True)
+    marker = args.out / ".mmalign-demo"
+    if args.out.exists() and any(args.out.iterdir()) and not marker.exists():
+        raise SystemExit(f"demo: {args.out} is not empty and was not made by the demo; pass another --out")
+    shutil.rmtree(args.out, ignore_errors=True)  # an earlier demo's outputs: replaced
+    args.out.mkdir(parents=True)
+    marker.write_text("made by scripts/demo.py; the next demo run replaces this folder\n")
     diffusion_dpo(args.out / "diffusion_dpo", args.steps)
     reno(args.out / "reno", args.reno_steps)
     text_dpo(args.out / "text_dpo", args.steps)

@@ -1,0 +1,29 @@
+"""Defaults that must not surprise: no random model trained by default, no folder deleted without asking."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_diffusion_training_needs_a_model(tmp_path):
+    from diffusion.train import DiffusionTrainConfig, run
+
+    with pytest.raises(ValueError, match="name the pipeline to train"):
+        run(DiffusionTrainConfig(data=str(tmp_path), output_dir=str(tmp_path / "out")))
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    (tmp_path / "thesis.tex").write_text("months of work")
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not made by the demo"):
+        demo.main()
+    assert (tmp_path / "thesis.tex").read_text() == "months of work"
