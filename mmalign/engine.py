@@ -151,6 +151,10 @@ class TrainConfig:
         metadata=help_("continue from the newest complete checkpoint in output_dir; with none, start at step 0 "
                        "(with a warning) and append to its metrics.jsonl"),
     )
+    resume_from: str | None = field(
+        default=None,
+        metadata=help_("a checkpoint folder (output_dir/checkpoints/step-N) to continue from; implies resume"),
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata=help_("delete the checkpoints and metrics of an earlier run in output_dir before training; "
@@ -181,6 +185,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 or None turns clipping off), got {self.max_grad_norm}")
+        if self.resume_from:
+            self.resume = True
         if self.resume and self.overwrite_output_dir:
             raise ValueError("resume and overwrite_output_dir contradict each other: pick one")
         _check_loss_kwargs(self.loss, self.loss_kwargs)
@@ -234,7 +240,7 @@ def _check_loss_kwargs(loss: str, kwargs: dict[str, Any]) -> None:
 
 #: Config fields that may change between a run and its resumption.
 RESUMABLE_CHANGES = (
-    "output_dir", "resume", "overwrite_output_dir", "max_steps", "num_epochs", "save_every", "keep_last", "log_every",
+    "output_dir", "resume", "resume_from", "overwrite_output_dir", "max_steps", "num_epochs", "save_every", "keep_last", "log_every",
     "trackers", "progress", "plot", "diagnostics_every", "ref_cache_dir",
 )
 
@@ -1220,7 +1226,14 @@ class _Engine:
         acc.wait_for_everyone()
         if self.reference == "precomputed":  # before a resume loads trained weights: the reference is the initial model
             self._precompute_reference()
-        ckpt = latest_checkpoint(self.out) if cfg.resume else None
+        if cfg.resume_from:
+            ckpt = Path(cfg.resume_from)
+            if _marker(ckpt) is None:
+                raise CheckpointError(f"resume_from={cfg.resume_from}: not a complete checkpoint folder (no COMPLETE "
+                                      f"marker listing files that are all there); complete ones in {self.out}: "
+                                      f"{[str(p) for _, p, _ in _checkpoints(self.out / 'checkpoints')]}")
+        else:
+            ckpt = latest_checkpoint(self.out) if cfg.resume else None
         if ckpt is not None:
             self._load_checkpoint(ckpt)
             acc.print(f"resumed from {ckpt} at step {self.global_step}")

@@ -420,3 +420,22 @@ def test_checkpoints_from_before_run_ids_still_resume(tmp_path, lm_path, adapter
         res = _train(lm_path, adapter, data, out, max_steps=4, resume=True)
     assert res.global_step == 4 and "records no model fingerprint" in caplog.text
     assert _steps(out) == ["step-00000003", "step-00000004"]
+
+
+def test_resume_from_a_named_checkpoint_replays_the_rest_bitwise(tmp_path, lm_path, adapter, data, capsys):
+    """``resume_from`` takes a checkpoint folder, not only the newest: continuing from step 2 of a 4-step run
+    ends with the same weights and metrics as the run itself."""
+    whole = tmp_path / "whole"
+    _train(lm_path, adapter, data, whole, max_steps=4, keep_last=4)
+    step2 = sorted((whole / "checkpoints").iterdir())[1]
+    assert _steps(whole)[1] == step2.name and step2.name.endswith("2")
+    again = tmp_path / "again"
+    shutil.copytree(whole, again)
+    res = _train(lm_path, adapter, data, again, max_steps=4, keep_last=4,
+                 resume_from=str(again / "checkpoints" / step2.name))
+    assert res.global_step == 4 and _metric_steps(again) == [1, 2, 3, 4]
+    assert f"resumed from {again / 'checkpoints' / step2.name} at step 2" in capsys.readouterr().out
+    a, b = _weights(latest_checkpoint(whole)), _weights(latest_checkpoint(again))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        _train(lm_path, adapter, data, again, max_steps=4, resume_from=str(tmp_path / "nowhere"))
