@@ -499,8 +499,11 @@ class _FusedHeadLogps(torch.autograd.Function):
                 dzb = dz.to(dt.base)
                 if d_hidden is not None:
                     d_hidden[s:e] = (dzb @ w).to(hidden.dtype)
-                if d_weight is not None:
-                    d_weight.add_(dzb.t() @ h.to(dt.base))
+                if d_weight is not None:  # in place where the dtypes allow: no (V, H) temporary per chunk
+                    if d_weight.dtype == dt.base:
+                        d_weight.addmm_(dzb.t(), h.to(dt.base))
+                    else:
+                        d_weight.add_(dzb.t() @ h.to(dt.base))
                 if d_bias is not None:
                     d_bias.add_(dzb.sum(dim=0))
                 for i, (x, (a, bb, scaling), d) in enumerate(zip(x_chunk, loras, dt.lora, strict=True)):
@@ -508,7 +511,7 @@ class _FusedHeadLogps(torch.autograd.Function):
                     u = xd @ a.t()  # (n, r), recomputed
                     du = (dzl @ bb) * scaling  # (n, r)
                     if d_lora[3 * i + 2] is not None:
-                        d_lora[3 * i + 2].add_((dzl.t() @ u) * scaling)
+                        d_lora[3 * i + 2].add_((dzl.t() @ u) * scaling)  # (V, r): small
                     if d_lora[3 * i + 1] is not None:
                         d_lora[3 * i + 1].add_(du.t() @ xd)
                     if d_lora[3 * i] is not None:
