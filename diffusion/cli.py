@@ -63,7 +63,7 @@ ReNO's default set (HPS 5, ImageReward 1, CLIP 0.01, PickScore 0.05): --reward h
 
 Writes per prompt images/<i>_<slug>.png (initial | optimised) and best/<i>_<slug>.png, a record per
 prompt batch (batches/, the resume point: a re-run skips finished batches), and at the end
-rewards.json and rewards.png. Under accelerate launch each process takes every n-th batch; prompt i
+rewards.json, rewards.png and sheet.png (every prompt labelled with its initial and best reward). Under accelerate launch each process takes every n-th batch; prompt i
 starts from the noise seeded seed + i whatever the number of processes. Flags are written with
 underscores (--prompts_file); the dashed forms (--prompts-file) are accepted too.
 """

@@ -932,6 +932,7 @@ def _merge_prompt_set(out: Path, prompts: list[str], n_batches: int) -> dict[str
         "per_prompt": rows,
     }
     _write_json_atomic(out / "rewards.json", summary)
+    _contact_sheet(out, rows)
     fig, ax = plt.subplots(figsize=(6, 4))
     curves = torch.tensor([r["rewards"] for r in rows])
     if len(rows) <= 10:
@@ -946,3 +947,27 @@ def _merge_prompt_set(out: Path, prompts: list[str], n_batches: int) -> dict[str
     fig.savefig(out / "rewards.png", dpi=100)
     plt.close(fig)
     return summary
+
+
+def _contact_sheet(out: Path, rows: list[dict[str, Any]], max_rows: int = 64) -> Path:
+    """``sheet.png``: one labelled row per prompt (initial | best), with the prompt and both total rewards.
+
+    The first ``max_rows`` prompts; every image is in ``images/`` and every number in ``rewards.json``.
+    """
+    from PIL import Image, ImageDraw
+
+    shown = rows[:max_rows]
+    tiles = [Image.open(out / "images" / r["image"]).convert("RGB") for r in shown]
+    height = max(t.height for t in tiles)
+    label_h, width = 28, max(max(t.width for t in tiles), 320)
+    sheet = Image.new("RGB", (width, len(tiles) * (height + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (row, tile) in enumerate(zip(shown, tiles, strict=True)):
+        y = k * (height + label_h)
+        draw.text((2, y + 1), f"{row['index']}: {row['prompt'][:48]}", fill="black")
+        draw.text((2, y + 14), f"initial {row['initial_reward']:+.4f} | best {row['best_reward']:+.4f} "
+                               f"(iteration {row['best_iteration']})", fill="black")
+        sheet.paste(tile, (0, y + label_h))
+    path = out / "sheet.png"
+    sheet.save(path)
+    return path

@@ -87,6 +87,10 @@ def test_script_runs_on_a_tiny_pipeline(tmp_path: Path, capsys: pytest.CaptureFi
     summary = json.loads((out / "rewards.json").read_text())
     assert [r["prompt"] for r in summary["per_prompt"]] == ["a red fox", "a blue car", "a green field"]
     assert (out / "rewards.png").exists() and "a blue car" in capsys.readouterr().out
+    from PIL import Image
+
+    sheet = Image.open(out / "sheet.png")  # one labelled row per prompt: initial | best
+    assert sheet.size[1] == 3 * (16 + 28)
 
     # A re-run resumes: a finished batch is not optimised again (its image keeps its mtime), a lost one is.
     kept = (out / "best" / "00000_a_red_fox.png").stat().st_mtime_ns
