@@ -873,6 +873,24 @@ class _Engine:
         return torch.optim.AdamW(params, lr=c.learning_rate, betas=tuple(c.adam_betas), eps=c.adam_eps,
                                  weight_decay=c.weight_decay, **fused)
 
+    def plan(self) -> str:
+        """One line saying what will run: which of max_steps / num_epochs decides, and what is left out."""
+        n, gb, accum = len(self.dataset), self.global_batch, self.cfg.grad_accum
+        per_epoch = (n // gb) // accum
+        total = self.total_steps()
+        if self.cfg.max_steps:
+            unit = (f"max_steps={self.cfg.max_steps} decides (num_epochs={self.cfg.num_epochs} is not used): "
+                    f"{total / max(per_epoch, 1):.2f} epochs")
+        else:
+            unit = f"num_epochs={self.cfg.num_epochs} decides (max_steps=0)"
+        text = (f"training {total} optimizer steps of {gb * accum} pairs ({gb} per micro-batch across "
+                f"{self.accelerator.num_processes} process(es) x {accum} accumulation); {unit}")
+        left = n - per_epoch * accum * gb
+        if left:
+            text += (f"; each epoch leaves out {left} of {n} pairs (a partial batch; which ones changes with the "
+                     f"epoch's shuffle)")
+        return text
+
     def total_steps(self) -> int:
         if self.cfg.max_steps:
             return self.cfg.max_steps
@@ -1246,6 +1264,7 @@ class _Engine:
             save_config(cfg, self.out / "config.yaml")
         acc.init_trackers("mmalign", config={k: str(v) for k, v in config_to_dict(cfg).items()})
         total = self.total_steps()
+        acc.print(self.plan())  # main process only
         bar = tqdm(total=total, initial=self.global_step, desc=f"train {cfg.loss}",
                    disable=not (cfg.progress and acc.is_local_main_process))
         if acc.is_main_process and not (cfg.resume and ckpt is None):
