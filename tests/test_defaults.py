@@ -27,3 +27,27 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="not made by the demo"):
         demo.main()
     assert (tmp_path / "thesis.tex").read_text() == "months of work"
+
+
+def test_stic_needs_its_folders_before_any_model_loads(tmp_path, monkeypatch):
+    import vision.train
+    from vision.cli import stic_pairs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(vision.train, "load_vlm", lambda *a, **k: pytest.fail("loaded a model before the check"))
+    with pytest.raises(SystemExit, match="image_dir is required"):
+        stic_pairs(["--model", "tiny:llava", "--stic.out_dir", "out"])
+    with pytest.raises(SystemExit, match="out_dir is required"):
+        stic_pairs(["--model", "tiny:llava", "--stic.image_dir", "."])
+    with pytest.raises(SystemExit, match="does not exist"):
+        stic_pairs(["--model", "tiny:llava", "--stic.image_dir", "nowhere", "--stic.out_dir", "out"])
+    assert list(tmp_path.iterdir()) == []  # no folder made
+
+
+def test_vlm_training_opens_the_data_before_the_model(tmp_path, monkeypatch):
+    import vision.train
+    from vision.train import VLMTrainConfig, run
+
+    monkeypatch.setattr(vision.train, "load_vlm", lambda *a, **k: pytest.fail("loaded a model before the data"))
+    with pytest.raises(FileNotFoundError):
+        run(VLMTrainConfig(model="tiny:llava", data=str(tmp_path / "typo")))

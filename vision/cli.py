@@ -61,10 +61,14 @@ def stic_pairs(argv: Sequence[str] | None = None) -> int:
     ``accelerate launch`` each process writes its own shard and the first merges them.
     """
     from mmalign.distributed import process_state
-    from vision.stic import build_stic_pairs
+    from vision.stic import build_stic_pairs, check_stic_folders
     from vision.train import load_vlm
 
     job = load_config(STICJob, _argv(argv), description=stic_pairs.__doc__)
+    try:  # the inputs first: a typo must not cost the minutes of loading a 7B model
+        check_stic_folders(job.stic)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"make-pairs stic: {exc}") from exc
     model, processor = load_vlm(job.model, trust_remote_code=job.trust_remote_code)
     model.to(process_state().device)
     report = build_stic_pairs(model, processor, job.stic)

@@ -139,6 +139,16 @@ class STICReport(ShardReport):
     converted: dict[str, str] = field(default_factory=dict)
 
 
+def check_stic_folders(config: STICConfig) -> None:
+    """Both folders named, the images there: never the current directory by default."""
+    if not config.image_dir:
+        raise ValueError("STIC: image_dir is required (--stic.image_dir FOLDER of unlabeled images)")
+    if not config.out_dir:
+        raise ValueError("STIC: out_dir is required (--stic.out_dir FOLDER for the pair dataset)")
+    if not Path(config.image_dir).is_dir():
+        raise FileNotFoundError(f"STIC image folder {config.image_dir!r} does not exist or is not a folder")
+
+
 def _image_files(image_dir: Path) -> list[Path]:
     if not image_dir.is_dir():
         raise FileNotFoundError(f"STIC image folder {str(image_dir)!r} does not exist or is not a folder")
@@ -174,6 +184,7 @@ def build_stic_pairs(
     from mmalign.corruptions import apply_corruption, describe, hacked_negative, pil_to_tensor, tensor_to_pil
     from mmalign.pairs import PairFormatError, PreferencePair, load_image
 
+    check_stic_folders(config)
     image_dir, out_dir = Path(config.image_dir), Path(config.out_dir)
     files = _image_files(image_dir)
     if config.limit is not None:

@@ -117,6 +117,8 @@ def run(config: VLMTrainConfig) -> Any:
         if not (converted / "pairs.jsonl").exists():
             from_trl(str(data), converted)
         data = converted
+    dataset = PairDataset(data)  # the data first: a typo must not cost the minutes of loading a 7B model
+    check_media(dataset, progress=config.train.progress)  # every image decodes, before any step
     model, processor = load_vlm(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype)
     adapter = VLMAdapter(
         processor, media_root=data, max_length=config.max_length, truncation=config.truncation,
@@ -124,8 +126,6 @@ def run(config: VLMTrainConfig) -> Any:
         lora_scope=config.lora_scope,
     )
     adapter.check_model(model)
-    dataset = PairDataset(data)
-    check_media(dataset, progress=config.train.progress)  # every image decodes, before any step
     kept, dropped = adapter.filter_pairs(dataset.pairs)
     if dropped:
         print(f"vision.train: dropped {sum(dropped.values())} of {len(dataset)} pairs: {dict(dropped)}")
