@@ -43,3 +43,33 @@ def test_core_does_not_import_the_modality_packages() -> None:
                 continue
             for mod in mods:
                 assert mod.split(".")[0] not in ("vision", "diffusion", "video"), f"{path.name} imports {mod}"
+
+
+def _imports(package: str) -> list[tuple[str, str]]:
+    """(file, imported module) for every import statement in ``package``."""
+    import ast
+    from pathlib import Path
+
+    root = Path(importlib.import_module(package).__file__).parent
+    found = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found += [(path.name, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                found.append((path.name, node.module or ""))
+    return found
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_nothing_imports_scripts(package: str) -> None:
+    assert not [(f, m) for f, m in _imports(package) if m.split(".")[0] == "scripts"]
+
+
+def test_modalities_do_not_import_each_other() -> None:
+    """vision and diffusion never import another modality. video reuses the VLM code it shares with
+    vision (the adapter, generation helpers, model loading) and nothing else of it; never diffusion."""
+    for package, banned in (("vision", {"diffusion", "video"}), ("diffusion", {"vision", "video"})):
+        assert not [(f, m) for f, m in _imports(package) if m.split(".")[0] in banned], package
+    video = {m for _, m in _imports("video") if m.split(".")[0] in ("vision", "diffusion")}
+    assert video <= {"vision.adapter", "vision.generate", "vision.train"}, video
