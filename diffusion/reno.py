@@ -60,6 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmalign._compat import supports_gradient_checkpointing
 from mmalign.rewards import Reward, WeightedRewards
 
 __all__ = [
@@ -178,11 +179,10 @@ class NoiseSampler:
         self.guidance_scale = float(guidance_scale)
         self.cfg = self.guidance_scale > 1.0
         self.vae_checkpointing = vae_checkpointing
-        self.vae_per_block = vae_checkpointing and getattr(self.vae, "_supports_gradient_checkpointing", False)
+        self.vae_per_block = vae_checkpointing and supports_gradient_checkpointing(self.vae)
         # per-block checkpointing through diffusers' own switch where the model has one (see `_frozen`),
         # else the whole denoiser call is checkpointed
-        self.denoiser_per_block = gradient_checkpointing and getattr(
-            self.denoiser, "_supports_gradient_checkpointing", False)
+        self.denoiser_per_block = gradient_checkpointing and supports_gradient_checkpointing(self.denoiser)
         self.denoiser_whole = gradient_checkpointing and not self.denoiser_per_block
         name = type(pipe).__name__
         sched = pipe.scheduler

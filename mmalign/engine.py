@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmalign._compat import is_active_dropout, reset_accelerate_precision, set_lora_layer_disabled
 from mmalign.adapter import Adapter, ChosenRejected
 from mmalign.config import config_to_dict, diff_configs, help_
 from mmalign.distributed import distributed_on_cpu
@@ -703,26 +704,7 @@ def evaluate(
 
 def _set_lora_disabled(layers: list[Any], disabled: bool) -> None:
     for layer in layers:
-        if hasattr(layer, "_disable_adapters"):
-            layer._disable_adapters = disabled
-        else:  # a peft without the private flag: the public (slower) call
-            layer.enable_adapters(not disabled)
-
-
-def _allow_new_precision(mixed_precision: str) -> None:
-    """Let a second ``train()`` in the same single process use another mixed precision.
-
-    accelerate keeps one global AcceleratorState per process and refuses a different
-    ``mixed_precision`` later (a notebook running fp32 then bf16). In a single process the state
-    holds nothing else worth keeping, so it is cleared; a distributed launch is left untouched.
-    """
-    from accelerate.state import AcceleratorState
-
-    shared = AcceleratorState._shared_state
-    if shared and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        current = str(shared.get("_mixed_precision", mixed_precision))
-        if current != mixed_precision:
-            AcceleratorState._reset_state()
+        set_lora_layer_disabled(layer, disabled)
 
 
 class _Engine:
@@ -763,7 +745,7 @@ class _Engine:
         self.model_fingerprint = _hash_model(model)
         self.data_fingerprint = _hash_records(dataset)
         self.run_id = uuid.uuid4().hex
-        _allow_new_precision(config.mixed_precision)
+        reset_accelerate_precision(config.mixed_precision)
         self.accelerator = Accelerator(
             cpu=distributed_on_cpu(),  # gloo on CPU machines: see mmalign.distributed
             gradient_accumulation_steps=config.grad_accum,
@@ -976,8 +958,7 @@ class _Engine:
             modules = list(self._unwrapped().modules())
             layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
             inside = {id(d) for layer in layers for d in layer.modules()}
-            dropout = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and id(m) not in inside
-                          for m in modules)
+            dropout = any(is_active_dropout(m) and id(m) not in inside for m in modules)
             self._lora_cache = (layers, dropout)
         return self._lora_cache
 

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from mmalign._compat import is_image_token_mismatch
 from mmalign.adapter import ChosenRejected
 from mmalign.logprobs import sequence_logps
 
@@ -608,7 +609,7 @@ class VLMAdapter:
         try:
             logits = model(**kwargs).logits
         except (ValueError, RuntimeError) as exc:
-            if "image" in str(exc).lower() and "match" in str(exc).lower():
+            if is_image_token_mismatch(exc):
                 raise ValueError(
                     f"processor/model mismatch on pairs {batch.get('ids')}: {exc}. Load the processor and the "
                     "model from the same folder"
