@@ -53,9 +53,9 @@ Image handling (documented, not silent):
   (which flips the resized image, then centre-crops it at the same offsets); the pixels differ from
   that script's by one column when the horizontal margin is odd (we mirror the crop, it crops the
   mirror).
-* labels: ``label > 0.5`` means the chosen image wins, ``label < 0.5`` swaps the two sides, a tie
-  (``label == 0.5``) is an error here: ties are dropped (and counted) before training, see
-  :func:`drop_ties`.
+* labels: ``label > 0.5`` means the chosen image wins, ``label < 0.5`` swaps the two sides; a tie
+  (``label == 0.5``) keeps pair order. What a tie means is the engine's one policy for every
+  modality (``TrainConfig.ties``: drop, error or half).
 """
 
 from __future__ import annotations
@@ -459,12 +459,7 @@ class DiffusionAdapter:
             raise ValueError("collate got an empty list of pairs")
         rows: list[dict[str, Any]] = []
         for pair in pairs:
-            label = float(getattr(pair, "label", 1.0))
-            if label == 0.5:
-                raise ValueError(
-                    f"pair {_pair_id(pair)}: field 'label' is 0.5 (a tie); drop ties before training "
-                    "(diffusion.adapter.drop_ties), they carry no preference"
-                )
+            label = float(getattr(pair, "label", 1.0))  # a tie (0.5) keeps pair order: the engine weighs it
             if self.cache is not None:
                 pid = _pair_id(pair)
                 # Asked for only when needed, so a cache-like object without mirrored latents still works.

@@ -362,7 +362,9 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
     else:
         pairs = read_pairs(config.data)
     check_media(pairs, progress=config.train.progress)  # every image decodes, before any step
-    pairs, ties = drop_ties(pairs)
+    ties = 0
+    if config.train.ties == "drop":  # counted here for the summary; "error"/"half": the engine's policy
+        pairs, ties = drop_ties(pairs)
     if ties:
         logger.warning("dropped %d tied pair(s) (label 0.5) from %s", ties, config.data)
     if not pairs:

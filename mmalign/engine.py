@@ -45,6 +45,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -69,6 +70,7 @@ __all__ = [
     "StepInfo",
     "TrainConfig",
     "TrainResult",
+    "apply_tie_policy",
     "check_loss_fits",
     "compute_loss",
     "evaluate",
@@ -160,6 +162,11 @@ class TrainConfig:
         default=False,
         metadata=help_("delete the checkpoints and metrics of an earlier run in output_dir before training; "
                        "without it (or resume) such a folder is refused"),
+    )
+    ties: Literal["drop", "error", "half"] = field(
+        default="drop",
+        metadata=help_("pairs labelled 0.5 (no preference), the same for every modality: drop (counted), error, "
+                       "or half (trained towards no preference: each side counts half as chosen)"),
     )
     log_every: int = field(default=1, metadata=help_("write metrics every N optimizer steps"))
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=help_("accelerate trackers"))
@@ -582,6 +589,52 @@ def _hash_data(dataset: Sequence[Any]) -> str:
     return h.hexdigest()[:16]
 
 
+class _Kept(Sequence):  # type: ignore[type-arg]
+    """The pairs of a dataset a tie policy keeps, label-0 pairs turned around; other attributes
+    (``root``, ...) are the dataset's."""
+
+    def __init__(self, dataset: Sequence[Any], keep: list[int]) -> None:
+        self._dataset, self._keep = dataset, keep
+
+    def __len__(self) -> int:
+        return len(self._keep)
+
+    def __getitem__(self, i: int) -> Any:
+        pair = self._dataset[self._keep[i]]
+        if float(getattr(pair, "label", 1.0)) == 0.0 and hasattr(pair, "oriented"):
+            pair = pair.oriented()
+        return pair
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dataset, name)
+
+
+def apply_tie_policy(dataset: Sequence[Any], policy: str) -> Sequence[Any]:
+    """What a label means, decided once for every modality (``TrainConfig.ties``).
+
+    ``label`` is P(chosen preferred). Label-0 pairs are turned around (``PreferencePair.oriented``, as the
+    pair readers do); a tie (0.5) is dropped and counted (``drop``), refused naming them (``error``), or kept (``half``):
+    :func:`compute_loss` then trains it as ``0.5 * loss(chosen, rejected) + 0.5 * loss(rejected, chosen)``.
+    """
+    if policy not in ("drop", "error", "half"):
+        raise ValueError(f"ties must be drop, error or half, got {policy!r}")
+    labels = [float(getattr(dataset[i], "label", 1.0)) for i in range(len(dataset))]
+    ties = [i for i, label in enumerate(labels) if label == 0.5]
+    others = sorted({label for label in labels if label not in (0.0, 0.5, 1.0)})
+    if others:
+        raise ValueError(f"labels {others} are not 0, 0.5 or 1")
+    if not ties or policy == "half":
+        return dataset if 0.0 not in labels else _Kept(dataset, list(range(len(dataset))))
+    if policy == "error":
+        ids = [str(getattr(dataset[i], "id", i)) for i in ties[:5]]
+        raise ValueError(f"{len(ties)} tied pair(s) (label 0.5), e.g. {ids}; set ties: drop or half")
+    kept = [i for i in range(len(dataset)) if i not in set(ties)]
+    if not kept:
+        raise ValueError(f"no pairs left after dropping {len(ties)} tie(s) (label 0.5)")
+    logger.warning("dropped %d tied pair(s) (label 0.5) of %d (ties: drop)", len(ties), len(dataset))
+    return _Kept(dataset, kept)
+
+
 def check_loss_fits(config: TrainConfig, adapter: Any) -> None:
     """Raise unless ``config.loss`` takes the values ``adapter`` produces (one check for train and evaluate).
 
@@ -604,6 +657,7 @@ def compute_loss(
     ref: ChosenRejected | None,
     weight: torch.Tensor | None = None,
     value_name: str = "logps",
+    label: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The batch's scalar loss and its standard metrics, from policy (and reference) values.
 
@@ -632,6 +686,12 @@ def compute_loss(
     else:
         out = fn(pc, pr, rc, rr, **config.loss_kwargs)
     losses = out.losses
+    if label is not None and bool((label != 1.0).any()):
+        # P(chosen preferred) = label: the loss of the swapped pair counts (1 - label) (a tie: half each)
+        swapped = fn(pr, pc, **config.loss_kwargs) if not spec.needs_reference else fn(pr, pc, rr, rc,
+                                                                                        **config.loss_kwargs)
+        p = label.to(losses.dtype)
+        losses = p * losses + (1.0 - p) * swapped.losses
     if config.sft_weight:
         # The supervised term of the loss's own value kind: chosen NLL for sequences, chosen MSE for
         # diffusion (so a positive weight always raises the chosen side's likelihood).
@@ -694,7 +754,7 @@ def evaluate(
             batch = _to_device(adapter.prepare(adapter.collate(chunk), generator=generator), device)
             policy = adapter.logps(model, batch)
             ref = adapter.logps(ref_model, batch) if ref_model is not None else None
-            _, stats = compute_loss(config, policy, ref, batch.get("weight"), value_name)
+            _, stats = compute_loss(config, policy, ref, batch.get("weight"), value_name, batch.get("label"))
             stats["preference/accuracy"] = (sign * (policy.chosen - policy.rejected) > 0).float().mean()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
@@ -720,7 +780,7 @@ class _Engine:
             raise ValueError("the dataset is empty: nothing to train on")
         self.cfg = config
         self.adapter = adapter
-        self.dataset = dataset
+        self.dataset = apply_tie_policy(dataset, config.ties)
         self.callbacks = list(callbacks)
         self.reference = config.resolved_reference()
         self.value_name = "mse" if adapter.value_kind == "diffusion" else "logps"
@@ -896,6 +956,9 @@ class _Engine:
     def _collate(self, items: list[tuple[int, Any]]) -> dict[str, Any]:
         batch = self.adapter.collate([p for _, p in items])
         batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
+        labels = [float(getattr(p, "label", 1.0)) for _, p in items]
+        if any(label != 1.0 for label in labels):  # the core decides what a label means, not the adapter
+            batch["label"] = torch.tensor(labels)
         return batch
 
     def _micro_batches(self) -> Iterator[dict[str, Any]]:
@@ -1211,7 +1274,7 @@ class _Engine:
             policy = self.adapter.logps(self.model, batch)
             ref = self._reference_values(batch)
         self._last_policy = policy
-        return compute_loss(self.cfg, policy, ref, batch.get("weight"), self.value_name)
+        return compute_loss(self.cfg, policy, ref, batch.get("weight"), self.value_name, batch.get("label"))
 
     def run(self) -> TrainResult:
         from tqdm.auto import tqdm
@@ -1245,7 +1308,8 @@ class _Engine:
             save_config(cfg, self.out / "config.yaml")
         acc.init_trackers("mmalign", config={k: str(v) for k, v in config_to_dict(cfg).items()})
         total = self.total_steps()
-        acc.print(self.plan())  # main process only
+        if acc.is_main_process:  # to stderr, beside the progress bar: stdout stays the job's own output
+            print(self.plan(), file=sys.stderr)
         bar = tqdm(total=total, initial=self.global_step, desc=f"train {cfg.loss}",
                    disable=not (cfg.progress and acc.is_local_main_process))
         if acc.is_main_process and not (cfg.resume and ckpt is None):

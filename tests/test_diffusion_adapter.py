@@ -228,10 +228,12 @@ def test_grayscale_photo(sd, tmp_path):
     assert torch.equal(batch["chosen_pixel_values"][0, 0], batch["chosen_pixel_values"][0, 2])
 
 
-def test_ties_error_and_drop_ties_counts(sd, pairs):
+def test_ties_keep_pair_order_and_drop_ties_counts(sd, pairs):
+    """What a tie means is the engine's policy (TrainConfig.ties); the adapter keeps its order."""
+    plain = DiffusionAdapter(sd).collate(pairs)
     pairs[1].label = 0.5
-    with pytest.raises(ValueError, match=r"pair p1: field 'label' is 0.5"):
-        DiffusionAdapter(sd).collate(pairs)
+    tied = DiffusionAdapter(sd).collate(pairs)
+    assert torch.equal(plain["chosen_pixel_values"], tied["chosen_pixel_values"])
     kept, dropped = drop_ties(pairs)
     assert [p.id for p in kept] == ["p0"] and dropped == 1
 

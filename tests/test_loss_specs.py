@@ -59,3 +59,29 @@ def test_evaluate_without_a_config_uses_a_loss_of_the_adapters_kind():
         check_loss_fits(TrainConfig(loss="dpo", trackers=[]), _DiffusionLike())
     with pytest.raises(ValueError, match="losses for it: diffusion_dpo, mapo"):
         evaluate(policy, _DiffusionLike(), list(range(4)), ref_model=ref, config=TrainConfig(trackers=[]))
+
+
+def test_one_tie_policy_for_every_modality():
+    """A tie (label 0.5) trains as no preference under ``ties: half``: half the loss of each orientation, so
+    with DPO its gradient pushes the margin to 0 (before, the sequence adapters ignored the label and trained
+    a tie as a real preference). ``drop`` removes ties, ``error`` names them; label-0 pairs are turned around."""
+    from mmalign.engine import apply_tie_policy
+    from mmalign.pairs import PreferencePair
+
+    pairs = [PreferencePair("a", "q", "x", "y"), PreferencePair("b", "q", "x", "y", label=0.5),
+             PreferencePair("c", "q", "x", "y", label=0.0)]
+    kept = apply_tie_policy(pairs, "drop")
+    assert [p.id for p in kept] == ["a", "c"] and kept[1].chosen == "y" and kept[1].label == 1.0
+    with pytest.raises(ValueError, match=r"1 tied pair\(s\) \(label 0.5\), e.g. \['b'\]"):
+        apply_tie_policy(pairs, "error")
+    assert [p.label for p in apply_tie_policy(pairs, "half")] == [1.0, 0.5, 1.0]
+
+    config = TrainConfig(loss="dpo", loss_kwargs={"beta": 1.0}, trackers=[])
+    pc = torch.tensor([0.0, 0.0], requires_grad=True)
+    pr = torch.tensor([-1.0, -1.0])
+    ref = ChosenRejected(torch.zeros(2), torch.zeros(2))
+    loss, _ = compute_loss(config, ChosenRejected(pc, pr), ref, label=torch.tensor([1.0, 0.5]))
+    loss.backward()
+    # pair 0 (a real preference) still pushes its chosen side up; pair 1 (a tie, margin h = 1 > 0) pulls
+    # it back towards h = 0: d/dh [0.5 (-logsig(h)) + 0.5 (-logsig(-h))] = 0.5 (sigmoid(h) - sigmoid(-h)) > 0
+    assert pc.grad[0] < 0 < pc.grad[1]
