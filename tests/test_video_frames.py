@@ -67,8 +67,11 @@ def test_long_gop_is_decoded_on_not_sought_backwards(tmp_path) -> None:  # noqa:
 def test_sampling_indices() -> None:
     assert FrameSampling(num_frames=4).indices(16, 24.0) == [0, 5, 10, 15]
     assert FrameSampling(num_frames=1).indices(16, 24.0) == [7]
-    assert FrameSampling(num_frames=16).indices(5, 24.0) == [0, 1, 2, 3, 4]  # a short clip gives all it has
-    assert FrameSampling(num_frames=16, multiple_of=2).indices(5, 24.0) == [0, 1, 2, 3]
+    keep = FrameSampling(num_frames=16, short_clips="keep")
+    assert keep.indices(5, 24.0) == [0, 1, 2, 3, 4]  # a short clip gives all it has
+    assert FrameSampling(num_frames=16, multiple_of=2, short_clips="keep").indices(5, 24.0) == [0, 1, 2, 3]
+    with pytest.raises(MediaError, match="5 frame.*16 asked"):
+        FrameSampling(num_frames=16).indices(5, 24.0)
     assert FrameSampling(fps=2).indices(48, 24.0) == [0, 12, 24, 36]
     assert fps_indices(120, 24.0, 2.0, max_frames=4) == [0, 36, 72, 108]
     assert FrameSampling() == FrameSampling(num_frames=16)

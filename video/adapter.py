@@ -33,7 +33,7 @@ import torch
 
 from mmalign.adapter import ChosenRejected
 from mmalign.logprobs import sequence_logps
-from video.frames import Clip, FrameCache, FrameSampling
+from video.frames import Clip, FrameCache, FrameSampling, pair_media, pair_sampling
 from vision.adapter import LORA_SCOPES, PER_TOKEN_KEYS, VLMAdapter, _unwrap
 
 __all__ = ["PER_VIDEO_KEYS", "VIDEO_INPUT_KEYS", "VideoLLMAdapter", "render_video_prompt", "video_token_of"]
@@ -171,35 +171,11 @@ class VideoLLMAdapter:
     # ------------------------------------------------------------------ data side
 
     def _paths(self, pair: Any, side: str) -> list[Path]:
-        from mmalign.pairs import resolve_media
-
-        media = list(getattr(pair, f"{side}_media") or []) or list(pair.chosen_media or [])
-        if not media:
-            raise ValueError(f"pair {pair.id!r} has no video ({side}_media and chosen_media are empty)")
-        root = getattr(pair, "root", None) or self.media_root
-        out = []
-        for item in media:
-            path = Path(item)
-            if not path.is_absolute():
-                if root is None:
-                    raise ValueError(
-                        f"pair {pair.id!r}, field {side}_media: {str(item)!r} is relative but neither the pair nor "
-                        "the adapter knows the dataset folder (pass media_root)"
-                    )
-                path = resolve_media(root, str(item))
-            out.append(path)
-        return out
+        return pair_media(pair, side, self.media_root)
 
     def _sampling(self, pair: Any, side: str) -> FrameSampling:
-        """The adapter's sampling, or the pair's ``meta["sampling"][side]`` (frame choice only: ``max_side``
-        and ``multiple_of`` stay the adapter's unless given)."""
-        override = ((pair.meta or {}).get("sampling") or {}).get(side)
-        if not override:
-            return self.sampling
-        try:
-            return FrameSampling(**{"max_side": self.sampling.max_side, "multiple_of": self.sampling.multiple_of, **override})
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"pair {pair.id!r}: bad meta['sampling'][{side!r}] {override!r}: {exc}") from exc
+        """The adapter's sampling, or the pair's ``meta["sampling"][side]`` (:func:`video.frames.pair_sampling`)."""
+        return pair_sampling(pair, side, self.sampling)
 
     def clip(self, pair: Any, side: str) -> Clip:
         """The sampled frames of ``pair``'s ``side`` (``"chosen"``/``"rejected"``), through the cache."""

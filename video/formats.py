@@ -171,15 +171,25 @@ def from_llava_hound(
 
 
 def load_video_pairs(
-    data: str | os.PathLike[str], *, data_format: str = "pairs", video_root: str | os.PathLike[str] | None = None
+    data: str | os.PathLike[str],
+    *,
+    data_format: str = "pairs",
+    video_root: str | os.PathLike[str] | None = None,
+    skip_bad: bool = False,
 ) -> PairDataset:
     """A :class:`~mmalign.pairs.PairDataset` from our pair folder (``"pairs"``) or LLaVA-Hound records
-    (``"llava_hound"``: a ``.json``/``.jsonl`` file whose videos live under ``video_root``)."""
+    (``"llava_hound"``: a ``.json``/``.jsonl`` file whose videos live under ``video_root``).
+
+    A bad record (or a missing media file) raises naming its file, line and field, or with ``skip_bad`` is
+    left out and listed in the dataset's ``skipped``; :func:`video.frames.check_videos` then decodes the videos.
+    """
     if data_format == "pairs":
-        return PairDataset(data)
+        return PairDataset(data, skip_bad=skip_bad)
     if data_format == "llava_hound":
         if video_root is None:
             raise ValueError("load_video_pairs: data_format='llava_hound' needs video_root")
-        pairs, _ = read_llava_hound(data, video_root=video_root)
-        return PairDataset(pairs, root=video_root)
+        pairs, skipped = read_llava_hound(data, video_root=video_root, skip_bad=skip_bad)
+        dataset = PairDataset(pairs, root=video_root)
+        dataset.skipped.extend(skipped)
+        return dataset
     raise ValueError(f"load_video_pairs: data_format must be 'pairs' or 'llava_hound', got {data_format!r}")

@@ -42,20 +42,27 @@ from mmalign.corruptions import fewer_frames_indices
 from mmalign.pairs import MediaError, load_image
 
 __all__ = [
+    "SHORT_CLIPS",
     "VIDEO_EXTENSIONS",
     "Clip",
     "DecodeStats",
     "FrameCache",
     "FrameSampling",
     "VideoInfo",
+    "check_videos",
     "decode_frames",
     "fps_indices",
     "is_video_file",
     "load_clip",
+    "pair_media",
+    "pair_sampling",
     "probe",
     "require_av",
     "write_video",
 ]
+
+SHORT_CLIPS: tuple[str, ...] = ("error", "keep")
+"""What a clip with fewer frames than ``num_frames`` gives: an error naming it, or every frame it has."""
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".flv")
 
@@ -83,6 +90,8 @@ class FrameSampling:
     Args:
         num_frames: frames spread uniformly over the video (first and last included); 16 when neither
             ``num_frames`` nor ``fps`` is given.
+        short_clips: a video with fewer frames than ``num_frames``: ``"error"`` (a :class:`MediaError`
+            naming the file and both counts) or ``"keep"`` (every frame it has).
         fps: alternatively, frames per second of video time (give one of ``num_frames``/``fps``).
         max_frames: with ``fps``, thin to at most this many frames (uniformly).
         multiple_of: drop trailing frames so the count is a multiple (2 for Qwen2-VL's temporal patches);
@@ -97,8 +106,11 @@ class FrameSampling:
     max_frames: int | None = None
     multiple_of: int = 1
     max_side: int | None = None
+    short_clips: str = "error"
 
     def __post_init__(self) -> None:
+        if self.short_clips not in SHORT_CLIPS:
+            raise ValueError(f"FrameSampling.short_clips must be one of {list(SHORT_CLIPS)}, got {self.short_clips!r}")
         if self.num_frames is None and self.fps is None:
             object.__setattr__(self, "num_frames", 16)
         if self.num_frames is not None and self.fps is not None:
@@ -117,9 +129,18 @@ class FrameSampling:
             raise ValueError(f"FrameSampling.max_side must be >= 2 or None, got {self.max_side}")
 
     def indices(self, total_frames: int, video_fps: float | None) -> list[int]:
-        """Frame indices (sorted, distinct) to take from a video of ``total_frames`` at ``video_fps``."""
+        """Frame indices (sorted, distinct) to take from a video of ``total_frames`` at ``video_fps``.
+
+        Raises:
+            MediaError: no frames, or fewer than ``num_frames`` with ``short_clips="error"``.
+        """
         if total_frames < 1:
-            raise ValueError(f"FrameSampling.indices: the video has no frames ({total_frames})")
+            raise MediaError(f"the video has no frames ({total_frames})")
+        if self.num_frames is not None and total_frames < self.num_frames and self.short_clips == "error":
+            raise MediaError(
+                f"the video has {total_frames} frame(s), fewer than the {self.num_frames} asked for (num_frames); "
+                "sample fewer frames or set short_clips='keep' to use every frame it has"
+            )
         if self.num_frames is not None:
             out = fewer_frames_indices(total_frames, min(self.num_frames, total_frames))
         else:
@@ -236,13 +257,18 @@ def _open(path: Path) -> Any:
     av = require_av()
     if not path.is_file():
         raise MediaError(f"video {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise MediaError(f"video {str(path)!r} is empty (0 bytes)")
     try:
         container = av.open(str(path))
     except Exception as exc:  # av.error.* (invalid data, unknown format)
-        raise MediaError(f"cannot open video {str(path)!r}: {exc}") from exc
+        raise MediaError(f"cannot open video {str(path)!r} (not a video, or damaged): {exc}") from exc
     if not container.streams.video:
         container.close()
-        raise MediaError(f"{str(path)!r} has no video stream")
+        raise MediaError(f"{str(path)!r} has no video stream (not a video, or a truncated file)")
+    if container.streams.video[0].codec_context is None:  # the container names a codec FFmpeg cannot decode
+        container.close()
+        raise MediaError(f"the video codec of {str(path)!r} is not supported by this FFmpeg build (PyAV {av.__version__})")
     return container
 
 
@@ -291,13 +317,16 @@ def decode_frames(
     Seeks to the keyframe before each wanted frame that lies more than ``seek_gap`` frames, and more than
     the keyframe spacing seen so far, past the last decoded one; decodes forward otherwise (in a stream
     with keyframes every 250 frames a seek to a frame 60 ahead would land behind the decoder). A frame index is ``round((pts - start) * time_base *
-    fps)``; an index past the last decodable frame (a container that over-reports its length) gives the
-    last frame. A seek that lands past its target (inexact container index) or frames without
+    fps)``: on a variable-frame-rate stream (``fps`` is then the average rate) index ``i`` means the frame
+    shown at ``i / fps`` seconds, which is what the clip's metadata tells the model. An index at most
+    ``max(2, 5%)`` past the last decodable frame (a container that over-reports its length) gives the
+    last frame; further is an error (a truncated or damaged file). A seek that lands past its target (inexact container index) or frames without
     timestamps make it decode from the start without further seeks. ``max_side`` shrinks each kept frame
     (area interpolation, aspect kept, sides even) so its longer side is at most ``max_side``.
 
     Raises:
-        MediaError: the file is missing, not a video, or yields no frame.
+        MediaError: the file is missing, empty, not a video, in a codec FFmpeg cannot decode, yields no
+            frame, or ends well before the frames asked for.
     """
     stats = stats if stats is not None else DecodeStats()
     path = Path(path)
@@ -341,6 +370,11 @@ def decode_frames(
             if frame is None:  # end of stream: remaining targets get the last frame
                 if last is None:
                     raise MediaError(f"no frame could be decoded from {str(path)!r}")
+                if pending[-1] - position > max(2, pending[-1] // 20):
+                    raise MediaError(
+                        f"{str(path)!r} ends at frame {position} but frame {pending[-1]} was asked for: the file is "
+                        "truncated or damaged (or its container over-reports its length)"
+                    )
                 for t in pending:
                     found[t] = last.to_ndarray(format="rgb24", **size)
                 break
@@ -395,7 +429,10 @@ def load_clip(
         else:
             if not items:
                 raise ValueError("load_clip: empty frame list")
-            chosen = sampling.indices(len(items), None)
+            try:
+                chosen = sampling.indices(len(items), None)
+            except MediaError as exc:
+                raise MediaError(f"frames of {str(items[0].parent)!r}: {exc}") from None
             images = [load_image(items[i]) for i in chosen]
             if sampling.max_side is not None:
                 for image in images:
@@ -408,7 +445,10 @@ def load_clip(
             return Clip(tensor, chosen, len(items), None, str(items[0]))
     path = Path(media)
     info = probe(path)
-    chosen = sampling.indices(info.num_frames, info.fps)
+    try:
+        chosen = sampling.indices(info.num_frames, info.fps)
+    except MediaError as exc:
+        raise MediaError(f"video {str(path)!r}: {exc}") from None
     frames = decode_frames(path, chosen, max_side=sampling.max_side, stats=stats)
     return Clip(frames, chosen, info.num_frames, info.fps, str(path))
 
@@ -497,3 +537,116 @@ def write_video(
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# the videos of pairs, and the video check before training
+
+
+def pair_media(pair: Any, side: str, root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The files of ``pair``'s ``side`` video (``"chosen"``/``"rejected"``; empty ``rejected_media`` means the
+    chosen video), resolved against the pair's ``root``, else ``root``.
+
+    Raises:
+        ValueError: no media, or a relative path with no folder to resolve it against (or leaving it).
+    """
+    from mmalign.pairs import resolve_media
+
+    media = list(getattr(pair, f"{side}_media") or []) or list(pair.chosen_media or [])
+    if not media:
+        raise ValueError(f"pair {pair.id!r} has no video ({side}_media and chosen_media are empty)")
+    folder = getattr(pair, "root", None) or root
+    out = []
+    for item in media:
+        path = Path(item)
+        if not path.is_absolute():
+            if folder is None:
+                raise ValueError(
+                    f"pair {pair.id!r}, field {side}_media: {str(item)!r} is relative but neither the pair nor "
+                    "the caller knows the dataset folder (pass media_root)"
+                )
+            path = resolve_media(folder, str(item))
+        out.append(path)
+    return out
+
+
+def pair_sampling(pair: Any, side: str, sampling: FrameSampling) -> FrameSampling:
+    """``sampling``, or the pair's ``meta["sampling"][side]`` (frame choice only: ``max_side``, ``multiple_of``
+    and ``short_clips`` stay ``sampling``'s unless given)."""
+    override = ((pair.meta or {}).get("sampling") or {}).get(side)
+    if not override:
+        return sampling
+    base = {"max_side": sampling.max_side, "multiple_of": sampling.multiple_of, "short_clips": sampling.short_clips}
+    try:
+        return FrameSampling(**{**base, **override})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"pair {pair.id!r}: bad meta['sampling'][{side!r}] {override!r}: {exc}") from exc
+
+
+def check_videos(
+    dataset: Any,
+    sampling: FrameSampling,
+    *,
+    media_root: str | os.PathLike[str] | None = None,
+    cache: FrameCache | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> Any:
+    """Sample every video of a pair dataset once, before training (the video counterpart of
+    :func:`mmalign.pairs.check_media`), and name each bad one.
+
+    ``dataset``: a :class:`~mmalign.pairs.PairDataset` or pairs. Each side's clip is sampled as the adapter
+    will sample it (:func:`pair_sampling`) through ``cache``, so a :class:`FrameCache` handed on to the
+    adapter starts full. A video is bad when it is missing, empty, not a video, in a codec FFmpeg cannot
+    decode, corrupt or truncated, or has fewer frames than asked for (``short_clips="error"``).
+
+    A bad video raises :class:`~mmalign.pairs.PairFormatError` for the first pair (in dataset order) that
+    shows it, naming the pairs file and line, the field, the pair id and the video, and counting the other
+    bad pairs. With ``skip_bad=True`` those pairs are left out and listed in the report instead; a
+    ``PairDataset`` passed in is filtered in place (``pairs``, ``skipped``). Returns a
+    :class:`mmalign.pairs.MediaCheckReport` (``pairs``, ``skipped``, ``files``: distinct clips sampled).
+    """
+    from tqdm.auto import tqdm
+
+    from mmalign.pairs import MediaCheckReport, PairDataset, PairFormatError, SkippedRow
+
+    pairs = list(dataset.pairs if isinstance(dataset, PairDataset) else dataset)
+    if media_root is None and isinstance(dataset, PairDataset):
+        media_root = dataset.root
+    cache = cache if cache is not None else FrameCache()
+    problems: dict[tuple[Any, ...], str | None] = {}  # (paths, sampling) -> error or None
+    kept: list[Any] = []
+    bad: list[SkippedRow] = []
+    for i, pair in enumerate(tqdm(pairs, desc="checking videos", unit="pair", disable=not progress)):
+        problem: tuple[str, str] | None = None
+        for side in ("chosen", "rejected"):
+            try:
+                paths = pair_media(pair, side, media_root)
+                side_sampling = pair_sampling(pair, side, sampling)
+            except ValueError as exc:
+                problem = (f"{side}_media", str(exc))
+                break
+            key = (tuple(str(p) for p in paths), side_sampling)
+            if key not in problems:
+                try:
+                    cache.get(paths if len(paths) > 1 else paths[0], side_sampling)
+                    problems[key] = None
+                except (ValueError, OSError) as exc:  # MediaError is a ValueError
+                    problems[key] = str(exc)
+            if problems[key] is not None:
+                problem = (f"{side}_media", str(problems[key]))
+                break
+        if problem is None:
+            kept.append(pair)
+            continue
+        source, line, unit = getattr(pair, "origin", None) or ("<pairs>", i + 1, "item")
+        bad.append(SkippedRow(line, problem[0], f"pair {pair.id!r}: {problem[1]}", source, unit))
+    if bad and not skip_bad:
+        first = bad[0]
+        more = f" (and {len(bad) - 1} more bad pair(s))" if len(bad) > 1 else ""
+        raise PairFormatError(f"{first.reason}{more}: pass skip_bad=True to skip the pairs that show bad videos",
+                              source=first.source, line=first.line, field=first.field, unit=first.unit)
+    if isinstance(dataset, PairDataset):
+        dataset.pairs = kept
+        dataset.skipped.extend(bad)
+    return MediaCheckReport(pairs=kept, skipped=bad, files=len(problems))

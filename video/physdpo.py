@@ -38,6 +38,13 @@ world size come from the arguments, else from :func:`mmalign.distributed.process
 ``PartialState``, so a training ``Accelerator`` built later in the process gets the right state). Each
 answer is sampled with its own seed (run seed, record id, hack), so a resumed or sharded run writes the
 same pairs as one uninterrupted process.
+
+A bad video (missing, empty, not a video, an unsupported codec, corrupt or truncated, shorter than
+``num_frames`` with ``short_clips="error"``) is named with the records file, record number, id and field:
+with ``skip_bad`` its pairs are skipped and counted (``report.skipped["bad video"]``); without, the rest of
+its batch is still generated and written, then the run stops with that error. Either way nothing already
+generated is lost, and since bad videos are not logged as outcomes, a re-run after the file is fixed
+generates their pairs and nothing else.
 """
 
 from __future__ import annotations
@@ -89,6 +96,12 @@ class PhysDPOConfig:
     limit: int | None = field(default=None, metadata=help_("use only the first N records"))
     system_prompt: str | None = field(default=None, metadata=help_("system message for generation"))
     progress: bool = field(default=True, metadata=help_("show a progress bar (rank 0)"))
+    short_clips: str = field(default="error", metadata=help_("a clip with fewer than num_frames frames: error | keep"))
+    skip_bad: bool = field(
+        default=False,
+        metadata=help_("skip and count records whose video is bad (missing, empty, corrupt, unsupported codec, too "
+                       "short) instead of stopping; either way the pairs already generated stay written"),
+    )
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.hacks) - set(HACKS))
@@ -119,6 +132,7 @@ class VideoQA:
     question: str
     answer: str = ""
     title: str = ""
+    line: int | None = None  # record number in its file (1-based), for error messages
 
 
 def read_video_qa(path: str | os.PathLike[str]) -> list[VideoQA]:
@@ -137,7 +151,8 @@ def read_video_qa(path: str | os.PathLike[str]) -> list[VideoQA]:
         if rid in seen:
             raise ValueError(f"{path}, record {i}: duplicate id {rid!r}")
         seen.add(rid)
-        records.append(VideoQA(rid, row["video"], row["question"], str(row.get("answer") or ""), str(row.get("title") or "")))
+        records.append(VideoQA(rid, row["video"], row["question"], str(row.get("answer") or ""),
+                               str(row.get("title") or ""), i))
     return records
 
 
@@ -220,7 +235,7 @@ def build_physdpo_pairs(
     out_dir = Path(config.out_dir)
     run = ShardedRun(out_dir, rank=rank, world_size=world_size)
     report = ShardReport(out_dir=str(out_dir))
-    sampling = FrameSampling(num_frames=config.num_frames, max_side=config.max_side)
+    sampling = FrameSampling(num_frames=config.num_frames, max_side=config.max_side, short_clips=config.short_clips)
     cache = FrameCache(max_bytes=256 << 20)
     settings = GenerationSettings(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, batch_size=config.batch_size,
@@ -247,21 +262,32 @@ def build_physdpo_pairs(
                 todo.append((record, plan))
 
     bar = tqdm(total=len(todo), desc="physdpo", disable=not config.progress or run.rank != 0)
+    bad_videos: dict[str, str] = {}  # video -> error (a record's hacks share its video: decoded once)
+    failure: str | None = None  # the first bad video without skip_bad: raised once the batch is written
     with run.writer() as writer:
         for start in range(0, len(todo), config.batch_size):
             items: list[dict[str, Any]] = []
             for record, plan in todo[start : start + config.batch_size]:
                 pid = f"physdpo/{record.id}/{plan['hack']}"
                 try:
+                    if record.video in bad_videos:
+                        raise ValueError(bad_videos[record.video])
                     path = resolve_media(video_root, record.video)
                     clip = cache.get(path, sampling)
-                except ValueError as exc:
-                    report.skip("unreadable video", f"{pid}: {exc}")
+                except (ValueError, OSError) as exc:  # MediaError and PairFormatError are ValueErrors
+                    bad_videos[record.video] = str(exc)
+                    where = f"{records_path}, record {record.line} (id {record.id!r}), field 'video'"
+                    report.skip("bad video", f"{pid}: {where}: {exc}")
+                    bar.update(1)
+                    if not config.skip_bad and failure is None:
+                        failure = f"{where}: {exc}"
                     continue
                 prompt, hacked, corruption = _hacked_input(record, clip, plan)
                 items.append({"id": pid, "record": record, "plan": plan, "path": path, "clip": clip,
                               "prompt": prompt, "hacked": hacked, "corruption": corruption})
             if not items:
+                if failure is not None:
+                    break
                 continue
             rejected = generate_fn(
                 model, processor, [it["prompt"] for it in items], [it["hacked"] for it in items],
@@ -304,6 +330,13 @@ def build_physdpo_pairs(
                 report.count(it["plan"]["hack"])
             writer.sync()
             run.sync()
+            if failure is not None:
+                break
     bar.close()
+    if failure is not None:  # the good pairs of this batch and of earlier ones are written; a re-run keeps them
+        from mmalign.pairs import MediaError
+
+        raise MediaError(f"{failure} ({report.written} pairs written before it, kept; fix or remove the video, "
+                         "or pass skip_bad to skip bad videos, and re-run to continue)")
     report.merged = run.finish(merge=merge, order=order)
     return report

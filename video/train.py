@@ -41,7 +41,13 @@ class VideoTrainConfig:
     truncation: str = field(default="response", metadata=help_("response (cut the response) | drop (drop the pair)"))
     system_prompt: str | None = field(default=None, metadata=help_("system message for every prompt"))
     lora_scope: str = field(default="language", metadata=help_("LoRA targets: language | language+projector | all"))
-    check_videos: bool = field(default=True, metadata=help_("decode every video once before the first step"))
+    short_clips: str = field(default="error", metadata=help_("a clip with fewer frames than num_frames: error | keep (all it has)"))
+    check_videos: bool = field(default=True, metadata=help_("sample every video once before the model loads"))
+    skip_bad: bool = field(
+        default=False,
+        metadata=help_("skip and count pairs with bad records or videos (missing, empty, corrupt, unsupported codec, "
+                       "too short) instead of stopping at the first; implies check_videos"),
+    )
     train: TrainConfig = field(default_factory=TrainConfig, metadata=help_("engine settings"))
 
     def __post_init__(self) -> None:
@@ -57,6 +63,8 @@ class VideoTrainConfig:
             raise ValueError(f"VideoTrainConfig.truncation must be 'response' or 'drop', got {self.truncation!r}")
         if self.sample_fps is not None:
             self.num_frames = None
+        if self.skip_bad:
+            self.check_videos = True
         self.sampling()  # validates the frame settings
 
     def sampling(self) -> Any:
@@ -64,28 +72,37 @@ class VideoTrainConfig:
         from video.frames import FrameSampling
 
         return FrameSampling(num_frames=self.num_frames, fps=self.sample_fps, max_frames=self.max_frames,
-                             multiple_of=self.frame_multiple, max_side=self.frame_max_side)
+                             multiple_of=self.frame_multiple, max_side=self.frame_max_side,
+                             short_clips=self.short_clips)
 
 
 def run(config: VideoTrainConfig) -> Any:
     """Train ``config.model`` on ``config.data`` with the engine; returns its ``TrainResult``."""
+    from mmalign.distributed import process_state
     from mmalign.engine import train
     from mmalign.pairs import PairDataset
     from video.adapter import VideoLLMAdapter
     from video.formats import load_video_pairs
+    from video.frames import FrameCache, check_videos
     from vision.train import load_vlm
 
-    dataset = load_video_pairs(config.data, data_format=config.data_format, video_root=config.video_root)
+    dataset = load_video_pairs(config.data, data_format=config.data_format, video_root=config.video_root,
+                               skip_bad=config.skip_bad)
+    cache = FrameCache()
+    if config.check_videos:  # every clip decodes (into the adapter's frame cache) before the model loads
+        report = check_videos(dataset, config.sampling(), cache=cache, skip_bad=config.skip_bad,
+                              progress=config.train.progress and process_state().is_main_process)
+        if dataset.skipped and process_state().is_main_process:
+            print(f"video.train: skipped {len(dataset.skipped)} bad pair(s) ({report.bad} with bad videos); "
+                  f"first: {dataset.skipped[0]}")
+        if not dataset.pairs:
+            raise ValueError(f"no pair of {config.data} has readable videos ({len(dataset.skipped)} skipped)")
     model, processor = load_vlm(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype)
     adapter = VideoLLMAdapter(
         processor, media_root=dataset.root, sampling=config.sampling(), max_length=config.max_length,
-        truncation=config.truncation, system_prompt=config.system_prompt, lora_scope=config.lora_scope,
+        truncation=config.truncation, system_prompt=config.system_prompt, lora_scope=config.lora_scope, cache=cache,
     )
     adapter.check_model(model)
-    if config.check_videos:  # every clip decodes (and lands in the frame cache) before any step
-        for pair in dataset:
-            adapter.clip(pair, "chosen")
-            adapter.clip(pair, "rejected")
     kept, dropped = adapter.filter_pairs(dataset.pairs)
     if dropped:
         print(f"video.train: dropped {sum(dropped.values())} of {len(dataset)} pairs: {dict(dropped)}")
