@@ -72,9 +72,11 @@ __all__ = [
     "TrainResult",
     "apply_tie_policy",
     "check_loss_fits",
+    "collate_pairs",
     "compute_loss",
     "evaluate",
     "latest_checkpoint",
+    "pair_weight",
     "plot_metrics",
     "train",
 ]
@@ -589,6 +591,39 @@ def _hash_data(dataset: Sequence[Any]) -> str:
     return h.hexdigest()[:16]
 
 
+def pair_weight(pair: Any) -> float:
+    """A pair's weight in the loss (``meta["weight"]``, default 1; POVID weighs its two sets this way)."""
+    value = (getattr(pair, "meta", None) or {}).get("weight", 1.0)
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"pair {getattr(pair, 'id', '?')}: meta['weight'] {value!r} is not a number") from None
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"pair {getattr(pair, 'id', '?')}: meta['weight'] must be finite and >= 0, got {weight}")
+    return weight
+
+
+def collate_pairs(adapter: Any, items: list[tuple[int, Any]]) -> dict[str, Any]:
+    """``adapter.collate`` on the pairs of ``(index, pair)`` items, plus what a pair means, set here once
+    for every modality: ``index`` (its dataset position), ``label`` (when not all 1: ties under
+    ``ties: half``) and ``weight`` (:func:`pair_weight`, when not all 1)."""
+    batch = adapter.collate([p for _, p in items])
+    ids = batch.get("ids")
+    if ids is not None and len(ids) != len(items):  # the adapter dropped pairs (too long): align to its rows
+        by_id = {str(getattr(p, "id", i)): (i, p) for i, p in items}
+        items = [by_id[str(pid)] for pid in ids]
+    batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
+    labels = [float(getattr(p, "label", 1.0)) for _, p in items]
+    if any(label != 1.0 for label in labels):
+        batch["label"] = torch.tensor(labels)
+    weights = [pair_weight(p) for _, p in items]
+    if any(w != 1.0 for w in weights):
+        batch["weight"] = torch.tensor(weights)
+    else:
+        batch.pop("weight", None)
+    return batch
+
+
 class _Kept(Sequence):  # type: ignore[type-arg]
     """The pairs of a dataset a tie policy keeps, label-0 pairs turned around; other attributes
     (``root``, ...) are the dataset's."""
@@ -751,7 +786,8 @@ def evaluate(
     for _ in range(draws):
         for start in range(0, len(pairs), batch_size):
             chunk = list(pairs[start : start + batch_size])
-            batch = _to_device(adapter.prepare(adapter.collate(chunk), generator=generator), device)
+            items = list(enumerate(chunk, start=start))
+            batch = _to_device(adapter.prepare(collate_pairs(adapter, items), generator=generator), device)
             policy = adapter.logps(model, batch)
             ref = adapter.logps(ref_model, batch) if ref_model is not None else None
             _, stats = compute_loss(config, policy, ref, batch.get("weight"), value_name, batch.get("label"))
@@ -954,12 +990,7 @@ class _Engine:
     # ---- data
 
     def _collate(self, items: list[tuple[int, Any]]) -> dict[str, Any]:
-        batch = self.adapter.collate([p for _, p in items])
-        batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
-        labels = [float(getattr(p, "label", 1.0)) for _, p in items]
-        if any(label != 1.0 for label in labels):  # the core decides what a label means, not the adapter
-            batch["label"] = torch.tensor(labels)
-        return batch
+        return collate_pairs(self.adapter, items)
 
     def _micro_batches(self) -> Iterator[dict[str, Any]]:
         """Yield this process's micro-batches from the current data position on, forever by epochs."""

@@ -88,9 +88,6 @@ class CausalLMAdapter:
             attention_mask[i, : len(r)] = 1
         labels = response_labels(input_ids, attention_mask, prompt_lengths=torch.tensor(prompt_lens))
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        weights = [getattr(p, "meta", {}).get("weight") for p in pairs]
-        if any(w is not None for w in weights):
-            batch["weight"] = torch.tensor([1.0 if w is None else float(w) for w in weights])
         return batch
 
     def prepare(self, batch: dict[str, Any], *, generator: torch.Generator) -> dict[str, Any]:

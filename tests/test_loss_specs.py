@@ -85,3 +85,24 @@ def test_one_tie_policy_for_every_modality():
     # pair 0 (a real preference) still pushes its chosen side up; pair 1 (a tie, margin h = 1 > 0) pulls
     # it back towards h = 0: d/dh [0.5 (-logsig(h)) + 0.5 (-logsig(-h))] = 0.5 (sigmoid(h) - sigmoid(-h)) > 0
     assert pc.grad[0] < 0 < pc.grad[1]
+
+
+def test_pair_weights_reach_every_adapter_through_the_core(tmp_path):
+    """The diffusion adapter ignored ``meta["weight"]`` before; the core now sets ``batch["weight"]`` for all."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusion.adapter import DiffusionAdapter
+    from diffusion.train import load_pipeline
+    from mmalign.engine import collate_pairs
+    from mmalign.pairs import PreferencePair
+
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
+    pairs = [PreferencePair(f"p{i}", "a cat", "", "", ["a.png"], ["b.png"], meta={"weight": w})
+             for i, w in enumerate((1.0, 0.5))]
+    adapter = DiffusionAdapter(load_pipeline("tiny:sd"), dataset_dir=tmp_path)
+    batch = collate_pairs(adapter, list(enumerate(pairs)))
+    assert batch["weight"].tolist() == [1.0, 0.5]
+    with pytest.raises(ValueError, match="meta\\['weight'\\] must be finite and >= 0"):
+        collate_pairs(adapter, [(0, PreferencePair("x", "a", "", "", ["a.png"], ["b.png"], meta={"weight": -1}))])

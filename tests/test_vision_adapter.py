@@ -176,11 +176,14 @@ def test_truncation_cuts_response_never_image_tokens(llava, folder_pairs) -> Non
 
 
 def test_weight_from_meta(llava, folder_pairs) -> None:  # noqa: ANN001
+    """Per-pair weights are set by the core (mmalign.engine.collate_pairs) for every adapter."""
+    from mmalign.engine import collate_pairs
+
     _, processor = llava
     root, pairs = folder_pairs
     pairs[1].meta["weight"] = 0.25
-    batch = VLMAdapter(processor, media_root=root).collate(pairs)
-    assert batch["weight"].tolist() == [1.0, 0.25, 1.0]
+    batch = collate_pairs(VLMAdapter(processor, media_root=root), list(enumerate(pairs)))
+    assert batch["weight"].tolist() == [1.0, 0.25, 1.0] and batch["index"].tolist() == [0, 1, 2]
 
 
 def test_grayscale_image_is_converted(llava, tmp_path) -> None:  # noqa: ANN001

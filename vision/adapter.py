@@ -244,7 +244,7 @@ class VLMAdapter:
         ``input_ids``, ``attention_mask``, ``labels``: ``(2B, T)``, rows ``[:B]`` chosen, ``[B:]`` rejected;
         ``image_inputs``: the processor's image tensors for the ``U`` units; ``row_units``: ``(2B,)``
         unit of each row; ``unit_image_tokens``: ``(U,)``; ``row_image_index``: per-image index of each
-        row's images, in row order; ``weight``: ``(B,)`` from ``pair.meta["weight"]`` (default 1.0);
+        row's images, in row order (per-pair weights and labels are the engine's, not the adapter's);
         ``ids``: pair ids; ``online_rejected``: ``(B,)`` bool, the pairs with an online negative (their
         rejected row holds the chosen answer on the hacked media); and any of :data:`PER_TOKEN_KEYS`
         the processor returns, ``(2B, T)``.
@@ -473,7 +473,6 @@ class VLMAdapter:
             "row_units": torch.tensor([renumber[u] for u, _ in order], dtype=torch.long),
             "row_image_index": torch.tensor(row_image_index, dtype=torch.long),
             "unit_image_tokens": torch.tensor([n_image_tokens[u] for u in used_units], dtype=torch.long),
-            "weight": torch.tensor([float((p.meta or {}).get("weight", 1.0)) for p, *_ in kept]),
             "online_rejected": torch.tensor([_online_media(p) is not None for p, *_ in kept], dtype=torch.bool),
             "ids": [str(p.id) for p, *_ in kept],
         }
