@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["reno", "reno_parser", "train_diffusion"]
+__all__ = ["generate", "reno", "reno_parser", "train_diffusion"]
 
 
 def train_diffusion(argv: Sequence[str] | None = None) -> int:
@@ -150,4 +150,41 @@ def reno(argv: Sequence[str] | None = None) -> int:
         for row in report.summary["per_prompt"]:
             print(f"{row['initial_reward']:+.4f} -> {row['best_reward']:+.4f}  {row['prompt']}")
         print(f"{report.summary['improved']}/{report.summary['prompts']} prompts improved; wrote {args.out}")
+    return 0
+
+
+def generate(argv: Sequence[str] | None = None) -> int:
+    """Sample images for prompts from a pipeline, with its trained LoRA beside the base (grid: base row, LoRA row)."""
+    import torch
+
+    from diffusion.pso import sample_images
+    from diffusion.train import image_grid, load_pipeline
+    from mmalign.distributed import process_state
+
+    parser = argparse.ArgumentParser(prog="mmalign generate diffusion", description=generate.__doc__,
+                                     allow_abbrev=False)
+    parser.add_argument("--pipeline", required=True, help="diffusers pipeline: folder, hub name or tiny:<name>")
+    parser.add_argument("--lora", default=None, help="a trained LoRA folder (run/lora): base row and LoRA row")
+    parser.add_argument("--prompts", nargs="+", required=True, help="one image per prompt")
+    parser.add_argument("--steps", type=_positive_int, default=30, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--guidance_scale", type=float, default=7.5, help="default: %(default)s")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: %(default)s)")
+    parser.add_argument("--resolution", type=int, default=None, help="default: the pipeline's")
+    parser.add_argument("--out", required=True, help="folder for the images and grid.png")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    out = Path(args.out)
+    pipe = load_pipeline(args.pipeline).to(process_state().device)
+    kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+              resolution=args.resolution)
+    rows = {"base": sample_images(pipe, args.prompts, **kw)}
+    if args.lora:
+        pipe.load_lora_weights(args.lora)
+        with torch.no_grad():
+            rows["lora"] = sample_images(pipe, args.prompts, **kw)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, images in rows.items():
+        for i, image in enumerate(images):
+            image.save(out / f"{name}_{i:03d}.png")
+    image_grid(list(rows.values())).save(out / "grid.png")
+    print(f"{len(args.prompts)} prompt(s), rows {', '.join(rows)} (seeds {args.seed}..): {out / 'grid.png'}")
     return 0

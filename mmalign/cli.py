@@ -4,6 +4,7 @@
     mmalign train-diffusion --config scripts/configs/sdxl_mapo.yaml --data my_pairs
     mmalign make-pairs stic --model llava-hf/llava-1.5-7b-hf --stic.image_dir imgs --stic.out_dir pairs
     mmalign reno --pipeline stabilityai/sd-turbo --reward redness:1 "a red fox"
+    mmalign generate vlm --model llava-hf/llava-1.5-7b-hf --adapter runs/stic/adapter --images photos/
     accelerate launch -m mmalign train-vlm ...        (several processes: ``python -m mmalign`` is the same)
 
 The core does not import the modality packages: each package declares its jobs as entry points
@@ -18,10 +19,11 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import EntryPoint, entry_points
 
-__all__ = ["COMMANDS_GROUP", "PAIR_BUILDERS_GROUP", "main"]
+__all__ = ["COMMANDS_GROUP", "GENERATORS_GROUP", "PAIR_BUILDERS_GROUP", "generate", "main", "make_pairs"]
 
 COMMANDS_GROUP = "mmalign.commands"
 PAIR_BUILDERS_GROUP = "mmalign.pair_builders"
+GENERATORS_GROUP = "mmalign.generators"
 
 
 def _registered(group: str) -> dict[str, EntryPoint]:
@@ -69,6 +71,11 @@ def make_pairs(argv: Sequence[str]) -> int:
     return _dispatch("mmalign make-pairs", PAIR_BUILDERS_GROUP, "kind", list(argv))
 
 
+def generate(argv: Sequence[str]) -> int:
+    """See a trained model's effect: answers (vlm) or images (diffusion), base beside trained (--help)."""
+    return _dispatch("mmalign generate", GENERATORS_GROUP, "kind", list(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``mmalign <command> ...``: the console entry point."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -77,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"mmalign {__version__}")
         return 0
-    return _dispatch("mmalign", COMMANDS_GROUP, "command", argv, extra={"make-pairs": make_pairs})
+    return _dispatch("mmalign", COMMANDS_GROUP, "command", argv, extra={"make-pairs": make_pairs, "generate": generate})
 
 
 if __name__ == "__main__":

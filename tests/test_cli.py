@@ -32,6 +32,7 @@ def test_every_job_is_registered_and_listed(capsys):
                                   ["train-video", "--help"], ["export", "--help"],
                                   ["make-pairs", "stic", "--help"], ["make-pairs", "trl", "--help"],
                                   ["make-pairs", "povid", "--help"], ["make-pairs", "scl", "--help"],
+                                  ["generate", "vlm", "--help"], ["generate", "diffusion", "--help"],
                                   ["make-pairs", "physdpo", "--help"], ["make-pairs", "llava-hound", "--help"]])
 def test_each_job_help_shows_defaults(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -58,3 +59,12 @@ def test_python_dash_m_and_scripts_are_the_same_command():
     assert script.returncode == 0 and "stic" in script.stdout, script.stderr[-2000:]
     for name in ("train_vlm.py", "train_diffusion.py", "make_pairs.py", "reno.py"):
         assert len((ROOT / "scripts" / name).read_text().splitlines()) < 40, name
+
+
+def test_generate_diffusion_writes_base_and_lora_rows(tmp_path):
+    from PIL import Image
+
+    assert main(["generate", "diffusion", "--pipeline", "tiny:sd", "--prompts", "a cat", "a dog", "--steps", "2",
+                 "--guidance_scale", "1.0", "--resolution", "32", "--out", str(tmp_path)]) == 0
+    assert Image.open(tmp_path / "grid.png").size == (64, 32)  # one row (no LoRA given), two prompts
+    assert sorted(p.name for p in tmp_path.glob("base_*.png")) == ["base_000.png", "base_001.png"]

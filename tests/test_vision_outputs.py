@@ -64,6 +64,14 @@ def test_lora_run_writes_a_peft_adapter_that_loads_and_merges(tmp_path) -> None:
     assert not torch.allclose(trained, before)  # the adapter carries what training learned
     torch.testing.assert_close(trained, _logits(result.model, processor))
 
+    from mmalign.cli import main as mmalign
+
+    image = tmp_path / "data" / "media" / "0.png"
+    assert mmalign(["generate", "vlm", "--model", "tiny:llava", "--adapter", str(adapter), "--images", str(image),
+                    "--max_new_tokens", "3", "--out", str(tmp_path / "answers")]) == 0
+    row = __import__("json").loads((tmp_path / "answers" / "answers.jsonl").read_text())
+    assert set(row) == {"image", "question", "base", "adapter"}
+
     assert export(["--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(_logits(merged, processor), trained, atol=1e-5, rtol=1e-4)

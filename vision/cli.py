@@ -12,11 +12,12 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mmalign.config import help_, load_config
 from vision.stic import STICConfig
 
-__all__ = ["STICJob", "export", "stic_pairs", "train_vlm", "trl_pairs"]
+__all__ = ["STICJob", "export", "generate", "stic_pairs", "train_vlm", "trl_pairs"]
 
 
 def _argv(argv: Sequence[str] | None) -> list[str]:
@@ -111,4 +112,56 @@ def export(argv: Sequence[str] | None = None) -> int:
     print(f"merged model written to {out}")
     if args.push_to_hub:
         print(push_to_hub(out, args.push_to_hub))
+    return 0
+
+
+def generate(argv: Sequence[str] | None = None) -> int:
+    """Answer questions about images with a VLM, and with its trained adapter beside the base (answers.jsonl)."""
+    import torch
+
+    from mmalign.pairs import load_image
+    from vision.generate import GenerationSettings, generate_responses
+    from vision.train import load_vlm
+
+    parser = argparse.ArgumentParser(prog="mmalign generate vlm", description=generate.__doc__, allow_abbrev=False)
+    parser.add_argument("--model", required=True, help="base model: folder, hub name or tiny:<family>")
+    parser.add_argument("--adapter", default=None, help="a trained PEFT adapter folder (run/adapter): answers with "
+                                                        "and without it, side by side")
+    parser.add_argument("--images", nargs="+", required=True, help="image files, or folders of images")
+    parser.add_argument("--question", default="Describe the image in detail.", help="asked of every image "
+                                                                                     "(default: %(default)s)")
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="default: %(default)s")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="write answers.jsonl here (default: print only)")
+    args = parser.parse_args(_argv(argv))
+    files: list[Path] = []
+    for item in map(Path, args.images):
+        files += sorted(p for p in item.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}) \
+            if item.is_dir() else [item]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or not files:
+        raise SystemExit(f"generate: no such image(s): {missing or args.images}")
+    images = [[load_image(f)] for f in files]  # the inputs first: a typo must not cost loading a model
+    model, processor = load_vlm(args.model)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    questions = [args.question] * len(files)
+    rows = [{"image": str(f), "question": args.question} for f in files]
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+        with model.disable_adapter(), torch.no_grad():
+            base = generate_responses(model, processor, questions, images, settings)
+        tuned = generate_responses(model, processor, questions, images, settings)
+        for row, b, t in zip(rows, base, tuned, strict=True):
+            row.update(base=b.strip(), adapter=t.strip())
+    else:
+        for row, answer in zip(rows, generate_responses(model, processor, questions, images, settings), strict=True):
+            row["answer"] = answer.strip()
+    for row in rows:
+        print(json.dumps(row, ensure_ascii=False))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return 0
