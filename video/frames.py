@@ -340,7 +340,9 @@ def decode_frames(
     last: Any = None
     try:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        # frame threads decode ahead, and a seek throws that work away: sparse (seeking) reads use slice threads
+        dense = wanted[-1] - wanted[0] <= seek_gap * len(wanted)
+        stream.thread_type = "AUTO" if dense else "SLICE"
         fps = _stream_fps(stream)
         time_base = stream.time_base
         start = stream.start_time or 0
@@ -408,8 +410,11 @@ def decode_frames(
     finally:
         container.close()
     stats.videos += 1
-    stack = np.stack([found[int(i)] for i in indices])
-    return torch.from_numpy(stack).permute(0, 3, 1, 2).contiguous()
+    first = found[int(indices[0])]
+    out = torch.empty((len(indices), 3, *first.shape[:2]), dtype=torch.uint8)
+    for row, i in enumerate(indices):  # one copy per frame, straight into (T, C, H, W)
+        out[row] = torch.from_numpy(found[int(i)]).permute(2, 0, 1)
+    return out
 
 
 def load_clip(
