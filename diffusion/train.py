@@ -288,6 +288,30 @@ def save_lora(pipeline: Any, peft_model: torch.nn.Module, out_dir: str | os.Path
     return out
 
 
+def _write_cards(config: DiffusionTrainConfig, train_cfg: Any, result: Any, lora_dir: Path | None,
+                 pipeline_dir: Path | None) -> None:
+    """A model card (``README.md``, Hugging Face YAML header) in each output folder a user loads."""
+    from mmalign.config import config_to_dict
+    from mmalign.export import write_model_card
+
+    keep = ("loss", "loss_kwargs", "learning_rate", "lr_scheduler", "batch_size", "grad_accum", "max_steps",
+            "lora_r", "lora_alpha", "seed")
+    hyper = {k: v for k, v in config_to_dict(train_cfg).items() if k in keep}
+    hyper.update(objective=config.objective, steps_run=result.global_step, random_flip=config.random_flip,
+                 train_timesteps=config.train_timesteps)
+    last = result.metrics[-1] if result.metrics else {}
+    metrics = {k: v for k, v in last.items() if k.startswith(("loss", "rewards/", "mse/"))}
+    common = dict(base_model=config.pretrained, method=config.objective, dataset=config.data,
+                  hyperparameters=hyper, metrics=metrics, tags=("text-to-image", config.objective))
+    if lora_dir is not None:
+        write_model_card(lora_dir, library_name="diffusers", **common, usage=(
+            f"from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("
+            f"{config.pretrained!r})\npipe.load_lora_weights({str(lora_dir)!r})"))
+    if pipeline_dir is not None:
+        write_model_card(pipeline_dir, library_name="diffusers", **common, usage=(
+            f"from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained({str(pipeline_dir)!r})"))
+
+
 def image_grid(rows: list[list[Any]]) -> Any:
     """Paste rows of equally sized PIL images into one image (row-major)."""
     from PIL import Image
@@ -467,5 +491,6 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
             "grid": str(grid_path) if grid_path else None,
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        _write_cards(config, train_cfg, result, lora_dir, pipeline_dir)
     barrier()  # the engine's end of training may have closed the process group already
     return DiffusionRunResult(out, lora_dir, pipeline_dir, grid_path, result.metrics, ties, attention)

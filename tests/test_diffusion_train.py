@@ -118,6 +118,8 @@ def test_lora_weights_load_with_load_lora_weights(dataset, tmp_path):
                           guidance_scale=1.0, seed=config.grid_seed)
     again = np.concatenate([np.asarray(i) for i in again], axis=1)
     assert np.abs(again.astype(int) - after.astype(int)).max() <= 1  # alpha/r scaling survived the round trip
+    card = (out / "lora" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: \"tiny:sd\"\nlibrary_name: diffusers\n") and "load_lora_weights" in card
 
 
 def test_full_fine_tuning_saves_a_pipeline(dataset, tmp_path):
