@@ -1,4 +1,4 @@
-"""Benchmarks: `python scripts/bench.py {engine,reno,diffusion,vision,all}`.
+"""Benchmarks: `python scripts/bench.py {engine,reno,diffusion,vision,memory,all}`.
 
 Each section measures ratios against a baseline run in the same process (this machine is noisy)
 and writes its figures, the command and the machine into BENCHMARKS.md between markers.
@@ -23,6 +23,7 @@ SECTIONS = {
     "reno": ("bench_reno", "bench_reno"),
     "diffusion": ("bench_diffusion", "bench_diffusion"),
     "vision": ("bench_vision", "bench_vision"),
+    "memory": ("bench_memory", "bench_memory"),
     "cuda": ("bench_cuda", "bench_cuda"),  # GPU only; scripts/device_check.sh runs it on a lent machine
 }
 
