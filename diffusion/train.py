@@ -161,6 +161,8 @@ class DiffusionTrainConfig:
     train: TrainConfig = field(default_factory=_default_train, metadata=help_("engine settings (mmalign.engine)"))
 
     def __post_init__(self) -> None:
+        # values an earlier __post_init__ put into train (a config copied with dataclasses.replace)
+        earlier = getattr(self.train, "_set_by_diffusion_config", {})
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.beta is not None and self.beta <= 0:
@@ -195,14 +197,23 @@ class DiffusionTrainConfig:
             if not torch.cuda.is_available():  # half precision on CPU is slow or unsupported
                 self.frozen_dtype = "float32"
                 self.train = dataclasses.replace(self.train, mixed_precision="no", gradient_checkpointing=False)
-        # the objective decides the engine's loss and its hyperparameters
+        # the objective decides the engine's loss and its hyperparameters: one flag per setting, and a
+        # contradicting --train.* value is an error rather than silently replaced
         beta = self.beta if self.beta is not None else _DEFAULT_BETA[self.objective]
         loss_kwargs: dict[str, Any] = {"beta": beta}
         if self.objective == "mapo":
             loss_kwargs["scale"] = self.mapo_scale
-        self.train = dataclasses.replace(
-            self.train, loss=_LOSS[self.objective], loss_kwargs=loss_kwargs, output_dir=self.output_dir
-        )
+        derived = {"loss": _LOSS[self.objective], "loss_kwargs": loss_kwargs, "output_dir": self.output_dir}
+        default = _default_train()
+        for name, flags in (("loss", "--objective"), ("loss_kwargs", "--beta / --mapo_scale"),
+                            ("output_dir", "--output_dir")):
+            given = getattr(self.train, name)
+            if given in (getattr(default, name), derived[name], earlier.get(name)):
+                continue
+            raise ValueError(f"train.{name}={given!r} contradicts {derived[name]!r} from {flags}; set {flags}, "
+                             f"not --train.{name}")
+        self.train = dataclasses.replace(self.train, **derived)
+        object.__setattr__(self.train, "_set_by_diffusion_config", derived)
 
 
 @dataclass

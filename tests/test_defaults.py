@@ -51,3 +51,18 @@ def test_vlm_training_opens_the_data_before_the_model(tmp_path, monkeypatch):
     monkeypatch.setattr(vision.train, "load_vlm", lambda *a, **k: pytest.fail("loaded a model before the data"))
     with pytest.raises(FileNotFoundError):
         run(VLMTrainConfig(model="tiny:llava", data=str(tmp_path / "typo")))
+
+
+def test_diffusion_flags_have_one_name_each(tmp_path):
+    """--objective/--beta/--output_dir decide the engine's loss, hyperparameters and folder; a contradicting
+    --train.loss, --train.loss_kwargs or --train.output_dir was silently replaced before, now it is an error."""
+    from diffusion.train import DiffusionTrainConfig
+    from mmalign.config import ConfigError, load_config
+
+    base = ["--pretrained", "tiny:sd", "--data", str(tmp_path), "--output_dir", str(tmp_path / "o")]
+    for flag, value, name in (("--train.loss", "ipo", "--objective"), ("--train.loss_kwargs", "{beta: 3}", "--beta"),
+                              ("--train.output_dir", str(tmp_path / "x"), "--output_dir")):
+        with pytest.raises(ConfigError, match=name):
+            load_config(DiffusionTrainConfig, [*base, flag, value])
+    cfg = load_config(DiffusionTrainConfig, [*base, "--objective", "mapo", "--beta", "0.2"])
+    assert (cfg.train.loss, cfg.train.loss_kwargs["beta"], cfg.train.output_dir) == ("mapo", 0.2, str(tmp_path / "o"))
