@@ -1,4 +1,4 @@
-"""Benchmarks: `python scripts/bench.py {engine,reno,diffusion,vision,memory,all}`.
+"""Benchmarks: `python scripts/bench.py {engine,reno,diffusion,vision,memory,video,all}`.
 
 Each section measures ratios against a baseline run in the same process (this machine is noisy)
 and writes its figures, the command and the machine into BENCHMARKS.md between markers.
@@ -24,6 +24,7 @@ SECTIONS = {
     "diffusion": ("bench_diffusion", "bench_diffusion"),
     "vision": ("bench_vision", "bench_vision"),
     "memory": ("bench_memory", "bench_memory"),
+    "video": ("bench_video", "bench_video"),
     "cuda": ("bench_cuda", "bench_cuda"),  # GPU only; scripts/device_check.sh runs it on a lent machine
 }
 

@@ -23,6 +23,12 @@ of a long clip decodes a fraction of it). PyAV is the optional ``video`` extra (
 'mmalign[video]'``); without it decoding raises an ``ImportError`` that says so. A media entry may also be
 a list of image files (the frames of one video, e.g. LLaVA-Hound's extracted frames): sampling then picks
 among them.
+
+Bad videos raise :class:`~mmalign.pairs.MediaError` naming the file: missing, empty, not a video (or no
+video stream), a codec this FFmpeg cannot decode, corrupt or truncated (the stream ends well before the
+frames asked for), or fewer frames than ``num_frames`` (``short_clips="error"``; ``"keep"`` takes all it
+has). :func:`check_videos` samples every clip of a pair dataset before training and names the pair, line
+and field of each bad one, or skips and counts them (``skip_bad``).
 """
 
 from __future__ import annotations
