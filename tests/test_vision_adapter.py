@@ -256,3 +256,32 @@ def test_dpo_step_raises_margin(llava, folder_pairs) -> None:  # noqa: ANN001
     with torch.no_grad():
         after = adapter.logps(policy, batch)
     assert float((after.chosen - after.rejected).mean()) > float((ref.chosen - ref.rejected).mean())
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_fused_head_equals_full_logits_in_values_and_gradients(family, folder_pairs) -> None:  # noqa: ANN001
+    """The default path never makes the (2B, T, V) logits; it must give the full-logits values and gradients."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmalign.tiny import cached_tiny
+
+    root, pairs = folder_pairs
+    path = cached_tiny(family)
+    processor = AutoProcessor.from_pretrained(path)
+    results = {}
+    for fused in (True, False):
+        model = AutoModelForImageTextToText.from_pretrained(path).double()
+        adapter = VLMAdapter(processor, media_root=root, fused_head=fused)
+        batch = adapter.collate(pairs)
+        batch = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                 for k, v in batch.items()}
+        out = adapter.logps(model, batch)
+        (out.chosen.sum() - 0.5 * out.rejected.sum()).backward()
+        results[fused] = (out.chosen.detach(), out.rejected.detach(),
+                          {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (c1, r1, g1), (c0, r0, g0) = results[True], results[False]
+    torch.testing.assert_close(c1, c0)
+    torch.testing.assert_close(r1, r0)
+    assert g1.keys() == g0.keys() and len(g1) > 0
+    for name in g1:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-10, rtol=1e-8, msg=name)

@@ -52,7 +52,7 @@ import torch
 
 from mmalign._compat import is_image_token_mismatch
 from mmalign.adapter import ChosenRejected
-from mmalign.logprobs import sequence_logps
+from mmalign.logprobs import model_sequence_logps, sequence_logps
 
 __all__ = [
     "LORA_SCOPES",
@@ -239,6 +239,9 @@ class VLMAdapter:
         lora_scope: which linear layers LoRA adapts when the engine's ``lora_target_modules`` is unset
             (a key of :data:`LORA_SCOPES`; default ``"language"``: the language model only). The engine
             reads :attr:`lora_target_modules`.
+        fused_head: log-probs from the last hidden states and the LM head, chunk by chunk, without the
+            ``(2B, T, V)`` logits (:func:`mmalign.logprobs.model_sequence_logps`); other heads fall back to
+            full logits with a warning. Same values and gradients; ``False`` always makes the logits.
 
     Batch layout (from :meth:`collate`), ``B`` pairs, ``U`` units (distinct prompt+image sets), ``T`` tokens:
         ``input_ids``, ``attention_mask``, ``labels``: ``(2B, T)``, rows ``[:B]`` chosen, ``[B:]`` rejected;
@@ -259,6 +262,7 @@ class VLMAdapter:
     system_prompt: str | None = None
     prompt_template: str | None = None
     lora_scope: str = "language"
+    fused_head: bool = True
     value_kind: str = field(default="sequence", init=False)
     dropped: Counter[str] = field(default_factory=Counter, init=False)
     dropped_ids: list[str] = field(default_factory=list, init=False)
@@ -602,11 +606,21 @@ class VLMAdapter:
     def logps(self, model: torch.nn.Module, batch: dict[str, Any]) -> ChosenRejected:
         """Summed response log-probs of chosen and rejected rows, ``(B,)`` each, with token counts.
 
-        ``extras["chosen_logits_mean"]`` is not kept (memory); the logits are freed on return.
+        With ``fused_head`` (default) the ``(2B, T, V)`` logits are never made: log-probs come from the last
+        hidden states and the LM head chunk by chunk (:func:`mmalign.logprobs.model_sequence_logps`; heads it
+        cannot fuse fall back to full logits with a warning). A batch with online negatives needs the hacked
+        rows' argmax over the vocabulary, so it runs with full logits.
         """
         kwargs = self.model_inputs(model, batch)
+        online = batch.get("online_rejected")
+        has_online = online is not None and bool(online.any())
+        logits = None
         try:
-            logits = model(**kwargs).logits
+            if self.fused_head and not has_online:
+                logps, n_tokens = model_sequence_logps(model, batch["labels"], fused=True, **kwargs)
+            else:
+                logits = model(**kwargs).logits
+                logps, n_tokens = sequence_logps(logits, batch["labels"])
         except (ValueError, RuntimeError) as exc:
             if is_image_token_mismatch(exc):
                 raise ValueError(
@@ -614,11 +628,9 @@ class VLMAdapter:
                     "model from the same folder"
                 ) from exc
             raise
-        logps, n_tokens = sequence_logps(logits, batch["labels"])
         n_pairs = logps.shape[0] // 2
         rejected = logps[n_pairs:]
-        online = batch.get("online_rejected")
-        if online is not None and bool(online.any()):
+        if has_online:
             rejected = self._online_rejected(logits, batch["labels"], online.to(logits.device), rejected)
         return ChosenRejected(
             chosen=logps[:n_pairs],
