@@ -124,6 +124,31 @@ def test_variable_frame_rate_clip_samples_by_time(tmp_path: Path) -> None:
     assert stats.seeks >= 1 and torch.equal(sparse, decode_frames(path, range(40))[clip.indices])
 
 
+def test_long_last_frame_is_not_taken_for_truncation(tmp_path: Path) -> None:
+    """Twenty frames 40 ms apart, the last one lasting 2 s (a still at the end, as screen recorders write it):
+    the late indices fall inside the last frame, which lasts to the declared duration: not a damaged file."""
+    path = tmp_path / "still_end.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        packets = []
+        for k in range(20):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 48, 3), 10 * k, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = 40 * k, Fraction(1, 1000)
+            packets += stream.encode(frame)
+        packets += stream.encode()
+        for packet in packets:
+            packet.duration = 40
+        packets[-1].duration = 2000
+        for packet in packets:
+            container.mux(packet)
+    clip = load_clip(path, FrameSampling(num_frames=8))
+    assert clip.indices[-1] == 19
+    last = decode_frames(path, range(20))[-1]
+    assert all(torch.equal(clip.frames[i], last) for i in range(3, 8))  # indices 8..19 are shown at >= 1.1 s
+
+
 # ---------------------------------------------------------------- training data
 
 

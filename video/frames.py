@@ -310,6 +310,22 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
         container.close()
 
 
+def _ends_early(last: Any, stream: Any, container: Any, fps: float) -> bool:
+    """Whether the last decoded frame ends well before the duration the container declares (a truncated or
+    damaged stream), rather than lasting to it (a variable-frame-rate clip whose last frame is long)."""
+    if stream.duration is not None and stream.time_base is not None:
+        declared = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        declared = container.duration / 1_000_000
+    else:
+        return True  # nothing to tell them apart: the frame count alone says frames are missing
+    if last.pts is None or stream.time_base is None:
+        return True
+    shown = float(last.duration * stream.time_base) if getattr(last, "duration", None) else 1 / fps
+    end = float((last.pts - (stream.start_time or 0)) * stream.time_base) + shown
+    return end < declared - max(1.5 / fps, 0.05 * declared)
+
+
 def decode_frames(
     path: str | os.PathLike[str],
     indices: Sequence[int],
@@ -324,9 +340,10 @@ def decode_frames(
     the keyframe spacing seen so far, past the last decoded one; decodes forward otherwise (in a stream
     with keyframes every 250 frames a seek to a frame 60 ahead would land behind the decoder). A frame index is ``round((pts - start) * time_base *
     fps)``: on a variable-frame-rate stream (``fps`` is then the average rate) index ``i`` means the frame
-    shown at ``i / fps`` seconds, which is what the clip's metadata tells the model. An index at most
-    ``max(2, 5%)`` past the last decodable frame (a container that over-reports its length) gives the
-    last frame; further is an error (a truncated or damaged file). A seek that lands past its target (inexact container index) or frames without
+    shown at ``i / fps`` seconds, which is what the clip's metadata tells the model. An index past the last
+    decodable frame gives the last frame when that frame lasts to the container's declared duration (a long
+    last frame) or the index is at most ``max(2, 5%)`` past it (a container that over-reports its length);
+    otherwise the stream ended early and it is an error (a truncated or damaged file). A seek that lands past its target (inexact container index) or frames without
     timestamps make it decode from the start without further seeks. ``max_side`` shrinks each kept frame
     (area interpolation, aspect kept, sides even) so its longer side is at most ``max_side``.
 
@@ -378,7 +395,7 @@ def decode_frames(
             if frame is None:  # end of stream: remaining targets get the last frame
                 if last is None:
                     raise MediaError(f"no frame could be decoded from {str(path)!r}")
-                if pending[-1] - position > max(2, pending[-1] // 20):
+                if pending[-1] - position > max(2, pending[-1] // 20) and _ends_early(last, stream, container, fps):
                     raise MediaError(
                         f"{str(path)!r} ends at frame {position} but frame {pending[-1]} was asked for: the file is "
                         "truncated or damaged (or its container over-reports its length)"
