@@ -154,7 +154,7 @@ class TrainConfig:
     resume: bool = field(
         default=False,
         metadata=help_("continue from the newest complete checkpoint in output_dir; with none, start at step 0 "
-                       "(with a warning) and append to its metrics.jsonl"),
+                       "(with a warning; the earlier attempt's metrics go to metrics.attempt-N.jsonl)"),
     )
     resume_from: str | None = field(
         default=None,
@@ -448,6 +448,18 @@ def _atomic_write_text(path: Path, text: str) -> None:
     _write_durable(tmp, text)
     os.replace(tmp, path)
     _fsync(path.parent)
+
+
+def _set_aside(path: Path) -> Path | None:
+    """Rename a non-empty ``metrics.jsonl`` to the first free ``metrics.attempt-N.jsonl``; None if empty."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    n = 1
+    while (target := path.with_name(f"{path.stem}.attempt-{n}{path.suffix}")).exists():
+        n += 1
+    os.replace(path, target)
+    _fsync(path.parent)
+    return target
 
 
 def _earlier_run(out: Path) -> list[str]:
@@ -1279,9 +1291,9 @@ class _Engine:
                 _delete_checkpoint(path)
             else:
                 os.unlink(path)
-        for name in ("metrics.jsonl", "metrics.png"):
-            if (self.out / name).exists():
-                os.unlink(self.out / name)
+        for path in [self.out / "metrics.jsonl", self.out / "metrics.png", *self.out.glob("metrics.attempt-*.jsonl")]:
+            if path.exists():
+                os.unlink(path)
         if earlier:
             logger.warning("overwrite_output_dir: deleted what an earlier run left in %s: %s", self.out,
                            ", ".join(earlier))
@@ -1331,8 +1343,9 @@ class _Engine:
             self._load_checkpoint(ckpt)
             acc.print(f"resumed from {ckpt} at step {self.global_step}")
         elif cfg.resume and acc.is_main_process:
-            logger.warning("resume: %s holds no complete checkpoint; starting at step 0 and appending to %s",
-                           self.out / "checkpoints", metrics_file)
+            kept = _set_aside(metrics_file)  # the killed attempt's rows stay, out of the new run's way
+            logger.warning("resume: %s holds no complete checkpoint; starting at step 0%s",
+                           self.out / "checkpoints", f" (the earlier attempt's metrics: {kept})" if kept else "")
         if acc.is_main_process:
             from mmalign.config import save_config
 
@@ -1343,9 +1356,9 @@ class _Engine:
             print(self.plan(), file=sys.stderr)
         bar = tqdm(total=total, initial=self.global_step, desc=f"train {cfg.loss}",
                    disable=not (cfg.progress and acc.is_local_main_process))
-        if acc.is_main_process and not (cfg.resume and ckpt is None):
-            # Rewrite the metrics to what the resumed checkpoint had seen: no duplicated steps. (A resume
-            # without a checkpoint appends: the rows of the interrupted attempt stay.)
+        if acc.is_main_process:
+            # Rewrite the metrics to what the resumed checkpoint had seen: each step once. (A resume without
+            # a checkpoint set the interrupted attempt's rows aside above.)
             _atomic_write_text(metrics_file, "".join(json.dumps(m) + "\n" for m in self.metrics))
         sums: dict[str, torch.Tensor] = {}
         n_micro = 0

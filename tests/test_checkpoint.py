@@ -351,8 +351,9 @@ def test_resume_refuses_other_model_weights_and_other_data(tmp_path, lm_path, ad
     assert _train(lm_path, adapter, data, out, max_steps=2, resume=True).global_step == 2
 
 
-def test_resume_without_a_checkpoint_warns_and_appends_metrics(tmp_path, lm_path, adapter, data, caplog):
-    """A run killed before its first checkpoint: resume says it starts over and keeps the old rows."""
+def test_resume_without_a_checkpoint_warns_and_keeps_the_old_rows_aside(tmp_path, lm_path, adapter, data, caplog):
+    """A run killed before its first checkpoint: resume says it starts over, keeps the killed attempt's rows
+    (metrics.attempt-1.jsonl) and logs each step of the new attempt once."""
 
     class Stop(Exception):
         pass
@@ -369,8 +370,10 @@ def test_resume_without_a_checkpoint_warns_and_appends_metrics(tmp_path, lm_path
     with caplog.at_level(logging.WARNING, logger="mmalign.engine"):
         res = _train(lm_path, adapter, data, out, save_every=0, max_steps=3, resume=True)
     assert res.global_step == 3
-    assert "no complete checkpoint" in caplog.text and "step 0" in caplog.text
-    assert _metric_steps(out) == [1, 2, 1, 2, 3]
+    assert "no complete checkpoint" in caplog.text and "step 0" in caplog.text and "attempt-1" in caplog.text
+    assert _metric_steps(out) == [1, 2, 3]
+    rows = (out / "metrics.attempt-1.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2]
 
 
 def test_every_checkpoint_file_is_fsynced_before_its_folder_and_the_rename(tmp_path, lm_path, adapter, data,
@@ -439,3 +442,16 @@ def test_resume_from_a_named_checkpoint_replays_the_rest_bitwise(tmp_path, lm_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         _train(lm_path, adapter, data, again, max_steps=4, resume_from=str(tmp_path / "nowhere"))
+
+
+def test_full_fine_tuning_with_a_precomputed_reference_resumes_bitwise(tmp_path, lm_path, adapter, data):
+    """The reference is the *initial* model: a resume must compute (or find) it before loading the trained
+    weights. Computed after, its cache key (a hash of the model) missed and the reference silently became
+    the mid-run policy (every tensor differed after the resume)."""
+    kw = dict(reference="precomputed", ref_cache_dir=str(tmp_path / "ref"), save_every=2, keep_last=2)
+    _train(lm_path, adapter, data, tmp_path / "whole", max_steps=4, **kw)
+    _train(lm_path, adapter, data, tmp_path / "cut", max_steps=2, **kw)
+    _train(lm_path, adapter, data, tmp_path / "cut", max_steps=4, resume=True, **kw)
+    a, b = _weights(latest_checkpoint(tmp_path / "whole")), _weights(latest_checkpoint(tmp_path / "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "ref").glob("ref_logps-*"))) == 1
