@@ -121,6 +121,8 @@ def test_resume_and_shards_equal_one_run(qa: Path, tmp_path: Path, policy) -> No
 def test_config_and_records_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="hacks"):
         PhysDPOConfig(hacks=["blur"])
+    with pytest.raises(ValueError, match="short_clips"):
+        PhysDPOConfig(short_clips="pad")
     with pytest.raises(ValueError, match="hack_frames"):
         PhysDPOConfig(num_frames=4, hack_frames=4)
     bad = tmp_path / "bad.jsonl"

@@ -60,7 +60,7 @@ import torch
 
 from mmalign.config import help_
 from mmalign.sharding import ShardReport
-from video.frames import Clip, FrameCache, FrameSampling
+from video.frames import SHORT_CLIPS, Clip, FrameCache, FrameSampling
 from video.generate import generate_video_responses
 from vision.generate import GenerationSettings, record_seed
 
@@ -119,6 +119,8 @@ class PhysDPOConfig:
             raise ValueError(f"PhysDPOConfig.hack_scale must be > 1, got {self.hack_scale}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("PhysDPOConfig: batch_size and max_new_tokens must be >= 1")
+        if self.short_clips not in SHORT_CLIPS:
+            raise ValueError(f"PhysDPOConfig.short_clips must be one of {list(SHORT_CLIPS)}, got {self.short_clips!r}")
         if self.temperature < 0:
             raise ValueError(f"PhysDPOConfig.temperature must be >= 0, got {self.temperature}")
 
