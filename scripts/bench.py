@@ -25,7 +25,7 @@ SECTIONS = {
     "vision": ("bench_vision", "bench_vision"),
     "memory": ("bench_memory", "bench_memory"),
     "video": ("bench_video", "bench_video"),
-    "cuda": ("bench_cuda", "bench_cuda"),  # GPU only; scripts/device_check.sh runs it on a lent machine
+    "cuda": ("bench_cuda", "bench_cuda"),  # GPU only; scripts/device_check.sh runs it on a CUDA machine
 }
 
 

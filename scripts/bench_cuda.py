@@ -1,10 +1,10 @@
-"""CUDA benchmark section (``python scripts/bench.py cuda``): the GPU figures of issues 4 and 5 and
-the developers' guide, at real model sizes with random weights (no hub access on the device machine).
+"""CUDA benchmark section (``python scripts/bench.py cuda``): the GPU figures of the diffusion, ReNO and
+VLM goals, at real model sizes with random weights (no hub access needed).
 
 Parts (each measurement in its own try/except: one OOM or error is recorded as a string and the
 others still run; by default each part runs in its own subprocess, so a hard crash loses one part):
 
-* ``diffusion`` (issue 4): Diffusion-DPO with the engine's frozen reference vs MaPO, full
+* ``diffusion``: Diffusion-DPO with the engine's frozen reference vs MaPO, full
   fine-tuning through ``mmalign.engine.train`` + ``DiffusionAdapter``, of a randomly initialised
   SDXL-sized ``UNet2DConditionModel`` (2.57B params; fp32 master weights, ``mixed_precision="bf16"``,
   gradient checkpointing, AdamW), 1 pair per step, 1024 px (128x128 latents), falling back to 768
@@ -12,12 +12,12 @@ others still run; by default each part runs in its own subprocess, so a hard cra
   latents, text embeddings (77x2048), pooled embeddings (1280) and size conditioning come from an
   in-memory cache of random tensors of SDXL's shapes (caches on, as in the CPU benchmark), so no VAE
   or text encoder runs.
-* ``reno`` (issue 5): ``diffusion.reno.optimize_noise`` on a randomly initialised SD-Turbo-sized
+* ``reno``: ``diffusion.reno.optimize_noise`` on a randomly initialised SD-Turbo-sized
   pipeline (SD2.1 UNet, SD VAE, OpenCLIP-H-sized CLIP text encoder; bf16 weights; Euler, trailing
   spacing, one step) at 512 px: seconds per prompt for 50 iterations (after a warm-up call), and
   peak memory of a few iterations with both checkpointing options off vs on. Reward: mean redness
   plus a random small CNN (no reward weights exist there).
-* ``llava`` (developers' guide): one engine DPO step of a LLaVA-1.5-7B-shaped
+* ``llava``: one engine DPO step of a LLaVA-1.5-7B-shaped
   ``LlavaForConditionalGeneration`` (Llama-2-7B text model, CLIP ViT-L/14-336 vision tower; bf16
   weights, LoRA r=16, gradient checkpointing) through ``VLMAdapter``, 1 pair per step (576 image
   tokens + prompt + ~256 response tokens a row), with a frozen, a precomputed and a LoRA-disabled

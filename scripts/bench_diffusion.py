@@ -1,4 +1,4 @@
-"""Diffusion benchmark (issue 4, "Performance"), on the CPU, one torch thread.
+"""Diffusion benchmark (the diffusion speed and memory goals), on the CPU, one torch thread.
 
 1. Our LoRA Diffusion-DPO step (``mmalign.engine.train`` + ``DiffusionAdapter``, reference = the same
    UNet with LoRA disabled) against the diffusers research example ``train_diffusion_dpo.py`` (LoRA,

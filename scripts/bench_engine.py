@@ -1,6 +1,6 @@
 """Engine benchmark: cost of a DPO step relative to a bare policy forward+backward.
 
-Goal (issue 3): with precomputed reference log-probs a DPO step costs at most 1.1x a pure policy
+Goal: with precomputed reference log-probs a DPO step costs at most 1.1x a pure policy
 forward+backward on the same batch; with a frozen reference copy at most 1.45x.
 
 The model is a randomly initialised Llama, larger than the test models so that compute, not Python

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The one command a GPU session runs (issues 4 and 5, developers' guide): CUDA/xformers tests, then
+# The one command to run on a CUDA machine: CUDA/xformers tests, then
 # `scripts/bench.py cuda` (SDXL-sized Diffusion-DPO vs MaPO, SD-Turbo-sized ReNO, LLaVA-7B-shaped
 # engine step). Everything it writes lands under $OUT (or ./device_out without $OUT).
 #
-# Prepare the wheels HERE first (the device machine has torch 2.11 cu130, transformers, accelerate,
+# Prepare the wheels first where pip can download (a GPU machine with torch 2.11 cu130, transformers, accelerate,
 # peft, timm, torchvision, huggingface_hub 1.33, but no diffusers / open_clip / xformers; Python 3.12):
 #   echo /.whl/ >> "$(git rev-parse --git-path info/exclude)"
 #   python3 -m pip download --no-deps -d .whl diffusers==0.42.1 open_clip_torch==3.3.0 ftfy wcwidth
@@ -15,8 +15,9 @@
 # runs fall back to SDPA and the results say so ("attention_used", "xformers_note").
 # Wheels are looked for in .whl/, wheels/ and shared/wheels/ (.whl must be named in `carry`).
 #
-# Run (device tool), about 5-6 minutes on an H100 (install ~20 s, tests <= 100 s, bench <= 400 s budget):
-#   run(command="bash scripts/device_check.sh", carry=[".whl"], timeout_s=600)
+# Run on the GPU machine, with .whl/ copied beside the checkout, about 5-6 minutes on an H100 (install
+# ~20 s, tests <= 100 s, bench <= 400 s budget):
+#   bash scripts/device_check.sh
 # Outputs: $OUT/device_check.log, $OUT/bench_cuda.json (written after every measurement, so a
 # crash or timeout keeps what was measured), $OUT/BENCHMARKS.md, $OUT/pytest.log.
 set -u
