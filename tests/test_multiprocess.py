@@ -8,9 +8,6 @@ shards distinct and merged without loss or duplicate, and each output written on
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +18,6 @@ from mmalign.pairs import PreferencePair, read_pairs, write_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _launch(tmp_path: Path, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    port = 29500 + (os.getpid() * 7 + len(str(tmp_path))) % 2000
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), str(ROOT / "scripts" / script), *args]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
 
 
 def _images(folder: Path, n: int) -> list[Path]:
@@ -49,9 +35,9 @@ def _metric_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_stic_stage1_two_processes_write_distinct_shards_merged_once(tmp_path):
+def test_stic_stage1_two_processes_write_distinct_shards_merged_once(tmp_path, launch_two):
     _images(tmp_path / "images", 6)
-    _launch(tmp_path, "make_pairs.py", "stic", "--model", "tiny:llava",
+    launch_two(tmp_path, "make_pairs.py", "stic", "--model", "tiny:llava",
             "--stic.image_dir", str(tmp_path / "images"), "--stic.out_dir", str(tmp_path / "pairs"),
             "--stic.max_new_tokens", "4", "--stic.batch_size", "2")
     pairs = read_pairs(tmp_path / "pairs")
@@ -62,14 +48,14 @@ def test_stic_stage1_two_processes_write_distinct_shards_merged_once(tmp_path):
     assert {p.meta["stic"]["shard"] for p in pairs} == {"shards/rank00000", "shards/rank00001"}
 
 
-def test_vlm_training_two_processes_one_row_per_step(tmp_path):
+def test_vlm_training_two_processes_one_row_per_step(tmp_path, launch_two):
     images = _images(tmp_path / "data" / "media", 8)
     pairs = [PreferencePair(id=f"p{i}", prompt="What is shown?", chosen="a red square", rejected="a blue circle",
                             chosen_media=[f"media/{p.name}"], rejected_media=[f"media/{p.name}"])
              for i, p in enumerate(images)]
     write_pairs(tmp_path / "data", pairs)
     out = tmp_path / "run"
-    _launch(tmp_path, "train_vlm.py", "--model", "tiny:llava", "--data", str(tmp_path / "data"),
+    launch_two(tmp_path, "train_vlm.py", "--model", "tiny:llava", "--data", str(tmp_path / "data"),
             "--train.output_dir", str(out), "--train.max_steps", "3", "--train.batch_size", "2",
             "--train.trackers", "[]", "--train.progress", "false", "--train.lora_r", "4")
     rows = _metric_rows(out)
@@ -80,14 +66,14 @@ def test_vlm_training_two_processes_one_row_per_step(tmp_path):
     assert state["num_processes"] == 2
 
 
-def test_reno_prompt_file_two_processes_split_batches_and_merge_once(tmp_path):
+def test_reno_prompt_file_two_processes_split_batches_and_merge_once(tmp_path, launch_two):
     from mmalign.tiny import cached_tiny
 
     pipeline = cached_tiny("sd", scheduler="euler")
     (tmp_path / "prompts.txt").write_text("a red fox\na blue car\na green field\n", encoding="utf-8")
     common = ["--pipeline", str(pipeline), "--reward", "redness:1", "--steps", "2", "--height", "16",
               "--width", "16", "--prompts_file", str(tmp_path / "prompts.txt"), "--no_progress"]
-    _launch(tmp_path, "reno.py", *common, "--out", str(tmp_path / "two"))
+    launch_two(tmp_path, "reno.py", *common, "--out", str(tmp_path / "two"))
     two = json.loads((tmp_path / "two" / "rewards.json").read_text())
     assert [r["prompt"] for r in two["per_prompt"]] == ["a red fox", "a blue car", "a green field"]
     assert sorted(p.name for p in (tmp_path / "two" / "batches").iterdir()) == ["00000.json", "00001.json",
@@ -100,9 +86,9 @@ def test_reno_prompt_file_two_processes_split_batches_and_merge_once(tmp_path):
         assert a["rewards"] == pytest.approx(b["rewards"], abs=1e-5)
 
 
-def test_diffusion_training_two_processes_one_row_per_step_outputs_once(tmp_path):
+def test_diffusion_training_two_processes_one_row_per_step_outputs_once(tmp_path, launch_two):
     out = tmp_path / "run"
-    proc = _launch(tmp_path, "train_diffusion.py", "--config", str(ROOT / "scripts" / "configs" /
+    proc = launch_two(tmp_path, "train_diffusion.py", "--config", str(ROOT / "scripts" / "configs" /
                    "sd15_diffusion_dpo.yaml"), "--tiny", "true", "--data", "toy:brightness", "--output_dir", str(out),
                    "--train.max_steps", "3", "--train.batch_size", "2", "--train.grad_accum", "1", "--grid_steps", "0",
                    "--train.trackers", "[]", "--train.progress", "false")

@@ -5,9 +5,6 @@ result logs one metrics row per step from a checkpoint that records both process
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,18 +20,7 @@ pytest.importorskip("av")
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 
 
-def _launch(tmp_path: Path, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    port = 29500 + (os.getpid() * 7 + len(str(tmp_path))) % 2000
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), str(ROOT / "scripts" / script), *args]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def test_physdpo_then_training_two_processes(tmp_path: Path) -> None:
+def test_physdpo_then_training_two_processes(tmp_path: Path, launch_two) -> None:
     rows = []
     for i, color in enumerate(COLORS):
         write_video(tmp_path / "videos" / f"{i}.mp4", moving_square_clip(8, size=(32, 48), color=color), fps=8)
@@ -42,7 +28,7 @@ def test_physdpo_then_training_two_processes(tmp_path: Path) -> None:
                      "answer": f"a square of colour {i} moves right", "title": f"square {i} slides"})
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs_dir = tmp_path / "pairs"
-    _launch(tmp_path, "make_video_pairs.py", "physdpo", "--model", "tiny:qwen2_5_vl",
+    launch_two(tmp_path, "make_video_pairs.py", "physdpo", "--model", "tiny:qwen2_5_vl",
             "--physdpo.records", str(tmp_path / "qa.jsonl"), "--physdpo.out_dir", str(pairs_dir),
             "--physdpo.num_frames", "4", "--physdpo.max_new_tokens", "3", "--physdpo.temperature", "1.0",
             "--physdpo.batch_size", "4", "--physdpo.progress", "false")
@@ -58,7 +44,7 @@ def test_physdpo_then_training_two_processes(tmp_path: Path) -> None:
     assert len(merged) == len(set(merged)) == 12 and set(merged) == first | second  # none lost, none twice
 
     out = tmp_path / "run"
-    proc = _launch(tmp_path, "train_video.py", "--model", "tiny:qwen2_5_vl", "--data", str(pairs_dir),
+    proc = launch_two(tmp_path, "train_video.py", "--model", "tiny:qwen2_5_vl", "--data", str(pairs_dir),
                    "--num_frames", "4", "--frame_multiple", "2", "--train.output_dir", str(out),
                    "--train.max_steps", "2", "--train.batch_size", "2", "--train.learning_rate", "1e-3",
                    "--train.trackers", "[]", "--train.progress", "false", "--train.plot", "false")
