@@ -142,6 +142,10 @@ class DiffusionTrainConfig:
     grid_steps: int = field(default=25, metadata=help_("sampling steps of the grid (0 = no grid)"))
     grid_guidance_scale: float = field(default=5.0, metadata=help_("CFG scale of the grid"))
     grid_seed: int = field(default=0, metadata=help_("seed of the grid's noise"))
+    validate_every: int = field(
+        default=0, metadata=help_("also sample grid_prompts (same seeds) every N optimizer steps into "
+                                  "samples/step-N.png, labelled with step and prompts (0 = only the final grid)")
+    )
     pso_mode: Literal["offline", "online"] = field(
         default="offline", metadata=help_("PSO: sample rejected images once, or again every pso_every_n_steps")
     )
@@ -183,6 +187,8 @@ class DiffusionTrainConfig:
             raise ValueError(f"random_flip must be true or false, got {self.random_flip!r}")
         if self.prediction_type not in (None, "epsilon", "v_prediction", "sample", "flow_velocity"):
             raise ValueError(f"prediction_type {self.prediction_type!r} is not epsilon/v_prediction/sample/flow_velocity")
+        if self.validate_every < 0:
+            raise ValueError(f"validate_every must be >= 0, got {self.validate_every}")
         for name in ("grid_steps", "pso_every_n_steps", "pso_num_inference_steps", "cache_shard_size", "max_sequence_length"):
             if getattr(self, name) < (0 if name == "grid_steps" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -321,6 +327,40 @@ def _write_cards(config: DiffusionTrainConfig, train_cfg: Any, result: Any, lora
     if pipeline_dir is not None:
         write_model_card(pipeline_dir, library_name="diffusers", **common, usage=(
             f"from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained({str(pipeline_dir)!r})"))
+
+
+class _ValidationSamples:
+    """Engine callback: every ``validate_every`` steps the main process samples the fixed prompts with the
+    fixed seeds from the model being trained and saves a labelled sheet (step, one prompt per column)."""
+
+    def __init__(self, pipe: Any, config: DiffusionTrainConfig, sampling: dict[str, Any], folder: Path,
+                 is_main: bool) -> None:
+        self.pipe, self.config, self.sampling, self.folder, self.is_main = pipe, config, sampling, folder, is_main
+
+    def __call__(self, info: Any) -> None:
+        if not self.is_main or info.step % self.config.validate_every:
+            return
+        from diffusion.pso import sample_images
+
+        c = self.config
+        images = sample_images(self.pipe, c.grid_prompts, num_inference_steps=c.grid_steps,
+                               guidance_scale=c.grid_guidance_scale, seed=c.grid_seed, **self.sampling)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        labelled_sheet(images, c.grid_prompts, f"step {info.step}").save(self.folder / f"step-{info.step}.png")
+
+
+def labelled_sheet(images: list[Any], prompts: list[str], title: str) -> Any:
+    """One row of images with ``title`` above and each prompt (shortened) under its image."""
+    from PIL import Image, ImageDraw
+
+    w, h = images[0].size
+    sheet = Image.new("RGB", (max(w * len(images), 160), h + 30), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((2, 1), title, fill="black")
+    for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+        sheet.paste(image, (i * w, 14))
+        draw.text((i * w + 1, h + 16), prompt[: max(4, w // 6)], fill="black")
+    return sheet
 
 
 def image_grid(rows: list[list[Any]]) -> Any:
@@ -464,6 +504,8 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
         before = sample_images(pipe, config.grid_prompts, num_inference_steps=config.grid_steps,
                                guidance_scale=config.grid_guidance_scale, seed=grid_seed, **sampling)
 
+    if config.validate_every and config.grid_steps:
+        callbacks.append(_ValidationSamples(pipe, config, sampling, out / "samples", state.is_main_process))
     result = train(model, adapter, pairs, train_cfg, callbacks=callbacks)
 
     lora_dir = pipeline_dir = grid_path = None

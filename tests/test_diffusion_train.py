@@ -281,3 +281,17 @@ def test_toy_data_smoke_run(tmp_path):
     result = run(load_config(DiffusionTrainConfig, argv))
     assert len(result.metrics) == 2
     assert len(read_pairs(out / "toy_pairs")) == 64
+
+
+def test_validation_samples_every_n_steps(dataset, tmp_path):
+    """``validate_every`` samples the fixed prompts with the fixed seeds during training: a labelled sheet per
+    validation step, from the model as trained so far."""
+    out = tmp_path / "val"
+    run(load_config(DiffusionTrainConfig, _argv("sd15_diffusion_dpo", dataset, out, "--validate_every", "1",
+                                                "--train.learning_rate", "0.05", "--train.lora_r", "4")))
+    sheets = sorted(p.name for p in (out / "samples").iterdir())
+    assert sheets == ["step-1.png", "step-2.png"]
+    first, second = (np.asarray(Image.open(out / "samples" / n)) for n in sheets)
+    h = first.shape[0] - 30  # the sheet: a 14-px title, the images, 16 px of prompt text
+    before, after = first[14 : 14 + h].astype(int), second[14 : 14 + h].astype(int)
+    assert first.shape == second.shape and np.abs(before - after).max() > 0  # the samples follow training
