@@ -65,6 +65,7 @@ from mmalign.files import honour_umask
 
 __all__ = [
     "CheckpointError",
+    "LossTerm",
     "NonFiniteLossError",
     "NonFiniteWeightsError",
     "StepInfo",
@@ -99,12 +100,31 @@ class CheckpointError(RuntimeError):
 
 
 @dataclass
+class LossTerm:
+    """One more weighted term of the objective: ``weight * loss_name(values; **kwargs)`` per pair.
+
+    ``name`` is a registered loss (:data:`mmalign.losses.LOSS_SPECS`) of the main loss's value kind, or
+    ``"sft"``: the supervised term on the chosen side of that kind (``kwargs: {normaliser: 1024}`` divides
+    the chosen NLL by a constant, as STIC does; without it, the per-token NLL).
+    """
+
+    name: str = field(default="sft", metadata=help_("a loss name, or sft"))
+    weight: float = field(default=1.0, metadata=help_("its weight in the objective"))
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata=help_("its hyperparameters"))
+
+
+@dataclass
 class TrainConfig:
     """Everything the engine needs; every field is a CLI flag and a YAML key."""
 
     output_dir: str = field(default="runs/default", metadata=help_("folder for checkpoints, metrics, plots"))
     loss: str = field(default="dpo", metadata=help_("objective: a name in mmalign.losses.LOSS_SPECS"))
     loss_kwargs: dict[str, Any] = field(default_factory=dict, metadata=help_("loss hyperparameters, e.g. {beta: 0.1}"))
+    loss_terms: list[LossTerm] = field(
+        default_factory=list,
+        metadata=help_("more weighted terms added to the loss, e.g. [{name: ipo, weight: 0.5, kwargs: {beta: 0.1}}] "
+                       "(TRL's loss_type + loss_weights); sft_weight/sft_normaliser are the sft term's shortcut"),
+    )
     sft_weight: float | None = field(
         default=None,
         metadata=help_("weight of the chosen-NLL term added to the loss; default 1 for orpo/asft (their papers' "
@@ -200,6 +220,8 @@ class TrainConfig:
         if self.resume and self.overwrite_output_dir:
             raise ValueError("resume and overwrite_output_dir contradict each other: pick one")
         _check_loss_kwargs(self.loss, self.loss_kwargs)
+        self.loss_terms = [LossTerm(**t) if isinstance(t, dict) else t for t in self.loss_terms]
+        _check_terms(self.loss, self.loss_terms)
         if self.reference == "lora_disabled" and self.lora_r == 0:
             raise ValueError("reference='lora_disabled' needs LoRA (lora_r > 0)")
         if self.sft_weight is None:
@@ -209,10 +231,20 @@ class TrainConfig:
         if len(self.adam_betas) != 2:
             raise ValueError(f"adam_betas needs two values, got {self.adam_betas}")
 
+    def terms(self) -> list[LossTerm]:
+        """The extra terms of the objective, the ``sft_weight`` shortcut included (not stored: a config
+        saved and read back gives the same list)."""
+        terms = list(self.loss_terms)
+        if self.sft_weight:
+            norm = {"normaliser": self.sft_normaliser} if self.sft_normaliser else {}
+            terms.append(LossTerm("sft", self.sft_weight, norm))
+        return terms
+
     def resolved_reference(self) -> str:
         from mmalign.losses import get_spec
 
-        if not get_spec(self.loss).needs_reference:
+        names = [self.loss] + [t.name for t in self.loss_terms if t.name != "sft"]
+        if not any(get_spec(n).needs_reference for n in names):
             return "none"
         if self.reference == "auto":
             return "lora_disabled" if self.lora_r > 0 else "frozen"
@@ -246,6 +278,25 @@ def _check_loss_kwargs(loss: str, kwargs: dict[str, Any]) -> None:
         LOSSES[loss](*inputs, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"loss_kwargs {kwargs} for loss {loss!r}: {exc}") from exc
+
+
+def _check_terms(loss: str, terms: list[LossTerm]) -> None:
+    """Each extra term: a known loss of the main loss's value kind (or sft), a finite weight >= 0, valid kwargs."""
+    from mmalign.losses import get_spec
+
+    kind = get_spec(loss).value_kind
+    for term in terms:
+        if not (math.isfinite(term.weight) and term.weight >= 0):
+            raise ValueError(f"loss term {term.name!r}: weight must be finite and >= 0, got {term.weight}")
+        if term.name == "sft":
+            unknown = sorted(set(term.kwargs) - {"normaliser"})
+            if unknown or float(term.kwargs.get("normaliser", 1.0)) <= 0:
+                raise ValueError(f"loss term 'sft' takes only kwargs {{normaliser: > 0}}, got {term.kwargs}")
+            continue
+        spec = get_spec(term.name)
+        if spec.value_kind != kind:
+            raise ValueError(f"loss term {term.name!r} takes {spec.value_kind} values; the loss {loss!r} {kind} ones")
+        _check_loss_kwargs(term.name, term.kwargs)
 
 
 #: Config fields that may change between a run and its resumption.
@@ -698,6 +749,33 @@ def check_loss_fits(config: TrainConfig, adapter: Any) -> None:
                          f"gives {kind!r} values; losses for it: {', '.join(fitting)}")
 
 
+def _apply_loss(
+    spec: Any, kwargs: dict[str, Any], policy: ChosenRejected, ref: ChosenRejected | None, label: torch.Tensor | None
+) -> tuple[Any, torch.Tensor]:
+    """One registered loss on the batch: its inputs length-normalised if its spec says so, ties weighed by
+    ``label`` (P(chosen preferred): the swapped pair's loss counts ``1 - label``); ``(LossOutput, losses)``."""
+    pc, pr = policy.chosen.float(), policy.rejected.float()
+    rc, rr = (ref.chosen.float(), ref.rejected.float()) if ref is not None else (None, None)
+    if spec.length_normalised:
+        if policy.chosen_tokens is None or policy.rejected_tokens is None:
+            raise ValueError(f"loss {spec.name!r} needs token counts; the adapter gave none")
+        # Policy and reference score the same response tokens, so the policy's counts serve both
+        # (a precomputed reference carries no counts of its own).
+        nc, nr = policy.chosen_tokens.clamp_min(1), policy.rejected_tokens.clamp_min(1)
+        pc, pr = pc / nc, pr / nr
+        if rc is not None:
+            rc, rr = rc / nc, rr / nr
+    if spec.needs_reference and ref is None:
+        raise ValueError(f"loss {spec.name!r} needs reference values")
+    args, swapped_args = ((pc, pr, rc, rr), (pr, pc, rr, rc)) if spec.needs_reference else ((pc, pr), (pr, pc))
+    out = spec.fn(*args, **kwargs)
+    losses = out.losses
+    if label is not None and bool((label != 1.0).any()):
+        p = label.to(losses.dtype)
+        losses = p * losses + (1.0 - p) * spec.fn(*swapped_args, **kwargs).losses
+    return out, losses
+
+
 def compute_loss(
     config: TrainConfig,
     policy: ChosenRejected,
@@ -708,49 +786,33 @@ def compute_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The batch's scalar loss and its standard metrics, from policy (and reference) values.
 
-    Length-normalised losses get log-probs divided by token counts; the SFT term and per-pair
-    weights (``batch["weight"]``) are applied here, once, for every modality.
+    The objective is ``config.loss`` plus the weighted :meth:`TrainConfig.terms` (each logged as
+    ``loss/<name>``); length-normalised losses get log-probs divided by token counts, ties are weighed by
+    ``label`` and per-pair weights (``batch["weight"]``) applied, here, once, for every modality. The
+    implicit rewards logged are the main loss's.
     """
     from mmalign.losses import get_spec, implicit_accuracy, sft_term
 
     spec = get_spec(config.loss)
-    pc, pr = policy.chosen.float(), policy.rejected.float()
-    rc, rr = (ref.chosen.float(), ref.rejected.float()) if ref is not None else (None, None)
-    if spec.length_normalised:
-        if policy.chosen_tokens is None or policy.rejected_tokens is None:
-            raise ValueError(f"loss {config.loss!r} needs token counts; the adapter gave none")
-        # Policy and reference score the same response tokens, so the policy's counts serve both
-        # (a precomputed reference carries no counts of its own).
-        nc, nr = policy.chosen_tokens.clamp_min(1), policy.rejected_tokens.clamp_min(1)
-        pc, pr = pc / nc, pr / nr
-        if rc is not None:
-            rc, rr = rc / nc, rr / nr
-    fn = spec.fn
-    if not spec.needs_reference:
-        out = fn(pc, pr, **config.loss_kwargs)
-    elif ref is None:
-        raise ValueError(f"loss {config.loss!r} needs reference values")
-    else:
-        out = fn(pc, pr, rc, rr, **config.loss_kwargs)
-    losses = out.losses
-    if label is not None and bool((label != 1.0).any()):
-        # P(chosen preferred) = label: the loss of the swapped pair counts (1 - label) (a tie: half each)
-        swapped = fn(pr, pc, **config.loss_kwargs) if not spec.needs_reference else fn(pr, pc, rr, rc,
-                                                                                        **config.loss_kwargs)
-        p = label.to(losses.dtype)
-        losses = p * losses + (1.0 - p) * swapped.losses
-    if config.sft_weight:
-        # The supervised term of the loss's own value kind: chosen NLL for sequences, chosen MSE for
-        # diffusion (so a positive weight always raises the chosen side's likelihood).
-        norm = config.sft_normaliser or None
-        tokens = None if norm or spec.value_kind == "diffusion" else policy.chosen_tokens
-        losses = losses + config.sft_weight * sft_term(spec.value_kind, policy.chosen.float(), tokens,
-                                                       normaliser=norm)
+    out, losses = _apply_loss(spec, config.loss_kwargs, policy, ref, label)
+    stats_terms: dict[str, torch.Tensor] = {}
+    for term in config.terms():
+        if term.name == "sft":
+            # The supervised term of the loss's own value kind: chosen NLL for sequences, chosen MSE for
+            # diffusion (so a positive weight always raises the chosen side's likelihood).
+            norm = term.kwargs.get("normaliser") or None
+            tokens = None if norm or spec.value_kind == "diffusion" else policy.chosen_tokens
+            extra = sft_term(spec.value_kind, policy.chosen.float(), tokens, normaliser=norm)
+        else:
+            extra = _apply_loss(get_spec(term.name), term.kwargs, policy, ref, label)[1]
+        losses = losses + term.weight * extra
+        stats_terms[f"loss/{term.name}"] = extra.detach().mean()
     if weight is not None:
         losses = losses * weight.to(losses.dtype)
     loss = losses.mean()
     stats = {
         "loss": loss.detach(),
+        **stats_terms,
         "rewards/chosen": out.chosen_rewards.mean(),
         "rewards/rejected": out.rejected_rewards.mean(),
         "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
@@ -781,12 +843,11 @@ def evaluate(
     ``preference/accuracy``: the fraction of pairs whose policy value alone ranks them right
     (chosen log-prob above rejected; chosen MSE below rejected).
     """
-    from mmalign.losses import get_spec
 
     if config is None:  # the default objective of the adapter's kind of values
         config = TrainConfig(loss="diffusion_dpo" if adapter.value_kind == "diffusion" else "dpo", trackers=[])
     check_loss_fits(config, adapter)
-    if ref_model is None and get_spec(config.loss).needs_reference:
+    if ref_model is None and config.resolved_reference() != "none":
         raise ValueError(f"evaluating loss {config.loss!r} needs ref_model (it is reference-based)")
     value_name = "mse" if adapter.value_kind == "diffusion" else "logps"
     generator = torch.Generator().manual_seed(seed)
@@ -1241,7 +1302,11 @@ class _Engine:
     def _load_checkpoint(self, ckpt: Path) -> None:
         acc = self.accelerator
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        differ = diff_configs(state["config"], config_to_dict(self.cfg), ignore=RESUMABLE_CHANGES)
+        current = config_to_dict(self.cfg)
+        defaults = config_to_dict(TrainConfig(trackers=[]))
+        # a field added since the checkpoint was written counts as its default there
+        saved = {**{k: v for k, v in defaults.items() if k not in state["config"]}, **state["config"]}
+        differ = diff_configs(saved, current, ignore=RESUMABLE_CHANGES)
         if differ:
             raise CheckpointError(f"{ckpt} was written by a different config; fields that differ: " + "; ".join(differ))
         if state["num_processes"] != acc.num_processes:

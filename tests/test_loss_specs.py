@@ -106,3 +106,37 @@ def test_pair_weights_reach_every_adapter_through_the_core(tmp_path):
     assert batch["weight"].tolist() == [1.0, 0.5]
     with pytest.raises(ValueError, match="meta\\['weight'\\] must be finite and >= 0"):
         collate_pairs(adapter, [(0, PreferencePair("x", "a", "", "", ["a.png"], ["b.png"], meta={"weight": -1}))])
+
+
+def test_weighted_loss_terms_make_one_objective():
+    """``loss_terms`` adds weighted terms (TRL's loss_type + loss_weights): DPO + 0.5 IPO + the STIC SFT term
+    is the sum of each, computed alone; each term is logged; sft_weight is the sft term's shortcut."""
+    from mmalign.config import load_config
+    from mmalign.engine import LossTerm
+
+    pc, pr = torch.tensor([-3.0, -6.0]), torch.tensor([-5.0, -4.0])
+    rc, rr = torch.tensor([-4.0, -5.0]), torch.tensor([-4.5, -4.5])
+    nc, nr = torch.tensor([3, 6]), torch.tensor([5, 4])
+    policy, ref = ChosenRejected(pc, pr, nc, nr), ChosenRejected(rc, rr)
+
+    def alone(**kw) -> float:
+        return compute_loss(TrainConfig(trackers=[], **kw), policy, ref)[0].item()
+
+    dpo = alone(loss="dpo", loss_kwargs={"beta": 0.1})
+    ipo = alone(loss="ipo", loss_kwargs={"beta": 0.1})
+    nll = (-pc / 1024).mean().item()
+    config = TrainConfig(loss="dpo", loss_kwargs={"beta": 0.1}, trackers=[], sft_weight=1.0, sft_normaliser=1024,
+                         loss_terms=[LossTerm("ipo", 0.5, {"beta": 0.1})])
+    loss, stats = compute_loss(config, policy, ref)
+    assert loss.item() == pytest.approx(dpo + 0.5 * ipo + nll, rel=1e-6)
+    assert stats["loss/ipo"].item() == pytest.approx(ipo) and stats["loss/sft"].item() == pytest.approx(nll)
+    assert [t.name for t in config.terms()] == ["ipo", "sft"] and config.loss_terms == [LossTerm("ipo", 0.5,
+                                                                                                   {"beta": 0.1})]
+    parsed = load_config(TrainConfig, ["--loss_terms", "[{name: ipo, weight: 0.5, kwargs: {beta: 0.1}}]",
+                                       "--trackers", "[]"])
+    assert parsed.loss_terms == [LossTerm("ipo", 0.5, {"beta": 0.1})]
+    assert TrainConfig(loss="simpo", loss_terms=[LossTerm("dpo")], trackers=[]).resolved_reference() == "frozen"
+    with pytest.raises(ValueError, match="takes diffusion values"):
+        TrainConfig(loss="dpo", loss_terms=[LossTerm("mapo")], trackers=[])
+    with pytest.raises(ValueError, match="not hyperparameters of loss 'ipo'"):
+        TrainConfig(loss="dpo", loss_terms=[LossTerm("ipo", 1.0, {"betta": 1})], trackers=[])
