@@ -191,7 +191,13 @@ class TrainConfig:
                        "or half (trained towards no preference: each side counts half as chosen)"),
     )
     log_every: int = field(default=1, metadata=help_("write metrics every N optimizer steps"))
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=help_("accelerate trackers"))
+    trackers: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata=help_("accelerate trackers: tensorboard, wandb (when installed), ...; [] for none"),
+    )
+    run_name: str | None = field(
+        default=None, metadata=help_("the run's name in the trackers (default: the output folder's name)")
+    )
     diagnostics_every: int = field(default=0, metadata=help_("diagnostics every N steps (0 = off)"))
     progress: bool = field(default=True, metadata=help_("show a tqdm progress bar"))
     plot: bool = field(default=True, metadata=help_("draw metrics.png at the end"))
@@ -301,7 +307,7 @@ def _check_terms(loss: str, terms: list[LossTerm]) -> None:
 
 #: Config fields that may change between a run and its resumption.
 RESUMABLE_CHANGES = (
-    "output_dir", "resume", "resume_from", "overwrite_output_dir", "max_steps", "num_epochs", "save_every", "keep_last", "log_every",
+    "output_dir", "run_name", "resume", "resume_from", "overwrite_output_dir", "max_steps", "num_epochs", "save_every", "keep_last", "log_every",
     "trackers", "progress", "plot", "diagnostics_every", "ref_cache_dir",
 )
 
@@ -1415,7 +1421,9 @@ class _Engine:
             from mmalign.config import save_config
 
             save_config(cfg, self.out / "config.yaml")
-        acc.init_trackers("mmalign", config={k: str(v) for k, v in config_to_dict(cfg).items()})
+        name = cfg.run_name or self.out.resolve().name
+        acc.init_trackers(name, config={k: str(v) for k, v in config_to_dict(cfg).items()},
+                          init_kwargs={"wandb": {"name": name}})
         total = self.total_steps()
         if acc.is_main_process:  # to stderr, beside the progress bar: stdout stays the job's own output
             print(self.plan(), file=sys.stderr)

@@ -159,8 +159,10 @@ def test_metrics_jsonl_and_plot(tmp_path, lm, pairs):
 def test_tensorboard_tracker_writes_events(tmp_path, lm, pairs):
     pytest.importorskip("tensorboard")
     model, adapter = lm
-    res = train(model, adapter, pairs[0][:8], _cfg(tmp_path, max_steps=2, trackers=["tensorboard"]))
-    assert list(res.output_dir.rglob("events.out.tfevents.*"))
+    res = train(model, adapter, pairs[0][:8], _cfg(tmp_path, max_steps=2, trackers=["tensorboard"],
+                                                   run_name="colour-dpo"))
+    events = list(res.output_dir.rglob("events.out.tfevents.*"))
+    assert events and all("colour-dpo" in str(e.relative_to(res.output_dir)) for e in events)  # the run's name
 
 
 class _NaNAfter:
