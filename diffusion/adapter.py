@@ -405,15 +405,10 @@ class DiffusionAdapter:
         media = getattr(pair, f"{side}_media", None) or []
         if not media:
             raise ValueError(f"pair {_pair_id(pair)}: field '{side}_media' is empty (a diffusion pair needs an image)")
-        from mmalign.pairs import resolve_media
+        from mmalign.pairs import pair_media_path
 
-        folder = self.dataset_dir if self.dataset_dir is not None else getattr(pair, "root", None)
-        if folder is None:
-            raise ValueError(
-                f"pair {_pair_id(pair)}: no dataset folder to resolve '{side}_media' against; pass "
-                "dataset_dir to DiffusionAdapter (or read pairs with mmalign.pairs.read_pairs, or use a cache_dir)"
-            )
-        return resolve_media(folder, media[0])
+        # the core's one rule: the pair's own folder, else dataset_dir (pairs built in memory)
+        return pair_media_path(pair, media[0], f"{side}_media", self.dataset_dir)
 
     def load_pair_images(self, pair: Any) -> dict[str, Any]:
         """Load, size-match and crop one pair's images (pair order, no label swap).

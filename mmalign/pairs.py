@@ -81,6 +81,7 @@ __all__ = [
     "ConversionReport",
     "PreferencePair",
     "check_rel_path",
+    "pair_media_path",
     "resolve_media",
     "load_image",
     "check_media",
@@ -241,6 +242,30 @@ def check_rel_path(rel: Any, field: str | None = None) -> str:
     if norm in ("", "."):
         raise PairFormatError(f"media path {rel!r} names no file", field=field)
     return norm
+
+
+def pair_media_path(pair: Any, item: str | os.PathLike[str], field: str,
+                    fallback_root: str | os.PathLike[str] | None = None) -> Path:
+    """The file of one media entry of ``pair``, by the one precedence rule of every adapter.
+
+    An absolute path is used as it is (pairs built in memory); a relative one resolves inside the
+    folder the pair was read from (its :attr:`PreferencePair.root`), else inside ``fallback_root`` (the
+    adapter's folder, for pairs built in memory). It may not leave that folder. Errors name the pair
+    and the field.
+    """
+    path = Path(item)
+    if path.is_absolute():
+        return path
+    root = getattr(pair, "root", None) or fallback_root
+    pid = getattr(pair, "id", "?")
+    if root is None:
+        raise ValueError(f"pair {pid!r}, field {field}: {str(item)!r} is relative but neither the pair nor the "
+                         "adapter knows the dataset folder (read pairs with mmalign.pairs.read_pairs, or pass "
+                         "the adapter the folder)")
+    try:
+        return resolve_media(root, str(item))
+    except PairFormatError as exc:
+        raise PairFormatError(f"pair {pid!r}: {exc.reason}", field=field) from exc
 
 
 def resolve_media(folder: str | os.PathLike[str], rel: str, *, follow_symlinks: bool = False) -> Path:

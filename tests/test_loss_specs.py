@@ -140,3 +140,32 @@ def test_weighted_loss_terms_make_one_objective():
         TrainConfig(loss="dpo", loss_terms=[LossTerm("mapo")], trackers=[])
     with pytest.raises(ValueError, match="not hyperparameters of loss 'ipo'"):
         TrainConfig(loss="dpo", loss_terms=[LossTerm("ipo", 1.0, {"betta": 1})], trackers=[])
+
+
+def test_one_media_precedence_rule_for_every_adapter(tmp_path):
+    """A relative media path resolves inside the folder the pair was read from, else the adapter's folder;
+    before, the diffusion adapter preferred its own folder and the VLM adapter the pair's (opposite orders)."""
+    import numpy as np
+    from PIL import Image
+
+    from mmalign.pairs import PreferencePair, pair_media_path, read_pairs, write_pairs
+
+    for folder, value in (("read_from", 200), ("adapter", 10)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.full((32, 32, 3), value, dtype=np.uint8)).save(tmp_path / folder / "x.png")
+    write_pairs(tmp_path / "read_from", [PreferencePair("p", "a cat", "", "", ["x.png"], ["x.png"],
+                                                      chosen_caption="a", rejected_caption="b")])
+    (pair,) = read_pairs(tmp_path / "read_from")
+    assert pair_media_path(pair, "x.png", "chosen_media", tmp_path / "adapter") == (tmp_path / "read_from" /
+                                                                                    "x.png").resolve()
+    built = PreferencePair("q", "a cat", "", "", ["x.png"], ["x.png"], chosen_caption="a", rejected_caption="b")
+    assert pair_media_path(built, "x.png", "chosen_media", tmp_path / "adapter").parent.name == "adapter"
+    with pytest.raises(ValueError, match="pair 'q', field chosen_media: 'x.png' is relative"):
+        pair_media_path(built, "x.png", "chosen_media")
+
+    from diffusion.adapter import DiffusionAdapter
+    from diffusion.train import load_pipeline
+
+    adapter = DiffusionAdapter(load_pipeline("tiny:sd"), dataset_dir=tmp_path / "adapter")
+    pixels = adapter.collate([pair])["chosen_pixel_values"]
+    assert pixels.mean() > 0.5  # the bright image of the folder the pair came from, not the adapter's dark one

@@ -578,24 +578,12 @@ def pair_media(pair: Any, side: str, root: str | os.PathLike[str] | None = None)
     Raises:
         ValueError: no media, or a relative path with no folder to resolve it against (or leaving it).
     """
-    from mmalign.pairs import resolve_media
+    from mmalign.pairs import pair_media_path
 
     media = list(getattr(pair, f"{side}_media") or []) or list(pair.chosen_media or [])
     if not media:
         raise ValueError(f"pair {pair.id!r} has no video ({side}_media and chosen_media are empty)")
-    folder = getattr(pair, "root", None) or root
-    out = []
-    for item in media:
-        path = Path(item)
-        if not path.is_absolute():
-            if folder is None:
-                raise ValueError(
-                    f"pair {pair.id!r}, field {side}_media: {str(item)!r} is relative but neither the pair nor "
-                    "the caller knows the dataset folder (pass media_root)"
-                )
-            path = resolve_media(folder, str(item))
-        out.append(path)
-    return out
+    return [pair_media_path(pair, item, f"{side}_media", root) for item in media]
 
 
 def pair_sampling(pair: Any, side: str, sampling: FrameSampling) -> FrameSampling:

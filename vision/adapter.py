@@ -304,23 +304,15 @@ class VLMAdapter:
     # ------------------------------------------------------------------ data side
 
     def _load(self, item: Media, pair: Any, side: str) -> Any:
-        """Load one media item of ``pair`` as RGB PIL (relative paths resolve against ``pair.root``,
-        else :attr:`media_root`)."""
+        """Load one media item of ``pair`` as RGB PIL (paths resolved by the core's one rule,
+        :func:`mmalign.pairs.pair_media_path`: the pair's own folder, else :attr:`media_root`)."""
         from PIL import Image
 
-        from mmalign.pairs import load_image, resolve_media
+        from mmalign.pairs import load_image, pair_media_path
 
         if isinstance(item, Image.Image):
             return item.convert("RGB") if item.mode != "RGB" else item
-        path = Path(item)
-        if not path.is_absolute():
-            root = getattr(pair, "root", None) or self.media_root
-            if root is None:
-                raise ValueError(
-                    f"pair {pair.id!r}, field {side}_media: {str(item)!r} is relative but neither the pair "
-                    "nor the adapter knows the dataset folder (pass media_root)"
-                )
-            path = resolve_media(root, str(item))
+        path = pair_media_path(pair, item, f"{side}_media", self.media_root)
         try:
             return load_image(path)
         except ValueError as exc:
