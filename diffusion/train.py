@@ -81,7 +81,8 @@ class DiffusionTrainConfig:
     )
     tiny: bool = field(default=False, metadata=help_("replace pretrained by tiny_pretrained (tests, smoke runs)"))
     tiny_pretrained: str = field(default="tiny:sd", metadata=help_("the tiny pipeline --tiny uses (--tiny also caps "
-                                                                  "grid_steps at 2 and trains in fp32 on CPU)"))
+                                                                  "grid_steps and train.grad_accum at 2 and "
+                                                                  "trains in fp32 on CPU)"))
     tiny_kwargs: dict[str, Any] = field(
         default_factory=dict, metadata=help_("builder kwargs of the tiny pipeline, e.g. {prediction_type: v_prediction}")
     )
@@ -200,6 +201,8 @@ class DiffusionTrainConfig:
             self.pretrained = self.tiny_pretrained
             self.resolution = None
             self.grid_steps = min(self.grid_steps, 2)
+            if self.train.grad_accum > 2:  # a smoke run must be quick: recipes accumulate 16-64 micro-batches
+                self.train = dataclasses.replace(self.train, grad_accum=2)
             if not torch.cuda.is_available():  # half precision on CPU is slow or unsupported
                 self.frozen_dtype = "float32"
                 self.train = dataclasses.replace(self.train, mixed_precision="no", gradient_checkpointing=False)

@@ -66,3 +66,14 @@ def test_diffusion_flags_have_one_name_each(tmp_path):
             load_config(DiffusionTrainConfig, [*base, flag, value])
     cfg = load_config(DiffusionTrainConfig, [*base, "--objective", "mapo", "--beta", "0.2"])
     assert (cfg.train.loss, cfg.train.loss_kwargs["beta"], cfg.train.output_dir) == ("mapo", 0.2, str(tmp_path / "o"))
+
+
+def test_a_tiny_smoke_run_does_not_accumulate_a_recipes_64_micro_batches(tmp_path):
+    from diffusion.train import DiffusionTrainConfig
+    from mmalign.config import load_config
+
+    cfg = load_config(DiffusionTrainConfig, ["--config", str(ROOT / "scripts" / "configs" / "sdxl_mapo.yaml"),
+                                             "--tiny", "true", "--data", "toy:brightness"])
+    assert cfg.train.grad_accum == 2 and cfg.grid_steps <= 2
+    full = load_config(DiffusionTrainConfig, ["--config", str(ROOT / "scripts" / "configs" / "sdxl_mapo.yaml")])
+    assert full.train.grad_accum == 64
