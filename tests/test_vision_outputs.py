@@ -93,3 +93,11 @@ def test_export_names_a_folder_that_is_not_an_adapter(tmp_path) -> None:  # noqa
 
     with pytest.raises(SystemExit, match="no adapter_config.json"):
         export(["--adapter", str(tmp_path), "--out", str(tmp_path / "m")])
+
+
+def test_validation_answers_during_training(tmp_path) -> None:  # noqa: ANN001
+    image = tmp_path / "probe.png"
+    Image.fromarray(np.full((40, 40, 3), 90, dtype=np.uint8)).save(image)
+    _run(tmp_path, "--validate_every", "1", "--validate_images", str(image), "--validate_max_new_tokens", "3")
+    rows = [__import__("json").loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and list(rows[0]["answers"]) == [str(image)]

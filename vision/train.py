@@ -47,6 +47,13 @@ class VLMTrainConfig:
         metadata=help_("linear warmup over this fraction of the optimizer steps (rounded up; sets "
                        "train.warmup_steps from the dataset size, e.g. 0.03 as STIC and POVID)"),
     )
+    validate_every: int = field(
+        default=0, metadata=help_("answer validate_question on validate_images every N optimizer steps, greedy, "
+                                  "into output_dir/samples.jsonl (0 = off)")
+    )
+    validate_images: list[str] = field(default_factory=list, metadata=help_("fixed images for validation"))
+    validate_question: str = field(default="Describe the image in detail.", metadata=help_("asked of each"))
+    validate_max_new_tokens: int = field(default=64, metadata=help_("tokens per validation answer"))
     train: TrainConfig = field(default_factory=TrainConfig, metadata=help_("engine settings"))
 
     def __post_init__(self) -> None:
@@ -137,10 +144,45 @@ def run(config: VLMTrainConfig) -> Any:
     if config.warmup_ratio is not None:
         train_config = apply_warmup_ratio(train_config, len(kept), config.warmup_ratio,
                                           num_processes=process_state().num_processes)
-    result = train(model, adapter, PairDataset(kept, root=data), train_config)
+    callbacks = []
+    if config.validate_every and config.validate_images:
+        callbacks.append(_ValidationAnswers(processor, config, process_state().is_main_process))
+    result = train(model, adapter, PairDataset(kept, root=data), train_config, callbacks=callbacks)
     if process_state().is_main_process:
         save_result(result, processor, config, dataset=str(data))
     return result
+
+
+class _ValidationAnswers:
+    """Engine callback: every ``validate_every`` steps the main process answers the fixed question on the
+    fixed images greedily with the model being trained, one JSON line per step in ``samples.jsonl``."""
+
+    def __init__(self, processor: Any, config: VLMTrainConfig, is_main: bool) -> None:
+        from mmalign.pairs import load_image
+
+        self.processor, self.config, self.is_main = processor, config, is_main
+        self.images = [[load_image(p)] for p in config.validate_images]  # a bad file fails before training
+
+    def __call__(self, info: Any) -> None:
+        if not self.is_main or info.step % self.config.validate_every:
+            return
+        import json
+
+        from vision.generate import GenerationSettings, generate_responses
+
+        c = self.config
+        settings = GenerationSettings(max_new_tokens=c.validate_max_new_tokens, temperature=0.0)
+        was_training = info.model.training
+        info.model.eval()
+        try:
+            answers = generate_responses(info.model, self.processor, [c.validate_question] * len(self.images),
+                                         self.images, settings)
+        finally:
+            info.model.train(was_training)
+        row = {"step": info.step, "question": c.validate_question,
+               "answers": {img: a.strip() for img, a in zip(c.validate_images, answers, strict=True)}}
+        with open(Path(c.train.output_dir) / "samples.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def save_result(result: Any, processor: Any, config: VLMTrainConfig, *, dataset: str) -> Path:
