@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 
 from mmalign._compat import supports_gradient_checkpointing
+from mmalign.files import atomic_write_bytes
 from mmalign.rewards import Reward, WeightedRewards
 
 __all__ = [
@@ -781,20 +782,7 @@ def _slug(prompt: str) -> str:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    """Whole or absent: a temporary file, fsynced, renamed over ``path``, the folder fsynced."""
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write_bytes(path, json.dumps(data, indent=1).encode())
 
 
 def optimize_prompt_set(

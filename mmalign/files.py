@@ -9,10 +9,12 @@ the mode a plain ``open()``/``mkdir()`` would have had under the current umask.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
-__all__ = ["file_mode", "honour_umask"]
+__all__ = ["atomic_write_bytes", "file_mode", "fsync_dir", "honour_umask"]
 
 _UMASK: int | None = None
 
@@ -40,3 +42,35 @@ def honour_umask(path: str | os.PathLike[str]) -> None:
         if p.is_symlink():
             continue
         os.chmod(p, dir_mode if p.is_dir() else file_mode())
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (files created, renamed or deleted in it) to the disk; best effort."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> None:
+    """Write ``dest`` whole or not at all: a temporary file beside it (the umask's mode, not mkstemp's
+    0600), fsynced with ``durable``, renamed over ``dest``, the folder fsynced."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fchmod(fh.fileno(), file_mode())
+            if durable:
+                os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_dir(dest.parent)

@@ -67,7 +67,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 
-from mmalign.files import file_mode
+from mmalign.files import atomic_write_bytes, fsync_dir
 
 __all__ = [
     "PAIRS_JSONL",
@@ -448,34 +448,6 @@ def load_image(
     return img
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write_bytes(dest: Path, data: bytes, *, durable: bool = True) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fh.fileno(), file_mode())  # mkstemp makes 0600; the dataset is meant to be shared
-            if durable:
-                os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        _fsync_dir(dest.parent)
-
-
 def _encode_image(img: Image.Image, fmt: str) -> bytes:
     if fmt == "JPEG" and img.mode not in ("RGB", "L", "CMYK"):
         img = _to_rgb(img)
@@ -536,7 +508,7 @@ def add_media(
             return rel
         if not overwrite:
             raise FileExistsError(f"media {rel!r} already exists in {str(folder)!r} with different content")
-    _atomic_write_bytes(dest, data, durable=durable)
+    atomic_write_bytes(dest, data, durable=durable)
     return rel
 
 
@@ -1033,7 +1005,7 @@ class PairWriter:
         try:
             self._lock(fd, self.lock_timeout, self.path)
             if created and self.durable:
-                _fsync_dir(self.folder)
+                fsync_dir(self.folder)
             self._repair(fd)
             self._load_ids(fd)
         except BaseException:
@@ -1192,7 +1164,7 @@ class PairWriter:
         header = json.dumps({"version": _INDEX_VERSION, "file": self.path.name, "ino": st.st_ino}).encode()
         state = json.dumps([st.st_size, n_lines, st.st_mtime_ns, None]).encode() + b"\n"
         with contextlib.suppress(OSError):  # the index is a cache: without it every open rebuilds
-            _atomic_write_bytes(_index_path(self.path), header + b"\n" + b"".join(entries) + state, durable=False)
+            atomic_write_bytes(_index_path(self.path), header + b"\n" + b"".join(entries) + state, durable=False)
 
     def _close_index(self) -> None:
         if self._index is not None:
@@ -1341,7 +1313,7 @@ def write_pairs(
                 fd = os.open(dest, os.O_RDONLY)
                 stack.callback(os.close, fd)
                 PairWriter._lock(fd, lock_timeout, dest)
-            _atomic_write_bytes(dest, data)
+            atomic_write_bytes(dest, data)
             _index_path(dest).unlink(missing_ok=True)  # it described the old file
     elif format == "parquet":
         write_parquet(pairs, dest, overwrite=True)
@@ -1450,7 +1422,7 @@ def write_parquet(
     table = pa.Table.from_pylist(_rows_for_table(pairs), schema=_arrow_schema())
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
-    _atomic_write_bytes(path, buf.getvalue().to_pybytes())
+    atomic_write_bytes(path, buf.getvalue().to_pybytes())
     return path
 
 
@@ -1839,7 +1811,7 @@ class _MediaSink:
         rel = f"media/{digest}{_PIL_EXT.get(fmt, '.' + fmt.lower() if fmt else '.img')}"
         dest = self.out / rel
         if not (dest.exists() and dest.stat().st_size == len(data)):
-            _atomic_write_bytes(dest, data, durable=self.durable)
+            atomic_write_bytes(dest, data, durable=self.durable)
         return rel
 
 
@@ -1895,7 +1867,7 @@ def _convert(
                 os.fsync(fh.fileno())
         os.replace(out / partial, dest)
         if durable:
-            _fsync_dir(out)
+            fsync_dir(out)
     finally:
         (out / partial).unlink(missing_ok=True)
         _index_path(out / partial).unlink(missing_ok=True)
