@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +26,6 @@ def train_diffusion(argv: Sequence[str] | None = None) -> int:
     from mmalign.distributed import process_state
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
     config = load_config(DiffusionTrainConfig, argv, description=train_diffusion.__doc__)
     result = run(config)
     if not process_state().is_main_process:
@@ -117,7 +115,7 @@ def reno(argv: Sequence[str] | None = None) -> int:
     from mmalign.distributed import process_state
     from mmalign.rewards import WeightedRewards, reward_from_spec
 
-    args = reno_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = reno_parser().parse_args(argv)
     prompts = list(args.prompts)
     if args.prompts_file is not None:
         try:
@@ -171,7 +169,7 @@ def generate(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: %(default)s)")
     parser.add_argument("--resolution", type=int, default=None, help="default: the pipeline's")
     parser.add_argument("--out", required=True, help="folder for the images and grid.png")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(argv)
     out = Path(args.out)
     pipe = load_pipeline(args.pipeline).to(process_state().device)
     kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,

@@ -330,6 +330,11 @@ class TrainResult:
     metrics: list[dict[str, float]]
     model: torch.nn.Module
 
+    def summary(self) -> dict[str, Any]:
+        """What a training command prints: steps, folders and the last logged metrics (JSON-ready)."""
+        return {"steps": self.global_step, "output_dir": str(self.output_dir),
+                "checkpoint": str(self.final_checkpoint), "last_metrics": self.metrics[-1] if self.metrics else {}}
+
 
 # --------------------------------------------------------------------------- data order
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -18,10 +17,6 @@ from mmalign.config import help_, load_config
 from video.physdpo import PhysDPOConfig
 
 __all__ = ["PhysDPOJob", "llava_hound_pairs", "physdpo_pairs", "train_video"]
-
-
-def _argv(argv: Sequence[str] | None) -> list[str]:
-    return list(sys.argv[1:] if argv is None else argv)
 
 
 def train_video(argv: Sequence[str] | None = None) -> int:
@@ -33,12 +28,10 @@ def train_video(argv: Sequence[str] | None = None) -> int:
     from mmalign.distributed import process_state
     from video.train import VideoTrainConfig, run
 
-    config = load_config(VideoTrainConfig, _argv(argv), description=train_video.__doc__)
+    config = load_config(VideoTrainConfig, argv, description=train_video.__doc__)
     result = run(config)
     if process_state().is_main_process:
-        last = result.metrics[-1] if result.metrics else {}
-        print(json.dumps({"steps": result.global_step, "output_dir": str(result.output_dir),
-                          "checkpoint": str(result.final_checkpoint), "last_metrics": last}, indent=1))
+        print(json.dumps(result.summary(), indent=1))
     return 0
 
 
@@ -66,7 +59,7 @@ def physdpo_pairs(argv: Sequence[str] | None = None) -> int:
     from video.physdpo import build_physdpo_pairs
     from vision.train import load_vlm
 
-    job = load_config(PhysDPOJob, _argv(argv), description=physdpo_pairs.__doc__)
+    job = load_config(PhysDPOJob, argv, description=physdpo_pairs.__doc__)
     model, processor = load_vlm(job.model, trust_remote_code=job.trust_remote_code, dtype=job.dtype)
     model.to(process_state().device)
     print(build_physdpo_pairs(model, processor, job.physdpo))
@@ -83,7 +76,7 @@ def llava_hound_pairs(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="pair folder to write")
     parser.add_argument("--video_root", required=True, help="folder of the videos (files or frame folders)")
     parser.add_argument("--skip_bad", action="store_true", help="skip and count bad records instead of stopping")
-    args = parser.parse_args(_argv(argv))
+    args = parser.parse_args(argv)
     written, skipped = from_llava_hound(args.src, args.out, video_root=args.video_root, skip_bad=args.skip_bad)
     print(f"{written} pairs written to {args.out}; {len(skipped)} records skipped")
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +17,6 @@ from mmalign.config import help_, load_config
 from vision.stic import STICConfig
 
 __all__ = ["STICJob", "export", "generate", "stic_pairs", "train_vlm", "trl_pairs"]
-
-
-def _argv(argv: Sequence[str] | None) -> list[str]:
-    return list(sys.argv[1:] if argv is None else argv)
 
 
 def train_vlm(argv: Sequence[str] | None = None) -> int:
@@ -33,12 +28,10 @@ def train_vlm(argv: Sequence[str] | None = None) -> int:
     from mmalign.distributed import process_state
     from vision.train import VLMTrainConfig, run
 
-    config = load_config(VLMTrainConfig, _argv(argv), description=train_vlm.__doc__)
+    config = load_config(VLMTrainConfig, argv, description=train_vlm.__doc__)
     result = run(config)
     if process_state().is_main_process:
-        last = result.metrics[-1] if result.metrics else {}
-        print(json.dumps({"steps": result.global_step, "output_dir": str(result.output_dir),
-                          "checkpoint": str(result.final_checkpoint), "last_metrics": last}, indent=1))
+        print(json.dumps(result.summary(), indent=1))
     return 0
 
 
@@ -65,7 +58,7 @@ def stic_pairs(argv: Sequence[str] | None = None) -> int:
     from vision.stic import build_stic_pairs, check_stic_folders
     from vision.train import load_vlm
 
-    job = load_config(STICJob, _argv(argv), description=stic_pairs.__doc__)
+    job = load_config(STICJob, argv, description=stic_pairs.__doc__)
     try:  # the inputs first: a typo must not cost the minutes of loading a 7B model
         check_stic_folders(job.stic)
     except (OSError, ValueError) as exc:
@@ -87,7 +80,7 @@ def trl_pairs(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="pair folder to write")
     parser.add_argument("--image_root", default=None,
                         help="folder the records' image paths are relative to (default: the records' folder)")
-    args = parser.parse_args(_argv(argv))
+    args = parser.parse_args(argv)
     print(from_trl(args.src, args.out, image_root=args.image_root))
     return 0
 
@@ -104,7 +97,7 @@ def export(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--auto_class", default="AutoModelForImageTextToText",
                         help="transformers class of the base (default: %(default)s; AutoModelForCausalLM for text)")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="also upload the merged folder")
-    args = parser.parse_args(_argv(argv))
+    args = parser.parse_args(argv)
     try:
         out = merge_adapter(args.adapter, args.out, auto_class=args.auto_class, base_model=args.base_model)
     except (OSError, ValueError) as exc:
@@ -133,7 +126,7 @@ def generate(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=256, help="default: %(default)s")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     parser.add_argument("--out", default=None, help="write answers.jsonl here (default: print only)")
-    args = parser.parse_args(_argv(argv))
+    args = parser.parse_args(argv)
     files: list[Path] = []
     for item in map(Path, args.images):
         files += sorted(p for p in item.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}) \

@@ -55,7 +55,6 @@ stage 2 trains the merged model (also the new reference) on both sets with the 0
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -463,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m vision.povid --config recipe.yaml [--flag v ...]``: run :func:`run_povid_recipe`."""
     from mmalign.config import load_config
 
-    config = load_config(POVIDRecipeConfig, list(sys.argv[1:] if argv is None else argv), description=__doc__)
+    config = load_config(POVIDRecipeConfig, argv, description=__doc__)
     stage1, stage2 = run_povid_recipe(config)
     print({"stage1_steps": stage1.global_step, "stage2_steps": stage2.global_step,
            "stage2_checkpoint": str(stage2.final_checkpoint)})
