@@ -34,7 +34,7 @@ import torch
 from mmalign.adapter import ChosenRejected
 from mmalign.logprobs import sequence_logps
 from video.frames import Clip, FrameCache, FrameSampling, pair_media, pair_sampling
-from vision.adapter import LORA_SCOPES, PER_TOKEN_KEYS, VLMAdapter, _unwrap
+from vision.adapter import PER_TOKEN_KEYS, VLMAdapter, _unwrap, check_adapter_settings
 
 __all__ = ["PER_VIDEO_KEYS", "VIDEO_INPUT_KEYS", "VideoLLMAdapter", "render_video_prompt", "video_token_of"]
 
@@ -140,12 +140,7 @@ class VideoLLMAdapter:
     dropped_ids: list[str] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        if self.truncation not in ("response", "drop"):
-            raise ValueError(f"VideoLLMAdapter: truncation must be 'response' or 'drop', got {self.truncation!r}")
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"VideoLLMAdapter: max_length must be >= 2 or None, got {self.max_length}")
-        if self.lora_scope not in LORA_SCOPES:
-            raise ValueError(f"VideoLLMAdapter: lora_scope must be one of {sorted(LORA_SCOPES)}, got {self.lora_scope!r}")
+        check_adapter_settings(self)
         self.video_token, self.video_token_id = video_token_of(self.processor)
         self.tokenizer = self.processor.tokenizer
         if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is None:

@@ -268,12 +268,7 @@ class VLMAdapter:
     dropped_ids: list[str] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        if self.truncation not in ("response", "drop"):
-            raise ValueError(f"VLMAdapter: truncation must be 'response' or 'drop', got {self.truncation!r}")
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"VLMAdapter: max_length must be >= 2 or None, got {self.max_length}")
-        if self.lora_scope not in LORA_SCOPES:
-            raise ValueError(f"VLMAdapter: lora_scope must be one of {sorted(LORA_SCOPES)}, got {self.lora_scope!r}")
+        check_adapter_settings(self)
         self.image_token, self.image_token_id = image_token_of(self.processor)
         self.tokenizer = getattr(self.processor, "tokenizer", None)
         if self.tokenizer is None:
@@ -654,6 +649,17 @@ class VLMAdapter:
                 derived[i, chosen_pos] = logits[n_pairs + i, hacked_pos - 1].argmax(-1)
         values, _ = sequence_logps(logits[:n_pairs], derived)
         return torch.where(online, values.to(rejected.dtype), rejected)
+
+
+def check_adapter_settings(adapter: Any) -> None:
+    """The settings the image and video adapters share: ``truncation``, ``max_length``, ``lora_scope``."""
+    name = type(adapter).__name__
+    if adapter.truncation not in ("response", "drop"):
+        raise ValueError(f"{name}: truncation must be 'response' or 'drop', got {adapter.truncation!r}")
+    if adapter.max_length is not None and adapter.max_length < 2:
+        raise ValueError(f"{name}: max_length must be >= 2 or None, got {adapter.max_length}")
+    if adapter.lora_scope not in LORA_SCOPES:
+        raise ValueError(f"{name}: lora_scope must be one of {sorted(LORA_SCOPES)}, got {adapter.lora_scope!r}")
 
 
 def _unwrap(model: torch.nn.Module) -> Any:
