@@ -654,10 +654,8 @@ def _hash_adapter(adapter: Any) -> str:
 def _hash_data(dataset: Sequence[Any]) -> str:
     """Fingerprint of the pairs: their fields, and the size and mtime of every media file they name
     (so replacing an image under the same name invalidates a cached reference)."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(_hash_records(dataset).encode())
     for item in dataset:
-        getter = _fields_of(type(item))
-        h.update(json.dumps(getter(item) if getter else repr(item), sort_keys=True, default=str).encode())
         if getattr(item, "root", None) is not None and hasattr(item, "media_paths"):
             for path in (p for side in item.media_paths() for p in side):
                 st = path.stat()
