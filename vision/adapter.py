@@ -13,7 +13,10 @@ What it does that TRL's VLM DPO does not:
   the vision tower and projector run once per batch on the distinct units only, and the features are
   handed to both rows through the model's ``mm_encoder_outputs`` argument (transformers >= 5). Pass
   ``share_image_encoding=False`` (or use an older transformers) for the plain path, where every row
-  carries its own pixels; both give the same log-probs (tested to 1e-5).
+  carries its own pixels; both give the same log-probs (tested to 1e-5). The LoRA-disabled reference
+  reuses the policy's features of the same batch when they cannot differ (frozen vision tower and
+  projector, LoRA on the language model only): one vision pass per step instead of two, bitwise the
+  same training (:attr:`VLMAdapter.reused_encodings` counts the reuses).
 * **Truncation never cuts image tokens.** The prompt (with its expanded image tokens) is kept whole;
   an over-long pair has its *response* cut (``truncation="response"``) or is dropped
   (``truncation="drop"``); a pair whose prompt alone does not fit is always dropped. Drops are counted
@@ -42,6 +45,7 @@ reordered per row.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -266,6 +270,9 @@ class VLMAdapter:
     value_kind: str = field(default="sequence", init=False)
     dropped: Counter[str] = field(default_factory=Counter, init=False)
     dropped_ids: list[str] = field(default_factory=list, init=False)
+    #: How many passes reused the previous pass's image features (see :meth:`_image_features`).
+    reused_encodings: int = field(default=0, init=False)
+    _feature_slot: tuple[Any, int, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_adapter_settings(self)
@@ -551,11 +558,7 @@ class VLMAdapter:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         base = _unwrap(model)
-        encoded = base.get_image_features(**image_inputs, return_dict=True)
-        pooled = encoded.pooler_output if hasattr(encoded, "pooler_output") else encoded
-        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in pooled], dim=0) if isinstance(
-            pooled, (list, tuple)
-        ) else pooled.reshape(-1, pooled.shape[-1])
+        features = self._image_features(base, image_inputs, batch)
         unit_tokens = batch["unit_image_tokens"].tolist()
         if features.shape[0] != sum(unit_tokens):
             raise ValueError(
@@ -573,6 +576,29 @@ class VLMAdapter:
                 kwargs[key] = image_inputs[key][batch["row_image_index"].to(image_inputs[key].device)]
         self._check_tokens_per_row(batch, per_unit)
         return kwargs
+
+    def _image_features(self, base: Any, image_inputs: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
+        """The distinct units' image features, ``(sum of image tokens, hidden)``, computed once per batch.
+
+        The policy's pass encodes the images; a second pass over the *same* batch object by the same
+        model (the LoRA-disabled reference, which the engine runs right after the policy) reuses them
+        when they cannot differ: the policy's features carry no gradient (vision tower and projector
+        frozen) and no LoRA layer sits outside the language model (``lora_scope="language"``, the
+        default). The slot holds one batch: a weak reference to its ``input_ids`` tensor, so a new
+        batch never matches a freed one's id.
+        """
+        slot = self._feature_slot
+        if slot is not None and slot[0]() is batch["input_ids"] and slot[1] == id(base):
+            self.reused_encodings += 1
+            return slot[2]
+        encoded = base.get_image_features(**image_inputs, return_dict=True)
+        pooled = encoded.pooler_output if hasattr(encoded, "pooler_output") else encoded
+        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in pooled], dim=0) if isinstance(
+            pooled, (list, tuple)
+        ) else pooled.reshape(-1, pooled.shape[-1])
+        reusable = torch.is_grad_enabled() and not features.requires_grad and not _lora_outside_language(base)
+        self._feature_slot = (weakref.ref(batch["input_ids"]), id(base), features) if reusable else None
+        return features
 
     def _check_tokens_per_row(self, batch: dict[str, Any], per_unit: list[torch.Tensor] | None) -> None:
         counts = (batch["input_ids"] == self.image_token_id).sum(-1).tolist()
@@ -670,3 +696,21 @@ def _unwrap(model: torch.nn.Module) -> Any:
     ):
         model = model.module
     return model
+
+
+def _lora_outside_language(base: Any) -> bool:
+    """Whether any peft LoRA layer of ``base`` sits outside its language model (vision tower, projector).
+
+    Such a layer makes the image features differ between the policy and its LoRA-disabled reference. A
+    model whose language model cannot be found counts as having one (nothing is reused).
+    """
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: no LoRA layers at all
+        return False
+    inner = base.get_base_model() if hasattr(base, "get_base_model") else base
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    if decoder is None:
+        return True
+    inside = {id(m) for m in decoder.modules()}
+    return any(isinstance(m, BaseTunerLayer) and id(m) not in inside for m in inner.modules())
