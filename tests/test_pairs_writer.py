@@ -3,7 +3,9 @@ when the file changes behind it) and the bounded wait for another writer's lock.
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 import threading
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from mmalign.pairs import (
     PreferencePair,
     from_trl,
     read_pairs,
+    record,
     write_pairs,
 )
 
@@ -28,15 +31,22 @@ def _pair(i: int, big: int = 0) -> PreferencePair:
 
 @pytest.fixture
 def parses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts whole-line JSON parses done by the module (one entry per parse)."""
+    """Counts whole-line JSON parses done anywhere in the package (one entry per parse): every module
+    of ``mmalign.pairs`` that uses the parser gets the counting one."""
     calls: list[int] = []
-    real = pairs_module._parse_json_object
+    real = record._parse_json_object
 
     def counting(text: str) -> dict:
         calls.append(len(text))
         return real(text)
 
-    monkeypatch.setattr(pairs_module, "_parse_json_object", counting)
+    patched = []
+    for info in pkgutil.iter_modules(pairs_module.__path__, prefix="mmalign.pairs."):
+        module = importlib.import_module(info.name)
+        if getattr(module, "_parse_json_object", None) is real:
+            monkeypatch.setattr(module, "_parse_json_object", counting)
+            patched.append(info.name)
+    assert "mmalign.pairs.jsonl" in patched, patched  # the writer's own module
     return calls
 
 
