@@ -1,20 +1,23 @@
 """The diffusion adapter: pairs of images -> per-sample denoising MSEs for chosen and rejected.
 
-One adapter covers three families of diffusers pipelines, told apart by their components (never by
-a checkpoint path):
+One adapter covers every family of :mod:`diffusion.families`, told apart by their components (never
+by a checkpoint path); the family holds every quirk (text encoding, added conditions, the denoiser's
+call, latent scaling, noise and target), and the adapter branches on none of them:
 
 * ``"sd"``: a UNet with one CLIP text encoder (SD1.5, SD2.1; epsilon, v-prediction or sample).
 * ``"sdxl"``: a UNet with two text encoders, pooled text embeddings and the size/crop conditioning
   ``add_time_ids = (orig_h, orig_w, crop_top, crop_left, target_h, target_w)``.
-* ``"flow"``: an SD3-style transformer with ``FlowMatchEulerDiscreteScheduler``:
+* ``"sd3"`` (alias ``"flow"``): an SD3 transformer with ``FlowMatchEulerDiscreteScheduler``:
   ``x_t = (1 - sigma) * x_0 + sigma * noise`` and velocity target ``noise - x_0``.
-* ``"flux"``: a Flux transformer (``FluxPipeline``): the same flow-matching interpolation, target and
-  timestep sampling as ``"flow"``, but the transformer sees the latents packed into 2x2 patches
+* ``"flux"``: a Flux transformer: the same flow-matching interpolation, target and timestep
+  sampling as ``"sd3"``, but the transformer sees the latents packed into 2x2 patches
   (``(B, C, h, w) -> (B, h/2 * w/2, 4C)``, :func:`pack_latents`) with rotary position ids
   (``img_ids`` rows ``(0, row, col)``, ``txt_ids`` zeros), timesteps divided by 1000, the T5 sequence
   embeddings and the pooled CLIP embedding, and, for guidance-distilled (dev) models
   (``transformer.config.guidance_embeds``), a constant guidance value (``flux_guidance``). Noise,
   latents and the cache stay unpacked ``(B, C, h, w)``; the prediction is unpacked before the MSE.
+* ``"pixart"``: a PixArt transformer with one T5 encoder and its attention mask (epsilon; the
+  learned-variance half of its output is dropped).
 
 For the UNet families the regression target follows ``scheduler.config.prediction_type``
 (``"epsilon"`` -> noise, ``"v_prediction"`` -> ``scheduler.get_velocity``, ``"sample"`` -> x_0); it is
@@ -70,6 +73,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion.families import (
+    denoiser,
+    family_of,
+    flux_image_ids,
+    pack_latents,
+    set_denoiser,
+    unpack_latents,
+    vae_scale_factor,
+)
 from mmalign.adapter import ChosenRejected
 
 __all__ = [
@@ -88,9 +100,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("sd", "sdxl", "flow", "flux")
-#: architectures trained with the flow-matching interpolation and velocity target
-FLOW_MATCHING = ("flow", "flux")
+#: the built-in families (:mod:`diffusion.families`; more can be registered there)
+ARCHITECTURES = ("sd", "sdxl", "sd3", "flux", "pixart")
+#: built-in families trained with the flow-matching interpolation and velocity target
+FLOW_MATCHING = ("sd3", "flux")
 #: ``"prompt"``: both sides use ``pair.prompt`` (Diffusion-DPO, MaPO, PSO);
 #: ``"per_side"``: chosen uses ``chosen_caption``, rejected ``rejected_caption`` (DCPO).
 CAPTION_MODES = ("prompt", "per_side")
@@ -98,50 +111,14 @@ TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 _SIDES = ("chosen", "rejected")
-
-
-def denoiser(pipeline: Any) -> torch.nn.Module:
-    """The pipeline's trainable denoiser: its transformer (SD3, Flux) or else its UNet."""
-    transformer = getattr(pipeline, "transformer", None)
-    return transformer if transformer is not None else pipeline.unet
-
-
-def set_denoiser(pipeline: Any, module: torch.nn.Module) -> None:
-    """Put ``module`` where :func:`denoiser` finds it."""
-    if getattr(pipeline, "transformer", None) is not None:
-        pipeline.transformer = module
-    else:
-        pipeline.unet = module
+#: ``chosen_<name>`` batch entries that are not conditioning tensors
+_NOT_CONDITIONS = ("pixel_values", "texts", "latents", "flipped_latents")
 
 
 def detect_architecture(pipeline: Any) -> str:
-    """Return ``"sd"``, ``"sdxl"``, ``"flow"`` (SD3) or ``"flux"`` from the pipeline's components.
-
-    Raises ``ValueError`` for pipelines this adapter does not know (other transformer pipelines).
-    """
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
-
-    if getattr(pipeline, "transformer", None) is not None:
-        if isinstance(pipeline, FluxPipeline):
-            architecture = "flux"
-        elif isinstance(pipeline, StableDiffusion3Pipeline):
-            architecture = "flow"
-        else:
-            raise ValueError(
-                f"{type(pipeline).__name__}: only flow-matching transformer pipelines of the SD3 "
-                "(StableDiffusion3Pipeline) and Flux (FluxPipeline) families are supported"
-            )
-        if not isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
-            raise ValueError(
-                f"{type(pipeline).__name__} has scheduler {type(pipeline.scheduler).__name__}; "
-                "the flow-matching path needs FlowMatchEulerDiscreteScheduler"
-            )
-        return architecture
-    if getattr(pipeline, "unet", None) is None:
-        raise ValueError(f"{type(pipeline).__name__} has neither a unet nor a transformer")
-    if getattr(pipeline, "text_encoder_2", None) is not None:
-        return "sdxl"
-    return "sd"
+    """The name of the pipeline's family: ``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"pixart"`` or a
+    registered one (:func:`diffusion.families.family_of`); ``ValueError`` naming an unknown pipeline."""
+    return family_of(pipeline).name
 
 
 def drop_ties(pairs: Sequence[Any]) -> tuple[list[Any], int]:
@@ -184,40 +161,6 @@ def _pair_id(pair: Any) -> str:
     return str(getattr(pair, "id", "?"))
 
 
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """Flux packing: ``(B, C, h, w) -> (B, (h/2) * (w/2), 4C)``, one token per 2x2 latent patch.
-
-    Tokens run row-major over the patch grid; a token's 4C channels are ``(c, dy, dx)`` row-major,
-    the layout ``FluxPipeline`` feeds its transformer. ``h`` and ``w`` must be even.
-    """
-    b, c, h, w = latents.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"pack_latents: latent height and width must be even, got {h}x{w}")
-    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`pack_latents`: ``(B, (h/2) * (w/2), 4C) -> (B, C, h, w)`` for latent size ``h x w``."""
-    b, n, d = tokens.shape
-    if n != (height // 2) * (width // 2) or d % 4:
-        raise ValueError(f"unpack_latents: {tuple(tokens.shape)} is not a packing of a {height}x{width} latent")
-    x = tokens.reshape(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, height, width)
-
-
-def flux_image_ids(height: int, width: int, *, device: torch.device | None = None,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rotary position ids of the packed image tokens, ``((h/2) * (w/2), 3)``: ``(0, row, col)`` per token.
-
-    ``height``/``width`` are the *unpacked* latent size. Text tokens get ``(0, 0, 0)`` ids.
-    """
-    rows = torch.arange(height // 2, device=device).view(-1, 1).expand(height // 2, width // 2)
-    cols = torch.arange(width // 2, device=device).view(1, -1).expand(height // 2, width // 2)
-    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
-    return ids.reshape(-1, 3).to(dtype)
-
-
 class DiffusionAdapter:
     """Adapter for diffusers text-to-image pipelines (``value_kind = "diffusion"``).
 
@@ -236,8 +179,8 @@ class DiffusionAdapter:
         timestep_sampling: ``"uniform"`` or ``"logit_normal"`` (flow-matching models only).
         cache_dir: a folder written by :func:`diffusion.cache.build_cache`; when set, ``collate``
             reads latents and text embeddings from it and no VAE or text encoder runs.
-        max_sequence_length: T5 tokens of SD3 and Flux pipelines (ignored by UNet pipelines); sample
-            with the same value.
+        max_sequence_length: T5 tokens of the SD3, Flux and PixArt families (ignored by the CLIP-only
+            UNet families); sample with the same value.
         flux_guidance: the value given to the guidance embedding of guidance-distilled Flux models
             (FLUX.1-dev class, ``transformer.config.guidance_embeds``) during training; diffusers'
             Flux DreamBooth script uses 3.5 (the default). Ignored by every other model.
@@ -284,94 +227,46 @@ class DiffusionAdapter:
         if not (np.isfinite(flux_guidance) and flux_guidance >= 0):
             raise ValueError(f"flux_guidance must be a finite number >= 0, got {flux_guidance}")
         self.pipeline = pipeline
-        self.architecture = detect_architecture(pipeline)
+        #: the pipeline's family (:mod:`diffusion.families`): every family-specific step goes through it
+        self.family = family_of(pipeline)
+        self.architecture = self.family.name
+        self.noise = self.family.noise
         self.dataset_dir = Path(dataset_dir) if dataset_dir is not None else None
         self.caption_mode = caption_mode
         self.empty_prompt_prob = float(empty_prompt_prob)
         self.label_flip_prob = float(label_flip_prob)
         self.timestep_sampling = timestep_sampling
-        self.flow_matching = self.architecture in FLOW_MATCHING
-        self.max_sequence_length = int(max_sequence_length) if self.flow_matching else None
+        self.flow_matching = bool(self.noise.flow_matching)
+        takes_length = self.family.default_max_sequence_length(pipeline) is not None
+        self.max_sequence_length = int(max_sequence_length) if takes_length else None
         self.flux_guidance = float(flux_guidance)
         self.random_flip = bool(random_flip)
-        self.guidance_embeds = self.architecture == "flux" and bool(
-            getattr(pipeline.transformer.config, "guidance_embeds", False))
+        self.guidance_embeds = self.family.guidance_embedded(pipeline)
 
         self.vae = pipeline.vae
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(pipeline)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         shift = getattr(self.vae.config, "shift_factor", None)
-        self.shift_factor = float(shift) if (shift is not None and self.flow_matching) else 0.0
-        self.latent_channels = int(self.vae.config.latent_channels)
-        self.text_encoders = [
-            enc
-            for enc in (
-                getattr(pipeline, "text_encoder", None),
-                getattr(pipeline, "text_encoder_2", None),
-                getattr(pipeline, "text_encoder_3", None),
-            )
-            if enc is not None
-        ]
+        self.shift_factor = float(shift) if (shift is not None and self.family.latent_shift) else 0.0
+        self.latent_channels = self.family.latent_channels(pipeline)
+        encoders = (getattr(pipeline, attr, None) for attr in self.family.text_encoder_attrs)
+        self.text_encoders = [enc for enc in encoders if enc is not None]
         for module in [self.vae, *self.text_encoders]:
             module.requires_grad_(False)
             module.eval()
 
-        denoiser = pipeline.transformer if self.flow_matching else pipeline.unet
-        # Flux packs 2x2 latent patches itself (its transformer's patch_size is 1)
-        patch = 2 if self.architecture == "flux" else int(getattr(denoiser.config, "patch_size", 1) or 1)
         if resolution is None:
-            if self.architecture == "flux":  # the transformer has no sample_size; FLUX.1's VAE says 1024
-                resolution = int(self.vae.config.sample_size)
-            else:
-                resolution = int(denoiser.config.sample_size) * self.vae_scale_factor
-        multiple = self.vae_scale_factor * patch
+            resolution = self.family.default_resolution(pipeline)
+        multiple = self.family.resolution_multiple(pipeline)
         if resolution <= 0 or resolution % multiple:
             raise ValueError(f"resolution {resolution} must be a positive multiple of {multiple} for this pipeline")
         self.resolution = int(resolution)
 
-        if self.flow_matching:
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
-            # a fresh copy: its sigmas/timesteps are the training ones, untouched by set_timesteps
-            # (with dynamic shifting, FLUX.1-dev, these are the unshifted sigmas, as diffusers' Flux
-            # training scripts sample them)
-            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
-            self.prediction_type = "flow_velocity"
-            if expect_prediction_type not in (None, "flow_velocity"):
-                raise ValueError(
-                    f"the objective expects prediction_type={expect_prediction_type!r} but "
-                    f"{type(pipeline).__name__} is a flow-matching model (velocity target noise - x0)"
-                )
-        else:
-            from diffusers import DDPMScheduler
-
-            # the training noise schedule (betas, prediction_type) of the pipeline's own scheduler
-            self.scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-            self.prediction_type = str(self.scheduler.config.prediction_type)
-            if self.prediction_type not in PREDICTION_TYPES:
-                raise ValueError(f"unsupported scheduler prediction_type {self.prediction_type!r}")
-            if expect_prediction_type is not None and expect_prediction_type != self.prediction_type:
-                raise ValueError(
-                    f"the objective setting expects prediction_type={expect_prediction_type!r}, but the "
-                    f"model's scheduler config says {self.prediction_type!r}; the training target must "
-                    "follow the model (a v-prediction model trained on an epsilon target degrades). "
-                    "Remove the setting or set it to the model's prediction type."
-                )
+        self.scheduler, self.prediction_type = self.noise.training_scheduler(pipeline, expect_prediction_type)
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.train_timesteps: torch.Tensor | None = None
         if train_timesteps is not None:
-            values = [int(t) for t in train_timesteps]
-            if self.flow_matching:
-                raise ValueError(
-                    "train_timesteps applies to UNet models (SD, SDXL, their turbo variants); flow-matching "
-                    f"{type(pipeline).__name__} samples sigmas (timestep_sampling)"
-                )
-            if not values or any(not 0 <= t < self.num_train_timesteps for t in values):
-                raise ValueError(
-                    f"train_timesteps must be a non-empty list of timesteps in [0, {self.num_train_timesteps}), "
-                    f"got {list(train_timesteps)}"
-                )
-            self.train_timesteps = torch.tensor(values, dtype=torch.long)
+            self.train_timesteps = self.noise.check_train_timesteps(train_timesteps, self.num_train_timesteps, pipeline)
 
         self.cache = None
         if cache_dir is not None:
@@ -401,7 +296,8 @@ class DiffusionAdapter:
             texts.append(str(value))
         return texts[0], texts[1]
 
-    def _media_path(self, pair: Any, side: str) -> Path:
+    def media_path(self, pair: Any, side: str) -> Path:
+        """The image file of ``side`` (``"chosen"``/``"rejected"``) of ``pair``."""
         media = getattr(pair, f"{side}_media", None) or []
         if not media:
             raise ValueError(f"pair {_pair_id(pair)}: field '{side}_media' is empty (a diffusion pair needs an image)")
@@ -414,13 +310,14 @@ class DiffusionAdapter:
         """Load, size-match and crop one pair's images (pair order, no label swap).
 
         Returns ``{"chosen_pixel_values": (3,R,R), "rejected_pixel_values": (3,R,R)}`` with pixels in
-        [-1, 1], plus for SDXL ``"chosen_time_ids"``/``"rejected_time_ids"`` (6,): (orig_h, orig_w,
-        crop_top, crop_left, R, R).
+        [-1, 1], plus the family's image conditions per side (:meth:`image_conditions` of
+        :mod:`diffusion.families`), e.g. for SDXL ``"chosen_time_ids"``/``"rejected_time_ids"`` (6,):
+        (orig_h, orig_w, crop_top, crop_left, R, R).
         """
         from mmalign.pairs import load_image
 
-        chosen = load_image(self._media_path(pair, "chosen"))
-        rejected = load_image(self._media_path(pair, "rejected"))
+        chosen = load_image(self.media_path(pair, "chosen"))
+        rejected = load_image(self.media_path(pair, "rejected"))
         if chosen.size != rejected.size:
             if not self._warned_size:
                 logger.warning(
@@ -435,10 +332,9 @@ class DiffusionAdapter:
         for side, image in zip(_SIDES, (chosen, rejected), strict=True):
             crop, (top, left) = resize_center_crop(image, self.resolution)
             out[f"{side}_pixel_values"] = _to_tensor(crop)
-            if self.architecture == "sdxl":
-                out[f"{side}_time_ids"] = torch.tensor(
-                    [*original, top, left, self.resolution, self.resolution], dtype=torch.float32
-                )
+            target = (self.resolution, self.resolution)
+            for name, value in self.family.image_conditions(self.pipeline, original, (top, left), target).items():
+                out[f"{side}_{name}"] = value
         return out
 
     def collate(self, pairs: list[Any]) -> dict[str, Any]:
@@ -494,20 +390,8 @@ class DiffusionAdapter:
         out = dict(batch)
         out.pop("_encoded", None)
         out["noise"] = torch.randn(self.latent_shape(size), generator=generator, device=device)
-        if self.flow_matching:
-            if self.timestep_sampling == "logit_normal":
-                u = torch.sigmoid(torch.randn(size, generator=generator, device=device))
-            else:
-                u = torch.rand(size, generator=generator, device=device)
-            index = (u * self.num_train_timesteps).long().clamp_(0, self.num_train_timesteps - 1).cpu()
-            out["timesteps"] = self.scheduler.timesteps[index].float()
-            out["sigmas"] = self.scheduler.sigmas[index].float()
-        else:
-            timesteps = torch.randint(0, self.num_train_timesteps, (size,), generator=generator, device=device)
-            if self.train_timesteps is not None:  # turbo: t -> allowed[t % n], the references' 250 * (t % 4) + 249
-                allowed = self.train_timesteps.to(device)
-                timesteps = allowed[timesteps % len(allowed)]
-            out["timesteps"] = timesteps
+        out.update(self.noise.draw(self.scheduler, size, generator=generator,
+                                   timestep_sampling=self.timestep_sampling, train_timesteps=self.train_timesteps))
         out["drop_text"] = torch.rand(size, generator=generator, device=device) < self.empty_prompt_prob
         flipped = torch.rand(size, generator=generator, device=device) < self.label_flip_prob
         out["flipped"] = flipped
@@ -520,7 +404,8 @@ class DiffusionAdapter:
         return out
 
     # ------------------------------------------------------------------ encoding
-    def _place(self, device: torch.device) -> None:
+    def place(self, device: torch.device) -> None:
+        """Move the frozen VAE and text encoders to ``device`` (where they are not already)."""
         for module in [self.vae, *self.text_encoders]:
             if next(module.parameters()).device != device:
                 module.to(device)
@@ -534,58 +419,39 @@ class DiffusionAdapter:
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Texts -> ``{"prompt_embeds": (N,L,D)}`` plus ``"pooled_embeds": (N,P)`` for SDXL/SD3/Flux."""
-        pipe = self.pipeline
-        if self.architecture == "sd":
-            embeds, _ = pipe.encode_prompt(texts, device, 1, False)
-            return {"prompt_embeds": embeds.float()}
-        if self.architecture == "sdxl":
-            # DCPO on SDXL: both encoders see the side's own caption (the DCPO reference's SDXL path
-            # instead conditions both sides on the pair's one shared prompt, ignoring both captions)
-            embeds, _, pooled, _ = pipe.encode_prompt(
-                texts, prompt_2=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
-        elif self.architecture == "flux":  # T5 sequence embeddings + the pooled CLIP embedding
-            embeds, pooled, _ = pipe.encode_prompt(
-                texts, texts, device=device, num_images_per_prompt=1, max_sequence_length=self.max_sequence_length,
-            )
-        else:
-            embeds, _, pooled, _ = pipe.encode_prompt(
-                texts, texts, texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length,
-            )
-        return {"prompt_embeds": embeds.float(), "pooled_embeds": pooled.float()}
+        """Texts -> the family's text conditioning in fp32: ``{"prompt_embeds": (N,L,D)}`` plus
+        ``"pooled_embeds": (N,P)`` (SDXL, SD3, Flux) or ``"attention_mask": (N,L)`` (PixArt)."""
+        cond, _ = self.family.encode_prompt(self.pipeline, list(texts), device=device,
+                                            max_sequence_length=self.max_sequence_length)
+        return {k: v.float() for k, v in cond.items()}
 
     def empty_embeds(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Text conditioning of the empty prompt, (1,L,D) [and (1,P)]; zeros for SDXL pipelines
-        configured with ``force_zeros_for_empty_prompt`` (what their inference uses for CFG)."""
+        """Text conditioning of the empty prompt, (1,L,D) [and (1,P) or (1,L)], as the family defines it
+        (zeros for SDXL pipelines configured with ``force_zeros_for_empty_prompt``, what their inference
+        uses for CFG)."""
         if self._empty is None:
             if self.cache is not None:
                 self._empty = self.cache.load_empty()
             else:
-                self._place(device)
-                self._empty = {k: v.cpu() for k, v in self.encode_texts([""], device).items()}
-                if self.architecture == "sdxl" and getattr(self.pipeline.config, "force_zeros_for_empty_prompt", False):
-                    self._empty = {k: torch.zeros_like(v) for k, v in self._empty.items()}
+                self.place(device)
+                with torch.no_grad():
+                    empty = self.family.empty_conditioning(self.pipeline, device,
+                                                           max_sequence_length=self.max_sequence_length)
+                self._empty = {k: v.float().cpu() for k, v in empty.items()}
         return {k: v.to(device) for k, v in self._empty.items()}
 
     def encode_batch(self, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-        """Latents and text conditioning for both sides, stacked chosen-then-rejected (2B, ...).
+        """Latents and conditioning for both sides, stacked chosen-then-rejected (2B, ...).
 
         From the cache when the batch carries latents; else runs the VAE and the text encoders once
-        (chosen and rejected images in one call; identical texts encoded once).
+        (chosen and rejected images in one call; identical texts encoded once). Every other
+        ``chosen_<name>``/``rejected_<name>`` tensor of the batch (cached text conditioning, the
+        family's image conditions such as SDXL's ``time_ids``) becomes ``<name>``.
         """
         if "chosen_latents" in batch:
-            out = {
-                "latents": torch.cat([batch["chosen_latents"], batch["rejected_latents"]]).to(device),
-                "prompt_embeds": torch.cat([batch["chosen_prompt_embeds"], batch["rejected_prompt_embeds"]]).to(device),
-            }
-            if "chosen_pooled_embeds" in batch:
-                out["pooled_embeds"] = torch.cat(
-                    [batch["chosen_pooled_embeds"], batch["rejected_pooled_embeds"]]
-                ).to(device)
+            out = {"latents": torch.cat([batch["chosen_latents"], batch["rejected_latents"]]).to(device)}
         else:
-            self._place(device)
+            self.place(device)
             pixels = torch.cat([batch["chosen_pixel_values"], batch["rejected_pixel_values"]]).to(device)
             out = {"latents": self.encode_images(pixels)}
             chosen_texts, rejected_texts = list(batch["chosen_texts"]), list(batch["rejected_texts"])
@@ -594,8 +460,10 @@ class DiffusionAdapter:
                 out.update({k: torch.cat([v, v]) for k, v in text.items()})
             else:
                 out.update(self.encode_texts(chosen_texts + rejected_texts, device))
-        if "chosen_time_ids" in batch:
-            out["time_ids"] = torch.cat([batch["chosen_time_ids"], batch["rejected_time_ids"]]).to(device)
+        for key, value in batch.items():
+            name = key[len("chosen_"):]
+            if key.startswith("chosen_") and name not in _NOT_CONDITIONS and isinstance(value, torch.Tensor):
+                out[name] = torch.cat([value, batch[f"rejected_{name}"]]).to(device)
         return out
 
     # ------------------------------------------------------------------ logps
@@ -607,19 +475,7 @@ class DiffusionAdapter:
         UNet models: ``x_t = sqrt(abar) x_0 + sqrt(1-abar) noise``; target by prediction type.
         Flow models (SD3, Flux): ``x_t = (1-sigma) x_0 + sigma noise``; target ``noise - x_0``.
         """
-        if self.flow_matching:
-            if sigmas is None:
-                raise ValueError("flow-matching targets need sigmas (from prepare)")
-            s = sigmas.to(latents.device, latents.dtype).view(-1, 1, 1, 1)
-            return (1.0 - s) * latents + s * noise, noise - latents
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        if self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = latents
-        return noisy, target
+        return self.noise.noisy_and_target(self.scheduler, self.prediction_type, latents, noise, timesteps, sigmas)
 
     def logps(self, model: torch.nn.Module, batch: dict[str, Any]) -> ChosenRejected:
         """Per-sample denoising MSE (mean over C,H,W), ``(B,)`` for each side, from one 2B forward.
@@ -643,64 +499,17 @@ class DiffusionAdapter:
         sigmas2 = torch.cat([sigmas, sigmas]) if sigmas is not None else None
         noisy, target = self.targets(encoded["latents"], noise2, timesteps2, sigmas2)
 
-        prompt_embeds = encoded["prompt_embeds"]
-        pooled = encoded.get("pooled_embeds")
+        cond = {k: v for k, v in encoded.items() if k != "latents"}
         drop = batch.get("drop_text")
-        if drop is not None and bool(drop.any()):
-            empty = self.empty_embeds(device)
+        if drop is not None and bool(drop.any()):  # the empty prompt's conditioning for both sides of a pair
             drop2 = torch.cat([drop, drop]).to(device)
-            prompt_embeds = torch.where(drop2.view(-1, 1, 1), empty["prompt_embeds"], prompt_embeds)
-            if pooled is not None:
-                pooled = torch.where(drop2.view(-1, 1), empty["pooled_embeds"], pooled)
+            for name, empty in self.empty_embeds(device).items():
+                cond[name] = torch.where(drop2.view(-1, *([1] * (empty.dim() - 1))), empty, cond[name])
 
-        if self.architecture == "flux":
-            prediction = self._flux_forward(model, noisy.to(dtype), timesteps2, prompt_embeds.to(dtype), pooled.to(dtype))
-        elif self.architecture == "flow":
-            prediction = model(
-                hidden_states=noisy.to(dtype),
-                timestep=timesteps2.to(dtype),
-                encoder_hidden_states=prompt_embeds.to(dtype),
-                pooled_projections=pooled.to(dtype),
-                return_dict=False,
-            )[0]
-        else:
-            kwargs: dict[str, Any] = {}
-            if self.architecture == "sdxl":
-                kwargs["added_cond_kwargs"] = {
-                    "text_embeds": pooled.to(dtype),
-                    "time_ids": encoded["time_ids"].to(dtype),
-                }
-            prediction = model(
-                noisy.to(dtype), timesteps2, encoder_hidden_states=prompt_embeds.to(dtype), return_dict=False, **kwargs
-            )[0]
+        guidance = self.flux_guidance if self.guidance_embeds else None
+        prediction = self.family.forward(model, noisy.to(dtype), timesteps2, cond, guidance=guidance)
         mse = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         return ChosenRejected(mse[:size], mse[size:], extras={"timesteps": timesteps})
-
-    def _flux_forward(
-        self, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
-        pooled: torch.Tensor,
-    ) -> torch.Tensor:
-        """Flux transformer on unpacked ``noisy`` (N,C,h,w) -> velocity prediction (N,C,h,w).
-
-        As ``FluxPipeline`` calls it: packed tokens, ``timestep / 1000`` (the transformer multiplies by
-        1000 again), image and text position ids, and the guidance value for guidance-distilled models.
-        """
-        n, _, h, w = noisy.shape
-        dtype, device = noisy.dtype, noisy.device
-        guidance = None
-        if self.guidance_embeds:
-            guidance = torch.full((n,), self.flux_guidance, device=device, dtype=torch.float32)
-        out = model(
-            hidden_states=pack_latents(noisy),
-            timestep=(timesteps.float() / 1000.0).to(dtype),
-            guidance=guidance,
-            pooled_projections=pooled,
-            encoder_hidden_states=prompt_embeds,
-            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
-            img_ids=flux_image_ids(h, w, device=device, dtype=dtype),
-            return_dict=False,
-        )[0]
-        return unpack_latents(out, h, w)
 
 
 def _mirror_pairs(batch: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:

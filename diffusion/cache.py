@@ -6,7 +6,9 @@ Layout of a cache folder::
     empty.safetensors          the empty prompt's conditioning (for empty-prompt dropout)
     shard-00000.safetensors    per pair: "<id>/chosen_latents" (C,h,w), "<id>/rejected_latents",
     shard-00001.safetensors    "<id>/chosen_prompt_embeds" (L,D), "<id>/rejected_prompt_embeds",
-    ...                        SDXL/flow: "<id>/{side}_pooled_embeds" (P,); SDXL: "<id>/{side}_time_ids" (6,)
+    ...                        and the family's other conditioning (diffusion.families): SDXL/SD3/Flux
+                               "<id>/{side}_pooled_embeds" (P,), SDXL "<id>/{side}_time_ids" (6,),
+                               PixArt "<id>/{side}_attention_mask" (L,) ...
                                random_flip: "<id>/{side}_flipped_latents" (C,h,w)
 
 Sides are stored in the pair's own order (before any label swap; ``collate`` swaps). Shards hold a
@@ -52,6 +54,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from diffusion.families import canonical_name
 from mmalign.files import honour_umask
 
 __all__ = ["CACHE_VERSION", "LatentCache", "build_cache", "model_fingerprint"]
@@ -89,7 +92,7 @@ def _data_fingerprint(adapter: Any, pairs: Sequence[Any]) -> str:
     for pair in pairs:
         media = []
         for side in _SIDES:
-            path = adapter._media_path(pair, side)
+            path = adapter.media_path(pair, side)
             st = path.stat()
             media.append([str((getattr(pair, f"{side}_media") or [""])[0]), st.st_size, st.st_mtime_ns])
         h.update(json.dumps([str(pair.id), adapter.side_texts(pair), media]).encode())
@@ -117,6 +120,15 @@ def _meta_for(adapter: Any, fingerprint: str | None = None) -> dict[str, Any]:
         "max_sequence_length": getattr(adapter, "max_sequence_length", None),
         "flipped_latents": bool(getattr(adapter, "random_flip", False)),
     }
+
+
+def _normalised_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """A stored meta as this version writes it: ``flipped_latents`` False where caches from before the
+    flag have none, and the family's canonical name (caches built when SD3 was called ``"flow"``)."""
+    out = {"flipped_latents": False, **meta}
+    if isinstance(out.get("architecture"), str):
+        out["architecture"] = canonical_name(out["architecture"], strict=False)
+    return out
 
 
 def _no_flips_message(where: Path) -> str:
@@ -176,7 +188,7 @@ def build_cache(
     index: dict[str, Any] = {"meta": meta, "shard_size": shard_size, "shards": []}
     if index_path.is_file():
         old = json.loads(index_path.read_text())
-        old_meta = {"flipped_latents": False, **(old.get("meta") or {})}  # caches from before the flag had none
+        old_meta = _normalised_meta(old.get("meta") or {})
         if old_meta["flipped_latents"] and not meta["flipped_latents"]:
             meta["flipped_latents"] = True  # a superset: keep writing mirrored latents
         elif meta["flipped_latents"] and not old_meta["flipped_latents"]:
@@ -193,7 +205,7 @@ def build_cache(
     if device is None:
         device = next(adapter.vae.parameters()).device
     device = torch.device(device)
-    adapter._place(device)
+    adapter.place(device)
 
     empty_path = root / "empty.safetensors"
     if not empty_path.is_file():
@@ -219,15 +231,10 @@ def build_cache(
             group = chunk[b : b + batch_size]
             rows = [adapter.load_pair_images(p) for p in group]
             texts = [adapter.side_texts(p) for p in group]
-            batch = {
-                "chosen_pixel_values": torch.stack([r["chosen_pixel_values"] for r in rows]),
-                "rejected_pixel_values": torch.stack([r["rejected_pixel_values"] for r in rows]),
-                "chosen_texts": [t[0] for t in texts],
-                "rejected_texts": [t[1] for t in texts],
-            }
-            if adapter.architecture == "sdxl":
-                for side in _SIDES:
-                    batch[f"{side}_time_ids"] = torch.stack([r[f"{side}_time_ids"] for r in rows])
+            # pixels and the family's image conditions (SDXL's time ids ...), stacked
+            batch: dict[str, Any] = {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+            batch["chosen_texts"] = [t[0] for t in texts]
+            batch["rejected_texts"] = [t[1] for t in texts]
             encoded = adapter.encode_batch(batch, device)
             if meta["flipped_latents"]:  # mirror the pixels, then encode (never flip latents)
                 pixels = torch.cat([batch["chosen_pixel_values"], batch["rejected_pixel_values"]])
@@ -235,15 +242,8 @@ def build_cache(
             n = len(group)
             for i, pair in enumerate(group):
                 for s, side in enumerate(_SIDES):
-                    j = s * n + i
-                    tensors[f"{pair.id}/{side}_latents"] = encoded["latents"][j]
-                    if "flipped_latents" in encoded:
-                        tensors[f"{pair.id}/{side}_flipped_latents"] = encoded["flipped_latents"][j]
-                    tensors[f"{pair.id}/{side}_prompt_embeds"] = encoded["prompt_embeds"][j]
-                    if "pooled_embeds" in encoded:
-                        tensors[f"{pair.id}/{side}_pooled_embeds"] = encoded["pooled_embeds"][j]
-                    if "time_ids" in encoded:
-                        tensors[f"{pair.id}/{side}_time_ids"] = encoded["time_ids"][j]
+                    for name, value in encoded.items():  # latents, [flipped_latents,] the conditioning
+                        tensors[f"{pair.id}/{side}_{name}"] = value[s * n + i]
         tmp = root / (name + ".tmp")
         save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         honour_umask(tmp)
@@ -267,7 +267,7 @@ class LatentCache:
         if not index_path.is_file():
             raise FileNotFoundError(f"{index_path} not found: build the cache first (diffusion.cache.build_cache)")
         self.index = json.loads(index_path.read_text())
-        self.meta = self.index["meta"]
+        self.meta = _normalised_meta(self.index["meta"])
         #: whether the cache stores latents of the mirrored images (``random_flip``)
         self.flipped_latents = bool(self.meta.get("flipped_latents", False))
         self.where: dict[str, str] = {}
@@ -275,7 +275,7 @@ class LatentCache:
             for pair_id in shard["ids"]:
                 self.where[pair_id] = shard["file"]
         self._handles: dict[str, Any] = {}
-        self._keys: dict[str, set[str]] = {}
+        self._keys: dict[str, dict[str, list[str]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # safetensors handles do not pickle (DataLoader workers)
         state = dict(self.__dict__)
@@ -320,22 +320,26 @@ class LatentCache:
         if file is None:
             raise KeyError(f"pair {pair_id}: not in the cache at {self.root}; rebuild it for this dataset")
         handle = self._handle(file)
-        keys = self._keys.setdefault(file, set(handle.keys()))
-        out = {}
-        for side in _SIDES:
-            for name in ("latents", "prompt_embeds", "pooled_embeds", "time_ids"):
-                key = f"{pair_id}/{side}_{name}"
-                if key in keys:
-                    out[f"{side}_{name}"] = handle.get_tensor(key)
-            if flipped:
-                key = f"{pair_id}/{side}_flipped_latents"
-                if key not in keys:
-                    raise ValueError(f"{self.root / file}: pair {pair_id} has no '{side}_flipped_latents'; rebuild the cache")
-                out[f"{side}_flipped_latents"] = handle.get_tensor(key)
+        if file not in self._keys:  # pair id -> its entries ("chosen_latents", ...), once per shard
+            grouped: dict[str, list[str]] = {}
+            for key in handle.keys():
+                owner, entry = key.rsplit("/", 1)
+                grouped.setdefault(owner, []).append(entry)
+            self._keys[file] = grouped
+        entries = self._keys[file].get(pair_id, [])
+        out = {entry: handle.get_tensor(f"{pair_id}/{entry}") for entry in entries
+               if not entry.endswith("_flipped_latents")}
+        if flipped:
+            for side in _SIDES:
+                entry = f"{side}_flipped_latents"
+                if entry not in entries:
+                    raise ValueError(f"{self.root / file}: pair {pair_id} has no '{entry}'; rebuild the cache")
+                out[entry] = handle.get_tensor(f"{pair_id}/{entry}")
         return out
 
     def load_empty(self) -> dict[str, torch.Tensor]:
-        """The empty prompt's conditioning, ``{"prompt_embeds": (1,L,D)[, "pooled_embeds": (1,P)]}``."""
+        """The empty prompt's conditioning, ``{"prompt_embeds": (1,L,D)}`` plus the family's other text
+        conditioning (``"pooled_embeds": (1,P)``, ``"attention_mask": (1,L)``)."""
         from safetensors.torch import load_file
 
         return load_file(str(self.root / "empty.safetensors"))

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from diffusion.families import family_of, vae_scale_factor
+
 __all__ = ["FEW_STEP_SAMPLERS", "OnlinePSO", "few_step_scheduler", "make_pso_pairs", "sample_images"]
 
 logger = logging.getLogger(__name__)
@@ -90,24 +92,24 @@ def sample_images(
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
-    device = next(denoiser.parameters()).device
-    was_training = denoiser.training
-    denoiser.eval()
+    family = family_of(pipeline)
+    module = getattr(pipeline, family.denoiser_attr)
+    device = next(module.parameters()).device
+    was_training = module.training
+    module.eval()
     extra: dict[str, Any] = {}
-    if max_sequence_length is not None and getattr(pipeline, "transformer", None) is not None:
+    if max_sequence_length is not None and family.default_max_sequence_length(pipeline) is not None:
         extra["max_sequence_length"] = max_sequence_length
-    if resolution is None and _is_flux(pipeline):  # FluxPipeline would default to 128 * vae_scale_factor px
-        resolution = int(pipeline.vae.config.sample_size)
-    if resolution is not None:
-        extra["height"] = extra["width"] = resolution
+    # the family's size (FluxPipeline itself would default to 128 * vae_scale_factor px)
+    resolution = resolution or family.default_resolution(pipeline)
+    extra["height"] = extra["width"] = resolution
     images: list[Image.Image] = []
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
             generators = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
             # noise drawn on the CPU from per-image generators, then moved: same images on any device
-            latents = _initial_latents(pipeline, len(chunk), resolution, generators).to(device)
+            latents = _initial_latents(pipeline, resolution, generators).to(device)
             # the generators also seed stochastic samplers' per-step noise (DDPM, Euler ancestral)
             out = pipeline(
                 prompt=chunk,
@@ -120,30 +122,17 @@ def sample_images(
             )
             images.extend(out.images)
     finally:
-        denoiser.train(was_training)
+        module.train(was_training)
     return images
 
 
-def _is_flux(pipeline: Any) -> bool:
-    from diffusers import FluxPipeline
-
-    return isinstance(pipeline, FluxPipeline)
-
-
-def _initial_latents(pipeline: Any, n: int, resolution: int | None, generators: list[torch.Generator]) -> torch.Tensor:
-    denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
-    scale = pipeline.vae_scale_factor
-    if _is_flux(pipeline):  # noise drawn unpacked (C, h, w), given to the pipeline packed in 2x2 patches
-        from diffusion.adapter import pack_latents
-
-        size = resolution or int(pipeline.vae.config.sample_size)
-        shape = (1, int(denoiser.config.in_channels) // 4, size // scale, size // scale)
-        return torch.cat([pack_latents(torch.randn(shape, generator=g)) for g in generators])
-    size = resolution or int(denoiser.config.sample_size) * scale
-    channels = int(denoiser.config.in_channels)
-    shape = (1, channels, size // scale, size // scale)
-    # unit-variance noise: UNet pipelines scale given latents by init_noise_sigma themselves
-    return torch.cat([torch.randn(shape, generator=g) for g in generators])
+def _initial_latents(pipeline: Any, resolution: int, generators: list[torch.Generator]) -> torch.Tensor:
+    """One unit-variance noise ``(1, C, h, w)`` per generator, drawn unpacked and handed over in the form
+    the pipeline takes (Flux: packed 2x2 patches); UNet pipelines scale it by ``init_noise_sigma`` themselves."""
+    family = family_of(pipeline)
+    side = resolution // vae_scale_factor(pipeline)
+    shape = (1, family.latent_channels(pipeline), side, side)
+    return torch.cat([family.to_pipeline_latents(torch.randn(shape, generator=g)) for g in generators])
 
 
 def make_pso_pairs(

@@ -60,6 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffusion.families import denoiser, family_of, vae_scale_factor
 from mmalign._compat import supports_gradient_checkpointing
 from mmalign.files import atomic_write_bytes
 from mmalign.rewards import Reward, WeightedRewards
@@ -141,7 +142,6 @@ def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.d
 
 
 
-
 class NoiseSampler:
     """A differentiable map from initial noise to images for one pipeline and a fixed prompt list.
 
@@ -151,6 +151,10 @@ class NoiseSampler:
     batch independent); with ``ancestral`` the same generator then draws one noise per denoising
     step, kept fixed (``ancestral_noise``). The other keyword arguments are :func:`optimize_noise`'s
     sampler options (documented there), which it passes on unchanged.
+
+    Everything that depends on the model family (text encoding, added conditions, the denoiser's
+    call, latent packing and scaling, the few-step schedule) comes from :mod:`diffusion.families`;
+    ``kind`` is the family's name.
     """
 
     def __init__(
@@ -170,71 +174,66 @@ class NoiseSampler:
         ancestral: bool | None = None,
         seed: int = 0,
     ) -> None:
+        from diffusers import EulerAncestralDiscreteScheduler
+
         if num_inference_steps < 1:
             raise ValueError(f"optimize_noise: num_inference_steps must be >= 1, got {num_inference_steps}")
         self.pipe = pipe
         self.prompts = prompts
+        self.family = family_of(pipe)
+        self.kind = self.family.name
         self.vae = pipe.vae
-        self.denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        self.denoiser = getattr(pipe, self.family.denoiser_attr)
         self.device, self.dtype = _module_device_dtype(self.denoiser)
         self.guidance_scale = float(guidance_scale)
-        self.cfg = self.guidance_scale > 1.0
+        # classifier-free guidance where the family has it; guidance-distilled models (Flux dev) take
+        # guidance_scale as an embedding instead
+        self.cfg = self.family.classifier_free_guidance and self.guidance_scale > 1.0
+        self.guidance = self.guidance_scale if self.family.guidance_embedded(pipe) else None
         self.vae_checkpointing = vae_checkpointing
         self.vae_per_block = vae_checkpointing and supports_gradient_checkpointing(self.vae)
         # per-block checkpointing through diffusers' own switch where the model has one (see `_frozen`),
         # else the whole denoiser call is checkpointed
         self.denoiser_per_block = gradient_checkpointing and supports_gradient_checkpointing(self.denoiser)
         self.denoiser_whole = gradient_checkpointing and not self.denoiser_per_block
-        name = type(pipe).__name__
-        sched = pipe.scheduler
-        self.flow = "FlowMatch" in type(sched).__name__
-        self.flux = name == "FluxPipeline"
-        if "Flux" in name and not self.flux:
-            raise NotImplementedError(f"optimize_noise: {name} is not supported (of the Flux family: FluxPipeline)")
-        if self.flux:
-            if negative_prompt is not None:
-                raise ValueError("optimize_noise: FluxPipeline takes no negative_prompt (no classifier-free "
-                                 "guidance; guidance-distilled models get guidance_scale as an embedding)")
-            self.cfg = False  # guidance_scale goes to the guidance embedding, not to CFG
-        if self.flux:
-            self.kind = "flux"
-        elif getattr(pipe, "unet", None) is not None:
-            self.kind = "sdxl" if getattr(self.denoiser.config, "addition_embed_type", None) == "text_time" else "sd"
-        elif self.flow:
-            self.kind = "sd3"
-        else:
-            self.kind = "pixart"
-        if self.flow != (self.kind in ("sd3", "flux")):
-            raise NotImplementedError(f"optimize_noise: {name} with {type(sched).__name__} is not supported")
 
-        vsf = int(getattr(pipe, "vae_scale_factor", 2 ** (len(self.vae.config.block_out_channels) - 1)))
-        if self.flux:  # no transformer sample_size; FLUX.1's VAE says 1024 px. Latents pack in 2x2 patches
-            height = height or int(self.vae.config.sample_size)
-            width = width or int(self.vae.config.sample_size)
-            multiple = vsf * 2
-            channels = int(self.denoiser.config.in_channels) // 4
-        else:
-            sample = self.denoiser.config.sample_size
-            sample = sample if isinstance(sample, int) else sample[0]
-            height = height or sample * vsf
-            width = width or sample * vsf
-            multiple = vsf * int(getattr(self.denoiser.config, "patch_size", None) or 1)
-            channels = int(self.denoiser.config.in_channels)
+        vsf = vae_scale_factor(pipe)
+        height = height or self.family.default_resolution(pipe)
+        width = width or self.family.default_resolution(pipe)
+        multiple = self.family.resolution_multiple(pipe)
         if height % multiple or width % multiple:
             raise ValueError(f"optimize_noise: height and width must be multiples of {multiple}, got {height}x{width}")
         self.height, self.width = height, width
-        self.latent_shape = (channels, height // vsf, width // vsf)
+        self.latent_shape = (self.family.latent_channels(pipe), height // vsf, width // vsf)
         self.scaling_factor = float(self.vae.config.scaling_factor)
-        self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        shift = getattr(self.vae.config, "shift_factor", None) if self.family.latent_shift else None
+        self.shift_factor = float(shift or 0.0)
         self._encode(negative_prompt, dict(encode_kwargs or {}))
-        self._schedule(num_inference_steps, timesteps)
+        self.schedule = self.family.sampling_schedule(pipe, num_inference_steps, device=self.device,
+                                                      timesteps=timesteps, latent_size=self.latent_shape[1:])
+        self.timesteps = self.schedule.timesteps
         if ancestral is None:
-            ancestral = type(sched).__name__ == "EulerAncestralDiscreteScheduler"
-        if ancestral and self.flow:
+            ancestral = isinstance(pipe.scheduler, EulerAncestralDiscreteScheduler)
+        if ancestral and not self.schedule.variance_preserving:
             raise ValueError(f"optimize_noise: ancestral sampling needs a variance-preserving scheduler "
-                             f"(Euler ancestral); {name} uses {type(sched).__name__}")
+                             f"(Euler ancestral); {type(pipe).__name__} uses {type(pipe.scheduler).__name__}")
         self.ancestral = bool(ancestral)
         self._draw_noise(seed, num_inference_steps)
+
+    @property
+    def sigmas(self) -> Tensor:
+        """Flow-matching families: the ``(n + 1,)`` sigmas of the schedule (the last is 0)."""
+        return self.schedule.sigmas
+
+    @property
+    def alphas(self) -> list[float]:
+        """Variance-preserving families: ``sqrt(abar_t)`` per step."""
+        return self.schedule.alphas
+
+    @property
+    def sigmas_vp(self) -> list[float]:
+        """Variance-preserving families: ``sqrt(1 - abar_t)`` per step."""
+        return self.schedule.sigmas_vp
 
     def _draw_noise(self, seed: int, steps: int) -> None:
         """Per prompt ``i``, from ``Generator().manual_seed(seed + i)``: the initial noise, then (ancestral
@@ -251,110 +250,24 @@ class NoiseSampler:
 
     # -- conditioning, computed once -------------------------------------------------------------
     def _encode(self, negative_prompt: str | list[str] | None, extra: dict[str, Any]) -> None:
-        pipe, prompts, dev = self.pipe, self.prompts, self.device
-        if self.flux:
-            self._encode_flux(extra)
-            return
-        common = dict(device=dev, num_images_per_prompt=1, do_classifier_free_guidance=self.cfg,
-                      negative_prompt=negative_prompt, **extra)
-        b = len(prompts)
+        """``self.cond``: the family's conditioning (text, then image conditions at the full size), with the
+        negative prompt's stacked first when guiding (rows ``[negatives, prompts]``)."""
+        b = len(self.prompts)
         with torch.no_grad():
-            if self.kind == "sd":
-                embeds, neg = pipe.encode_prompt(prompt=prompts, **common)[:2]
-                self.cond = {"encoder_hidden_states": self._cat(neg, embeds)}
-            elif self.kind == "sdxl":
-                embeds, neg, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, **common)
-                h, w = self.height, self.width
-                time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=dev, dtype=embeds.dtype).repeat(b, 1)
-                self.cond = {
-                    "encoder_hidden_states": self._cat(neg, embeds),
-                    "added_cond_kwargs": {
-                        "text_embeds": self._cat(neg_pooled, pooled),
-                        "time_ids": self._cat(time_ids, time_ids),
-                    },
-                }
-            elif self.kind == "sd3":
-                embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
-                    prompt=prompts, prompt_2=None, prompt_3=None, **common
-                )
-                self.cond = {
-                    "encoder_hidden_states": self._cat(neg, embeds),
-                    "pooled_projections": self._cat(neg_pooled, pooled),
-                }
-            else:  # pixart
-                common.pop("negative_prompt")
-                embeds, mask, neg, neg_mask = pipe.encode_prompt(
-                    prompt=prompts, negative_prompt=negative_prompt or "", **common
-                )
-                micro: dict[str, Tensor | None] = {"resolution": None, "aspect_ratio": None}
-                if self.denoiser.config.sample_size == 128:  # PixArt-alpha 1024 px models take micro-conditions
-                    res = torch.tensor([[self.height, self.width]], device=dev, dtype=embeds.dtype).repeat(b, 1)
-                    ratio = torch.full((b, 1), self.height / self.width, device=dev, dtype=embeds.dtype)
-                    micro = {"resolution": self._cat(res, res), "aspect_ratio": self._cat(ratio, ratio)}
-                self.cond = {
-                    "encoder_hidden_states": self._cat(neg, embeds),
-                    "encoder_attention_mask": self._cat(neg_mask, mask),
-                    "added_cond_kwargs": micro,
-                }
-
-    def _encode_flux(self, extra: dict[str, Any]) -> None:
-        from diffusion.adapter import flux_image_ids
-
-        with torch.no_grad():
-            embeds, pooled, _ = self.pipe.encode_prompt(
-                prompt=self.prompts, prompt_2=None, device=self.device, num_images_per_prompt=1, **extra)
-        _, h, w = self.latent_shape
-        guidance = None
-        if getattr(self.denoiser.config, "guidance_embeds", False):
-            guidance = torch.full((len(self.prompts),), self.guidance_scale, device=self.device, dtype=torch.float32)
-        self.cond = {
-            "encoder_hidden_states": embeds.to(self.dtype),
-            "pooled_projections": pooled.to(self.dtype),
-            "txt_ids": torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype),
-            "img_ids": flux_image_ids(h, w, device=self.device, dtype=self.dtype),
-            "guidance": guidance,
-        }
+            cond, negative = self.family.encode_prompt(self.pipe, self.prompts, device=self.device, guidance=self.cfg,
+                                                       negative_prompt=negative_prompt, **extra)
+        size = (self.height, self.width)
+        for name, value in self.family.image_conditions(self.pipe, size, (0, 0), size).items():
+            cond[name] = value.to(self.device).expand(b, *value.shape)
+            if negative is not None:
+                negative[name] = cond[name]
+        self.cond = {k: self._cat(negative[k] if negative is not None else None, v) for k, v in cond.items()}
 
     def _cat(self, negative: Tensor | None, positive: Tensor) -> Tensor:
         if not self.cfg:
             return positive
         assert negative is not None
         return torch.cat([negative, positive])
-
-    # -- timesteps -------------------------------------------------------------------------------
-    def _schedule(self, n: int, timesteps: Sequence[int] | None) -> None:
-        sched = self.pipe.scheduler
-        if self.flux:  # the pipeline's sigmas; mu only matters with dynamic shifting (FLUX.1-dev)
-            _, h, w = self.latent_shape
-            cfg = sched.config
-            base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
-            base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
-            mu = base_shift + (max_shift - base_shift) * ((h // 2) * (w // 2) - base_len) / (max_len - base_len)
-            import numpy as np
-
-            sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), device=self.device, mu=mu)
-            self.timesteps = sched.timesteps.clone()
-            self.sigmas = sched.sigmas.to(self.device, torch.float32).clone()  # n + 1, last is 0
-            return
-        if self.flow:
-            if getattr(sched.config, "use_dynamic_shifting", False):
-                raise NotImplementedError("optimize_noise: flow schedulers with dynamic shifting need mu (Flux)")
-            sched.set_timesteps(n, device=self.device)
-            self.timesteps = sched.timesteps.clone()
-            self.sigmas = sched.sigmas.to(self.device, torch.float32).clone()  # n + 1, last is 0
-            return
-        total = int(sched.config.num_train_timesteps)
-        if timesteps is None:
-            timesteps = [round(total * (1 - i / n)) - 1 for i in range(n)]  # trailing spacing
-        if len(timesteps) != n or any(not 0 <= t < total for t in timesteps):
-            raise ValueError(f"optimize_noise: timesteps must be {n} values in [0, {total}), got {list(timesteps)}")
-        abar = sched.alphas_cumprod.to(torch.float64)
-        self.timesteps = torch.tensor(list(timesteps), device=self.device)
-        self.alphas = [float(abar[t].sqrt()) for t in timesteps]
-        self.sigmas_vp = [float((1 - abar[t]).sqrt()) for t in timesteps]
-        self.prediction_type = getattr(sched.config, "prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise NotImplementedError(f"optimize_noise: prediction_type {self.prediction_type!r} is not supported")
 
     # -- forward ---------------------------------------------------------------------------------
     def _denoise(self, x: Tensor, t: Tensor) -> Tensor:
@@ -366,49 +279,21 @@ class NoiseSampler:
         b = x.shape[0]
         x_in = torch.cat([x, x]) if self.cfg else x
         t_in = t.expand(x_in.shape[0])
-        if self.kind == "flux":
-            from diffusion.adapter import pack_latents, unpack_latents
-
-            out = self.denoiser(hidden_states=pack_latents(x_in), timestep=t_in.to(x_in.dtype) / 1000,
-                                **self.cond, return_dict=False)[0]
-            out = unpack_latents(out, x_in.shape[2], x_in.shape[3])
-        elif self.kind in ("sd", "sdxl"):
-            out = self.denoiser(x_in, t_in, **self.cond, return_dict=False)[0]
-        elif self.kind == "sd3":
-            out = self.denoiser(hidden_states=x_in, timestep=t_in, **self.cond, return_dict=False)[0]
-        else:
-            out = self.denoiser(x_in, timestep=t_in, **self.cond, return_dict=False)[0]
-            if out.shape[1] == 2 * x.shape[1]:  # learned sigma: keep the mean prediction
-                out = out[:, : x.shape[1]]
+        out = self.family.forward(self.denoiser, x_in, t_in, self.cond, guidance=self.guidance)
         if self.cfg:
             uncond, cond = out[:b], out[b:]
             out = uncond + self.guidance_scale * (cond - uncond)
         return out
 
-    def _x0_eps(self, x: Tensor, out: Tensor, i: int) -> tuple[Tensor, Tensor]:
-        """Clean latent and noise from the model output at step ``i``, ``x = a * x0 + s * eps``."""
-        a, s = self.alphas[i], self.sigmas_vp[i]
-        if self.prediction_type == "epsilon":
-            return (x - s * out) / a, out
-        if self.prediction_type == "v_prediction":
-            return a * x - s * out, s * x + a * out
-        return out, (x - a * out) / s
-
     def latents_to_x0(self, z: Tensor) -> Tensor:
-        """Run the 1-4 denoising steps from ``z`` (= ``x_T``) to the clean latent ``(B, C, h, w)``."""
+        """Run the 1-4 denoising steps from ``z`` to the clean latent ``(B, C, h, w)``: the family's
+        schedule starts (``x_T = sqrt(1 - abar_T) * z`` for variance-preserving families, ``z`` for flow
+        matching) and steps (DDIM with eta 0, or Euler on the velocity)."""
         if self.ancestral:
             return self._ancestral(z)
-        x = z.to(self.dtype)
-        if not self.flow:  # x_T = sqrt(1 - abar_T) * z: the noise part of x_T, as diffusers' Euler pipelines start
-            x = x * self.sigmas_vp[0]
-        n = len(self.timesteps)
-        for i in range(n):
-            out = self._denoise(x, self.timesteps[i])
-            if self.flow:  # Euler on the velocity field
-                x = x + (self.sigmas[i + 1] - self.sigmas[i]).to(x.dtype) * out
-                continue
-            x0, eps = self._x0_eps(x, out, i)
-            x = x0 if i == n - 1 else self.alphas[i + 1] * x0 + self.sigmas_vp[i + 1] * eps
+        x = self.schedule.start(z.to(self.dtype))
+        for i in range(len(self.timesteps)):
+            x = self.schedule.step(x, self._denoise(x, self.timesteps[i]), i)
         return x
 
     def _ancestral(self, z: Tensor) -> Tensor:
@@ -418,12 +303,13 @@ class NoiseSampler:
         ``x * a``; each step goes to ``sigma_down`` along ``(x - x0) / sigma`` and adds the fixed noise
         times ``sigma_up``, where ``sigma_up^2 = sigma_to^2 (sigma^2 - sigma_to^2) / sigma^2`` and
         ``sigma_down^2 = sigma_to^2 - sigma_up^2`` (``sigma_to = 0`` after the last step: no noise)."""
-        sig = [s / a for a, s in zip(self.alphas, self.sigmas_vp, strict=True)] + [0.0]
+        schedule = self.schedule
+        sig = [s / a for a, s in zip(schedule.alphas, schedule.sigmas_vp, strict=True)] + [0.0]
         x = z.float() * sig[0]
         for i in range(len(self.timesteps)):
-            a, s_from, s_to = self.alphas[i], sig[i], sig[i + 1]
+            a, s_from, s_to = schedule.alphas[i], sig[i], sig[i + 1]
             x_in = (x * a).to(self.dtype)
-            x0 = self._x0_eps(x_in, self._denoise(x_in, self.timesteps[i]), i)[0].float()
+            x0 = schedule.x0_eps(x_in, self._denoise(x_in, self.timesteps[i]), i)[0].float()
             up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2) ** 0.5
             down = (s_to**2 - up**2) ** 0.5
             x = x + (x - x0) / s_from * (down - s_from) + self.ancestral_noise[i].to(x.dtype) * up
@@ -487,8 +373,7 @@ def _frozen(pipe: Any, denoiser_per_block: bool, vae_per_block: bool) -> Iterato
         for m in modules:
             m.eval()
             m.requires_grad_(False)
-        denoiser = getattr(pipe, "unet", None) or pipe.transformer
-        for module, want in ((denoiser, denoiser_per_block), (pipe.vae, vae_per_block)):
+        for module, want in ((denoiser(pipe), denoiser_per_block), (pipe.vae, vae_per_block)):
             if want and not getattr(module, "is_gradient_checkpointing", False):
                 module.enable_gradient_checkpointing()
                 toggled.append(module)

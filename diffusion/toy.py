@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffusion.adapter import DiffusionAdapter, denoiser, set_denoiser
+from diffusion.adapter import DiffusionAdapter
+from diffusion.families import denoiser, family_of, set_denoiser, vae_scale_factor
 from mmalign.pairs import PairWriter, PreferencePair, read_pairs
 
 __all__ = [
@@ -209,10 +210,6 @@ def data_brightness(pairs: list[PreferencePair]) -> tuple[float, float]:
     return float(chosen.mean()), float(rejected.mean())
 
 
-def _is_flow(pipe: Any) -> bool:
-    return getattr(pipe, "transformer", None) is not None
-
-
 @torch.no_grad()
 def reconstruction_error(vae: torch.nn.Module, pixels: torch.Tensor, *, batch_size: int = 32) -> float:
     """Mean squared error, in [0, 1] pixel units, of ``decode(posterior mean of encode(pixels))``
@@ -270,7 +267,7 @@ def pretrain_vae(pipe: Any, pairs: list[PreferencePair], steps: int, *, seed: in
     vae.eval()
     with torch.no_grad():
         z = torch.cat([vae.encode(pixels[i : i + 32].to(device)).latent_dist.mean for i in range(0, len(pixels), 32)])
-    if _is_flow(pipe):
+    if family_of(pipe).latent_shift:
         vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
     else:
         vae.register_to_config(scaling_factor=float(1 / z.std()))
@@ -285,21 +282,23 @@ def sample_latents(pipe: Any, n: int = 32, *, steps: int = 20, seed: int = 4242,
     Sample ``i`` starts from unit noise drawn with seed ``seed + i`` (guidance 1.0, i.e. no CFG); the
     latents are in the space of :meth:`DiffusionAdapter.encode_images` (``(z - shift) * scale``).
     """
+    family = family_of(pipe)
     module = denoiser(pipe)
     was_training = module.training
     module.eval()
-    side = int(module.config.sample_size)
-    channels = int(module.config.in_channels)
+    side = family.default_resolution(pipe) // vae_scale_factor(pipe)
+    channels = family.latent_channels(pipe)
     out = []
     try:
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
             gens = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
-            noise = torch.cat([torch.randn((1, channels, side, side), generator=g) for g in gens])
+            noise = torch.cat([family.to_pipeline_latents(torch.randn((1, channels, side, side), generator=g))
+                               for g in gens])
             device = next(module.parameters()).device
             result = pipe(prompt=[prompt] * count, num_inference_steps=steps, guidance_scale=1.0,
                           latents=noise.to(device), generator=gens, output_type="latent")
-            out.append(result.images.float().cpu())
+            out.append(family.from_pipeline_latents(result.images.float().cpu(), side, side))
     finally:
         module.train(was_training)
     return torch.cat(out)
@@ -311,7 +310,7 @@ def decode_latents(pipe: Any, latents: torch.Tensor, *, batch_size: int = 32) ->
     (``z / scaling_factor``, plus ``shift_factor`` for flow pipelines; no 8-bit rounding)."""
     vae = pipe.vae
     scale = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0) if _is_flow(pipe) else 0.0
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0) if family_of(pipe).latent_shift else 0.0
     param = next(vae.parameters())
     out = [vae.decode(z.to(param) / scale + shift).sample.float().cpu()
            for z in latents.split(batch_size)]

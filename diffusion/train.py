@@ -297,13 +297,11 @@ def save_lora(pipeline: Any, peft_model: torch.nn.Module, out_dir: str | os.Path
         metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in peft_config.to_dict().items()}
         metadata = {k: v for k, v in metadata.items() if k in ("r", "lora_alpha", "target_modules", "lora_dropout",
                                                                "use_dora", "use_rslora", "bias")}
+    from diffusion.families import family_of
+
     out = Path(out_dir)
-    if getattr(pipeline, "transformer", None) is not None:
-        type(pipeline).save_lora_weights(
-            out, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata
-        )
-    else:
-        type(pipeline).save_lora_weights(out, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
+    target = family_of(pipeline).denoiser_attr  # "unet" or "transformer": the keyword diffusers saves it under
+    type(pipeline).save_lora_weights(out, **{f"{target}_lora_layers": state, f"{target}_lora_adapter_metadata": metadata})
     honour_umask(out)
     return out
 
@@ -388,17 +386,19 @@ def _pso_guidance(pipeline: Any, config: DiffusionTrainConfig) -> float:
     CFG), or ``flux_guidance`` for guidance-distilled Flux, whose pipeline feeds ``guidance_scale`` to the
     guidance embedding: sampling those at 0 would draw images the model never makes with the value
     it is trained with (the adapter conditions on ``flux_guidance``)."""
+    from diffusion.families import family_of
+
     if config.pso_guidance_scale is not None:
         return float(config.pso_guidance_scale)
-    transformer = getattr(pipeline, "transformer", None)
-    if transformer is not None and bool(getattr(transformer.config, "guidance_embeds", False)):
+    if family_of(pipeline).guidance_embedded(pipeline):
         return float(config.flux_guidance)
     return 0.0
 
 
 def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
     """Train as ``config`` says and write the outputs (see the module docstring)."""
-    from diffusion.adapter import DiffusionAdapter, denoiser, drop_ties, set_denoiser
+    from diffusion.adapter import DiffusionAdapter, drop_ties
+    from diffusion.families import denoiser, frozen_modules, set_denoiser
     from diffusion.pso import OnlinePSO, few_step_scheduler, make_pso_pairs, sample_images
     from mmalign.distributed import barrier, process_state
     from mmalign.engine import train
@@ -416,10 +416,8 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
     tiny_kwargs = dict(config.tiny_kwargs) if config.pretrained.startswith("tiny:") else {}
     pipe = load_pipeline(config.pretrained, **tiny_kwargs)
     frozen_dtype = getattr(torch, config.frozen_dtype)
-    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            module.to(device=device, dtype=frozen_dtype)
+    for module in frozen_modules(pipe):
+        module.to(device=device, dtype=frozen_dtype)
     model = denoiser(pipe)
     model.to(device)
     attention = set_attention(model, config.attention)

@@ -68,7 +68,7 @@ def _prepared(adapter, pairs, seed=0):
 
 def test_protocol_and_architectures(sd, sdxl, sd3):
     assert isinstance(DiffusionAdapter(sd), Adapter)
-    assert [detect_architecture(p) for p in (sd, sdxl, sd3)] == ["sd", "sdxl", "flow"]
+    assert [detect_architecture(p) for p in (sd, sdxl, sd3)] == ["sd", "sdxl", "sd3"]
     assert DiffusionAdapter(sd).resolution == 32  # 16 latent * VAE factor 2
 
 
@@ -93,7 +93,7 @@ def test_chosen_and_rejected_share_noise_and_timestep(name, request, tmp_path):
             writer.write(PreferencePair(id=f"s{i}", prompt="a cat", chosen="", rejected="",
                                         chosen_media=[a], rejected_media=[b]))
     adapter = DiffusionAdapter(pipe)
-    model = pipe.transformer if adapter.architecture == "flow" else pipe.unet
+    model = pipe.transformer if adapter.architecture == "sd3" else pipe.unet
     batch = _prepared(adapter, read_pairs(tmp_path / "same"))
     with torch.no_grad():
         out = adapter.logps(model, batch)

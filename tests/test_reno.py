@@ -97,7 +97,7 @@ def test_sdxl_added_conditioning_and_gradient() -> None:
     pipe = _load("sdxl")
     sampler = NoiseSampler(pipe, ["a", "b"])
     assert sampler.kind == "sdxl"
-    assert sampler.cond["added_cond_kwargs"]["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 2
+    assert sampler.cond["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 2
     z = torch.randn(2, *sampler.latent_shape, requires_grad=True)
     _redness(sampler(z), ["a", "b"]).sum().backward()
     assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
