@@ -56,7 +56,8 @@ import torch
 
 from mmalign._compat import is_image_token_mismatch
 from mmalign.adapter import ChosenRejected
-from mmalign.logprobs import model_sequence_logps, sequence_logps
+from mmalign.logprobs import model_sequence_logps, model_token_logps, sequence_logps
+from mmalign.packing import Packed, pack_rows, use_varlen_sdpa
 
 __all__ = [
     "LORA_SCOPES",
@@ -246,6 +247,12 @@ class VLMAdapter:
         fused_head: log-probs from the last hidden states and the LM head, chunk by chunk, without the
             ``(2B, T, V)`` logits (:func:`mmalign.logprobs.model_sequence_logps`); other heads fall back to
             full logits with a warning. Same values and gradients; ``False`` always makes the logits.
+        padding_free: run the ``2B`` rows as one packed row without padding (:mod:`mmalign.packing`):
+            position ids restart per sequence (Qwen2-VL/2.5-VL: their 3-D M-RoPE positions of each row,
+            with the per-sequence text positions in front, as transformers reads packed M-RoPE input)
+            and each sequence attends to itself only (SDPA models switch to per-sequence SDPA). The
+            first batch of each model checks once that the packed log-probs equal the padded ones;
+            batches with online negatives (which need each row's logits) run padded.
 
     Batch layout (from :meth:`collate`), ``B`` pairs, ``U`` units (distinct prompt+image sets), ``T`` tokens:
         ``input_ids``, ``attention_mask``, ``labels``: ``(2B, T)``, rows ``[:B]`` chosen, ``[B:]`` rejected;
@@ -267,6 +274,7 @@ class VLMAdapter:
     prompt_template: str | None = None
     lora_scope: str = "language"
     fused_head: bool = True
+    padding_free: bool = False
     value_kind: str = field(default="sequence", init=False)
     dropped: Counter[str] = field(default_factory=Counter, init=False)
     dropped_ids: list[str] = field(default_factory=list, init=False)
@@ -277,6 +285,7 @@ class VLMAdapter:
     def __post_init__(self) -> None:
         check_adapter_settings(self)
         self.image_token, self.image_token_id = image_token_of(self.processor)
+        self._packing_checked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
         self.tokenizer = getattr(self.processor, "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError(f"{type(self.processor).__name__} has no tokenizer")
@@ -629,7 +638,9 @@ class VLMAdapter:
         has_online = online is not None and bool(online.any())
         logits = None
         try:
-            if self.fused_head and not has_online:
+            if self.padding_free and not has_online:
+                logps, n_tokens = self._packed_logps(model, batch, kwargs)
+            elif self.fused_head and not has_online:
                 logps, n_tokens = model_sequence_logps(model, batch["labels"], fused=True, **kwargs)
             else:
                 logits = model(**kwargs).logits
@@ -651,6 +662,66 @@ class VLMAdapter:
             chosen_tokens=n_tokens[:n_pairs],
             rejected_tokens=n_tokens[n_pairs:],
         )
+
+    def _packed_inputs(self, model: torch.nn.Module, batch: dict[str, Any],
+                       kwargs: dict[str, Any]) -> tuple[dict[str, Any], Packed]:
+        """``kwargs`` of the padded batch turned into one padding-free row (see ``padding_free``)."""
+        mask = batch["attention_mask"]
+        packed = pack_rows(batch["input_ids"], mask, batch["labels"])
+        real = mask.bool()
+        out = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+        out["input_ids"] = packed.input_ids
+        for key in PER_TOKEN_KEYS:
+            if key in out:
+                out[key] = out[key][real][None]
+        rope = _rope_index(model)
+        if rope is None:
+            out["position_ids"] = packed.position_ids
+            return out, packed
+        params = inspect.signature(rope).parameters
+        given = {"input_ids": batch["input_ids"], "attention_mask": mask, **{
+            k: kwargs[k] for k in ("mm_token_type_ids", "image_grid_thw") if k in kwargs}}
+        positions, _ = rope(**{k: v for k, v in given.items() if k in params})
+        # (3, R, T) M-RoPE positions of the padded rows -> (3, N) of the real tokens; the text positions
+        # (restarting per sequence) go in front: transformers builds the packed mask from that row.
+        out["position_ids"] = torch.cat([packed.position_ids, positions[:, real]], dim=0)[:, None]
+        return out, packed
+
+    def _packed_logps(self, model: torch.nn.Module, batch: dict[str, Any],
+                      kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        first = model not in self._packing_checked
+        if first:
+            use_varlen_sdpa(_unwrap(model))  # SDPA: attend per packed sequence, not over a dense (N, N) mask
+        inputs, packed = self._packed_inputs(model, batch, kwargs)
+        per_token, _ = model_token_logps(model, packed.labels, fused=self.fused_head, **inputs)
+        logps = packed.row_sums(per_token)
+        if first:
+            self._check_packing(model, batch, kwargs)
+            self._packing_checked.add(model)
+        return logps, (batch["labels"][:, 1:] != -100).sum(dim=-1)
+
+    def _check_packing(self, model: torch.nn.Module, batch: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        """Once per model: the packed log-probs must equal the padded batch's (else a ValueError).
+
+        Both run without gradient in eval mode (no dropout), so only the packing can make them differ.
+        """
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                padded, _ = model_sequence_logps(model, batch["labels"], fused=self.fused_head, **kwargs)
+                inputs, packed = self._packed_inputs(model, batch, kwargs)
+                logps = packed.row_sums(model_token_logps(model, packed.labels, fused=self.fused_head, **inputs)[0])
+        finally:
+            model.train(was_training)
+        tol = 1e-4 if logps.dtype == torch.float32 else 2e-2  # relative to the largest |log-prob| (a sum)
+        err = (logps - padded).abs().max().item()
+        if err > tol * max(1.0, padded.abs().max().item()):
+            raise ValueError(
+                f"padding_free=True: {type(_unwrap(model)).__name__} gives packed log-probs that differ from the "
+                f"padded ones by {err:.3g}; its attention does not honour packed position ids. Use "
+                "padding_free=False"
+            )
 
     @staticmethod
     def _online_rejected(
@@ -714,3 +785,10 @@ def _lora_outside_language(base: Any) -> bool:
         return True
     inside = {id(m) for m in decoder.modules()}
     return any(isinstance(m, BaseTunerLayer) and id(m) not in inside for m in inner.modules())
+
+
+def _rope_index(model: torch.nn.Module) -> Any:
+    """The model's multimodal ``get_rope_index`` (Qwen2-VL/2.5-VL M-RoPE), or None for 1-D positions."""
+    base = _unwrap(model)
+    inner = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return getattr(getattr(inner, "model", None), "get_rope_index", None)

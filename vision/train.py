@@ -37,6 +37,10 @@ class VLMTrainConfig:
     truncation: str = field(default="response", metadata=help_("response (cut the response) | drop (drop the pair)"))
     share_image_encoding: bool = field(default=True, metadata=help_("encode a pair's shared image once"))
     system_prompt: str | None = field(default=None, metadata=help_("system message for every prompt"))
+    fused_head: bool = field(default=True, metadata=help_("log-probs from hidden states and the LM head chunk by "
+                                                          "chunk, never the (2B, T, V) logits"))
+    padding_free: bool = field(default=False, metadata=help_("run each batch's rows as one packed row without "
+                                                             "padding (checked once against the padded batch)"))
     lora_scope: str = field(
         default="language",
         metadata=help_("LoRA targets when train.lora_target_modules is unset: language (the language model's "
@@ -130,7 +134,7 @@ def run(config: VLMTrainConfig) -> Any:
     adapter = VLMAdapter(
         processor, media_root=data, max_length=config.max_length, truncation=config.truncation,
         share_image_encoding=config.share_image_encoding, system_prompt=config.system_prompt,
-        lora_scope=config.lora_scope,
+        lora_scope=config.lora_scope, fused_head=config.fused_head, padding_free=config.padding_free,
     )
     adapter.check_model(model)
     kept, dropped = adapter.filter_pairs(dataset.pairs)
