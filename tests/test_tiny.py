@@ -3,6 +3,7 @@ is deterministic under its seed and stays tiny."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mmalign import tiny
+from mmalign.tiny import registry
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -249,22 +251,27 @@ def test_sd3_loads_and_samples(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# determinism and size
+# determinism and size, for every registered builder
 
-_BUILDERS = {
-    "llava": (tiny.make_tiny_llava, 300_000),
-    "qwen2vl": (tiny.make_tiny_qwen2vl, 300_000),
-    "causal_lm": (tiny.make_tiny_causal_lm, 200_000),
-    "sd": (tiny.make_tiny_sd, 3_000_000),
-    "sdxl": (tiny.make_tiny_sdxl, 3_000_000),
-    "sd3": (tiny.make_tiny_sd3, 3_000_000),
-    "open_clip": (tiny.make_tiny_open_clip, 2_000_000),  # 1.58M of it: the 49408 x 32 token embedding
-}
+#: parameter budgets: the VLM and text models are a few hundred thousand parameters, the pipelines a few
+#: million (open_clip: 1.58M of it is the 49408 x 32 token embedding); a new builder gets DEFAULT_MAX_PARAMS
+MAX_PARAMS = {"causal_lm": 200_000, "open_clip": 2_000_000, "sd": 3_000_000, "sdxl": 3_000_000,
+              "sd3": 3_000_000, "flux": 3_000_000}
+DEFAULT_MAX_PARAMS = 300_000
+_NEEDS_NUM2WORDS = pytest.mark.skipif(
+    importlib.util.find_spec("num2words") is None, reason="SmolVLMProcessor needs the num2words package"
+)
 
 
-@pytest.mark.parametrize("name", sorted(_BUILDERS))
+def _registry_cases() -> list:
+    return [pytest.param(name, marks=_NEEDS_NUM2WORDS) if name == "smolvlm" else name for name in tiny.TINY_BUILDERS]
+
+
+@pytest.mark.parametrize("name", _registry_cases())
 def test_builder_is_deterministic_and_tiny(tmp_path: Path, name: str) -> None:
-    builder, max_params = _BUILDERS[name]
+    """Every builder of TINY_BUILDERS: the same seed gives bitwise-identical weights, another seed other
+    weights (same names), the caller's RNG is left alone, and the model stays within its budget."""
+    builder = tiny.TINY_BUILDERS[name]
     before = torch.random.get_rng_state()
     first = _weights(builder(tmp_path / "a", seed=0))
     assert torch.equal(torch.random.get_rng_state(), before), "builder disturbed the global RNG"
@@ -272,7 +279,7 @@ def test_builder_is_deterministic_and_tiny(tmp_path: Path, name: str) -> None:
     other = _weights(builder(tmp_path / "c", seed=1))
     assert _same(first, again)
     assert first.keys() == other.keys() and not _same(first, other)
-    assert _n_params(first) < max_params
+    assert _n_params(first) < MAX_PARAMS.get(name, DEFAULT_MAX_PARAMS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,12 +297,12 @@ def test_cached_tiny_builds_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         return Path(out_dir)
 
     monkeypatch.setitem(tiny.TINY_BUILDERS, "fake", fake_builder)
-    monkeypatch.setattr(tiny, "_MEMO", {})
+    monkeypatch.setattr(registry, "_MEMO", {})
     first = tiny.cached_tiny("fake", seed=3)
     assert first.parent == tmp_path / "cache"
     assert json.loads((first / "config.json").read_text()) == {"seed": 3}
     assert tiny.cached_tiny("fake", seed=3) == first
-    tiny._MEMO.clear()  # a second process finds the folder on disk
+    registry._MEMO.clear()  # a second process finds the folder on disk
     assert tiny.cached_tiny("fake", seed=3) == first
     assert len(calls) == 1
     assert tiny.cached_tiny("fake", seed=4) != first
@@ -308,8 +315,7 @@ def test_cached_tiny_builds_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_cached_tiny_loses_race_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another worker renames its build into place while we build: we keep theirs, drop ours."""
     monkeypatch.setenv("MMALIGN_TINY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(tiny, "_MEMO", {})
-    final = tmp_path / "cache" / tiny._cache_key("racer", {})
+    monkeypatch.setattr(registry, "_MEMO", {})
 
     def racing_builder(out_dir: Path) -> Path:
         final.mkdir(parents=True)
@@ -319,16 +325,43 @@ def test_cached_tiny_loses_race_cleanly(tmp_path: Path, monkeypatch: pytest.Monk
         return Path(out_dir)
 
     monkeypatch.setitem(tiny.TINY_BUILDERS, "racer", racing_builder)
+    final = tmp_path / "cache" / registry._cache_key("racer", {})
     assert tiny.cached_tiny("racer") == final
     assert (final / "winner.txt").read_text() == "other worker"
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [final.name]
+
+
+def test_cache_key_digests_only_the_builders_own_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached model is rebuilt when its builder's sources change, and only then: the key digests the
+    builder's module and the mmalign modules it imports, not the other families."""
+    sources = {name: {p.name for p in registry._builder_sources(b)} for name, b in tiny.TINY_BUILDERS.items()}
+    assert {"pipelines.py", "tokenization.py", "common.py", "utils.py"} <= sources["sd"]
+    assert not sources["sd"] & {"vlm.py", "video_llm.py", "openclip.py", "text.py", "registry.py"}
+    assert {"video_llm.py", "vlm.py", "text.py", "tokenization.py"} <= sources["llava_next_video"]
+    assert not sources["llava"] & {"pipelines.py", "video_llm.py", "openclip.py"}
+
+    # a builder in its own module: editing that module changes its key and no other
+    module_file = tmp_path / "tiny_family_probe.py"
+    module_file.write_text("from mmalign.utils import seeded\n\ndef build(out_dir, *, seed=0):\n    return out_dir\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import tiny_family_probe
+
+    monkeypatch.setitem(tiny.TINY_BUILDERS, "probe", tiny_family_probe.build)
+    assert {p.name for p in registry._builder_sources(tiny_family_probe.build)} == {"tiny_family_probe.py", "utils.py"}
+    before = {name: registry._cache_key(name, {}) for name in ("probe", "sd", "llava")}
+    module_file.write_text(module_file.read_text() + "# edited\n")
+    registry._source_files.cache_clear()
+    after = {name: registry._cache_key(name, {}) for name in ("probe", "sd", "llava")}
+    assert after["probe"] != before["probe"]
+    assert (after["sd"], after["llava"]) == (before["sd"], before["llava"])
+    assert registry._cache_key("sd", {"seed": 1}) != after["sd"]
 
 
 def test_cached_tiny_real_sd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from diffusers import StableDiffusionPipeline
 
     monkeypatch.setenv("MMALIGN_TINY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(tiny, "_MEMO", {})
+    monkeypatch.setattr(registry, "_MEMO", {})
     path = tiny.cached_tiny("sd", prediction_type="v_prediction")
     pipe = StableDiffusionPipeline.from_pretrained(path)
     assert pipe.scheduler.config.prediction_type == "v_prediction"

@@ -1,4 +1,4 @@
-"""mmalign.tiny.make_tiny_flux: a FluxPipeline folder that loads, samples in 2 steps and is deterministic."""
+"""mmalign.tiny.make_tiny_flux: a FluxPipeline folder that loads, samples in 2 steps, deterministically."""
 
 from __future__ import annotations
 
@@ -57,19 +57,12 @@ def test_dev_variant_has_guidance_embedding_and_dynamic_shifting():
     assert not torch.allclose(low, high)  # the guidance value reaches the transformer
 
 
-def test_deterministic_under_seed(tmp_path):
-    rng_before = torch.random.get_rng_state()
-    a = make_tiny_flux(tmp_path / "a", seed=3)
-    b = make_tiny_flux(tmp_path / "b", seed=3)
-    c = make_tiny_flux(tmp_path / "c", seed=4)
-    assert torch.equal(torch.random.get_rng_state(), rng_before)  # building leaves the caller's RNG alone
-    pa, pb, pc = _load(a), _load(b), _load(c)
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        sa, sb = getattr(pa, name).state_dict(), getattr(pb, name).state_dict()
-        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
-    assert not torch.equal(next(pa.transformer.parameters()), next(pc.transformer.parameters()))
-    np.testing.assert_array_equal(_sample(pa, seed=1), _sample(pb, seed=1))
-    assert not np.array_equal(_sample(pa, seed=1), _sample(pa, seed=2))
+def test_sampling_is_deterministic_under_the_generator_seed():
+    """Weights are pinned by tests/test_tiny.py (every registered builder); here the sampler: the same
+    generator seed gives the same image, another seed another one."""
+    pipe = _load(cached_tiny("flux"))
+    np.testing.assert_array_equal(_sample(pipe, seed=1), _sample(pipe, seed=1))
+    assert not np.array_equal(_sample(pipe, seed=1), _sample(pipe, seed=2))
 
 
 def test_bad_variant():
