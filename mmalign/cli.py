@@ -71,6 +71,32 @@ def make_pairs(argv: Sequence[str]) -> int:
     return _dispatch("mmalign make-pairs", PAIR_BUILDERS_GROUP, "kind", list(argv))
 
 
+def pickapic_pairs(argv: Sequence[str] | None = None) -> int:
+    """Convert Pick-a-Pic v2 rows (caption, jpg_0, jpg_1, label_0; parquet/JSONL/HF folder) into a pair folder."""
+    import argparse
+
+    from mmalign.pairs import PairFormatError, from_pickapic
+
+    parser = argparse.ArgumentParser(prog="mmalign make-pairs pickapic", description=pickapic_pairs.__doc__,
+                                     allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--src", required=True, help="Pick-a-Pic rows: a parquet or JSONL file, or a folder of them")
+    parser.add_argument("--out", required=True, help="pair folder to write")
+    parser.add_argument("--image_root", default=None, help="folder that jpg_0/jpg_1 paths are relative to")
+    parser.add_argument("--keep_ties", choices=["true", "false"], default="false",
+                        help="keep label_0 = 0.5 rows as ties (label 0.5; the training's tie policy decides)")
+    parser.add_argument("--skip_bad", choices=["true", "false"], default="false",
+                        help="skip and count bad rows instead of stopping at the first")
+    parser.add_argument("--overwrite", choices=["true", "false"], default="false", help="replace an existing --out")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        report = from_pickapic(args.src, args.out, image_root=args.image_root, keep_ties=args.keep_ties == "true",
+                               skip_bad=args.skip_bad == "true", overwrite=args.overwrite == "true")
+    except (OSError, PairFormatError, ValueError) as exc:
+        raise SystemExit(f"make-pairs pickapic: {exc}") from exc
+    print(report)
+    return 0
+
+
 def generate(argv: Sequence[str]) -> int:
     """See a trained model's effect: answers (vlm) or images (diffusion), base beside trained (--help)."""
     return _dispatch("mmalign generate", GENERATORS_GROUP, "kind", list(argv))
