@@ -242,8 +242,8 @@ def build_cache(
             n = len(group)
             for i, pair in enumerate(group):
                 for s, side in enumerate(_SIDES):
-                    for name, value in encoded.items():  # latents, [flipped_latents,] the conditioning
-                        tensors[f"{pair.id}/{side}_{name}"] = value[s * n + i]
+                    for key, value in encoded.items():  # latents, [flipped_latents,] the conditioning
+                        tensors[f"{pair.id}/{side}_{key}"] = value[s * n + i]
         tmp = root / (name + ".tmp")
         save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         honour_umask(tmp)
