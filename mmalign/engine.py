@@ -7,44 +7,41 @@ adapter (``mmalign.adapter.Adapter``) turns pairs into per-pair values, a loss f
 What it does, top to bottom:
 
 1. validate the config, the loss name and the dataset before any compute;
-2. wrap the model in LoRA (peft) when ``lora_r > 0``; build the reference: a frozen copy, the same
-   model with adapters disabled, or log-probs precomputed once and cached (keyed by a hash of the
-   model and the data), or none for reference-free losses;
+2. wrap the model in LoRA (peft) when ``lora_r > 0``; pick the reference strategy once
+   (``mmalign.references``: a frozen copy, the same model with adapters disabled, values precomputed
+   once and cached, or none for reference-free losses);
 3. iterate a deterministic, seeded order of pairs (the same order for any number of processes: a
    global batch is ``batch_size * num_processes`` pairs, each process takes its slice, so two
-   processes equal one process with the doubled batch);
+   processes equal one process with the doubled batch). A ``torch.utils.data.DataLoader`` fed by
+   :class:`EpochBatchSampler` collates (decodes media, runs the processor, tokenises) in
+   ``num_workers`` worker processes; every random draw stays in the main process, so any number of
+   workers gives the same run;
 4. per micro-batch, inside ``accelerator.accumulate``: ``adapter.prepare`` draws the step's
-   randomness, ``adapter.logps`` runs the policy (and the reference), the loss is computed per pair,
-   weighted (``batch["weight"]`` when present) and averaged; a non-finite loss stops the run;
-5. every ``save_every`` optimizer steps, an atomic checkpoint (safetensors: trainable weights,
-   optimizer, scheduler, RNG states, data position, resolved config, the run's id and fingerprints of
-   the initial model and of the pairs); ``resume=True`` continues from the newest complete one and
-   ends bitwise equal to an uninterrupted run on the CPU.
+   randomness, the reference strategy runs the policy (and gives the reference's values), the loss is
+   computed per pair, weighted (``batch["weight"]`` when present) and averaged; a non-finite loss stops
+   the run;
+5. every ``save_every`` optimizer steps, a checkpoint (``mmalign.checkpoint.CheckpointManager``:
+   trainable weights, optimizer, scheduler, RNG states, the sampler's data position, resolved config,
+   the run's id and fingerprints of the initial model and of the pairs; FSDP runs write sharded model
+   and optimizer state with ``torch.distributed.checkpoint``); ``resume=True`` continues from the newest
+   complete one and ends bitwise equal to an uninterrupted run on the CPU.
 
-Checkpoints survive a kill at any point: a checkpoint is written whole into ``step-N.tmp``, every
-file and folder fsynced, the ``COMPLETE`` marker (run id and file sizes) written last, then renamed
-into place; one being replaced is first renamed to ``step-N.old`` and deleted only after its
-replacement is in place; a deletion removes ``COMPLETE`` first. The next start finishes or cleans up
-what a kill left. Pruning (``keep_last``) deletes only this run's complete checkpoints. A folder
-holding another run's checkpoints or metrics is refused unless ``resume`` or ``overwrite_output_dir``
-says what to do with it; weights that are not finite are never saved.
+Checkpoints survive a kill at any point (written whole into ``step-N.tmp``, fsynced, marked
+``COMPLETE`` last, renamed into place; see ``mmalign.checkpoint``). Pruning (``keep_last``) deletes
+only this run's complete checkpoints. A folder holding another run's checkpoints or metrics is refused
+unless ``resume`` or ``overwrite_output_dir`` says what to do with it; weights that are not finite are
+never saved.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
-import hashlib
 import inspect
 import json
 import logging
 import math
-import operator
 import os
-import random
-import re
-import shutil
 import sys
 import time
 import uuid
@@ -53,18 +50,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from mmalign._compat import is_active_dropout, reset_accelerate_precision, set_lora_layer_disabled
+from mmalign._compat import reset_accelerate_precision
 from mmalign.adapter import Adapter, ChosenRejected
-from mmalign.config import config_to_dict, diff_configs, help_
+from mmalign.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    atomic_write_text,
+    fsync,
+    hash_adapter,
+    hash_data,
+    hash_model,
+    hash_records,
+    latest_checkpoint,
+)
+from mmalign.config import config_to_dict, help_
 from mmalign.distributed import distributed_on_cpu
-from mmalign.files import honour_umask
+from mmalign.references import ReferenceSetup, make_reference
 
 __all__ = [
     "CheckpointError",
+    "EpochBatchSampler",
     "LossTerm",
     "NonFiniteLossError",
     "NonFiniteWeightsError",
@@ -93,10 +100,6 @@ class NonFiniteLossError(FloatingPointError):
 
 class NonFiniteWeightsError(NonFiniteLossError):
     """Trainable weights became NaN or inf; they are not saved, the last good checkpoint is left intact."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from (missing tensors, different config)."""
 
 
 @dataclass
@@ -140,6 +143,12 @@ class TrainConfig:
     ref_cache_dir: str | None = field(default=None, metadata=help_("where precomputed reference values are cached"))
     batch_size: int = field(default=4, metadata=help_("pairs per process per micro-batch"))
     grad_accum: int = field(default=1, metadata=help_("micro-batches per optimizer step"))
+    num_workers: int = field(
+        default=0,
+        metadata=help_("DataLoader worker processes that collate batches (decode media, run the processor, "
+                       "tokenise) ahead of the step; 0 = in the training process. Every random draw stays in "
+                       "the training process, so the run is the same for any number"),
+    )
     max_steps: int = field(default=100, metadata=help_("optimizer steps (0 = num_epochs decides)"))
     num_epochs: int = field(default=1, metadata=help_("epochs when max_steps is 0"))
     learning_rate: float = field(default=1e-5, metadata=help_("peak learning rate"))
@@ -210,7 +219,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "num_epochs", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "save_every", "lora_r", "diagnostics_every"):
+        for name in ("max_steps", "warmup_steps", "save_every", "lora_r", "diagnostics_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for f in dataclasses.fields(self):
@@ -308,7 +317,7 @@ def _check_terms(loss: str, terms: list[LossTerm]) -> None:
 #: Config fields that may change between a run and its resumption.
 RESUMABLE_CHANGES = (
     "output_dir", "run_name", "resume", "resume_from", "overwrite_output_dir", "max_steps", "num_epochs", "save_every", "keep_last", "log_every",
-    "trackers", "progress", "plot", "diagnostics_every", "ref_cache_dir",
+    "trackers", "progress", "plot", "diagnostics_every", "ref_cache_dir", "num_workers",
 )
 
 
@@ -357,159 +366,57 @@ def _epoch_batches(n: int, global_batch: int, seed: int, epoch: int) -> list[lis
     return [perm[i : i + global_batch] for i in range(0, n - global_batch + 1, global_batch)]
 
 
-# --------------------------------------------------------------------------- checkpoint I/O
+class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """This process's micro-batches (dataset indices) in the run's seeded order, epoch after epoch.
 
+    Each epoch's global batches are :func:`_epoch_batches` (``batch_size * num_processes`` pairs, the
+    order drawn from ``seed`` and the epoch), cut to a whole number of optimizer steps
+    (``grad_accum`` micro-batches); process ``rank`` takes its ``batch_size`` slice of each.
 
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for pid, st in sd["state"].items():
-        for key, val in st.items():
-            if isinstance(val, torch.Tensor):
-                tensors[f"state.{pid}.{key}"] = val.detach().cpu().contiguous()
-            else:
-                scalars[f"state.{pid}.{key}"] = val
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, val in list(tensors.items()) + list(meta["scalars"].items()):
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = val
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _rng_state(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"torch_cpu": torch.get_rng_state(), "step_generator": generator.get_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    meta = {
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    return tensors, meta
-
-
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    generator.set_state(tensors["step_generator"])
-    if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
-        if states:
-            torch.cuda.set_rng_state_all(states)
-    n = meta["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
-    p = meta["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-
-
-_STEP_NAME = re.compile(r"step-(\d+)")
-#: Run id of checkpoints written before run ids were recorded.
-_LEGACY_RUN = "legacy"
-
-
-def _step_of(path: Path) -> int | None:
-    """N for a ``step-N`` name (N an integer), else None: ``step-final`` or ``step-3.tmp`` are no checkpoints."""
-    match = _STEP_NAME.fullmatch(path.name)
-    return int(match.group(1)) if match else None
-
-
-def _marker(ckpt: Path) -> dict[str, Any] | None:
-    """The ``COMPLETE`` marker of a checkpoint whose files it lists are all there, else None."""
-    try:
-        text = (ckpt / "COMPLETE").read_text()
-    except OSError:
-        return None
-    try:
-        marker = json.loads(text)
-    except json.JSONDecodeError:
-        marker = None
-    if not isinstance(marker, dict):  # a marker from before run ids: "ok"
-        marker = {"run_id": _LEGACY_RUN, "files": ["trainer_state.json", "model.safetensors"]}
-    if not all((ckpt / name).is_file() for name in marker.get("files", ())):
-        return None
-    return marker
-
-
-def _checkpoints(root: Path, *, unfinished_swaps: bool = False) -> list[tuple[int, Path, dict[str, Any]]]:
-    """(step, folder, marker) of the complete checkpoints in ``root``, oldest first.
-
-    With ``unfinished_swaps``, a complete ``step-N.old`` stands in for a missing ``step-N``: a kill fell
-    between the two renames of a replacement (the next start finishes it). A ``step-N.tmp`` never
-    does: a live run may be about to rename it.
+    The position (``epoch``, ``batch_in_epoch``) is that of the next micro-batch the *training loop*
+    takes: :meth:`advance` moves it as each batch is consumed, while iteration starts from it without
+    moving it. So DataLoader workers that collate batches ahead do not shift it, and a checkpoint's
+    :meth:`state_dict` resumes exactly after the consumed batches, without collating them.
     """
-    if not root.is_dir():
-        return []
-    found: dict[int, tuple[int, Path, dict[str, Any]]] = {}
-    for path in sorted(root.iterdir(), key=lambda p: p.suffix == ""):  # step-N wins over step-N.old
-        if path.suffix == ".old":
-            step = _step_of(path.with_suffix("")) if unfinished_swaps else None
-        else:
-            step = _step_of(path)
-        marker = _marker(path) if step is not None else None
-        if marker is not None:
-            found[step] = (step, path, marker)
-    return sorted(found.values(), key=lambda t: t[0])
+
+    def __init__(self, n: int, *, batch_size: int, num_processes: int = 1, rank: int = 0, grad_accum: int = 1,
+                 seed: int = 0) -> None:
+        self.n, self.batch_size, self.rank, self.seed = n, batch_size, rank, seed
+        self.global_batch = batch_size * num_processes
+        batches = n // self.global_batch
+        self.per_epoch = batches - batches % grad_accum
+        if self.per_epoch == 0:
+            raise ValueError(f"one epoch ({n} pairs) is shorter than one optimizer step ({self.global_batch} pairs x "
+                             f"{grad_accum} accumulation)")
+        self.epoch = 0
+        self.batch_in_epoch = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, position = self.epoch, self.batch_in_epoch
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        while True:
+            batches = _epoch_batches(self.n, self.global_batch, self.seed, epoch)
+            for i in range(position, self.per_epoch):
+                yield batches[i][lo:hi]
+            epoch, position = epoch + 1, 0
+
+    def advance(self) -> None:
+        """One micro-batch was consumed."""
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch >= self.per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        if self.batch_in_epoch >= self.per_epoch:  # written after an epoch's last batch, before the next began
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """Newest complete checkpoint folder (``checkpoints/step-N`` whose ``COMPLETE`` marker lists files
-    that are all there), or None. Other names (``step-final``, ``step-N.tmp``) are ignored; a complete
-    ``step-N.old`` counts only where a kill cut a replacement short and left no ``step-N`` (``train``
-    puts one back in place on its next start)."""
-    found = _checkpoints(Path(output_dir) / "checkpoints", unfinished_swaps=True)
-    return found[-1][1] if found else None
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries (after creating, renaming or deleting in it), to the disk."""
-    if os.name == "nt" and path.is_dir():
-        return  # Windows cannot open a folder; its renames are durable once done
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _save_durable(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, str(path))
-    honour_umask(path)  # safetensors writes 0600
-    _fsync(path)
-
-
-def _delete_checkpoint(path: Path) -> None:
-    """Delete a checkpoint folder so that a kill half-way leaves no folder that looks complete:
-    ``COMPLETE`` goes first (a recursive delete may remove it last)."""
-    marker = path / "COMPLETE"
-    if marker.exists():
-        os.unlink(marker)
-        _fsync(path)
-    shutil.rmtree(path)
-    _fsync(path.parent)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _write_durable(tmp, text)
-    os.replace(tmp, path)
-    _fsync(path.parent)
+# Fingerprints live in mmalign.checkpoint; the old private names stay for callers that used them.
+_hash_model, _hash_records, _hash_adapter, _hash_data = hash_model, hash_records, hash_adapter, hash_data
 
 
 def _set_aside(path: Path) -> Path | None:
@@ -520,7 +427,7 @@ def _set_aside(path: Path) -> Path | None:
     while (target := path.with_name(f"{path.stem}.attempt-{n}{path.suffix}")).exists():
         n += 1
     os.replace(path, target)
-    _fsync(path.parent)
+    fsync(path.parent)
     return target
 
 
@@ -599,68 +506,6 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path | None = None) ->
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-def _hash_model(model: torch.nn.Module) -> str:
-    """Cheap, stable fingerprint: names, shapes, dtypes and a strided sample of every tensor."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // 256)
-        h.update(name.encode())
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(flat[::step].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-@functools.cache
-def _fields_of(cls: type) -> Callable[[Any], Any] | None:
-    """A getter of a dataclass's field values (much cheaper than ``dataclasses.asdict``), else None."""
-    return operator.attrgetter(*(f.name for f in dataclasses.fields(cls))) if dataclasses.is_dataclass(cls) else None
-
-
-def _hash_records(dataset: Sequence[Any]) -> str:
-    """Fingerprint of the pair records, in order: every field (ids, texts, media names, labels, meta).
-    Media files are not read: online PSO rewrites its samples during a run, and a dataset folder may
-    be copied or moved between a run and its resume. About 1 s per 100k pairs, once per run."""
-    h = hashlib.sha256()
-    chunk: list[Any] = []
-    for item in dataset:
-        getter = _fields_of(type(item))
-        chunk.append(getter(item) if getter else repr(item))
-        if len(chunk) == 4096:  # one json.dumps per chunk: its per-call overhead dominates small records
-            h.update(json.dumps(chunk, sort_keys=True, default=str).encode())
-            chunk = []
-    h.update(json.dumps(chunk, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
-def _hash_adapter(adapter: Any) -> str:
-    """Fingerprint of what an adapter does with a pair: its class and plain settings (``max_length``,
-    truncation, system prompt, frames per video, ...), so a cached reference computed under other
-    settings is not reused. An adapter may define ``fingerprint() -> str`` to say it itself."""
-    if callable(getattr(adapter, "fingerprint", None)):
-        return str(adapter.fingerprint())
-    plain = (str, int, float, bool, type(None))
-
-    def simple(value: Any) -> bool:
-        return isinstance(value, plain) or (isinstance(value, (tuple, list)) and all(simple(v) for v in value))
-
-    settings = {k: v for k, v in sorted(vars(adapter).items()) if not k.startswith("_") and simple(v)}
-    text = json.dumps([type(adapter).__module__, type(adapter).__qualname__, settings], default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _hash_data(dataset: Sequence[Any]) -> str:
-    """Fingerprint of the pairs: their fields, and the size and mtime of every media file they name
-    (so replacing an image under the same name invalidates a cached reference)."""
-    h = hashlib.sha256(_hash_records(dataset).encode())
-    for item in dataset:
-        if getattr(item, "root", None) is not None and hasattr(item, "media_paths"):
-            for path in (p for side in item.media_paths() for p in side):
-                st = path.stat()
-                h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
 
 
 def pair_weight(pair: Any) -> float:
@@ -880,11 +725,6 @@ def evaluate(
     return {k: v / (len(pairs) * draws) for k, v in sums.items()}
 
 
-def _set_lora_disabled(layers: list[Any], disabled: bool) -> None:
-    for layer in layers:
-        set_lora_layer_disabled(layer, disabled)
-
-
 class _Engine:
     """State of one run; ``train()`` is the public entry point."""
 
@@ -900,13 +740,9 @@ class _Engine:
         self.adapter = adapter
         self.dataset = apply_tie_policy(dataset, config.ties)
         self.callbacks = list(callbacks)
-        self.reference = config.resolved_reference()
+        # chosen once: the loop below only asks it for the policy's and the reference's values
+        self.reference = make_reference(config.resolved_reference(), adapter, ref_model=ref_model)
         self.value_name = "mse" if adapter.value_kind == "diffusion" else "logps"
-        if self.reference == "precomputed" and adapter.value_kind == "diffusion":
-            raise ValueError(
-                "reference='precomputed' needs fixed inputs per pair; diffusion draws fresh noise and "
-                "timesteps each step, so use 'frozen' or 'lora_disabled'"
-            )
         check_loss_fits(config, adapter)
         self.out = Path(config.output_dir)
         earlier = _earlier_run(self.out)
@@ -920,9 +756,8 @@ class _Engine:
         self.out.mkdir(parents=True, exist_ok=True)
         # What a checkpoint is checked against on resume: the model as given (before LoRA and any step)
         # and the pair records. The run id tells this run's checkpoints from another's when pruning.
-        self.model_fingerprint = _hash_model(model)
-        self.data_fingerprint = _hash_records(dataset)
-        self.run_id = uuid.uuid4().hex
+        self.model_fingerprint = hash_model(model)
+        self.data_fingerprint = hash_records(dataset)
         reset_accelerate_precision(config.mixed_precision)
         self.accelerator = Accelerator(
             cpu=distributed_on_cpu(),  # gloo on CPU machines: see mmalign.distributed
@@ -932,19 +767,21 @@ class _Engine:
             project_dir=str(self.out),
         )
         world = self.accelerator.num_processes
-        self.sharded = self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
-        if self.sharded and config.resume:
-            raise NotImplementedError(
-                f"resume under {self.accelerator.distributed_type.value} is not supported yet: its checkpoints "
-                "hold the gathered weights but not the sharded optimizer state. Use DDP (or one process) for "
-                "exact resume, or start a new run from the saved weights."
-            )
+        # FSDP: sharded model and optimizer state through torch.distributed.checkpoint; DeepSpeed: through
+        # accelerate's save_state/load_state; one process and DDP: the full state in safetensors.
+        layout = {"FSDP": "dcp", "DEEPSPEED": "accelerate"}.get(self.accelerator.distributed_type.value, "full")
+        self.sharded = layout != "full"
+        self.checkpoints = CheckpointManager(self.out, run_id=uuid.uuid4().hex, keep_last=config.keep_last,
+                                             layout=layout, accelerator=self.accelerator)
         self.global_batch = config.batch_size * world
         if len(dataset) < self.global_batch:
             raise ValueError(
                 f"the dataset has {len(dataset)} pairs, fewer than one global batch "
                 f"({config.batch_size} x {world} processes)"
             )
+        self.sampler = EpochBatchSampler(len(self.dataset), batch_size=config.batch_size, num_processes=world,
+                                         rank=self.accelerator.process_index, grad_accum=config.grad_accum,
+                                         seed=config.seed)
         set_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed + 7919 * self.accelerator.process_index)
 
@@ -955,16 +792,9 @@ class _Engine:
                 model.gradient_checkpointing_enable()
             else:
                 model.enable_gradient_checkpointing()
-        if self.reference == "frozen" and ref_model is None:
-            ref_model = copy.deepcopy(model)
+        self.reference.bind(model)  # before LoRA: a frozen reference is a copy of the model as given
         if config.lora_r > 0:
             model = self._wrap_lora(model)
-        self.ref_model = None
-        if self.reference == "frozen":
-            ref_model.requires_grad_(False).eval()
-            self.ref_model = ref_model.to(self.accelerator.device)
-        self.ref_cache: torch.Tensor | None = None
-        self._lora_cache: tuple[list[Any], bool] | None = None
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
@@ -980,8 +810,6 @@ class _Engine:
         # step it once per process, which breaks "two processes == one with the doubled batch".
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, self._lr_lambda)
         self.global_step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
         self.saved_step: int | None = None  # the step of the newest checkpoint written or loaded
         # The newest checkpoint whose weights have since given a finite loss, and a newer one whose
         # weights have not been through a loss yet: a NaN stop names the former, and pruning spares it.
@@ -1071,27 +899,33 @@ class _Engine:
 
     # ---- data
 
-    def _collate(self, items: list[tuple[int, Any]]) -> dict[str, Any]:
-        return collate_pairs(self.adapter, items)
+    def _loader(self, batch_sampler: Any) -> torch.utils.data.DataLoader:
+        """Collated batches of ``batch_sampler``'s index lists, in order; collation runs in ``num_workers``
+        worker processes (prefetching two batches each) or, with 0, here. The loader's own seed draw
+        (for worker seeds) comes from a generator of its own, so it leaves the run's random states alone."""
+        workers = self.cfg.num_workers
+        return torch.utils.data.DataLoader(
+            _Indexed(self.dataset), batch_sampler=batch_sampler, num_workers=workers,
+            collate_fn=functools.partial(collate_pairs, self.adapter),
+            prefetch_factor=2 if workers else None, pin_memory=self.accelerator.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
 
     def _micro_batches(self) -> Iterator[dict[str, Any]]:
-        """Yield this process's micro-batches from the current data position on, forever by epochs."""
-        rank, bs = self.accelerator.process_index, self.cfg.batch_size
-        indexed = _Indexed(self.dataset)
-        while True:
-            batches = _epoch_batches(len(self.dataset), self.global_batch, self.cfg.seed, self.epoch)
-            usable = len(batches) - len(batches) % self.cfg.grad_accum
-            if usable == 0:
-                raise ValueError(
-                    f"one epoch ({len(self.dataset)} pairs) is shorter than one optimizer step "
-                    f"({self.global_batch} pairs x {self.cfg.grad_accum} accumulation)"
-                )
-            while self.batch_in_epoch < usable:
-                ids = batches[self.batch_in_epoch][rank * bs : (rank + 1) * bs]
-                self.batch_in_epoch += 1
-                yield self._collate([indexed[i] for i in ids])
-            self.epoch += 1
-            self.batch_in_epoch = 0
+        """This process's collated micro-batches from the sampler's position on, forever by epochs; the
+        position advances as each is handed out. Closing the generator stops the workers."""
+        it = iter(self._loader(self.sampler))
+        try:
+            for batch in it:
+                self.sampler.advance()
+                yield batch
+        finally:
+            del it
+
+    def _batches_in_order(self, indices: list[int]) -> Iterator[dict[str, Any]]:
+        """Collated batches of ``indices`` in order, ``batch_size`` at a time (the reference pass)."""
+        bs = self.cfg.batch_size
+        yield from self._loader([indices[i : i + bs] for i in range(0, len(indices), bs)])
 
     # ---- reference
 
@@ -1100,90 +934,14 @@ class _Engine:
             self._unwrapped_model = self.accelerator.unwrap_model(self.model)
         return self._unwrapped_model
 
-    @torch.no_grad()
-    def _reference_values(self, batch: dict[str, Any]) -> ChosenRejected | None:
-        if self.reference == "none":
-            return None
-        if self.reference == "precomputed":
-            vals = self.ref_cache[batch["index"].cpu()].to(self.accelerator.device)
-            return ChosenRejected(vals[:, 0], vals[:, 1])
-        if self.reference == "frozen":
-            return self.adapter.logps(self.ref_model, batch).detach()
-        model = self._unwrapped()
-        layers, has_dropout = self._lora_layers()
-        # Toggle the LoRA layers found once per run. peft's ``disable_adapter()`` context walks and
-        # describes every module on each call, which cost ~10% of a tiny diffusion step.
-        # Under no_grad only the layers' "disabled" flag matters; peft's public enable_adapters()
-        # also re-derives requires_grad of every adapter weight (~3 ms a step), so the flag is set
-        # directly where the layer has it.
-        _set_lora_disabled(layers, True)
-        try:
-            if has_dropout:
-                model.eval()
-            return self.adapter.logps(model, batch).detach()
-        finally:
-            if has_dropout:
-                model.train()
-            _set_lora_disabled(layers, False)
-
-    def _lora_layers(self) -> tuple[list[Any], bool]:
-        """The peft LoRA layers of the policy, and whether any dropout outside them is active."""
-        if self._lora_cache is None:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            modules = list(self._unwrapped().modules())
-            layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
-            inside = {id(d) for layer in layers for d in layer.modules()}
-            dropout = any(is_active_dropout(m) and id(m) not in inside for m in modules)
-            self._lora_cache = (layers, dropout)
-        return self._lora_cache
-
-    def _precompute_reference(self) -> None:
-        """One pass with the reference before training, keyed by hashes of the model and the data.
-
-        The cache goes to ``ref_cache_dir`` when set, else beside the dataset (its ``root`` folder, for
-        a ``PairDataset``) when that folder is writable, else into the output folder; an existing cache
-        is looked for in the same places, so a second run over the same data and model skips the pass.
-        """
-        model = self._unwrapped()
-        key = f"{_hash_model(model)}-{_hash_data(self.dataset)}-{_hash_adapter(self.adapter)}-{self.adapter.value_kind}"
-        name = f"ref_logps-{key}.safetensors"
-        if self.cfg.ref_cache_dir:
-            places = [Path(self.cfg.ref_cache_dir)]
-        else:
-            beside = getattr(self.dataset, "root", None) or getattr(self.dataset, "folder", None)
-            places = ([Path(beside)] if beside else []) + [self.out]
-        found = [p / name for p in places if (p / name).is_file()]
-        writable = [p for p in places if not p.exists() or os.access(p, os.W_OK)] or [self.out]
-        path = found[0] if found else writable[0] / name
-        if self.accelerator.is_main_process and not path.is_file():
-            from tqdm.auto import tqdm
-
-            values = torch.zeros(len(self.dataset), 2, dtype=torch.float64)
-            indexed = _Indexed(self.dataset)
-            bs = self.cfg.batch_size
-            ctx = model.disable_adapter() if self.cfg.lora_r > 0 else _nullcontext()
-            was_training = model.training
-            model.eval()
-            with ctx, torch.no_grad():
-                for start in tqdm(range(0, len(self.dataset), bs), desc="reference log-probs",
-                                  disable=not self.cfg.progress):
-                    ids = list(range(start, min(start + bs, len(self.dataset))))
-                    batch = _to_device(self._collate([indexed[i] for i in ids]), self.accelerator.device)
-                    batch = self.adapter.prepare(batch, generator=torch.Generator().manual_seed(0))
-                    with self.accelerator.autocast():
-                        out = self.adapter.logps(model, batch)
-                    values[ids, 0] = out.chosen.double().cpu()
-                    values[ids, 1] = out.rejected.double().cpu()
-            model.train(was_training)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            save_file({"values": values.float()}, str(tmp), metadata={"pairs": str(len(self.dataset))})
-            honour_umask(tmp)
-            os.replace(tmp, path)
-        self.accelerator.wait_for_everyone()
-        self.ref_cache = load_file(str(path))["values"]
-        self.ref_cache_path = path
+    def _prepare_reference(self) -> None:
+        """Before a resume loads trained weights: the reference is the initial model."""
+        setup = ReferenceSetup(
+            adapter=self.adapter, accelerator=self.accelerator, output_dir=self.out, lora=self.cfg.lora_r > 0,
+            cache_dir=self.cfg.ref_cache_dir, progress=self.cfg.progress, batches=self._batches_in_order,
+            unwrap=self._unwrapped,
+        )
+        self.reference.prepare(self._unwrapped(), self.dataset, setup)
 
     # ---- checkpoints
 
@@ -1211,147 +969,42 @@ class _Engine:
         acc = self.accelerator
         self._check_weights_finite()
         acc.wait_for_everyone()
-        root = self.out / "checkpoints"
-        final = root / f"step-{self.global_step:08d}"
-        tmp = root / f"{final.name}.tmp"
-        rng_t, rng_m = _rng_state(self.generator)
-        if acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        _save_durable(rng_t, tmp / f"rng_{acc.process_index}.safetensors")
-        _write_durable(tmp / f"rng_{acc.process_index}.json", json.dumps(rng_m))
-        if self.sharded:
-            # FSDP / DeepSpeed: parameters are shards; gather the full weights (a collective on every
-            # rank). The sharded optimizer state is not written, so such checkpoints cannot be resumed.
-            full = acc.get_state_dict(self.model)
-            trainable = {n for n, p in self._unwrapped().named_parameters() if p.requires_grad}
-            weights = {n: t.detach().cpu().contiguous() for n, t in full.items() if n in trainable} or full
-        if acc.is_main_process:
-            if self.sharded:
-                _save_durable(weights, tmp / "model.safetensors")
-            else:
-                _save_durable(_trainable_state(self._unwrapped()), tmp / "model.safetensors")
-                opt_t, opt_m = _optimizer_to_tensors(self.optimizer.optimizer)
-                _save_durable(opt_t, tmp / "optimizer.safetensors")
-                _write_durable(tmp / "optimizer.json", json.dumps(opt_m))
-            state = {
-                "global_step": self.global_step,
-                "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch,
-                "num_processes": acc.num_processes,
-                "scheduler": self.scheduler.state_dict(),
-                "run_id": self.run_id,
-                "model_fingerprint": self.model_fingerprint,
-                "data_fingerprint": self.data_fingerprint,
-                "config": config_to_dict(self.cfg),
-            }
-            _write_durable(tmp / "trainer_state.json", json.dumps(state, indent=1, default=str))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self._publish(tmp, final)
-            self._prune(spare=self.good_checkpoint)
-        acc.wait_for_everyone()
+        state = {
+            "global_step": self.global_step,
+            **self.sampler.state_dict(),  # the data position: epoch, batch_in_epoch
+            "num_processes": acc.num_processes,
+            "scheduler": self.scheduler.state_dict(),
+            "reference": {"name": self.reference.name, **self.reference.state_dict()},
+            "model_fingerprint": self.model_fingerprint,
+            "data_fingerprint": self.data_fingerprint,
+            "config": config_to_dict(self.cfg),
+        }
+        final = self.checkpoints.save(
+            self.global_step, model=self.model if self.sharded else self._unwrapped(),
+            optimizer=self.optimizer.optimizer, trainer_state=state, generator=self.generator,
+            spare=self.good_checkpoint,
+        )
         self.saved_step = self.global_step
         self.unproven_checkpoint = final
         return final
 
-    def _publish(self, tmp: Path, final: Path) -> None:
-        """Mark ``tmp`` complete and put it in place of ``final``. An older ``final`` is renamed to
-        ``step-N.old`` and deleted only once the new one is in place: a kill at any point leaves the old
-        or the new ``step-N`` complete, or (between the two renames) a complete ``step-N.old``, which
-        ``latest_checkpoint`` accepts and the next start puts back or replaces by the finished ``.tmp``."""
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}  # sizes: for a reader's checks
-        _write_durable(tmp / "COMPLETE", json.dumps({"run_id": self.run_id, "step": self.global_step,
-                                                     "files": files}))
-        _fsync(tmp)
-        old = final.with_name(f"{final.name}.old")
-        if final.exists():
-            if old.exists():
-                _delete_checkpoint(old)
-            os.replace(final, old)
-            _fsync(final.parent)
-        os.replace(tmp, final)
-        _fsync(final.parent)
-        if old.exists():
-            _delete_checkpoint(old)
-
-    def _prune(self, spare: Path | None) -> None:
-        """Delete this run's complete checkpoints beyond the newest ``keep_last`` (sparing ``spare``);
-        other runs' checkpoints and anything not named ``step-N`` are left alone."""
-        mine = [path for _, path, marker in _checkpoints(self.out / "checkpoints") if marker.get("run_id") == self.run_id]
-        for path in mine[: -self.cfg.keep_last]:
-            if path != spare:
-                _delete_checkpoint(path)
-
     def _recover_checkpoints(self) -> None:
-        """Finish or clean up what a kill left in ``checkpoints/`` (main process, before resuming):
-        a complete ``step-N.tmp`` or ``step-N.old`` becomes ``step-N`` when that is missing (the newer
-        ``.tmp`` first), other leftovers and ``step-N`` folders without ``COMPLETE`` (a deletion cut
-        short) are deleted. A folder with ``COMPLETE`` but missing files is left alone (and not used)."""
-        root = self.out / "checkpoints"
-        if not root.is_dir():
-            return
-        leftovers = [p for p in root.iterdir() if p.suffix in (".tmp", ".old") and p.is_dir()
-                     and _step_of(p.with_suffix("")) is not None]
-        for path in sorted(leftovers, key=lambda p: (p.suffix != ".tmp", p.name)):
-            final = path.with_suffix("")
-            if not final.exists() and _marker(path) is not None:
-                os.replace(path, final)
-                _fsync(root)
-                logger.warning("recovered %s from %s (a save was interrupted)", final, path.name)
-            else:
-                _delete_checkpoint(path)
-        for path in root.iterdir():
-            if _step_of(path) is not None and path.is_dir() and not (path / "COMPLETE").exists():
-                logger.warning("deleting %s: an incomplete checkpoint (a deletion was interrupted)", path)
-                _delete_checkpoint(path)
+        """Finish or clean up what a kill left in ``checkpoints/`` (main process, before resuming)."""
+        self.checkpoints.recover()
 
     def _load_checkpoint(self, ckpt: Path) -> None:
         acc = self.accelerator
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        current = config_to_dict(self.cfg)
-        defaults = config_to_dict(TrainConfig(trackers=[]))
-        # a field added since the checkpoint was written counts as its default there
-        saved = {**{k: v for k, v in defaults.items() if k not in state["config"]}, **state["config"]}
-        differ = diff_configs(saved, current, ignore=RESUMABLE_CHANGES)
-        if differ:
-            raise CheckpointError(f"{ckpt} was written by a different config; fields that differ: " + "; ".join(differ))
-        if state["num_processes"] != acc.num_processes:
-            raise CheckpointError(
-                f"{ckpt} was written by {state['num_processes']} processes, this run has {acc.num_processes}"
-            )
-        for what, ours in (("model", self.model_fingerprint), ("data", self.data_fingerprint)):
-            theirs = state.get(f"{what}_fingerprint")
-            if theirs is None:
-                logger.warning("%s records no %s fingerprint (an older checkpoint): not checked", ckpt, what)
-            elif theirs != ours:
-                raise CheckpointError(
-                    f"{ckpt} was trained from another {what}: its {what} fingerprint is {theirs}, this run's is "
-                    f"{ours} (model: names, shapes, dtypes and a sample of every initial weight; data: the "
-                    f"pair records in order). Resume with the same model and pairs, or use another output_dir."
-                )
-        weights = load_file(str(ckpt / "model.safetensors"))
-        model = self._unwrapped()
-        expected = {n for n, p in model.named_parameters() if p.requires_grad}
-        missing = sorted(expected - set(weights))
-        if missing:
-            raise CheckpointError(f"{ckpt / 'model.safetensors'} lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name in expected:
-                params[name].copy_(weights[name])
-        opt_t = load_file(str(ckpt / "optimizer.safetensors"))
-        opt_m = json.loads((ckpt / "optimizer.json").read_text())
-        self.optimizer.optimizer.load_state_dict(_optimizer_from_tensors(opt_t, opt_m))
+        self.checkpoints.validate(
+            ckpt, config=config_to_dict(self.cfg), defaults=config_to_dict(TrainConfig(trackers=[])),
+            resumable=RESUMABLE_CHANGES, num_processes=acc.num_processes,
+            fingerprints={"model": self.model_fingerprint, "data": self.data_fingerprint},
+        )
+        state = self.checkpoints.load(ckpt, model=self.model if self.sharded else self._unwrapped(),
+                                      optimizer=self.optimizer.optimizer, generator=self.generator)
         self.scheduler.load_state_dict(state["scheduler"])
-        rng_path = ckpt / f"rng_{acc.process_index}.safetensors"
-        _set_rng_state(load_file(str(rng_path)), json.loads(rng_path.with_suffix(".json").read_text()), self.generator)
+        self.sampler.load_state_dict(state)
+        self.reference.load_state_dict(state.get("reference", {}))
         self.global_step = state["global_step"]
-        self.epoch = state["epoch"]
-        self.batch_in_epoch = state["batch_in_epoch"]
-        self.run_id = state.get("run_id", _LEGACY_RUN)  # this run continues that one: its checkpoints are ours
         self.saved_step = self.global_step
         self.unproven_checkpoint = ckpt
         self.metrics = [m for m in self._read_metrics() if m["step"] <= self.global_step]
@@ -1359,12 +1012,7 @@ class _Engine:
     def _delete_earlier_run(self) -> None:
         """``overwrite_output_dir``: delete the checkpoints and metrics an earlier run left here."""
         earlier = _earlier_run(self.out)
-        root = self.out / "checkpoints"
-        for path in sorted(root.glob("step-*")):
-            if path.is_dir():
-                _delete_checkpoint(path)
-            else:
-                os.unlink(path)
+        self.checkpoints.delete_all()
         for path in [self.out / "metrics.jsonl", self.out / "metrics.png", *self.out.glob("metrics.attempt-*.jsonl")]:
             if path.exists():
                 os.unlink(path)
@@ -1388,8 +1036,7 @@ class _Engine:
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with self.accelerator.autocast():
-            policy = self.adapter.logps(self.model, batch)
-            ref = self._reference_values(batch)
+            policy, ref = self.reference.logps(self.model, batch)
         self._last_policy = policy
         return compute_loss(self.cfg, policy, ref, batch.get("weight"), self.value_name, batch.get("label"))
 
@@ -1403,16 +1050,15 @@ class _Engine:
                 self._delete_earlier_run()
             self._recover_checkpoints()
         acc.wait_for_everyone()
-        if self.reference == "precomputed":  # before a resume loads trained weights: the reference is the initial model
-            self._precompute_reference()
+        self._prepare_reference()  # before a resume loads trained weights: the reference is the initial model
         if cfg.resume_from:
             ckpt = Path(cfg.resume_from)
-            if _marker(ckpt) is None:
+            if not self.checkpoints.is_complete(ckpt):
                 raise CheckpointError(f"resume_from={cfg.resume_from}: not a complete checkpoint folder (no COMPLETE "
                                       f"marker listing files that are all there); complete ones in {self.out}: "
-                                      f"{[str(p) for _, p, _ in _checkpoints(self.out / 'checkpoints')]}")
+                                      f"{[str(p) for p in self.checkpoints.complete()]}")
         else:
-            ckpt = latest_checkpoint(self.out) if cfg.resume else None
+            ckpt = self.checkpoints.latest() if cfg.resume else None
         if ckpt is not None:
             self._load_checkpoint(ckpt)
             acc.print(f"resumed from {ckpt} at step {self.global_step}")
@@ -1435,79 +1081,74 @@ class _Engine:
         if acc.is_main_process:
             # Rewrite the metrics to what the resumed checkpoint had seen: each step once. (A resume without
             # a checkpoint set the interrupted attempt's rows aside above.)
-            _atomic_write_text(metrics_file, "".join(json.dumps(m) + "\n" for m in self.metrics))
+            atomic_write_text(metrics_file, "".join(json.dumps(m) + "\n" for m in self.metrics))
         sums: dict[str, torch.Tensor] = {}
         n_micro = 0
         t0 = time.perf_counter()
         batches = self._micro_batches()
-        while self.global_step < total:
-            batch = next(batches)
-            with acc.accumulate(self.model):
-                batch = self.adapter.prepare(batch, generator=self.generator)
-                batch = _to_device(batch, acc.device)
-                loss, stats = self._loss(batch)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at optimizer step {self.global_step} (epoch {self.epoch}, "
-                        f"micro-batch {self.batch_in_epoch}); stopping. {self._last_good()}. Lower the "
-                        "learning rate or beta, or check the data."
-                    )
-                if self.unproven_checkpoint is not None:  # its weights gave a finite loss
-                    self.good_checkpoint, self.unproven_checkpoint = self.unproven_checkpoint, None
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.max_grad_norm:
-                    if acc.scaler is None and not self.sharded:
-                        # plain parameters: torch's clip on the cached list, without accelerate's
-                        # per-step DTensor and unscale checks (~3 ms a step on small models)
-                        torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm,
-                                                       foreach=self._foreach_ok or None)
-                    else:
-                        acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
-            n_micro += 1
-            if not acc.sync_gradients:
-                continue
-            self.scheduler.step()
-            self.global_step += 1
-            bar.update(1)
-            row = {k: acc.reduce(v / n_micro, reduction="mean").item() for k, v in sums.items()}
-            row["lr"] = self.scheduler.get_last_lr()[0]
-            row["step"] = self.global_step
-            row["seconds"] = time.perf_counter() - t0
-            if self.diagnostics is not None and self.global_step % cfg.diagnostics_every == 0:
-                row.update(self.diagnostics.compute(self._unwrapped(), self._last_policy, step=self.global_step,
-                                                    adapter=self.adapter, batch=batch))
-            sums, n_micro = {}, 0
-            self.metrics.append(row)
-            if acc.is_main_process and self.global_step % cfg.log_every == 0:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-            acc.log({k: v for k, v in row.items() if k != "step"}, step=self.global_step)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
-            for cb in self.callbacks:
-                cb(StepInfo(self.global_step, row, self._unwrapped(), acc))
-            if cfg.save_every and self.global_step % cfg.save_every == 0:
-                self._save_checkpoint()
+        try:
+            while self.global_step < total:
+                batch = next(batches)
+                with acc.accumulate(self.model):
+                    batch = self.adapter.prepare(batch, generator=self.generator)
+                    batch = _to_device(batch, acc.device)
+                    loss, stats = self._loss(batch)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"loss is {loss.item()} at optimizer step {self.global_step} (epoch "
+                            f"{self.sampler.epoch}, micro-batch {self.sampler.batch_in_epoch}); stopping. "
+                            f"{self._last_good()}. Lower the learning rate or beta, or check the data."
+                        )
+                    if self.unproven_checkpoint is not None:  # its weights gave a finite loss
+                        self.good_checkpoint, self.unproven_checkpoint = self.unproven_checkpoint, None
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm:
+                        if acc.scaler is None and not self.sharded:
+                            # plain parameters: torch's clip on the cached list, without accelerate's
+                            # per-step DTensor and unscale checks (~3 ms a step on small models)
+                            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm,
+                                                           foreach=self._foreach_ok or None)
+                        else:
+                            acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+                n_micro += 1
+                if not acc.sync_gradients:
+                    continue
+                self.scheduler.step()
+                self.global_step += 1
+                bar.update(1)
+                row = {k: acc.reduce(v / n_micro, reduction="mean").item() for k, v in sums.items()}
+                row["lr"] = self.scheduler.get_last_lr()[0]
+                row["step"] = self.global_step
+                row["seconds"] = time.perf_counter() - t0
+                if self.diagnostics is not None and self.global_step % cfg.diagnostics_every == 0:
+                    row.update(self.diagnostics.compute(self._unwrapped(), self._last_policy, step=self.global_step,
+                                                        adapter=self.adapter, batch=batch))
+                sums, n_micro = {}, 0
+                self.metrics.append(row)
+                if acc.is_main_process and self.global_step % cfg.log_every == 0:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                acc.log({k: v for k, v in row.items() if k != "step"}, step=self.global_step)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+                for cb in self.callbacks:
+                    cb(StepInfo(self.global_step, row, self._unwrapped(), acc))
+                if cfg.save_every and self.global_step % cfg.save_every == 0:
+                    self._save_checkpoint()
+        finally:
+            batches.close()  # stops the loader's workers
         bar.close()
         # Saved at the last step already, or resumed from a finished run: nothing to re-save.
         final_ckpt = self._save_checkpoint() if self.saved_step != self.global_step else self.unproven_checkpoint
         if acc.is_main_process:
-            self._prune(spare=None)  # the run ended well: the spared checkpoint may go too
+            self.checkpoints.rotate(spare=None)  # the run ended well: the spared checkpoint may go too
         acc.end_training()
         if cfg.plot and acc.is_main_process and self.metrics:
             plot_metrics(metrics_file)
         return TrainResult(self.global_step, self.out, final_ckpt, self.metrics, self._unwrapped())
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def train(

@@ -176,9 +176,9 @@ class _KillAt:
         self.real = real
         for name, fn in real.items():
             monkeypatch.setattr(os, name, self._wrap(fn))
-        import mmalign.engine as engine
+        import mmalign.checkpoint as checkpoint
 
-        monkeypatch.setattr(engine, "save_file", self._wrap(engine.save_file))
+        monkeypatch.setattr(checkpoint, "save_file", self._wrap(checkpoint.save_file))
         monkeypatch.setattr(shutil, "rmtree", self._rmtree)
 
     def tick(self) -> None:
@@ -266,7 +266,7 @@ def test_kill_at_every_file_operation_of_a_save(tmp_path, lm_path, adapter, data
     cfg = _cfg(tmp_path / "unused", max_steps=3, keep_last=1)
     engine = _Engine(AutoModelForCausalLM.from_pretrained(lm_path), adapter, data, cfg, None, [])
     pristine = tmp_path / "pristine"
-    engine.out = pristine
+    engine.checkpoints.output_dir = pristine
     for step in (1, 2):
         engine.global_step = step
         engine._save_checkpoint()
@@ -278,7 +278,7 @@ def test_kill_at_every_file_operation_of_a_save(tmp_path, lm_path, adapter, data
             shutil.copytree(pristine, tmp_path / case / str(k))
 
         def run(k: int, case=case, step=step) -> None:
-            engine.out, engine.global_step = tmp_path / case / str(k), step
+            engine.checkpoints.output_dir, engine.global_step = tmp_path / case / str(k), step
             engine._save_checkpoint()
 
         def check(k: int, case=case, step=step) -> None:
@@ -287,8 +287,8 @@ def test_kill_at_every_file_operation_of_a_save(tmp_path, lm_path, adapter, data
             _assert_loadable(ckpt)
             # between the two renames of a replacement, the complete step-N.old stands in for step-N
             assert ckpt.name.split(".")[0] in ("step-00000002", f"step-{step:08d}"), (case, k, ckpt)
-            engine.out = out
-            engine._recover_checkpoints()  # what the next start does first
+            engine.checkpoints.output_dir = out
+            engine.checkpoints.recover()  # what the next start does first
             names = _steps(out)
             assert not [n for n in names if n.endswith((".tmp", ".old"))], (case, k, names)
             for name in names:
@@ -419,7 +419,7 @@ def test_checkpoints_from_before_run_ids_still_resume(tmp_path, lm_path, adapter
         for key in ("run_id", "model_fingerprint", "data_fingerprint"):
             del state[key]
         (ckpt / "trainer_state.json").write_text(json.dumps(state))
-    with caplog.at_level(logging.WARNING, logger="mmalign.engine"):
+    with caplog.at_level(logging.WARNING, logger="mmalign.checkpoint"):
         res = _train(lm_path, adapter, data, out, max_steps=4, resume=True)
     assert res.global_step == 4 and "records no model fingerprint" in caplog.text
     assert _steps(out) == ["step-00000003", "step-00000004"]
