@@ -312,12 +312,13 @@ def test_sigkill_and_resume_is_bitwise_equal(tmp_path):
 
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_with_doubled_batch(tmp_path):
-    """``accelerate launch --multi_gpu --num_processes 2`` on the CPU (MULTI_CPU, gloo)."""
+    """``accelerate launch --multi_gpu --num_processes 2`` on the CPU (MULTI_CPU, gloo), each process
+    collating in two DataLoader workers; the single process collates in its own."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                 str(29500 + os.getpid() % 1000)]
-    dist = subprocess.run([*launcher, str(CHILD), str(tmp_path / "ddp"), "3", "2", "1"], env=env, cwd=ROOT,
+    dist = subprocess.run([*launcher, str(CHILD), str(tmp_path / "ddp"), "3", "2", "1", "--workers", "2"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert dist.returncode == 0, dist.stdout[-2000:] + dist.stderr[-3000:]
     single = subprocess.run([sys.executable, str(CHILD), str(tmp_path / "one"), "3", "4", "1"], env=env, cwd=ROOT,
