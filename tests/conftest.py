@@ -2,12 +2,20 @@
 
 One torch thread per test process: on 2 cores under pytest-xdist (2 workers), torch's default of
 one thread per core makes the tiny models spin-wait and run tens of times slower.
+
+Session fixtures for what many test files build: the tiny LLaVA folder (``tiny_llava_path``) and
+model + processor (``tiny_llava``), the tiny SD pipeline folder (``tiny_sd_path``), and
+``write_image_pairs``, which writes a small image pair dataset through ``PairWriter``. The folders
+come from ``cached_tiny`` and are shared: treat them, and the shared model, as read-only.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -52,3 +60,62 @@ def launch_two():
         return proc
 
     return launch
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_path() -> Path:
+    """The cached tiny LLaVA-1.5 folder (``cached_tiny("llava")``); read-only."""
+    from mmalign.tiny import cached_tiny
+
+    return cached_tiny("llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tiny_llava_path: Path) -> tuple[torch.nn.Module, Any]:
+    """(model in eval mode, processor) of the tiny LLaVA, loaded once per session through
+    ``AutoModelForImageTextToText`` / ``AutoProcessor``. Shared: a test that trains or edits the model
+    loads its own copy from ``tiny_llava_path``."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava_path, use_safetensors=True).eval()
+    return model, AutoProcessor.from_pretrained(tiny_llava_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path() -> Path:
+    """The cached tiny Stable Diffusion 1.x pipeline folder (``cached_tiny("sd")``); read-only."""
+    from mmalign.tiny import cached_tiny
+
+    return cached_tiny("sd")
+
+
+def _noisy_image(value: float, size: tuple[int, int], seed: int) -> Any:
+    """A ``size`` (width, height) RGB image of mean brightness ~``value`` plus seeded noise."""
+    import numpy as np
+    from PIL import Image
+
+    width, height = size
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(value + 0.1 * rng.standard_normal((height, width, 3)), 0, 1)
+    return Image.fromarray((pixels * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def write_image_pairs() -> Callable[..., list[Any]]:
+    """``write_image_pairs(folder, n, *, chosen=0.7, rejected=0.3, size=(32, 32), prompt="a photo",
+    texts=("", ""), seed=0)``: write pairs ``p0..p{n-1}`` through ``PairWriter``, each with its own
+    chosen image (brightness ``chosen``) and rejected image (``rejected``) under ``img/``, and return
+    them read back with ``read_pairs`` (so each knows its folder)."""
+    from mmalign.pairs import PairWriter, PreferencePair, read_pairs
+
+    def write(folder: Path, n: int, *, chosen: float = 0.7, rejected: float = 0.3,
+              size: tuple[int, int] = (32, 32), prompt: str = "a photo",
+              texts: tuple[str, str] = ("", ""), seed: int = 0) -> list[Any]:
+        with PairWriter(folder, durable=False) as writer:
+            for i in range(n):
+                chosen_rel = writer.add_media(_noisy_image(chosen, size, seed + 2 * i), f"img/{i}_chosen.png")
+                rejected_rel = writer.add_media(_noisy_image(rejected, size, seed + 2 * i + 1), f"img/{i}_rejected.png")
+                writer.write(PreferencePair(f"p{i}", prompt, texts[0], texts[1], [chosen_rel], [rejected_rel]))
+        return read_pairs(folder)
+
+    return write

@@ -293,14 +293,13 @@ def test_diffusion_training_names_the_bad_pair_before_any_step(tmp_path: Path) -
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_vlm_training_names_the_bad_pair_before_any_step(tmp_path: Path) -> None:
+def test_vlm_training_names_the_bad_pair_before_any_step(tmp_path: Path, tiny_llava_path: Path) -> None:
     from mmalign.config import load_config
-    from mmalign.tiny import cached_tiny
     from vision.train import VLMTrainConfig, run
 
     folder = _dataset(tmp_path / "ds", {"zero_bytes": b""})
     config = load_config(VLMTrainConfig, [
-        "--model", str(cached_tiny("llava")), "--data", str(folder), "--train.output_dir", str(tmp_path / "run"),
+        "--model", str(tiny_llava_path), "--data", str(folder), "--train.output_dir", str(tmp_path / "run"),
         "--train.max_steps", "2", "--train.batch_size", "2", "--train.progress", "false",
         "--train.plot", "false", "--train.trackers", "[]",
     ])

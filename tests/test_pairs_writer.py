@@ -196,3 +196,20 @@ def test_lock_wait_is_bounded(tmp_path: Path) -> None:
         assert time.monotonic() - start < 0.25
     with pytest.raises(ValueError, match="lock_timeout"):
         PairWriter(tmp_path, lock_timeout=-1)
+
+
+def test_write_image_pairs_fixture_writes_a_decodable_image_dataset(tmp_path: Path, write_image_pairs) -> None:
+    """The shared helper of tests/conftest.py: pairs p0.. read back with their folder, every image decodes,
+    and the chosen side is the brighter one as asked."""
+    import numpy as np
+
+    from mmalign.pairs import check_media
+
+    pairs = write_image_pairs(tmp_path / "ds", 3, chosen=0.8, rejected=0.2, size=(16, 8))
+    assert [p.id for p in pairs] == ["p0", "p1", "p2"] and all(p.root == tmp_path / "ds" for p in pairs)
+    report = check_media(tmp_path / "ds", progress=False)
+    assert report.files == 6 and report.bad == 0
+    chosen, rejected = pairs[1].load_images()
+    assert chosen[0].size == (16, 8)
+    assert np.asarray(chosen[0]).mean() > 150 > 100 > np.asarray(rejected[0]).mean()
+    assert read_pairs(tmp_path / "ds") == pairs
