@@ -25,6 +25,7 @@ from mmalign.toyworld import BACKGROUND, as_uint8
 
 __all__ = [
     "DemoRow",
+    "GUTTER",
     "LINE_HEIGHT",
     "load_rows",
     "paired_bootstrap",
@@ -36,6 +37,8 @@ __all__ = [
 
 #: pixel height of one line of label text under a grid cell
 LINE_HEIGHT = 12
+#: white pixels between neighbouring grid cells
+GUTTER = 2
 
 
 @dataclass
@@ -163,8 +166,8 @@ def save_grid(
     """A labelled PNG grid, written atomically: images row-major, ``min(ncol, len(images))`` columns,
     each image scaled ``scale`` times (nearest neighbour) with its label wrapped below it.
 
-    Size: width ``cols * W * scale``; height ``rows * (H * scale + LINE_HEIGHT * L + 2)``, where ``L`` is
-    the most lines any label needs. Images are HxWx3 uint8 arrays, PIL images or CHW tensors, all
+    Size: width ``cols * (W * scale + GUTTER) - GUTTER``; height ``rows * (H * scale + LINE_HEIGHT * L + 2
+    + GUTTER) - GUTTER``, where ``L`` is the most lines any label needs. Images are HxWx3 uint8 arrays, PIL images or CHW tensors, all
     of one size.
     """
     from PIL import Image, ImageDraw, ImageFont
@@ -187,11 +190,12 @@ def save_grid(
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     wrapped = [_wrap(probe, font, lab, cell_w - 2) for lab in labels]
     label_h = LINE_HEIGHT * max(len(x) for x in wrapped) + 2
-    sheet = Image.new("RGB", (cols * cell_w, rows * (cell_h + label_h)), (255, 255, 255))
+    step_x, step_y = cell_w + GUTTER, cell_h + label_h + GUTTER
+    sheet = Image.new("RGB", (cols * step_x - GUTTER, rows * step_y - GUTTER), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for i, (arr, lines) in enumerate(zip(arrays, wrapped, strict=True)):
         r, c = divmod(i, cols)
-        x, y = c * cell_w, r * (cell_h + label_h)
+        x, y = c * step_x, r * step_y
         tile = Image.fromarray(arr).resize((cell_w, cell_h), Image.NEAREST)
         sheet.paste(tile, (x, y))
         for j, line in enumerate(lines):
