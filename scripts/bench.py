@@ -1,4 +1,4 @@
-"""Benchmarks: `python scripts/bench.py {engine,reno,diffusion,vision,memory,video,all}`.
+"""Benchmarks: `python scripts/bench.py {engine,data,reno,diffusion,vision,memory,video,all}`.
 
 Each section measures ratios against a baseline run in the same process (this machine is noisy)
 and writes its figures, the command and the machine into BENCHMARKS.md between markers.
@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 GENERIC_DEFAULTS = {"repeats": 5, "steps": 10, "threads": 1, "batch": 8}
 SECTIONS = {
     "engine": ("bench_engine", "bench_engine"),
+    "data": ("bench_engine", "bench_data"),  # the engine's DataLoader on real photos, 0 and 2 workers
     "reno": ("bench_reno", "bench_reno"),
     "diffusion": ("bench_diffusion", "bench_diffusion"),
     "vision": ("bench_vision", "bench_vision"),

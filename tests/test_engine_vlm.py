@@ -69,10 +69,10 @@ def test_precomputed_cache_lives_beside_the_dataset_and_is_reused(tmp_path, vlm_
 def test_replacing_an_image_invalidates_the_cached_reference(tmp_path, vlm_pairs):
     import os
 
-    from mmalign.engine import _hash_data
+    from mmalign.checkpoint import hash_data
 
-    before = _hash_data(vlm_pairs)
+    before = hash_data(vlm_pairs)
     image = vlm_pairs[0].root / "media" / "0.png"
     Image.fromarray(np.zeros((40, 40, 3), dtype="uint8")).save(image)
     os.utime(image, ns=(1, 1))  # a different mtime even on coarse file systems
-    assert _hash_data(vlm_pairs) != before
+    assert hash_data(vlm_pairs) != before
