@@ -62,6 +62,7 @@ Free text
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -474,6 +475,20 @@ def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """``(n, n)`` matrix of a 1-D Gaussian blur with edges extended (each row sums to one)."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    offsets = np.arange(-radius, radius + 1)
+    k = np.exp(-0.5 * (offsets / sigma) ** 2)
+    k /= k.sum()
+    m = np.zeros((n, n))
+    rows = np.arange(n)
+    for off, wt in zip(offsets, k, strict=True):
+        np.add.at(m, (rows, np.clip(rows + off, 0, n - 1)), wt)
+    return m
+
+
 def _coverage(shape: str, x0: float, y0: float, side: float, window: tuple[int, int, int, int]) -> np.ndarray:
     """Fraction of each pixel of ``window`` (px0, py0, px1, py1) covered by ``shape`` in the bounding
     square at ``(x0, y0)`` of ``side`` (pixels), by 4x4 supersampling: ``(py1 - py0, px1 - px0)``."""
@@ -559,7 +574,8 @@ def as_uint8(image: Any) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Detection:
-    """An object read from pixels: centroid and area as fractions of the image side / area."""
+    """An object read from pixels: centroid and area as fractions of the image side / area; ``shape``
+    is one of ``SHAPES`` or ``"unknown"`` (no world shape fits)."""
 
     colour: str
     shape: str
@@ -618,15 +634,24 @@ class Checker:
     (0.008: 8 px at 32x32; the smallest world object, a 7 px triangle, covers about 24 px).
     ``max_colour_distance``: how far (0..255 RGB units) a pixel may lie from the nearest
     background-to-colour blend line and still count as that colour.
+    ``max_shape_error``: a component whose best shape template leaves a larger squared error per
+    unit of mass is read as shape ``"unknown"`` (a blob, bar, ring or cross is no world shape).
+    Renders score below 0.001 clean, 0.03 blurred and noisy, 0.11 after a JPEG round trip at 32
+    px; a cross scores about 0.6, an ellipse 0.5.
     """
 
-    def __init__(self, *, min_area: float = 0.008, max_colour_distance: float = 70.0) -> None:
+    def __init__(
+        self, *, min_area: float = 0.008, max_colour_distance: float = 70.0, max_shape_error: float = 0.25
+    ) -> None:
         if not 0.0 <= min_area < 1.0:
             raise ValueError(f"min_area must be in [0, 1), got {min_area}")
         if max_colour_distance <= 0:
             raise ValueError(f"max_colour_distance must be > 0, got {max_colour_distance}")
         self.min_area = float(min_area)
         self.max_colour_distance = float(max_colour_distance)
+        if max_shape_error <= 0:
+            raise ValueError(f"max_shape_error must be > 0, got {max_shape_error}")
+        self.max_shape_error = float(max_shape_error)
         self._names = list(COLOURS)
         bg = np.asarray(BACKGROUND, dtype=np.float64)
         self._bg = bg.astype(np.float32)
@@ -666,7 +691,9 @@ class Checker:
                 if sizes[lab] < min_px:
                     continue
                 ys, xs = np.nonzero(labels == lab)
-                shape = self._shape(labels == lab, cmap, blend[..., k], ys, xs)
+                shape, err = self._fit_shape(labels == lab, cmap, blend[..., k], ys, xs)
+                if err > self.max_shape_error:
+                    shape = "unknown"
                 found.append(
                     Detection(
                         self._names[int(k)],
@@ -679,14 +706,18 @@ class Checker:
         return sorted(found, key=lambda d: (d.cx, d.cy))
 
     @staticmethod
-    def _shape(comp: np.ndarray, cmap: np.ndarray, alpha: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> str:
+    def _fit_shape(
+        comp: np.ndarray, cmap: np.ndarray, alpha: np.ndarray, ys: np.ndarray, xs: np.ndarray
+    ) -> tuple[str, float]:
         """The shape whose anti-aliased rendering (centre and size fitted from the component's soft
-        mass, blurred or not) explains the component's blend weights best (least squares)."""
+        mass, blurred or not) explains the component's blend weights best (least squares), and that
+        squared error per unit of mass."""
         h, w = comp.shape
         pad = 3
         y0, y1 = max(0, ys.min() - pad), min(h, ys.max() + 1 + pad)
         x0, x1 = max(0, xs.min() - pad), min(w, xs.max() + 1 + pad)
         win = comp[y0:y1, x0:x1]
+        wh, ww = win.shape
         # soft mass: the component and a 2-pixel ring of unclassified pixels around it
         ring = win.copy()
         for _ in range(2):
@@ -699,19 +730,20 @@ class Checker:
         keep = win | (ring & (cmap[y0:y1, x0:x1] < 0))
         soft = np.where(keep, np.clip(alpha[y0:y1, x0:x1], -0.5, 1.5), 0.0)
         mass = max(float(soft.sum()), 1.0)
-        gy, gx = np.mgrid[y0:y1, x0:x1] + 0.5
-        my, mx = float((soft * gy).sum() / mass), float((soft * gx).sum() / mass)
+        my = float(soft.sum(axis=1) @ (np.arange(y0, y1) + 0.5)) / mass
+        mx = float(soft.sum(axis=0) @ (np.arange(x0, x1) + 0.5)) / mass
         best, best_err = SHAPES[0], math.inf
         for shape in SHAPES:
             side = math.sqrt(mass * {"square": 1.0, "circle": 4 / math.pi, "triangle": 2.0}[shape])
             cy = my - side / 6 if shape == "triangle" else my  # a triangle's centroid sits 2/3 down
             cover = _coverage(shape, mx - side / 2, cy - side / 2, side, (x0, y0, x1, y1))
             for sigma in _SIGMAS:
-                tmpl = _gaussian_blur(cover[..., None], sigma)[..., 0] if sigma else cover
+                # a small window: two tiny matrix products blur it faster than shifted slices
+                tmpl = _blur_matrix(wh, sigma) @ cover @ _blur_matrix(ww, sigma).T if sigma else cover
                 err = float(((tmpl - soft) ** 2).sum())
                 if err < best_err:
                     best, best_err = shape, err
-        return best
+        return best, best_err / mass
 
     def check(self, image: Any, spec: Spec | str) -> Check:
         """How ``image`` satisfies ``spec`` (a :class:`Spec` or a world caption).
