@@ -52,7 +52,7 @@ from mmalign.tiny.pipelines import (
 )
 from mmalign.tiny.registry import _MEMO, TINY_BUILDERS, _cache_key, cached_tiny  # noqa: F401  (_MEMO, _cache_key: tests)
 from mmalign.tiny.text import make_tiny_causal_lm
-from mmalign.tiny.tokenization import make_tiny_tokenizer
+from mmalign.tiny.tokenization import CLIP_MAX_LENGTH, make_tiny_tokenizer
 from mmalign.tiny.video_llm import (
     LLAVA_VIDEO_FRAME_TOKENS,
     make_tiny_llava_next_video,
@@ -60,10 +60,13 @@ from mmalign.tiny.video_llm import (
 )
 from mmalign.tiny.vlm import (
     IDEFICS3_IMAGE_SEQ_LEN,
+    IDEFICS3_PATCH_SIZE,
+    IDEFICS3_SCALE_FACTOR,
     IDEFICS3_TILE_SIZE,
     LLAVA_IMAGE_SIZE,
     LLAVA_NEXT_GRID_PINPOINTS,
     LLAVA_NUM_IMAGE_TOKENS,
+    LLAVA_PATCH_SIZE,
     QWEN2VL_MAX_PIXELS,
     QWEN2VL_MIN_PIXELS,
     make_tiny_idefics3,
@@ -76,11 +79,15 @@ from mmalign.tiny.vlm import (
 from mmalign.utils import seeded
 
 __all__ = [
+    "CLIP_MAX_LENGTH",
     "IDEFICS3_IMAGE_SEQ_LEN",
+    "IDEFICS3_PATCH_SIZE",
+    "IDEFICS3_SCALE_FACTOR",
     "IDEFICS3_TILE_SIZE",
     "LLAVA_IMAGE_SIZE",
     "LLAVA_NEXT_GRID_PINPOINTS",
     "LLAVA_NUM_IMAGE_TOKENS",
+    "LLAVA_PATCH_SIZE",
     "LLAVA_VIDEO_FRAME_TOKENS",
     "QWEN2VL_MAX_PIXELS",
     "QWEN2VL_MIN_PIXELS",

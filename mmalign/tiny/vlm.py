@@ -12,7 +12,24 @@ from mmalign.tiny.text import _generation_config, _llama_text_config
 from mmalign.tiny.tokenization import _LLAVA_CHAT_TEMPLATE, _QWEN_CHAT_TEMPLATE, make_tiny_tokenizer
 from mmalign.utils import seeded
 
-__all__ = ["LLAVA_IMAGE_SIZE", "LLAVA_PATCH_SIZE", "LLAVA_NUM_IMAGE_TOKENS", "QWEN2VL_MIN_PIXELS", "QWEN2VL_MAX_PIXELS", "LLAVA_NEXT_GRID_PINPOINTS", "IDEFICS3_TILE_SIZE", "IDEFICS3_PATCH_SIZE", "IDEFICS3_SCALE_FACTOR", "IDEFICS3_IMAGE_SEQ_LEN", "make_tiny_llava", "make_tiny_qwen2vl", "make_tiny_llava_next", "make_tiny_qwen2_5_vl", "make_tiny_idefics3", "make_tiny_smolvlm"]
+__all__ = [
+    "LLAVA_IMAGE_SIZE",
+    "LLAVA_PATCH_SIZE",
+    "LLAVA_NUM_IMAGE_TOKENS",
+    "QWEN2VL_MIN_PIXELS",
+    "QWEN2VL_MAX_PIXELS",
+    "LLAVA_NEXT_GRID_PINPOINTS",
+    "IDEFICS3_TILE_SIZE",
+    "IDEFICS3_PATCH_SIZE",
+    "IDEFICS3_SCALE_FACTOR",
+    "IDEFICS3_IMAGE_SEQ_LEN",
+    "make_tiny_llava",
+    "make_tiny_qwen2vl",
+    "make_tiny_llava_next",
+    "make_tiny_qwen2_5_vl",
+    "make_tiny_idefics3",
+    "make_tiny_smolvlm",
+]
 
 
 LLAVA_IMAGE_SIZE = 32
