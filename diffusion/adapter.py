@@ -74,9 +74,12 @@ import torch
 from PIL import Image
 
 from diffusion.families import (
+    PREDICTION_TYPES,
+    TIMESTEP_SAMPLING,
     denoiser,
     family_of,
     flux_image_ids,
+    get_family,
     pack_latents,
     set_denoiser,
     unpack_latents,
@@ -87,6 +90,8 @@ from mmalign.adapter import ChosenRejected
 __all__ = [
     "ARCHITECTURES",
     "CAPTION_MODES",
+    "PREDICTION_TYPES",
+    "TIMESTEP_SAMPLING",
     "DiffusionAdapter",
     "denoiser",
     "detect_architecture",
@@ -103,12 +108,10 @@ logger = logging.getLogger(__name__)
 #: the built-in families (:mod:`diffusion.families`; more can be registered there)
 ARCHITECTURES = ("sd", "sdxl", "sd3", "flux", "pixart")
 #: built-in families trained with the flow-matching interpolation and velocity target
-FLOW_MATCHING = ("sd3", "flux")
+FLOW_MATCHING = tuple(name for name in ARCHITECTURES if get_family(name).noise.flow_matching)
 #: ``"prompt"``: both sides use ``pair.prompt`` (Diffusion-DPO, MaPO, PSO);
 #: ``"per_side"``: chosen uses ``chosen_caption``, rejected ``rejected_caption`` (DCPO).
 CAPTION_MODES = ("prompt", "per_side")
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 _SIDES = ("chosen", "rejected")
 #: ``chosen_<name>`` batch entries that are not conditioning tensors

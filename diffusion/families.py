@@ -8,10 +8,10 @@ family      denoiser        text          prediction target  added conditions
 =========== =============== ============= ================== =========================================
 ``sd``      UNet            CLIP          scheduler's        none
 ``sdxl``    UNet            CLIP + CLIP   scheduler's        pooled text embedding, size/crop time ids
-``sd3``     SD3 transformer CLIP x2 + T5  flow velocity      pooled text embedding
-``flux``    Flux transfomer CLIP + T5     flow velocity      pooled embedding, 2x2 packing, rotary ids,
+``sd3``     SD3 MMDiT       CLIP x2 + T5  flow velocity      pooled text embedding
+``flux``    Flux MMDiT      CLIP + T5     flow velocity      pooled embedding, 2x2 packing, rotary ids,
                                                              guidance embedding (dev)
-``pixart``  PixArt          T5            scheduler's        attention mask, resolution/aspect (1024 px)
+``pixart``  PixArt DiT      T5            scheduler's        attention mask, resolution/aspect (1024 px)
 =========== =============== ============= ================== =========================================
 
 Names: ``"sd3"`` is the SD3 family everywhere (``"flow"``, its old name in the adapter and in
@@ -47,6 +47,8 @@ from torch import Tensor
 __all__ = [
     "FAMILIES",
     "FLOW_MATCHING",
+    "PREDICTION_TYPES",
+    "TIMESTEP_SAMPLING",
     "VARIANCE_PRESERVING",
     "DiffusionFamily",
     "FlowMatchingNoise",

@@ -62,11 +62,12 @@ def few_step_scheduler(pipeline: Any, sampler: str = "euler_ancestral") -> Any:
         "ddim": diffusers.DDIMScheduler,
         "flow_euler": diffusers.FlowMatchEulerDiscreteScheduler,
     }
-    is_flow = isinstance(pipeline.scheduler, diffusers.FlowMatchEulerDiscreteScheduler)
+    family = family_of(pipeline)
+    is_flow = family.noise.flow_matching
     if is_flow != (sampler == "flow_euler"):
         raise ValueError(
-            f"sampler {sampler!r} does not fit {type(pipeline.scheduler).__name__}; flow-matching pipelines "
-            "use 'flow_euler', UNet pipelines one of euler_ancestral/euler/lcm/ddim"
+            f"sampler {sampler!r} does not fit {type(pipeline).__name__} (family {family.name!r}); flow-matching "
+            "families (sd3, flux) use 'flow_euler', variance-preserving ones one of euler_ancestral/euler/lcm/ddim"
         )
     extra = {} if is_flow else {"timestep_spacing": "trailing"}
     pipeline.scheduler = classes[sampler].from_config(pipeline.scheduler.config, **extra)
