@@ -40,6 +40,11 @@ image is a fixed function of ``z`` and a run repeats exactly. With one step no n
   ids, ``timestep / 1000`` and, for guidance-distilled models (``guidance_embeds``), the guidance
   value ``guidance_scale`` (Flux has no classifier-free guidance here, so no negative prompt).
 
+What differs between these families (text encoding, added conditions, the denoiser's call, packing,
+latent scaling, the few-step schedule) is each family's strategy in :mod:`diffusion.families`; the
+family's name is ``NoiseSampler.kind`` and ``ReNOResult.extras["kind"]`` (``"sd"``, ``"sdxl"``, ``"sd3"``,
+``"flux"``, ``"pixart"``).
+
 Batched prompts: one latent per prompt (prompt ``i`` draws from ``seed + i``); gradients are
 clipped per prompt and the best image is tracked per prompt, so a batch gives the same
 result as running its prompts one by one.
