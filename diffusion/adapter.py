@@ -344,10 +344,12 @@ class DiffusionAdapter:
         """Pairs -> a CPU batch, sides already ordered so that ``chosen`` is the preferred one.
 
         Without a cache: ``chosen_pixel_values``/``rejected_pixel_values`` (B,3,R,R) in [-1,1],
-        ``chosen_texts``/``rejected_texts`` (lists of B str), for SDXL ``chosen_time_ids``/``rejected_time_ids``
-        (B,6). With a cache: ``{side}_latents`` (B,C,h,w), ``{side}_prompt_embeds`` (B,L,D) and, for
-        SDXL/flow, ``{side}_pooled_embeds`` (B,P) instead of pixels and texts, and with ``random_flip``
-        ``{side}_flipped_latents`` (B,C,h,w), the latents of the mirrored images. Always ``ids``.
+        ``chosen_texts``/``rejected_texts`` (lists of B str), and the family's image conditions (for
+        SDXL ``chosen_time_ids``/``rejected_time_ids`` (B,6)). With a cache: ``{side}_latents`` (B,C,h,w),
+        ``{side}_prompt_embeds`` (B,L,D) and the family's other conditioning (SDXL, SD3, Flux:
+        ``{side}_pooled_embeds`` (B,P); SDXL: ``{side}_time_ids``; PixArt: ``{side}_attention_mask``)
+        instead of pixels and texts, and with ``random_flip`` ``{side}_flipped_latents`` (B,C,h,w), the
+        latents of the mirrored images. Always ``ids``.
         """
         if not pairs:
             raise ValueError("collate got an empty list of pairs")
