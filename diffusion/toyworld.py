@@ -1,0 +1,611 @@
+"""A toy text-to-image model of the toy world (:mod:`mmalign.toyworld`), and Diffusion-DPO, MaPO and DCPO on it.
+
+The base model
+    :func:`build_toy_t2i` trains a ``StableDiffusionPipeline`` from scratch on toy-world "count"
+    scenes ("two blue squares": one to three identical shapes) of the *train* split, 32x32 px:
+
+    * tokenizer: a CLIP BPE whose merges make every world word one token (:func:`toy_tokenizer`);
+    * text encoder: ``CLIPTextModel`` (hidden 32, 2 layers), random and kept fixed (seeded);
+    * VAE: ``AutoencoderKL`` with blocks (8, 16), 4 latent channels, downscale 2 (latents 4x16x16),
+      trained as an autoencoder on the scenes, then ``scaling_factor = 1 / std(latents)``;
+    * UNet: ``UNet2DConditionModel`` with blocks (16, 32) (cross-attention at 8x8 and in the mid
+      block), trained as an epsilon denoiser (DDPM objective, SD's scaled-linear betas) with a
+      constant learning rate;
+    * scheduler: ``DDIMScheduler``; samples use :data:`SAMPLE_STEPS` steps, no classifier-free
+      guidance, one seeded generator per image (the image depends on its seed only, not on batching).
+
+    It is saved with ``save_pretrained`` (safetensors) and loaded with ``from_pretrained``; the
+    shipped copy is ``toy_models/t2i`` (:func:`load_toy_t2i` builds it there when missing). It is
+    deliberately small and short-trained, so its samples often get the count, colour or shape wrong,
+    most of all for held-out (colour, shape) combinations it never saw.
+
+What the demos measure (fixed before any alignment run)
+    * kind: "count" prompts only (the base model is trained on them);
+    * headline metric: :class:`mmalign.toyworld.Checker` ``ok`` (colour, shape and count all right)
+      of samples of the 18 **held-out** count prompts, 8 fixed seeds each (144 items, seeds
+      ``EVAL_SEED + i``), the same seeds before and after; change with a 95% paired bootstrap over
+      the (prompt, seed) items (:func:`mmalign.report.paired_bootstrap`);
+    * secondary: the same on the 36 train prompts with 4 fresh seeds each (144 items, seeds never
+      used for the preference pairs).
+
+The preference pairs (:func:`make_checker_pairs`)
+    For each of the 36 train prompts, :data:`PAIR_SAMPLES` samples with fixed seeds; the checker
+    labels each; a prompt with at least one correct and one incorrect sample gives up to
+    :data:`PAIRS_PER_PROMPT` pairs (correct = chosen, incorrect = rejected, cycling through both
+    lists). Written with :class:`mmalign.pairs.PairWriter`, images as PNG beside ``pairs.jsonl``,
+    the checker's readings in ``meta``. DCPO's per-side captions follow DCPO-c (a captioner
+    describes each image), with the checker as the captioner: ``chosen_caption`` is the chosen
+    image's reading (the prompt itself, since it passed the check), ``rejected_caption`` the world
+    caption of what the checker reads in the rejected image ("three red circles" where two were
+    asked); when that reading is no world caption (mixed shapes or colours, no object, more than
+    three), the prompt with its count changed (DCPO-p's perturbed prompt).
+
+The methods (each a LoRA, r 8, alpha 8, on the UNet's attention projections, through
+:func:`mmalign.engine.train` and :class:`diffusion.adapter.DiffusionAdapter`)
+    * ``diffusion_dpo``: loss ``diffusion_dpo``, beta 5000 (Wallace et al.; Salesforce convention);
+    * ``mapo``: loss ``mapo``, beta 0.1, scale 0.5, T = 1000 (the mapo-t2i defaults), no reference;
+    * ``dcpo``: loss ``diffusion_dpo`` on per-side captions, beta 500 (the DCPO reference's default).
+
+    The papers' learning rates (about 1e-8 x batch 2048 for full SD fine-tuning) do not transfer to
+    a 0.25 M-parameter UNet trained with LoRA on ~100 pairs; the toy uses the LoRA learning rate of
+    the project's earlier toy evidence (5e-4), batch 8, :data:`DEMO_STEPS` steps.
+
+Measured
+    (filled in below from one full run; see the end of this docstring.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmalign.files import honour_umask
+from mmalign.report import DemoRow, paired_bootstrap, save_before_after, save_rows
+from mmalign.toyworld import Checker, Spec, prompts, render, scenes
+
+__all__ = [
+    "DEMO_KIND",
+    "DEMO_STEPS",
+    "EVAL_SEED",
+    "METHODS",
+    "PAIRS_PER_PROMPT",
+    "PAIR_SAMPLES",
+    "SAMPLE_STEPS",
+    "TOY_T2I_DIR",
+    "build_toy_t2i",
+    "checker_accuracy",
+    "demo_dcpo",
+    "demo_diffusion_dpo",
+    "demo_mapo",
+    "eval_items",
+    "load_toy_t2i",
+    "make_checker_pairs",
+    "reading_caption",
+    "run_demo",
+    "sample_toy",
+    "toy_tokenizer",
+]
+
+#: where the shipped pipeline lives (repository root / toy_models / t2i)
+TOY_T2I_DIR = Path(__file__).resolve().parents[1] / "toy_models" / "t2i"
+#: the toy world kind the model is trained on and the demos use
+DEMO_KIND = "count"
+#: DDIM steps of every sample the demos draw
+SAMPLE_STEPS = 12
+#: first seed of the held-out / train-prompt evaluation samples (pairs use PAIR_SEED + i)
+EVAL_SEED = 10_000
+PAIR_SEED = 0
+#: samples per train prompt for the preference pairs, and pairs kept per prompt
+PAIR_SAMPLES = 8
+PAIRS_PER_PROMPT = 4
+#: optimizer steps of each demo
+DEMO_STEPS = 100
+EVAL_SEEDS_HELD_OUT = 8
+EVAL_SEEDS_TRAIN = 4
+
+#: build settings: training scenes, VAE and UNet steps (constant learning rates)
+N_SCENES = 3000
+VAE_STEPS = 500
+VAE_LR = 3e-3
+UNET_STEPS = 1000
+UNET_LR = 1e-3
+BATCH_SIZE = 16
+MAX_LENGTH = 16
+
+#: words of the toy world's captions; each becomes one token of :func:`toy_tokenizer`
+WORDS = (
+    "a an one two three red green blue yellow purple white square squares circle circles triangle triangles "
+    "to the left of right"
+).split()
+_NUMBERS = ("zero", "one", "two", "three")
+
+#: method -> (engine loss, beta, adapter caption mode)
+METHODS: dict[str, tuple[str, float, str]] = {
+    "diffusion_dpo": ("diffusion_dpo", 5000.0, "prompt"),
+    "mapo": ("mapo", 0.1, "prompt"),
+    "dcpo": ("diffusion_dpo", 500.0, "per_side"),
+}
+LEARNING_RATE = 5e-4
+LORA_R = 8
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def _byte_table() -> list[str]:
+    """GPT-2/CLIP byte-level BPE: the printable stand-in of each byte, in byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    table = _byte_table()
+    vocab = list(table) + [c + "</w>" for c in table]
+    merges: list[tuple[str, str]] = []
+    known = set(vocab)
+    for word in WORDS:
+        symbols = [table[b] for b in word.encode()]
+        symbols[-1] += "</w>"
+        left = symbols[0]
+        for right in symbols[1:]:
+            if (left, right) not in merges:
+                merges.append((left, right))
+            left += right
+            if left not in known:
+                known.add(left)
+                vocab.append(left)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def toy_tokenizer(*, max_length: int = MAX_LENGTH) -> Any:
+    """A CLIP tokenizer in which every toy-world word (:data:`WORDS`) is one token (others fall back to bytes)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _vocab_and_merges()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def _fresh_pipeline(seed: int) -> Any:
+    """The untrained pipeline: tokenizer, seeded random text encoder, VAE, UNet and DDIM scheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from mmalign.tiny import seeded
+
+    tokenizer = toy_tokenizer()
+    with seeded(seed):
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ))
+    with seeded(seed + 1):
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+            latent_channels=4, norm_num_groups=8, sample_size=32,
+        )
+    with seeded(seed + 2):
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=(1, 2), norm_num_groups=8,
+        )
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _bar(total: int, desc: str, progress: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not progress)
+
+
+def _train_vae(vae: torch.nn.Module, pixels: torch.Tensor, steps: int, *, seed: int, progress: bool) -> list[float]:
+    """Autoencoder training on ``pixels`` (N,3,32,32) in [-1,1]: MSE of ``decode(mean)`` plus a tiny KL (SD's VAE
+    objective without its perceptual and GAN terms); then ``scaling_factor = 1 / std`` of the posterior means."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
+    vae.train()
+    losses = []
+    with _bar(steps, "toy t2i: VAE", progress) as bar:
+        for _ in range(steps):
+            x = pixels[torch.randint(0, len(pixels), (BATCH_SIZE,), generator=g)]
+            posterior = vae.encode(x).latent_dist
+            mse = (vae.decode(posterior.mean).sample - x).pow(2).mean()
+            loss = mse + 1e-6 * posterior.kl().mean() / posterior.mean[0].numel()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(mse.item() / 4)  # [0, 1] pixel units
+            bar.update(1)
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def _latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    return torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+
+
+def _train_unet(pipe: Any, latents: torch.Tensor, captions: list[str], steps: int, *, seed: int, progress: bool,
+                callback: Callable[[int], None] | None = None) -> list[float]:
+    """Epsilon-prediction denoising on scaled ``latents`` (N,4,16,16) with their captions (fixed text encoder);
+    ``callback(step)`` after each step (a constant learning rate, so a snapshot at step k is the k-step model)."""
+    unique = sorted(set(captions))
+    with torch.no_grad():
+        ids = pipe.tokenizer(unique, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        table = pipe.text_encoder(ids)[0]
+    index = torch.tensor([unique.index(c) for c in captions])
+    unet, sched = pipe.unet, pipe.scheduler
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(unet.parameters(), lr=UNET_LR, weight_decay=0.0)
+    unet.train()
+    losses = []
+    with _bar(steps, "toy t2i: UNet", progress) as bar:
+        for step in range(1, steps + 1):
+            idx = torch.randint(0, len(latents), (BATCH_SIZE,), generator=g)
+            x0 = latents[idx]
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.randint(0, sched.config.num_train_timesteps, (BATCH_SIZE,), generator=g)
+            pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=table[index[idx]]).sample
+            loss = (pred - noise).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            bar.update(1)
+            if callback is not None:
+                unet.eval()
+                callback(step)
+                unet.train()
+    unet.eval()
+    return losses
+
+
+def _save(pipe: Any, out_dir: Path, info: dict[str, Any]) -> Path:
+    """``save_pretrained`` into ``out_dir`` (complete or absent: written beside it, then renamed), with the
+    CLIP vocab files and ``toy_t2i.json`` (build settings and measured losses)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        vocab, merges = _vocab_and_merges()
+        tok_dir = tmp / "tokenizer"
+        (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
+                                            encoding="utf-8")
+        (tmp / "toy_t2i.json").write_text(json.dumps(info, indent=1) + "\n")
+        honour_umask(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.tmp-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def build_toy_t2i(out_dir: str | os.PathLike[str], *, seed: int = 0, progress: bool = True,
+                  vae_steps: int = VAE_STEPS, unet_steps: int = UNET_STEPS, n_scenes: int = N_SCENES,
+                  snapshots: Sequence[int] = (), on_snapshot: Callable[[int, Any], None] | None = None) -> Path:
+    """Train the toy text-to-image pipeline from scratch (see the module docstring) and save it into ``out_dir``.
+
+    ``n_scenes`` train-split "count" scenes; ``vae_steps`` autoencoder steps, then ``unet_steps`` denoiser steps,
+    batch 16, constant learning rates, one thread. ``on_snapshot(step, pipe)`` is called at each UNet step in
+    ``snapshots`` (to measure the model as it trains). Returns ``out_dir``.
+    """
+    if vae_steps < 0 or unet_steps < 0 or n_scenes < 1:
+        raise ValueError(f"vae_steps and unet_steps must be >= 0 and n_scenes >= 1, got {vae_steps}, {unet_steps}, "
+                         f"{n_scenes}")
+    t0 = time.process_time()
+    pipe = _fresh_pipeline(seed)
+    world = scenes(n_scenes, "train", DEMO_KIND, seed=seed)
+    pixels = torch.from_numpy(np.stack([render(s) for s in world])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    vae_losses = _train_vae(pipe.vae, pixels, vae_steps, seed=seed, progress=progress)
+    latents = _latents(pipe.vae, pixels)
+    scale = float(1.0 / latents.std())
+    pipe.vae.register_to_config(scaling_factor=scale)
+    marks = set(snapshots)
+
+    def callback(step: int) -> None:
+        if on_snapshot is not None and step in marks:
+            on_snapshot(step, pipe)
+
+    unet_losses = _train_unet(pipe, latents * scale, [s.caption() for s in world], unet_steps, seed=seed + 1,
+                              progress=progress, callback=callback if marks else None)
+    info = {"seed": seed, "kind": DEMO_KIND, "n_scenes": n_scenes, "vae_steps": vae_steps, "unet_steps": unet_steps,
+            "scaling_factor": scale, "vae_mse_last50": float(np.mean(vae_losses[-50:])) if vae_losses else None,
+            "unet_loss_last100": float(np.mean(unet_losses[-100:])) if unet_losses else None,
+            "build_cpu_seconds": time.process_time() - t0}
+    return _save(pipe, Path(out_dir), info)
+
+
+def load_toy_t2i(path: str | os.PathLike[str] | None = None, *, progress: bool = True) -> Any:
+    """The toy pipeline from ``path`` (default :data:`TOY_T2I_DIR`, built there first when missing), loaded with
+    ``StableDiffusionPipeline.from_pretrained`` in fp32 on the CPU, progress bars off."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(path) if path is not None else TOY_T2I_DIR
+    if not (folder / "model_index.json").is_file():
+        if path is not None:
+            raise FileNotFoundError(f"{folder}: no model_index.json (not a saved toy pipeline)")
+        build_toy_t2i(folder, progress=progress)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ------------------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample_toy(pipe: Any, captions: Sequence[str], seeds: Sequence[int], *, steps: int = SAMPLE_STEPS,
+               batch_size: int = 48) -> list[np.ndarray]:
+    """One image per (caption, seed) as ``(32, 32, 3)`` uint8; image ``i`` starts from noise drawn with ``seeds[i]``
+    alone (DDIM, eta 0, no guidance), so it does not depend on batching or on the other items."""
+    if len(captions) != len(seeds):
+        raise ValueError(f"{len(captions)} captions but {len(seeds)} seeds")
+    unet = pipe.unet
+    was_training = unet.training
+    unet.eval()
+    side = int(unet.config.sample_size)
+    shape = (1, int(unet.config.in_channels), side, side)
+    out: list[np.ndarray] = []
+    try:
+        for start in range(0, len(captions), batch_size):
+            chunk = list(captions[start : start + batch_size])
+            gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+            noise = torch.cat([torch.randn(shape, generator=g) for g in gens])
+            images = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=1.0, latents=noise,
+                          generator=gens, output_type="np").images
+            out.extend(np.clip(np.rint(np.asarray(images) * 255), 0, 255).astype(np.uint8))
+    finally:
+        unet.train(was_training)
+    return out
+
+
+def eval_items(split: str, *, n_seeds: int, seed: int = 0) -> tuple[list[Spec], list[int]]:
+    """The fixed evaluation items of ``split``: every prompt of :data:`DEMO_KIND` times ``n_seeds`` seeds
+    (``EVAL_SEED + i``, ``i`` the item's index; train items are offset so no seed repeats across splits)."""
+    specs = prompts(split, DEMO_KIND, seed=seed)
+    items = [s for s in specs for _ in range(n_seeds)]
+    offset = EVAL_SEED + (0 if split == "held_out" else 100_000)
+    return items, [offset + i for i in range(len(items))]
+
+
+def checker_accuracy(pipe: Any, specs: Sequence[Spec], seeds: Sequence[int], *,
+                     checker: Checker | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``(ok per item (N,) 0/1, images)`` of samples of ``specs`` with ``seeds``."""
+    images = sample_toy(pipe, [s.caption() for s in specs], seeds)
+    return (checker or Checker()).accuracy(images, specs), images
+
+
+# ---------------------------------------------------------------------------------------- pairs
+
+
+def reading_caption(image: Any, spec: Spec, checker: Checker) -> str:
+    """A world caption of what ``checker`` reads in ``image``: "two red circles" when it sees two red circles.
+
+    When the reading is no caption of ``spec``'s kind (no object, more than three, mixed colours or shapes),
+    the caption of ``spec`` with its count changed (one -> two, two -> three, three -> two).
+    """
+    found = checker.read(image)
+    kinds = {(d.colour, d.shape) for d in found}
+    if spec.kind == "count" and 1 <= len(found) <= 3 and len(kinds) == 1:
+        return Spec("count", (kinds.pop(),), len(found)).caption()
+    if spec.kind == "single" and len(found) == 1:
+        return Spec("single", ((found[0].colour, found[0].shape),), 1).caption()
+    if spec.kind == "count":
+        return Spec("count", spec.items, {1: 2, 2: 3, 3: 2}[spec.count]).caption()
+    raise ValueError(f"no reading caption for kind {spec.kind!r} from {found!r}")
+
+
+def _complete(folder: Path, settings: dict[str, Any]) -> list[Any] | None:
+    from mmalign.pairs import read_pairs
+
+    try:
+        if json.loads((folder / "TOY_COMPLETE.json").read_text()) != settings:
+            return None
+        return read_pairs(folder)
+    except (OSError, ValueError):
+        return None
+
+
+def make_checker_pairs(pipe: Any, specs: Sequence[Spec], folder: str | os.PathLike[str], *,
+                       samples: int = PAIR_SAMPLES, per_prompt: int = PAIRS_PER_PROMPT, seed: int = PAIR_SEED,
+                       checker: Checker | None = None, key: str = "") -> list[Any]:
+    """Preference pairs from the model's own samples, labelled by the checker (see the module docstring).
+
+    Prompt ``j`` gets ``samples`` images with seeds ``seed + j * samples + i``. The folder is complete or absent
+    (written beside it, marked ``TOY_COMPLETE.json`` with the settings and ``key``, then renamed); a complete
+    folder with the same settings is reused. Returns the pairs as read back (``mmalign.pairs.read_pairs``).
+    """
+    from mmalign.pairs import PairWriter, PreferencePair, read_pairs
+
+    folder = Path(folder)
+    checker = checker or Checker()
+    settings = {"prompts": [s.caption() for s in specs], "samples": samples, "per_prompt": per_prompt, "seed": seed,
+                "sample_steps": SAMPLE_STEPS, "key": key}
+    if folder.exists():
+        reused = _complete(folder, settings)
+        if reused is not None:
+            return reused
+        shutil.rmtree(folder)
+    captions = [s.caption() for s in specs for _ in range(samples)]
+    seeds = [seed + i for i in range(len(captions))]
+    images = sample_toy(pipe, captions, seeds)
+    ok = checker.accuracy(images, [s for s in specs for _ in range(samples)])
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        with PairWriter(tmp, durable=False) as writer:
+            for j, spec in enumerate(specs):
+                idx = range(j * samples, (j + 1) * samples)
+                good = [i for i in idx if ok[i]]
+                bad = [i for i in idx if not ok[i]]
+                if not good or not bad:
+                    continue
+                for n in range(min(per_prompt, max(len(good), len(bad)))):
+                    c, r = good[n % len(good)], bad[n % len(bad)]
+                    rel_c = writer.add_media(images[c], f"img/{c}.png")
+                    rel_r = writer.add_media(images[r], f"img/{r}.png")
+                    writer.write(PreferencePair(
+                        id=f"p{j}-{n}", prompt=spec.caption(), chosen="", rejected="",
+                        chosen_media=[rel_c], rejected_media=[rel_r],
+                        chosen_caption=reading_caption(images[c], spec, checker),
+                        rejected_caption=reading_caption(images[r], spec, checker),
+                        meta={"chosen_seed": seeds[c], "rejected_seed": seeds[r], "chosen_ok": True,
+                              "rejected_ok": False, "kind": spec.kind},
+                    ))
+        (tmp / "TOY_COMPLETE.json").write_text(json.dumps(settings))
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return read_pairs(folder)
+
+
+# ---------------------------------------------------------------------------------------- demos
+
+
+def _fingerprint(pipe: Any) -> str:
+    h = hashlib.sha256()
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for name, p in module.state_dict().items():
+            h.update(name.encode())
+            h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _shared(out: Path, pipe: Any, *, seed: int, n_seeds: tuple[int, int], pair_samples: int) -> dict[str, Any]:
+    """Pairs and BEFORE samples, shared by the three demos (cached under ``out/shared``)."""
+    key = _fingerprint(pipe)
+    shared = out / "shared"
+    shared.mkdir(parents=True, exist_ok=True)
+    pairs = make_checker_pairs(pipe, prompts("train", DEMO_KIND, seed=seed), shared / "pairs",
+                               samples=pair_samples, seed=PAIR_SEED + seed, key=key)
+    before: dict[str, Any] = {}
+    for split, n in zip(("held_out", "train"), n_seeds, strict=True):
+        specs, seeds = eval_items(split, n_seeds=n, seed=seed)
+        path = shared / f"before_{split}.npz"
+        tag = f"{key}-{n}-{seed}-{SAMPLE_STEPS}"
+        if path.is_file():
+            data = np.load(path)
+            if str(data["tag"]) == tag:
+                before[split] = (specs, seeds, data["ok"], list(data["images"]))
+                continue
+        ok, images = checker_accuracy(pipe, specs, seeds)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, tag=tag, ok=ok, images=np.stack(images))
+        os.replace(tmp, path)
+        before[split] = (specs, seeds, ok, images)
+    return {"pairs": pairs, "before": before}
+
+
+def run_demo(method: str, out: str | os.PathLike[str], *, seed: int = 0, progress: bool = True,
+             steps: int = DEMO_STEPS, learning_rate: float = LEARNING_RATE, beta: float | None = None,
+             n_seeds: tuple[int, int] = (EVAL_SEEDS_HELD_OUT, EVAL_SEEDS_TRAIN), pair_samples: int = PAIR_SAMPLES,
+             model: str | os.PathLike[str] | None = None) -> list[DemoRow]:
+    """Train ``method`` (a key of :data:`METHODS`) on checker-labelled pairs of the shipped toy pipeline and
+    measure checker accuracy before and after; writes ``out/<method>/`` (engine metrics and curves,
+    ``before_after.png``, ``rows.json``). ``n_seeds``: seeds per held-out / train prompt; ``pair_samples``: samples
+    per train prompt for the pairs; ``model``: a saved toy pipeline (default the shipped one)."""
+    from diffusion.adapter import DiffusionAdapter
+    from mmalign.engine import TrainConfig, train
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    torch.set_num_threads(1)
+    out = Path(out)
+    loss, default_beta, caption_mode = METHODS[method]
+    pipe = load_toy_t2i(model, progress=progress)
+    shared = _shared(out, pipe, seed=seed, n_seeds=n_seeds, pair_samples=pair_samples)
+    pairs = shared["pairs"]
+    if not pairs:
+        raise ValueError("the checker found no prompt with both a correct and an incorrect sample: no pairs to train on")
+    adapter = DiffusionAdapter(pipe, caption_mode=caption_mode)
+    loss_kwargs: dict[str, Any] = {"beta": beta if beta is not None else default_beta}
+    if loss == "mapo":
+        loss_kwargs.update(scale=0.5, num_train_timesteps=adapter.num_train_timesteps)
+    folder = out / method
+    cfg = TrainConfig(output_dir=str(folder), loss=loss, loss_kwargs=loss_kwargs, lora_r=LORA_R, lora_alpha=LORA_R,
+                      learning_rate=learning_rate, batch_size=8, max_steps=steps, trackers=[], progress=progress,
+                      plot=True, seed=seed, overwrite_output_dir=True)
+    t0 = time.process_time()
+    result = train(pipe.unet, adapter, pairs, cfg)
+    train_cpu = time.process_time() - t0
+    pipe.unet = result.model  # the LoRA-wrapped UNet (peft injects its layers in place)
+    rows = []
+    names = {"held_out": "checker accuracy, held-out count prompts", "train": "checker accuracy, train count prompts"}
+    grid = None
+    for split in ("held_out", "train"):
+        specs, seeds, ok_before, images_before = shared["before"][split]
+        ok_after, images_after = checker_accuracy(pipe, specs, seeds)
+        _, lo, hi = paired_bootstrap(ok_before, ok_after, seed=seed)
+        note = f"{len(pairs)} pairs, {steps} steps, lr {learning_rate:g}, beta {loss_kwargs['beta']:g}, LoRA r {LORA_R}"
+        if split == "train":
+            note = "fresh seeds (not the pairs' samples); " + note
+        rows.append(DemoRow(method, names[split], float(np.mean(ok_before)), float(np.mean(ok_after)), lo, hi,
+                            len(specs), note))
+        if split == "held_out":
+            n = n_seeds[0]
+            pick = list(range(0, len(specs), n))  # the first seed of every held-out prompt
+            grid = ([images_before[i] for i in pick], [images_after[i] for i in pick],
+                    [specs[i].caption() for i in pick])
+    assert grid is not None
+    save_before_after(*grid, folder / "before_after.png", ncol=6)
+    save_rows(rows, folder / "rows.json")
+    (folder / "demo.json").write_text(json.dumps({"train_cpu_seconds": train_cpu, "pairs": len(pairs)}) + "\n")
+    return rows
+
+
+def demo_diffusion_dpo(out: str | os.PathLike[str], *, seed: int = 0, progress: bool = True,
+                       steps: int = DEMO_STEPS) -> list[DemoRow]:
+    """Diffusion-DPO (beta 5000) on the toy pipeline; see :func:`run_demo` and the module docstring."""
+    return run_demo("diffusion_dpo", out, seed=seed, progress=progress, steps=steps)
+
+
+def demo_mapo(out: str | os.PathLike[str], *, seed: int = 0, progress: bool = True,
+              steps: int = DEMO_STEPS) -> list[DemoRow]:
+    """MaPO (beta 0.1, scale 0.5, no reference) on the toy pipeline; see :func:`run_demo`."""
+    return run_demo("mapo", out, seed=seed, progress=progress, steps=steps)
+
+
+def demo_dcpo(out: str | os.PathLike[str], *, seed: int = 0, progress: bool = True,
+              steps: int = DEMO_STEPS) -> list[DemoRow]:
+    """DCPO (Diffusion-DPO on per-side captions, beta 500) on the toy pipeline; see :func:`run_demo`."""
+    return run_demo("dcpo", out, seed=seed, progress=progress, steps=steps)
+
