@@ -74,7 +74,9 @@ def paired_bootstrap(
     b = np.asarray(before, dtype=np.float64).reshape(-1)
     a = np.asarray(after, dtype=np.float64).reshape(-1)
     if b.shape != a.shape:
-        raise ValueError(f"before has {b.size} items but after has {a.size}; a paired bootstrap needs equal lengths")
+        raise ValueError(
+            f"before has {b.size} items but after has {a.size}; a paired bootstrap needs equal lengths"
+        )
     if b.size == 0:
         raise ValueError("paired_bootstrap needs at least one item")
     if n_boot < 1:

@@ -297,7 +297,13 @@ class Scene:
         return {
             "kind": self.kind,
             "objects": [
-                {"colour": o.colour, "shape": o.shape, "cx": float(o.cx), "cy": float(o.cy), "size": float(o.size)}
+                {
+                    "colour": o.colour,
+                    "shape": o.shape,
+                    "cx": float(o.cx),
+                    "cy": float(o.cy),
+                    "size": float(o.size),
+                }
                 for o in self.objects
             ],
         }
@@ -313,7 +319,9 @@ class Scene:
         for i, o in enumerate(d["objects"]):
             try:
                 objects.append(
-                    ToyObject(str(o["colour"]), str(o["shape"]), float(o["cx"]), float(o["cy"]), float(o["size"]))
+                    ToyObject(
+                        str(o["colour"]), str(o["shape"]), float(o["cx"]), float(o["cy"]), float(o["size"])
+                    )
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"scene objects[{i}]: {exc!r}") from exc
@@ -376,9 +384,7 @@ def _separated(a: tuple[float, float, float, float], b: tuple[float, float, floa
     return a[2] + GAP <= b[0] or b[2] + GAP <= a[0] or a[3] + GAP <= b[1] or b[3] + GAP <= a[1]
 
 
-def sample_scene(
-    rng: int | np.random.Generator, kind: str = "single", *, spec: Spec | None = None
-) -> Scene:
+def sample_scene(rng: int | np.random.Generator, kind: str = "single", *, spec: Spec | None = None) -> Scene:
     """A random layout of ``spec`` (a random spec of ``kind`` when None; a given spec's kind wins).
 
     Deterministic for an int seed; a Generator is advanced. Objects stay inside the image with a
@@ -582,6 +588,10 @@ def as_uint8(image: Any) -> np.ndarray:
         return arr
     if np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
+        if arr.size and arr.max() > 1.5:
+            raise ValueError(
+                f"a float image must hold values in [0, 1] or [-1, 1], got a maximum of {arr.max():.3g}"
+            )
         if arr.size and arr.min() < 0:
             arr = (arr + 1.0) / 2.0
         return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
@@ -675,7 +685,9 @@ class Checker:
         self._names = list(COLOURS)
         bg = np.asarray(BACKGROUND, dtype=np.float64)
         self._bg = bg.astype(np.float32)
-        self._dirs = (np.asarray([COLOURS[c] for c in self._names], dtype=np.float64) - bg).astype(np.float32)  # (K, 3)
+        self._dirs = (np.asarray([COLOURS[c] for c in self._names], dtype=np.float64) - bg).astype(
+            np.float32
+        )  # (K, 3)
         self._dir_norm2 = (self._dirs**2).sum(axis=1)
 
     def _blend(self, image: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -836,7 +848,11 @@ _SHAPE_WORDS = {
     "pyramid": "triangle",
 }
 _OTHER_SHAPES = ("star", "hexagon", "pentagon", "heart", "diamond", "cross", "arrow")
-_NUMBER_TOKENS = {**{w: i for i, w in enumerate(_NUMBER_WORDS)}, **{str(i): i for i in range(11)}, "single": 1}
+_NUMBER_TOKENS = {
+    **{w: i for i, w in enumerate(_NUMBER_WORDS)},
+    **{str(i): i for i in range(11)},
+    "single": 1,
+}
 
 
 def _tokens(text: str) -> list[str]:
@@ -865,20 +881,71 @@ def _normalise_question(q: str) -> str:
     return " ".join(_tokens(q))
 
 
-def answer_correct(question: str, answer: str, scene: Scene) -> bool:
-    """Whether a free-text ``answer`` to one of ``scene.questions()`` is right.
+_QUESTIONS = (
+    (
+        "count_shape",
+        re.compile(rf"^how many (?:({_COLOUR_RE}) )?({_SHAPE_RE}) (?:are|is) there(?: in the image)?$"),
+    ),
+    ("count_all", re.compile(r"^how many (?:objects?|shapes?|things?) (?:are|is) there(?: in the image)?$")),
+    ("colour_of", re.compile(rf"^what colour (?:is|are) the ({_SHAPE_RE})$")),
+    ("shape_of", re.compile(rf"^what shape (?:is|are) the ({_COLOUR_RE}) (?:objects?|shapes?|things?)$")),
+    ("side", re.compile(r"^what (colour|shape) is the (?:object|shape|thing) on the (left|right)$")),
+    ("where", re.compile(rf"^is the (?:({_COLOUR_RE}) )?({_SHAPE_RE}) on the left or (?:on )?the right$")),
+)
 
-    Lenient: "Red.", "the circle is red", "It's RED" all answer "what colour is the circle?" with
-    red. The answer must name the right value and no other value of the same kind (colour, shape,
-    number, left/right): "red or blue" is wrong. A question the scene does not ask raises
-    ValueError naming it.
+
+def _expected_answer(question: str, scene: Scene) -> str:
+    """The one-word answer ``scene`` gives to ``question`` (a question of the forms in
+    :meth:`Scene.questions`, asked of any scene); ValueError naming it otherwise."""
+    q = _normalise_question(question)
+    objs = scene.objects
+
+    def unique(values: set[str]) -> str:
+        if len(values) != 1:
+            raise ValueError(f"question {question!r} has no single answer in the scene {scene.caption()!r}")
+        return next(iter(values))
+
+    for name, pattern in _QUESTIONS:
+        m = pattern.match(q)
+        if not m:
+            continue
+        if name == "count_shape":
+            n = sum(o.shape == m[2] and m[1] in (None, o.colour) for o in objs)
+            return _NUMBER_WORDS[n]
+        if name == "count_all":
+            return _NUMBER_WORDS[len(objs)]
+        if name == "colour_of":
+            return unique({o.colour for o in objs if o.shape == m[1]})
+        if name == "shape_of":
+            return unique({o.shape for o in objs if o.colour == m[1]})
+        if name == "side":
+            if len(objs) < 2:
+                raise ValueError(f"question {question!r}: the scene {scene.caption()!r} has one object")
+            ordered = sorted(objs, key=lambda o: o.cx)
+            obj = ordered[0] if m[2] == "left" else ordered[-1]
+            return obj.colour if m[1] == "colour" else obj.shape
+        matching = [o for o in objs if o.shape == m[2] and m[1] in (None, o.colour)]
+        if len(matching) != 1 or len(objs) != 2:
+            raise ValueError(f"question {question!r} has no single answer in the scene {scene.caption()!r}")
+        return "left" if matching[0].cx < max(o.cx for o in objs) else "right"
+    raise ValueError(
+        f"question {question!r} is not a toy-world question (forms: {[q for q, _ in scene.questions()]})"
+    )
+
+
+def answer_correct(question: str, answer: str, scene: Scene) -> bool:
+    """Whether a free-text ``answer`` to ``question`` about ``scene`` is right.
+
+    ``question`` takes the forms of :meth:`Scene.questions` and may be asked of any scene ("how
+    many circles are there?" of a square scene expects zero; "none" and "no" then count as
+    zero). Lenient: "Red.", "the circle is red", "It's RED" all answer "what colour is the
+    circle?" with red. The answer must name the right value and no other value of the same kind
+    (colour, shape, number, left/right): "red or blue" is wrong. A question that is not of those
+    forms, or has no single answer in the scene, raises ValueError naming it.
     """
-    table = {_normalise_question(q): a for q, a in scene.questions()}
-    key = _normalise_question(question)
-    if key not in table:
-        raise ValueError(f"question {question!r} is not one of the scene's questions: {[q for q, _ in scene.questions()]}")
-    expected = table[key]
-    said = _mentions(_tokens(answer))
+    expected = _expected_answer(question, scene)
+    tokens = _tokens(answer)
+    said = _mentions(tokens)
     if expected in COLOURS:
         return said["colour"] == {expected}
     if expected in SHAPES:
@@ -886,6 +953,8 @@ def answer_correct(question: str, answer: str, scene: Scene) -> bool:
     if expected in ("left", "right"):
         return said["position"] == {expected}
     n = _NUMBER_WORDS.index(expected)
+    if n == 0 and not said["count"] and ({"no", "none"} & set(tokens)):
+        return True
     return said["count"] == {n}
 
 
@@ -959,7 +1028,7 @@ def motion_clip(
         "colour": colour,
         "direction": direction,
         "rule": rule,
-        "positions": [(float(x), float(y)) for x, y in positions],
+        "positions": [[float(x), float(y)] for x, y in positions],
         "step": step,
         "teleport_frame": teleport,
     }

@@ -42,7 +42,9 @@ def test_caption_examples() -> None:
             tw.parse_caption(bad)
 
 
-@pytest.mark.parametrize(("kind", "n_train", "n_held"), [("single", 12, 6), ("count", 36, 18), ("pair", 84, 96)])
+@pytest.mark.parametrize(
+    ("kind", "n_train", "n_held"), [("single", 12, 6), ("count", 36, 18), ("pair", 84, 96)]
+)
 def test_splits_are_fixed_and_disjoint(kind: str, n_train: int, n_held: int) -> None:
     train, held = tw.prompts("train", kind), tw.prompts("held_out", kind)
     assert (len(train), len(held)) == (n_train, n_held)
@@ -109,7 +111,9 @@ def test_scene_questions() -> None:
     count = Scene("count", tuple(ToyObject("blue", "square", x, 0.5, 0.2) for x in (0.2, 0.7)))
     assert count.caption() == "two blue squares"
     assert ("how many squares are there?", "two") in count.questions()
-    pair = Scene("pair", (ToyObject("red", "circle", 0.25, 0.5, 0.25), ToyObject("blue", "square", 0.75, 0.5, 0.25)))
+    pair = Scene(
+        "pair", (ToyObject("red", "circle", 0.25, 0.5, 0.25), ToyObject("blue", "square", 0.75, 0.5, 0.25))
+    )
     assert pair.caption() == "a red circle to the left of a blue square"
     assert ("what colour is the object on the left?", "red") in pair.questions()
     with pytest.raises(ValueError, match="left object first"):
@@ -121,7 +125,9 @@ def test_render_is_deterministic_and_degrades() -> None:
     clean = tw.render(s, 32)
     assert clean.shape == (32, 32, 3) and clean.dtype == np.uint8
     assert (clean[0, 0] == tw.BACKGROUND).all()
-    assert np.array_equal(tw.render(s, 32, noise=0.05, blur=0.7, rng=1), tw.render(s, 32, noise=0.05, blur=0.7, rng=1))
+    assert np.array_equal(
+        tw.render(s, 32, noise=0.05, blur=0.7, rng=1), tw.render(s, 32, noise=0.05, blur=0.7, rng=1)
+    )
     assert not np.array_equal(tw.render(s, 32, noise=0.05, rng=1), tw.render(s, 32, noise=0.05, rng=2))
     blurred = tw.render(s, 32, blur=0.7)
     assert np.abs(blurred.astype(int) - clean).max() > 30
@@ -208,7 +214,13 @@ def test_check_pair_is_strict(checker: Checker) -> None:
     spec = tw.parse_caption("a red circle to the left of a blue square")
     assert checker.check(image, spec).ok
     swapped = checker.check(image, "a blue square to the left of a red circle")
-    assert (swapped.colour, swapped.shape, swapped.count, swapped.position, swapped.ok) == (True, True, True, False, False)
+    assert (swapped.colour, swapped.shape, swapped.count, swapped.position, swapped.ok) == (
+        True,
+        True,
+        True,
+        False,
+        False,
+    )
     wrong_colour = checker.check(_image(left, _obj("green", "square", 0.75, size=0.28)), spec)
     assert not wrong_colour.colour and not wrong_colour.ok
     wrong_shape = checker.check(_image(left, _obj("blue", "triangle", 0.75, size=0.28)), spec)
@@ -248,6 +260,21 @@ def test_checker_reads_pil_and_tensors(checker: Checker) -> None:
         assert checker.read(variant) == expected
 
 
+def test_every_scene_question_is_answered_by_its_own_answer() -> None:
+    for kind in tw.KINDS:
+        for scene in tw.scenes(20, "held_out", kind, seed=4):
+            for question, answer in scene.questions():
+                assert tw.answer_correct(question, answer, scene)
+                assert tw.answer_correct(question.upper().rstrip("?"), f"I think it is {answer}.", scene)
+
+
+def test_float_images_out_of_range_are_rejected(checker: Checker) -> None:
+    image = tw.render(tw.scenes(1, "train")[0]).astype(np.float32)  # 0..255 floats
+    with pytest.raises(ValueError, match=r"\[0, 1\] or \[-1, 1\]"):
+        checker.read(image)
+    assert checker.read(image / 255) == checker.read(image.astype(np.uint8))
+
+
 def test_flood_fill_matches_scipy() -> None:
     ndimage = pytest.importorskip("scipy.ndimage")
     rng = np.random.default_rng(0)
@@ -278,6 +305,12 @@ def test_answer_correct() -> None:
     assert not tw.answer_correct("how many objects are there?", "three", scene)
     with pytest.raises(ValueError, match="what is this"):
         tw.answer_correct("what is this?", "red", scene)
+    # questions of the same forms asked of another scene
+    assert tw.answer_correct("how many triangles are there?", "There are none.", scene)
+    assert tw.answer_correct("how many triangles are there?", "0", scene)
+    assert not tw.answer_correct("how many triangles are there?", "one", scene)
+    with pytest.raises(ValueError, match="no single answer"):
+        tw.answer_correct("what colour is the triangle?", "red", scene)
     count = Scene("count", tuple(_obj("green", "triangle", x, size=0.2) for x in (0.15, 0.5, 0.85)))
     assert tw.answer_correct("how many triangles are there?", "three triangles", count)
     assert not tw.answer_correct("how many triangles are there?", "two", count)
@@ -285,7 +318,12 @@ def test_answer_correct() -> None:
 
 def test_caption_facts() -> None:
     scene = Scene("single", (_obj("red", "circle", 0.5),))
-    assert tw.caption_facts("a red circle", scene) == {"colour": True, "shape": True, "count": True, "hallucinated": False}
+    assert tw.caption_facts("a red circle", scene) == {
+        "colour": True,
+        "shape": True,
+        "count": True,
+        "hallucinated": False,
+    }
     halluc = tw.caption_facts("a red circle and a green square", scene)
     assert halluc["hallucinated"] and halluc["colour"] and halluc["shape"]
     wrong = tw.caption_facts("A blue ball.", scene)
