@@ -58,6 +58,24 @@ class DemoRow:
     n: int
     note: str = ""
 
+    @classmethod
+    def from_scores(
+        cls,
+        method: str,
+        metric: str,
+        before: Sequence[float] | np.ndarray,
+        after: Sequence[float] | np.ndarray,
+        *,
+        note: str = "",
+        n_boot: int = 2000,
+        seed: int = 0,
+    ) -> DemoRow:
+        """A row from per-item scores before and after (paired, same items in the same order)."""
+        b = np.asarray(before, dtype=np.float64).reshape(-1)
+        a = np.asarray(after, dtype=np.float64).reshape(-1)
+        _, lo, hi = paired_bootstrap(b, a, n_boot=n_boot, seed=seed)
+        return cls(method, metric, float(b.mean()), float(a.mean()), lo, hi, int(b.size), note)
+
 
 def paired_bootstrap(
     before: Sequence[float] | np.ndarray,

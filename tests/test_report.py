@@ -32,7 +32,7 @@ def test_bootstrap_is_seeded_and_checks_inputs() -> None:
     before, after = rng.random(50), rng.random(50)
     assert report.paired_bootstrap(before, after, seed=3) == report.paired_bootstrap(before, after, seed=3)
     assert report.paired_bootstrap(before, after, seed=3) != report.paired_bootstrap(before, after, seed=4)
-    # chunked resampling gives the same interval whatever the chunking (a large n uses several chunks)
+    # a large n is resampled in several chunks (bounded memory) and still gives a sensible interval
     big_b, big_a = rng.random(5000), rng.random(5000)
     _, lo, hi = report.paired_bootstrap(big_b, big_a, n_boot=1000)
     assert lo < 0 < hi
@@ -40,6 +40,15 @@ def test_bootstrap_is_seeded_and_checks_inputs() -> None:
         report.paired_bootstrap([1, 2], [1])
     with pytest.raises(ValueError, match="NaN"):
         report.paired_bootstrap([1.0, float("nan")], [1.0, 2.0])
+
+
+def test_row_from_scores() -> None:
+    before = np.array([0, 0, 1, 1, 0, 1, 0, 0], float)
+    after = np.array([1, 0, 1, 1, 1, 1, 0, 1], float)
+    row = DemoRow.from_scores("dpo", "checker accuracy", before, after, note="held-out pairs")
+    assert (row.before, row.after, row.n) == (0.375, 0.75, 8)
+    assert (row.lo, row.hi) == report.paired_bootstrap(before, after)[1:]
+    assert row.lo <= row.after - row.before <= row.hi
 
 
 def test_rows_markdown_and_rows_file(tmp_path) -> None:
