@@ -275,6 +275,15 @@ def test_float_images_out_of_range_are_rejected(checker: Checker) -> None:
     assert checker.read(image / 255) == checker.read(image.astype(np.uint8))
 
 
+def test_checker_without_scipy_reads_the_same(checker: Checker, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = [
+        tw.render(s, 32, blur=0.7, noise=0.05, rng=i) for i, s in enumerate(tw.scenes(10, "train", "count"))
+    ]
+    expected = [checker.read(im) for im in images]
+    monkeypatch.setattr(tw, "_label_components", tw._flood_label)
+    assert [checker.read(im) for im in images] == expected
+
+
 def test_flood_fill_matches_scipy() -> None:
     ndimage = pytest.importorskip("scipy.ndimage")
     rng = np.random.default_rng(0)
