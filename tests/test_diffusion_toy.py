@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,19 +29,58 @@ from diffusion.train import load_pipeline
 
 #: the tiny VAE passes its mean-image plateau (MSE ~0.035) only after ~150 steps (see pretrain_vae)
 VAE_STEPS = 200
+TRAIN_PAIRS, HELD_PAIRS = 24, 8
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """Training and held-out pairs, and a tiny SD pipeline before and after ``pretrain_vae``."""
+def _pretrained_vae_key(tiny_sd: Path) -> str:
+    """What the pretrained pipeline depends on: the settings, the base pipeline (its cache folder name
+    digests the builder), the source of the functions that make the data and train, and the library versions."""
+    import inspect
+
+    import diffusers
+
+    import diffusion.toy
+
+    digest = hashlib.sha256()
+    settings = {"steps": VAE_STEPS, "train": TRAIN_PAIRS, "held": HELD_PAIRS, "seed": 0, "base": tiny_sd.name,
+                "versions": [torch.__version__, diffusers.__version__]}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for name in ("pattern", "brightness_pairs", "pair_pixels", "reconstruction_error", "pretrain_vae"):
+        digest.update(inspect.getsource(getattr(diffusion.toy, name)).encode())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory, request, tiny_sd_path):
+    """Training and held-out pairs, and a tiny SD pipeline before and after ``pretrain_vae``.
+
+    The pretraining (~130 s of CPU) runs once: its pipeline, losses and starting error are kept under the
+    pytest cache folder, keyed by :func:`_pretrained_vae_key`, so later sessions load them (``-p
+    no:cacheprovider`` or a changed key trains again)."""
     root = tmp_path_factory.mktemp("toy")
-    train = brightness_pairs(root / "train", 24, seed=0, prefix="t")
-    held = brightness_pairs(root / "held", 8, seed=1, prefix="h")
-    pipe = load_pipeline("tiny:sd")
+    train = brightness_pairs(root / "train", TRAIN_PAIRS, seed=0, prefix="t")
+    held = brightness_pairs(root / "held", HELD_PAIRS, seed=1, prefix="h")
+    cache = getattr(request.config, "cache", None)
+    final = None
+    if cache is not None:
+        final = Path(cache.mkdir("diffusion_toy_vae")) / _pretrained_vae_key(tiny_sd_path)
+        if (final / "result.json").is_file():
+            result = json.loads((final / "result.json").read_text())
+            return {"train": train, "held": held, "pipe": load_pipeline(str(final / "pipeline")), **result}
+    pipe = load_pipeline(str(tiny_sd_path))
     held_pixels = torch.cat(pair_pixels(held))
-    error_before = reconstruction_error(pipe.vae, held_pixels)
-    losses = pretrain_vae(pipe, train, VAE_STEPS, seed=0)
-    return {"train": train, "held": held, "pipe": pipe, "error_before": error_before, "losses": losses}
+    result = {"error_before": reconstruction_error(pipe.vae, held_pixels)}
+    result["losses"] = pretrain_vae(pipe, train, VAE_STEPS, seed=0)
+    if final is not None:
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        try:
+            pipe.save_pretrained(staging / "pipeline", safe_serialization=True)
+            (staging / "result.json").write_text(json.dumps(result))
+            with contextlib.suppress(OSError):  # another session stored the same result first
+                os.rename(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return {"train": train, "held": held, "pipe": pipe, **result}
 
 
 def test_data_brightness_orders_the_sides(tmp_path) -> None:
@@ -45,7 +92,7 @@ def test_data_brightness_orders_the_sides(tmp_path) -> None:
     assert pixels_chosen.shape == (1, 3, 32, 32) and 0 <= pixels_chosen.min() and pixels_chosen.max() <= 1
 
 
-@pytest.mark.slow  # shares the module's ~30 s VAE pretraining
+@pytest.mark.slow  # shares the session's VAE pretraining (~130 s CPU; cached across sessions)
 def test_pretrain_vae_reconstructs_held_out_images_and_normalises_latents(toy) -> None:
     pipe, held = toy["pipe"], toy["held"]
     held_pixels = torch.cat(pair_pixels(held))
@@ -58,7 +105,7 @@ def test_pretrain_vae_reconstructs_held_out_images_and_normalises_latents(toy) -
     assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)
 
 
-@pytest.mark.slow  # shares the module's ~30 s VAE pretraining
+@pytest.mark.slow  # shares the session's VAE pretraining (~130 s CPU; cached across sessions)
 def test_pixel_brightness_of_data_latents_tracks_real_brightness(toy) -> None:
     """Decoding the latents of bright and dark held-out images gives their brightness back, ordered
     (the true means lie between 0.15 and 0.85, so an error of 0.04 is small against that spread)."""
@@ -74,7 +121,7 @@ def test_pixel_brightness_of_data_latents_tracks_real_brightness(toy) -> None:
     assert (decoded - real).abs().mean() < 0.04
 
 
-@pytest.mark.slow  # shares the module's ~30 s VAE pretraining
+@pytest.mark.slow  # shares the session's VAE pretraining (~130 s CPU; cached across sessions)
 def test_brightness_score_is_the_mean_pixel_brightness_of_the_pipelines_samples(toy) -> None:
     """Same seeds every call; equal to what the pipeline itself decodes (output_type="pt")."""
     pipe = toy["pipe"]
