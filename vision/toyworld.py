@@ -1,0 +1,597 @@
+"""A toy VLM that hallucinates, and STIC, POVID and SCL run on it (toy-world evidence, nothing downloaded).
+
+The base model (:func:`build_toy_vlm`)
+    A LLaVA (``LlavaForConditionalGeneration`` + ``LlavaProcessor``; CLIP tower on 32 px images, patch 8,
+    16 image tokens; Llama text model; hidden 64, 2 layers each; a byte-level BPE whose merges make every
+    world word and prompt word one token) trained from random init with the engine's SFT
+    (``loss="sft"``) on images of the *train* split of :mod:`mmalign.toyworld` (12 of the 18 colour/shape
+    combinations; every kind: single, count, pair). It learns to describe them (the world's exact caption,
+    under the plain describe prompts and STIC's step-by-step prompt), to answer their questions with one
+    word (also under SCL's first- and second-turn prompts), and, asked by one of STIC's hallucination
+    prompts to imagine, to name a made-up scene. It never sees the six held-out combinations, so on
+    held-out images it tends to say a combination it knows: the hallucinations the methods are meant to fix.
+
+The held-out set (fixed before any run; :func:`eval_scenes`)
+    ``N_EVAL`` scenes per kind of the *held_out* split (seed ``EVAL_SEED``), every question of each scene.
+    No method sees these images (their pools use other seeds). Metrics, greedy decoding:
+
+    * ``answer accuracy``: :func:`mmalign.toyworld.answer_correct` of the answer to each question
+      (the plain question as prompt), one item per question;
+    * ``description accuracy``: the description (prompt ``"Describe the image."``) names every colour,
+      shape and count right and nothing else (:func:`mmalign.toyworld.caption_facts` all true, not
+      hallucinated), one item per scene;
+    * ``hallucination rate``: the description names a colour or shape the scene does not have; lower is
+      better.
+
+    Each row's interval is the 95% paired bootstrap of (after - before) over the items
+    (:func:`mmalign.report.paired_bootstrap`).
+
+The methods (each on its own pool of images: ``N_POOL`` scenes per kind and split, both splits, seeds
+other than the evaluation's; the project's own code path; hyperparameters below)
+
+    * STIC (:func:`demo_stic`): stage 1 :func:`vision.stic.build_stic_pairs` on the pool's PNG files, with
+      no label (chosen: the policy's description under the step-by-step prompt, temperature 0.2;
+      rejected: a hallucination prompt on the clean image, or a describe prompt on the ``stic_lowres``
+      / ``stic_color_jitter`` image); stage 2 :func:`vision.stic.train_stic_dpo` with
+      :func:`vision.stic.stic_dpo_config` (DPO beta 0.1 + chosen NLL / 1024, cosine, 3% warmup, 1 epoch,
+      8 pairs per step).
+    * POVID (:func:`demo_povid`): :func:`vision.povid.build_povid_pairs` on the pool's ground-truth
+      descriptions and answers: the text negative is the ground truth rewritten by the toy's text rule
+      (:func:`toy_hallucination_rewrite`: one colour, shape, number or side swapped for another, the
+      rewriter a rule instead of a language model), the image negative the online one (argmax tokens
+      read on the diffusion-noised image, t = 500); then :func:`vision.povid.run_povid_recipe`: stage 1
+      DPO on the text pairs (3 epochs), stage 2 both pair sets with POVID's 0.5 / 0.5 weights (1 epoch),
+      beta 0.1, cosine, 3% warmup.
+    * SCL (:func:`demo_scl`): :func:`vision.scl.build_scl_pairs` on the pool's questions (two turns: the
+      SCL question, then a review prompt; a pair when one turn is right and the other wrong, as read by
+      :func:`mmalign.toyworld.answer_correct`), then :func:`vision.train.run` with SCL's recipe (DPO
+      beta 0.1 + SFT 0.1 on the chosen answer, 3 epochs, cosine, 3% warmup).
+
+    The papers train LoRA adapters on a pretrained 7B model with learning rates of 1e-7 (STIC,
+    POVID) and 5e-5 (SCL). A 0.5M-parameter model trained from scratch moves far less per step at
+    those rates, so the demos fine-tune all weights at the rates in :data:`DEMO_LR` (the loss, beta,
+    SFT weights, schedule, warmup and epochs are the papers').
+
+Measured (one full run, ``python scripts/toy_vision.py --out runs/toy_vision``)
+    RESULTS
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DEMO_LR",
+    "EVAL_SEED",
+    "MODEL_DIR",
+    "N_EVAL",
+    "build_toy_vlm",
+    "demo_povid",
+    "demo_scl",
+    "demo_stic",
+    "eval_scenes",
+    "evaluate_vlm",
+    "load_toy_vlm",
+    "make_toy_llava",
+    "make_toy_tokenizer",
+    "toy_hallucination_rewrite",
+]
+
+#: where the shipped model lives (committed; rebuilt by :func:`load_toy_vlm` when missing)
+MODEL_DIR = Path(__file__).resolve().parents[1] / "toy_models" / "vlm"
+IMAGE_SIZE = 32
+PATCH_SIZE = 4
+HIDDEN = 64
+LAYERS = 2
+#: the description prompt of the evaluation
+DESCRIBE = "Describe the image."
+#: held-out scenes per kind in the evaluation set, and their seed
+N_EVAL = 40
+EVAL_SEED = 12345
+#: pool scenes per kind and split for each method (images the method may use; not the evaluation's)
+N_POOL = 24
+#: SFT of the base model: steps, batch, learning rate, train scenes per kind
+SFT_STEPS = 1000
+SFT_BATCH = 16
+SFT_LR = 3e-3
+SFT_SCENES = 400
+#: full fine-tuning learning rate of each method's preference training (see the module docstring)
+#: SCL samples both turns at this temperature (SCL: greedy), so that one-word answers can differ
+SCL_TEMPERATURE = 0.7
+DEMO_LR: dict[str, float] = {"stic": 2e-4, "povid": 2e-4, "scl": 2e-4}
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def _corpus_words() -> list[str]:
+    """Words that become single tokens: the toy world's and those of the prompts the methods use."""
+    from mmalign import prompts as P
+    from mmalign import toyworld as W
+
+    texts = [P.STIC_DESCRIBE_PROMPT, *P.STIC_HALLUCINATION_PROMPTS, *P.DESCRIBE_PROMPTS, P.POVID_INJECTION_TEMPLATE,
+             *P.SELF_CORRECTION_REVIEW_PROMPTS, P.SCL_STEP_BY_STEP, P.SCL_ANSWER_FORMAT,
+             " ".join(W.COLOURS), " ".join(W.SHAPES),
+             "squares circles triangles zero one two three objects object left right of to the a an what colour "
+             "shape how many is are there on or"]
+    seen: dict[str, None] = {}
+    for text in texts:
+        for word in re.findall(r"[A-Za-z]+", text):
+            seen.setdefault(word, None)
+    return list(seen)
+
+
+def _byte_table() -> list[str]:
+    """GPT-2's byte -> printable symbol table, in byte order (byte-level BPE)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def make_toy_tokenizer() -> Any:
+    """A byte-level BPE whose merges make every toy-world word and prompt word one token (``" red"``,
+    ``" circle"``, ``"Describe"``); special tokens and chat template of the tiny LLaVA
+    (:func:`mmalign.tiny.make_tiny_tokenizer`), so any other text still tokenizes, byte by byte."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    from mmalign.tiny import make_tiny_tokenizer
+
+    byte_table = _byte_table()
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    words = _corpus_words()
+    # space-prefixed words first, so " red" in a sentence is one token
+    for variant in [" " + w for w in words] + words:
+        symbols = [byte_table[b] for b in variant.encode("utf-8")]
+        left = symbols[0]
+        for right in symbols[1:]:
+            if (left, right) not in seen:
+                seen.add((left, right))
+                merges.append((left, right))
+            left = left + right
+    vocab_list = list(byte_table)
+    known = set(vocab_list)
+    for a, b in merges:
+        if a + b not in known:
+            known.add(a + b)
+            vocab_list.append(a + b)
+    backend = Tokenizer(BPE(vocab={t: i for i, t in enumerate(vocab_list)}, merges=merges, fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    backend.add_special_tokens([*specials.values(), "<image>"])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, chat_template=make_tiny_tokenizer(flavour="llava").chat_template,
+        padding_side="left", model_max_length=2048, extra_special_tokens=["<image>"], **specials)
+
+
+def make_toy_llava(out_dir: str | Path, *, seed: int = 0, hidden: int = HIDDEN, layers: int = LAYERS) -> Path:
+    """An untrained LLaVA for the toy world, saved to ``out_dir`` (loads with ``from_pretrained``).
+
+    CLIP tower: 32 px images, patch 8 -> 16 patch tokens (CLS dropped); Llama text model; ``hidden``
+    width and ``layers`` layers in both, 4 heads; :func:`make_toy_tokenizer`.
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        GenerationConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from mmalign.tiny import seeded
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"toy VLM output {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_toy_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                              num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+                              projection_dim=hidden)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                         image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2)
+    with seeded(seed):
+        model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=PATCH_SIZE,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=tok.chat_template)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def _pil(scene: Any) -> Any:
+    from PIL import Image
+
+    from mmalign import toyworld as W
+
+    return Image.fromarray(W.render(scene, IMAGE_SIZE))
+
+
+def _sft_records(scenes: Sequence[Any], rng: random.Random) -> list[tuple[int, str, str]]:
+    """``(scene index, prompt or chat, target)`` of the base model's SFT (see the module docstring)."""
+    from mmalign import prompts as P
+    from mmalign import toyworld as W
+    from vision.scl import review_conversation
+
+    describe = [*P.DESCRIBE_PROMPTS, P.STIC_DESCRIBE_PROMPT]
+    records: list[tuple[int, str, str]] = []
+    for i, scene in enumerate(scenes):
+        records.append((i, rng.choice(describe), scene.caption()))
+        questions = scene.questions()
+        for q, a in rng.sample(questions, min(2, len(questions))):
+            records.append((i, q, a))
+        u = rng.random()
+        if u < 0.1:  # asked to imagine, it names a made-up scene
+            made_up = W.sample_scene(rng.randrange(2**31), scene.kind)
+            records.append((i, rng.choice(P.STIC_HALLUCINATION_PROMPTS), made_up.caption()))
+        elif u < 0.3:  # SCL's two turns: the first answer right or wrong, the second the true one
+            q, a = rng.choice(questions)
+            if rng.random() < 0.5:
+                records.append((i, P.scl_question(q), a))
+            else:
+                first = a if rng.random() < 0.6 else _swap_word(a, rng)
+                review = review_conversation(q, first, rng)[2]["content"][0]["text"]
+                # the two-turn chat as one prompt string: the chat template renders it to the same text
+                records.append((i, f"{P.scl_question(q)} ASSISTANT: {first}</s> USER: {review}", a))
+    return records
+
+
+def build_toy_vlm(out_dir: str | Path, *, seed: int = 0, progress: bool = True, steps: int = SFT_STEPS,
+                  n_scenes: int = SFT_SCENES) -> Path:
+    """Train the toy VLM from random init with the engine's SFT and save it to ``out_dir``; returns it.
+
+    ``steps`` optimizer steps of ``SFT_BATCH`` examples over ``n_scenes`` train-split scenes per kind
+    (see the module docstring). About 3-4 minutes of one CPU thread with the defaults. The training
+    data and the engine's metrics go to a temporary folder next to ``out_dir``, removed at the end.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmalign import toyworld as W
+    from mmalign.engine import TrainConfig, train
+    from mmalign.pairs import PairWriter, PreferencePair, read_pairs
+    from vision.adapter import VLMAdapter
+
+    out = Path(out_dir)
+    work = out.parent / f".{out.name}-build"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        base = make_toy_llava(work / "init", seed=seed)
+        scenes = [s for k in W.KINDS for s in W.scenes(n_scenes, "train", k, seed=seed)]
+        rng = random.Random(seed)
+        with PairWriter(work / "sft", durable=False) as writer:
+            media = [writer.add_media(_pil(s), f"img/{i:05d}.png") for i, s in enumerate(scenes)]
+            for j, (i, prompt, target) in enumerate(_sft_records(scenes, rng)):
+                writer.write(PreferencePair(id=f"sft{j:06d}", prompt=prompt, chosen=target, rejected="",
+                                            chosen_media=[media[i]], rejected_media=[media[i]]))
+        pairs = read_pairs(work / "sft")
+        model = AutoModelForImageTextToText.from_pretrained(base, use_safetensors=True)
+        processor = AutoProcessor.from_pretrained(base)
+        config = TrainConfig(output_dir=str(work / "run"), loss="sft", learning_rate=SFT_LR, max_steps=steps,
+                             batch_size=SFT_BATCH, lr_scheduler="cosine", warmup_steps=min(30, steps // 10),
+                             trackers=[], progress=progress, plot=False, seed=seed)
+        result = train(model, VLMAdapter(processor, media_root=work / "sft"), pairs, config)
+        tmp = out.parent / f".{out.name}-new"
+        shutil.rmtree(tmp, ignore_errors=True)
+        result.model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "build.json").write_text(json.dumps(
+            {"seed": seed, "steps": steps, "batch_size": SFT_BATCH, "learning_rate": SFT_LR, "scenes_per_kind": n_scenes,
+             "examples": len(pairs), "final_loss": result.metrics[-1]["loss"] if result.metrics else None}, indent=1))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def load_toy_vlm(path: str | Path | None = None) -> tuple[Any, Any]:
+    """``(model, processor)`` of the toy VLM at ``path`` (default :data:`MODEL_DIR`, built there when missing)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = Path(path) if path is not None else MODEL_DIR
+    if path is None and not (folder / "model.safetensors").is_file():
+        build_toy_vlm(folder)
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no toy VLM at {folder} (model.safetensors missing); build it with build_toy_vlm")
+    model = AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=True).eval()
+    return model, AutoProcessor.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------ text rule (POVID)
+
+_CLASSES: tuple[tuple[str, ...], ...] = ()
+
+
+def _word_classes() -> tuple[tuple[str, ...], ...]:
+    from mmalign import toyworld as W
+
+    return (tuple(W.COLOURS), tuple(W.SHAPES), tuple(f"{s}s" for s in W.SHAPES), ("one", "two", "three"),
+            ("left", "right"))
+
+
+def _swap_word(text: str, rng: random.Random) -> str:
+    """``text`` with one world word (a colour, shape, number or side) replaced by another of its kind,
+    chosen with ``rng``; ``text`` unchanged when it has none."""
+    classes = _word_classes()
+    words = text.split(" ")
+    spots = [(i, c) for i, w in enumerate(words) for c in classes if w.strip(".,?!").lower() in c]
+    if not spots:
+        return text
+    i, cls = rng.choice(spots)
+    word = words[i].strip(".,?!").lower()
+    words[i] = words[i].lower().replace(word, rng.choice([w for w in cls if w != word]))
+    return " ".join(words)
+
+
+def toy_hallucination_rewrite(rewriter: Any, tokenizer: Any, prompts: Sequence[str], settings: Any = None, *,
+                              seeds: Sequence[int] | None = None) -> list[str]:
+    """POVID's hallucination injection in the toy world, with a rule as the rewriter.
+
+    A ``text_fn`` for :func:`vision.povid.inject_hallucinations` (``generate_text``'s signature; the
+    model and tokenizer are unused): reads the correct answer back from each
+    :func:`mmalign.prompts.hallucination_injection_prompt` and swaps one colour, shape, number or side
+    in it for another of its kind (an attribute or relation hallucination), seeded per record.
+    """
+    out = []
+    for k, prompt in enumerate(prompts):
+        match = re.search(r"Correct answer: (.*)\nRewritten answer:", prompt, flags=re.S)
+        if match is None:
+            raise ValueError(f"prompt {k} is not a hallucination-injection prompt: {prompt[:80]!r}")
+        out.append(_swap_word(match.group(1).strip(), random.Random(seeds[k] if seeds is not None else k)))
+    return out
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def eval_scenes(n_per_kind: int = N_EVAL) -> list[Any]:
+    """The fixed held-out evaluation scenes: ``n_per_kind`` of each kind, held-out split, seed ``EVAL_SEED``."""
+    from mmalign import toyworld as W
+
+    return [s for k in W.KINDS for s in W.scenes(n_per_kind, "held_out", k, seed=EVAL_SEED)]
+
+
+def evaluate_vlm(model: Any, processor: Any, scenes: Sequence[Any], *, batch_size: int = 64) -> dict[str, Any]:
+    """Greedy descriptions and answers on ``scenes``; the metrics as per-item 0/1 arrays (see the module
+    docstring): ``answer`` (one per question), ``description`` and ``hallucination`` (one per scene),
+    with the texts (``descriptions``, ``answers``)."""
+    from mmalign import toyworld as W
+    from vision.generate import GenerationSettings, generate_responses
+
+    greedy = GenerationSettings(max_new_tokens=16, temperature=0.0, batch_size=batch_size)
+    images = [_pil(s) for s in scenes]
+    descs = [d.strip() for d in generate_responses(model, processor, [DESCRIBE] * len(scenes),
+                                                   [[im] for im in images], greedy)]
+    qs = [(i, q) for i, s in enumerate(scenes) for q, _ in s.questions()]
+    answers = [a.strip() for a in generate_responses(model, processor, [q for _, q in qs],
+                                                     [[images[i]] for i, _ in qs], greedy)]
+    facts = [W.caption_facts(d, s) for d, s in zip(descs, scenes, strict=True)]
+    return {
+        "answer": np.array([W.answer_correct(q, a, scenes[i]) for (i, q), a in zip(qs, answers, strict=True)], float),
+        "description": np.array([f["colour"] and f["shape"] and f["count"] and not f["hallucinated"] for f in facts],
+                                float),
+        "hallucination": np.array([f["hallucinated"] for f in facts], float),
+        "descriptions": descs,
+        "answers": answers,
+    }
+
+
+_METRICS = (("answer", "answer accuracy", ""), ("description", "description accuracy", ""),
+            ("hallucination", "hallucination rate", "lower is better"))
+
+
+def _rows(method: str, before: dict[str, Any], after: dict[str, Any], note: str, seed: int) -> list[Any]:
+    from mmalign.report import DemoRow, paired_bootstrap
+
+    rows = []
+    for key, metric, extra in _METRICS:
+        _, lo, hi = paired_bootstrap(before[key], after[key], seed=seed)
+        rows.append(DemoRow(method=method, metric=metric, before=float(before[key].mean()),
+                            after=float(after[key].mean()), lo=lo, hi=hi, n=int(before[key].size),
+                            note="; ".join(x for x in (extra, note) if x)))
+    return rows
+
+
+def _finish(method: str, out: Path, scenes: Sequence[Any], before: dict[str, Any], after: dict[str, Any],
+            note: str, seed: int, extra: dict[str, Any]) -> list[Any]:
+    """Rows, the before/after sheet (descriptions of the first 8 scenes of each kind) and rows.json."""
+    from mmalign.files import atomic_write_bytes
+    from mmalign.report import save_grid, save_rows
+
+    rows = _rows(method, before, after, note, seed)
+    n = len(scenes) // 3
+    pick = [k * n + j for k in range(3) for j in range(min(8, n))]
+    images, labels = [], []
+    for block in range(0, len(pick), 8):
+        for tag, res in (("before", before), ("after", after)):
+            for i in pick[block : block + 8]:
+                images.append(_pil(scenes[i]))
+                labels.append(f"{tag}: {res['descriptions'][i]}")
+    save_grid(images, labels, out / "before_after.png", ncol=8, scale=4)
+    save_rows(rows, out / "rows.json")
+    detail = {"truth": [s.caption() for s in scenes], "before": before["descriptions"],
+              "after": after["descriptions"], **extra}
+    atomic_write_bytes(out / "details.json", json.dumps(detail, indent=1).encode())
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- demos
+
+
+def _pool(n_per_kind: int, seed: int) -> list[Any]:
+    """The images a method may use: ``n_per_kind`` scenes of each kind and split (seed ``seed + 1``; the
+    evaluation's seed is ``EVAL_SEED``, so no evaluation image is among them)."""
+    from mmalign import toyworld as W
+
+    return [s for split in ("train", "held_out") for k in W.KINDS for s in W.scenes(n_per_kind, split, k, seed=seed + 1)]
+
+
+def _start(method: str, out: str | Path, model_path: str | Path | None, n_eval: int) -> tuple[Path, Path, Any, Any,
+                                                                                              list[Any], dict[str, Any]]:
+    """Fresh ``out/<method>``, the toy model, the evaluation scenes and the BEFORE measures."""
+    torch.set_num_threads(1)
+    folder = Path(out) / method
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    path = Path(model_path) if model_path is not None else MODEL_DIR
+    model, processor = load_toy_vlm(model_path)
+    scenes = eval_scenes(n_eval)
+    return folder, path, model, processor, scenes, evaluate_vlm(model, processor, scenes)
+
+
+def _train_kwargs(progress: bool, seed: int, steps: int | None) -> dict[str, Any]:
+    """Engine settings every demo shares; ``steps`` (tests) caps the optimizer steps, else epochs decide."""
+    return {"trackers": [], "progress": progress, "seed": seed, "max_steps": steps or 0, "overwrite_output_dir": True}
+
+
+def demo_stic(out: str | Path, *, seed: int = 0, progress: bool = True, steps: int | None = None,
+              n_pool: int = N_POOL, n_eval: int = N_EVAL, model_path: str | Path | None = None) -> list[Any]:
+    """STIC on the toy VLM (stage 1 pairs from unlabelled pool images, stage 2 DPO); rows for ``out/stic``."""
+    from mmalign.pairs import read_pairs
+    from vision.stic import STICConfig, build_stic_pairs, stic_dpo_config, train_stic_dpo
+
+    t0 = time.process_time()
+    folder, _, model, processor, scenes, before = _start("stic", out, model_path, n_eval)
+    image_dir = folder / "images"
+    image_dir.mkdir()
+    truth = {}
+    for i, scene in enumerate(_pool(n_pool, seed)):
+        _pil(scene).save(image_dir / f"p{i:04d}.png")
+        truth[f"stic/p{i:04d}.png"] = scene
+    report = build_stic_pairs(model, processor, STICConfig(
+        image_dir=str(image_dir), out_dir=str(folder / "pairs"), max_new_tokens=24, temperature=0.2, batch_size=64,
+        seed=seed, lowres_size=8), rank=0, world_size=1)
+    pairs = read_pairs(folder / "pairs")
+    config = stic_dpo_config(len(pairs), output_dir=str(folder / "train"), learning_rate=DEMO_LR["stic"], lora_r=0,
+                             **_train_kwargs(progress, seed, steps))
+    result = train_stic_dpo(model, processor, folder / "pairs", config)
+    after = evaluate_vlm(result.model, processor, scenes)
+    from mmalign import toyworld as W
+
+    chosen_ok = [not W.caption_facts(p.chosen, truth[p.id])["hallucinated"] for p in pairs]
+    rejected_bad = [W.caption_facts(p.rejected, truth[p.id])["hallucinated"] for p in pairs]
+    stats = {"pairs": len(pairs), "skipped": {k: len(v) for k, v in report.skipped.items()},
+             "chosen_not_hallucinated": float(np.mean(chosen_ok)) if pairs else 0.0,
+             "rejected_hallucinated": float(np.mean(rejected_bad)) if pairs else 0.0,
+             "steps": result.global_step, "cpu_seconds": time.process_time() - t0}
+    note = (f"{len(pairs)} pairs from {len(truth)} unlabelled images, {result.global_step} DPO steps, "
+            f"full fine-tuning lr {config.learning_rate:g}")
+    return _finish("STIC", folder, scenes, before, after, note, seed, {"stats": stats})
+
+
+def demo_povid(out: str | Path, *, seed: int = 0, progress: bool = True, steps: int | None = None,
+               n_pool: int = N_POOL, n_eval: int = N_EVAL, model_path: str | Path | None = None) -> list[Any]:
+    """POVID on the toy VLM (rule-injected text negatives + online noisy-image negatives, the two-stage
+    recipe); rows for ``out/povid``."""
+    from mmalign.engine import TrainConfig
+    from vision.povid import POVIDPairsConfig, POVIDRecipeConfig, build_povid_pairs, run_povid_recipe
+    from vision.records import ImageQA
+
+    t0 = time.process_time()
+    folder, path, model, processor, scenes, before = _start("povid", out, model_path, n_eval)
+    rng = random.Random(seed)
+    records = []
+    for i, scene in enumerate(_pool(n_pool, seed)):
+        image = _pil(scene)
+        records.append(ImageQA(id=f"p{i:04d}-describe", image=image, question=DESCRIBE, answer=scene.caption()))
+        q, a = rng.choice(scene.questions())
+        records.append(ImageQA(id=f"p{i:04d}-question", image=image, question=q, answer=a))
+    report = build_povid_pairs(model, processor, POVIDPairsConfig(
+        out_dir=str(folder / "pairs"), batch_size=64, max_new_tokens=16, seed=seed, progress=progress),
+        records=records, rewrite_fn=toy_hallucination_rewrite, rank=0, world_size=1)
+    lr = DEMO_LR["povid"]
+
+    def stage(name: str, epochs: int) -> TrainConfig:
+        return TrainConfig(output_dir=str(folder / "train" / name), loss="dpo", loss_kwargs={"beta": 0.1},
+                           learning_rate=lr, lr_scheduler="cosine", batch_size=8, num_epochs=epochs,
+                           **_train_kwargs(progress, seed, steps))
+
+    stage1, stage2 = run_povid_recipe(POVIDRecipeConfig(
+        model=str(path), data=str(folder / "pairs"), output_dir=str(folder / "train"),
+        stage1=stage("stage1", 3), stage2=stage("stage2", 1)))
+    shutil.rmtree(folder / "train" / "stage1_merged", ignore_errors=True)
+    after = evaluate_vlm(stage2.model, processor, scenes)
+    stats = {"pairs": dict(report.counts), "skipped": {k: len(v) for k, v in report.skipped.items()},
+             "steps": [stage1.global_step, stage2.global_step], "cpu_seconds": time.process_time() - t0}
+    note = (f"{sum(report.counts.values())} pairs from {len(records)} labelled records, "
+            f"{stage1.global_step}+{stage2.global_step} DPO steps, full fine-tuning lr {lr:g}")
+    return _finish("POVID", folder, scenes, before, after, note, seed, {"stats": stats})
+
+
+def demo_scl(out: str | Path, *, seed: int = 0, progress: bool = True, steps: int | None = None,
+             n_pool: int = N_POOL, n_eval: int = N_EVAL, model_path: str | Path | None = None) -> list[Any]:
+    """SCL on the toy VLM (two-turn answers on pool questions, the flips as pairs, DPO + 0.1 SFT);
+    rows for ``out/scl``."""
+    from mmalign import toyworld as W
+    from mmalign.engine import TrainConfig
+    from mmalign.pairs import read_pairs
+    from vision.records import ImageQA
+    from vision.scl import SCLPairsConfig, build_scl_pairs
+    from vision.train import VLMTrainConfig, run
+
+    t0 = time.process_time()
+    folder, path, model, processor, scenes, before = _start("scl", out, model_path, n_eval)
+    rng = random.Random(seed)
+    records, by_id = [], {}
+    for i, scene in enumerate(_pool(n_pool, seed)):
+        image = _pil(scene)
+        for j, (q, a) in enumerate(rng.sample(scene.questions(), 2)):
+            rec = ImageQA(id=f"p{i:04d}-{j}", image=image, question=q, answer=a)
+            records.append(rec)
+            by_id[rec.id] = scene
+
+    def checker(record: Any, response: str) -> bool:
+        return W.answer_correct(record.question, response, by_id[record.id])
+
+    report = build_scl_pairs(model, processor, SCLPairsConfig(
+        out_dir=str(folder / "pairs"), batch_size=64, max_new_tokens=16, temperature=SCL_TEMPERATURE, seed=seed,
+        progress=progress), records=records, checker=checker, rank=0, world_size=1)
+    n_pairs = len(read_pairs(folder / "pairs")) if (folder / "pairs" / "pairs.jsonl").is_file() else 0
+    lr = DEMO_LR["scl"]
+    if n_pairs:
+        result = run(VLMTrainConfig(model=str(path), data=str(folder / "pairs"), warmup_ratio=0.03, train=TrainConfig(
+            output_dir=str(folder / "train"), loss="dpo", loss_kwargs={"beta": 0.1}, sft_weight=0.1, learning_rate=lr,
+            lr_scheduler="cosine", batch_size=8, num_epochs=3, **_train_kwargs(progress, seed, steps))))
+        after, n_steps = evaluate_vlm(result.model, processor, scenes), result.global_step
+    else:
+        after, n_steps = before, 0
+    stats = {"outcomes": dict(report.counts), "pairs": n_pairs, "steps": n_steps,
+             "cpu_seconds": time.process_time() - t0}
+    note = (f"{n_pairs} pairs (flips) from {len(records)} two-turn answers, {n_steps} DPO+SFT steps, "
+            f"full fine-tuning lr {lr:g}")
+    return _finish("SCL", folder, scenes, before, after, note, seed, {"stats": stats})
