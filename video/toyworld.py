@@ -1,0 +1,392 @@
+"""PLACEHOLDER docstring (rewritten with the measured numbers below)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "QUESTIONS",
+    "ToyVideoConfig",
+    "VideoItem",
+    "answer_correct",
+    "build_toy_video_llm",
+    "clip_answer",
+    "clip_title",
+    "DemoConfig",
+    "demo_physdpo",
+    "load_toy_video_llm",
+    "toy_clips",
+]
+
+#: The three questions asked about every clip (kind -> question).
+QUESTIONS: dict[str, str] = {
+    "smooth": "does the ball move smoothly?",
+    "direction": "which way does the ball move?",
+    "colour": "what colour is the ball?",
+}
+_DIRECTIONS = ("left", "right", "up", "down")
+_SPLIT_IDS = {"sft": 1, "physdpo": 2, "held_out": 3}
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "toy_models" / "video"
+
+
+@dataclass(frozen=True)
+class ToyVideoConfig:
+    """Sizes and budgets of the toy video LLM and its SFT (the defaults are the shipped model's)."""
+
+    frames: int = 8
+    size: int = 32
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    text_hidden: int = 64
+    text_layers: int = 2
+    sft_clips: int = 192
+    title_fraction: float = 0.3
+    sft_steps: int = 300
+    sft_batch: int = 16
+    sft_lr: float = 2e-3
+
+
+def _candidates(kind: str) -> tuple[str, ...]:
+    from mmalign.toyworld import COLOURS
+
+    return {"smooth": ("yes", "no"), "direction": _DIRECTIONS, "colour": tuple(COLOURS)}[kind]
+
+
+def clip_answer(kind: str, facts: dict[str, Any]) -> str:
+    """The true one-word answer to :data:`QUESTIONS` ``[kind]`` for a clip with ``facts``."""
+    if kind == "smooth":
+        return "yes" if facts["rule"] == "constant" else "no"
+    if kind == "direction":
+        return str(facts["direction"])
+    if kind == "colour":
+        return str(facts["colour"])
+    raise ValueError(f"unknown question kind {kind!r}; known: {list(QUESTIONS)}")
+
+
+def clip_title(facts: dict[str, Any]) -> str:
+    """The clip's true title, e.g. ``"a red ball moves left smoothly"`` / ``"a red ball moves left and jumps"``."""
+    how = "smoothly" if facts["rule"] == "constant" else "and jumps"
+    return f"a {facts['colour']} ball moves {facts['direction']} {how}"
+
+
+def answer_correct(kind: str, answer: str, facts: dict[str, Any]) -> bool:
+    """Whether a free-text ``answer`` names the true value and no other candidate (lenient: case, punctuation)."""
+    words = set("".join(c if c.isalnum() else " " for c in answer.lower()).split())
+    named = {c for c in _candidates(kind) if c in words}
+    return named == {clip_answer(kind, facts)}
+
+
+@dataclass
+class VideoItem:
+    """One toy clip: frames ``(T, H, W, 3)`` uint8, its facts, and its file once written."""
+
+    name: str
+    frames: np.ndarray
+    facts: dict[str, Any]
+    path: Path | None = None
+
+
+def toy_clips(n: int, split: str, *, seed: int = 0, frames: int = 8, size: int = 32) -> list[VideoItem]:
+    """``n`` motion clips of ``split`` (``"sft"``, ``"physdpo"``, ``"held_out"``: disjoint seed streams), half
+    of them constant-velocity and half teleporting, in a seeded order."""
+    from mmalign.toyworld import motion_clip
+
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"toy_clips: split must be one of {list(_SPLIT_IDS)}, got {split!r}")
+    rng = np.random.default_rng([seed, _SPLIT_IDS[split]])
+    rules = ["constant", "teleport"] * (n // 2) + ["constant"] * (n % 2)
+    rng.shuffle(rules)
+    items = []
+    for i, rule in enumerate(rules):
+        clip, facts = motion_clip(rng, frames=frames, size=size, rule=rule)
+        items.append(VideoItem(f"{split}{i:04d}", clip, facts))
+    return items
+
+
+def _write_clips(items: list[VideoItem], folder: Path) -> None:
+    """Each clip to ``folder/<name>.mkv`` (FFV1: lossless, so colours and positions survive the file)."""
+    from video.frames import write_video
+
+    for item in items:
+        item.path = write_video(folder / f"{item.name}.mkv", item.frames, fps=8, codec="ffv1", gop_size=1)
+
+
+def _model_config(config: ToyVideoConfig, folder: Path) -> Any:
+    """The tiny LLaVA-NeXT-Video config of ``folder`` widened to ``config``'s sizes."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(folder)
+    vision, text = model_config.vision_config, model_config.text_config
+    vision.hidden_size, vision.intermediate_size = config.vision_hidden, 2 * config.vision_hidden
+    vision.num_hidden_layers = config.vision_layers
+    vision.projection_dim = config.vision_hidden
+    text.hidden_size, text.intermediate_size = config.text_hidden, 2 * config.text_hidden
+    text.num_hidden_layers = config.text_layers
+    text.head_dim = config.text_hidden // text.num_attention_heads
+    return model_config
+
+
+def _qa_pairs(items: list[VideoItem], root: Path, *, title_fraction: float, rng: np.random.Generator) -> list[Any]:
+    """SFT pairs: every clip x question, a ``title_fraction`` of them with the clip's true title before the
+    question (so the model learns that a title is informative, as real video LLMs do); ``rejected`` is a
+    wrong answer (unused by the SFT loss, required by the pair format)."""
+    from mmalign.pairs import PreferencePair
+    from mmalign.prompts import with_title
+
+    pairs = []
+    for item in items:
+        assert item.path is not None
+        for kind, question in QUESTIONS.items():
+            answer = clip_answer(kind, item.facts)
+            wrong = str(rng.choice([c for c in _candidates(kind) if c != answer]))
+            prompt = with_title(question, clip_title(item.facts)) if rng.random() < title_fraction else question
+            pairs.append(PreferencePair(f"{item.name}/{kind}", prompt, answer, wrong, [item.path.name],
+                                        [item.path.name]).with_root(root))
+    return pairs
+
+
+def build_toy_video_llm(
+    out_dir: str | Path, *, seed: int = 0, progress: bool = True, config: ToyVideoConfig | None = None
+) -> Path:
+    """Train the toy video LLM from scratch by SFT through the engine and save it to ``out_dir``.
+
+    A LLaVA-NeXT-Video model (the tiny family of :func:`mmalign.tiny.make_tiny_llava_next_video`, widened to
+    ``config``'s sizes) learns to answer :data:`QUESTIONS` about ``config.sft_clips`` motion clips, with
+    ``loss="sft"`` (:func:`mmalign.engine.train`, :class:`video.adapter.VideoLLMAdapter`), for
+    ``config.sft_steps`` steps: short of convergence on purpose. Saved with ``save_pretrained`` (safetensors)
+    with its processor; ``toy_build.json`` records the settings. Loads with :func:`load_toy_video_llm`.
+    """
+    from transformers import AutoProcessor, LlavaNextVideoForConditionalGeneration
+
+    from mmalign.engine import TrainConfig, train
+    from mmalign.pairs import PairDataset
+    from mmalign.tiny import make_tiny_llava_next_video, seeded
+    from video.adapter import VideoLLMAdapter
+    from video.frames import FrameSampling
+
+    config = config or ToyVideoConfig()
+    out = Path(out_dir)
+    start = time.process_time()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        base = make_tiny_llava_next_video(tmp / "base", seed=seed)
+        processor = AutoProcessor.from_pretrained(base)
+        with seeded(seed):
+            model = LlavaNextVideoForConditionalGeneration(_model_config(config, base))
+        model.generation_config = LlavaNextVideoForConditionalGeneration.from_pretrained(base).generation_config
+        items = toy_clips(config.sft_clips, "sft", seed=seed, frames=config.frames, size=config.size)
+        _write_clips(items, tmp / "clips")
+        pairs = _qa_pairs(items, tmp / "clips", title_fraction=config.title_fraction,
+                          rng=np.random.default_rng([seed, 7]))
+        adapter = VideoLLMAdapter(processor, media_root=tmp / "clips", sampling=FrameSampling(num_frames=config.frames))
+        train_config = TrainConfig(
+            output_dir=str(tmp / "sft"), loss="sft", learning_rate=config.sft_lr, batch_size=config.sft_batch,
+            max_steps=config.sft_steps, warmup_steps=min(20, config.sft_steps // 10), lr_scheduler="cosine",
+            seed=seed, trackers=[], progress=progress, plot=False, keep_last=1,
+        )
+        result = train(model, adapter, PairDataset(pairs, root=tmp / "clips"), train_config)
+        model = result.model
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+    last = result.metrics[-1] if result.metrics else {}
+    facts = {"seed": seed, "config": config.__dict__, "sft_steps": result.global_step,
+             "final_loss": last.get("loss"), "cpu_s": round(time.process_time() - start, 1)}
+    (out / "toy_build.json").write_text(json.dumps(facts, indent=2) + "\n")
+    return out
+
+
+def load_toy_video_llm(path: str | Path | None = None) -> tuple[torch.nn.Module, Any]:
+    """``(model, processor)`` of the toy video LLM at ``path`` (default ``toy_models/video``, built when missing),
+    through ``AutoModelForImageTextToText`` / ``AutoProcessor.from_pretrained``."""
+    from vision.train import load_vlm
+
+    folder = Path(path) if path is not None else SHIPPED
+    if not (folder / "config.json").is_file():
+        build_toy_video_llm(folder)
+    return load_vlm(str(folder))
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The PhysDPO demo's data, hacks and DPO settings (fixed before any run; see the module docstring)."""
+
+    train_clips: int = 48
+    eval_clips: int = 40
+    hack_frames: int = 1
+    hack_scale: float = 16.0
+    temperature: float = 0.2
+    max_new_tokens: int = 4
+    beta: float = 0.1
+    learning_rate: float = 5e-4
+    num_epochs: int = 2
+    batch_size: int = 8
+    grid_clips: int = 6
+
+
+def _records(items: list[VideoItem], folder: Path, name: str) -> Path:
+    """PhysDPO input records (:func:`video.physdpo.read_video_qa`): clip x question, true answer and title."""
+    from mmalign.files import atomic_write_bytes
+
+    rows = []
+    for item in items:
+        assert item.path is not None
+        for kind, question in QUESTIONS.items():
+            rows.append({"id": f"{item.name}-{kind}", "video": item.path.relative_to(folder).as_posix(),
+                         "question": question, "answer": clip_answer(kind, item.facts), "title": clip_title(item.facts)})
+    path = folder / name
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return path
+
+
+def _physdpo(model: Any, processor: Any, records: Path, out_dir: Path, config: DemoConfig, seed: int,
+             progress: bool) -> Any:
+    from video.physdpo import PhysDPOConfig, build_physdpo_pairs
+
+    physdpo = PhysDPOConfig(
+        records=str(records), out_dir=str(out_dir), num_frames=_FRAMES, hack_frames=config.hack_frames,
+        hack_scale=config.hack_scale, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+        batch_size=64, seed=seed, progress=progress,
+    )
+    return build_physdpo_pairs(model, processor, physdpo, rank=0, world_size=1)
+
+
+_FRAMES = ToyVideoConfig().frames
+
+
+def _answers(model: Any, processor: Any, items: list[VideoItem]) -> dict[str, list[str]]:
+    """Greedy answers to every question about every clip (clean frames, plain question)."""
+    from video.frames import FrameSampling, load_clip
+    from video.generate import generate_video_responses
+    from vision.generate import GenerationSettings
+
+    assert all(item.path is not None for item in items)
+    clips = [load_clip(item.path, FrameSampling(num_frames=_FRAMES)) for item in items]  # type: ignore[arg-type]
+    greedy = GenerationSettings(max_new_tokens=4, temperature=0.0, batch_size=64)
+    return {kind: generate_video_responses(model, processor, [q] * len(items), clips, [0] * len(items), greedy)
+            for kind, q in QUESTIONS.items()}
+
+
+@torch.no_grad()
+def _margins(model: Any, processor: Any, pairs: list[Any]) -> np.ndarray:
+    """``logp(chosen) - logp(rejected)`` of each pair on its clean clip and plain question (summed log-probs)."""
+    from video.adapter import VideoLLMAdapter
+    from video.frames import FrameSampling
+
+    adapter = VideoLLMAdapter(processor, sampling=FrameSampling(num_frames=_FRAMES))
+    model.eval()
+    out = []
+    for start in range(0, len(pairs), 32):
+        values = adapter.logps(model, adapter.collate(pairs[start : start + 32]))
+        out.append((values.chosen - values.rejected).double())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def _strip(frames: np.ndarray, scale: int = 2) -> np.ndarray:
+    """The clip's frames side by side (one image), enlarged ``scale`` times."""
+    strip = np.concatenate(list(frames), axis=1)
+    return strip.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def demo_physdpo(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    config: DemoConfig | None = None,
+    model_path: str | Path | None = None,
+) -> list[Any]:
+    """PhysDPO on the shipped toy video LLM, evaluated before and after on held-out clips; see the module docstring.
+
+    Writes ``out/physdpo/``: ``rows.json``, ``before_after.png`` (held-out clips' frames with each question's
+    answer before and after), the engine's ``train/metrics.jsonl`` and ``train/metrics.png``, the pair folders
+    and ``answers.json``. Returns the :class:`mmalign.report.DemoRow` list (also in ``rows.json``).
+    """
+    from mmalign.engine import TrainConfig
+    from mmalign.files import atomic_write_bytes
+    from mmalign.pairs import read_pairs
+    from mmalign.report import DemoRow, paired_bootstrap, save_before_after
+    from video.train import VideoTrainConfig, run
+
+    torch.set_num_threads(1)
+    config = config or DemoConfig()
+    folder = Path(out) / "physdpo"
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "clips").mkdir(parents=True)
+    model_dir = Path(model_path) if model_path is not None else SHIPPED
+    model, processor = load_toy_video_llm(model_dir)
+
+    train_items = toy_clips(config.train_clips, "physdpo", seed=seed, frames=_FRAMES)
+    eval_items = toy_clips(config.eval_clips, "held_out", seed=seed, frames=_FRAMES)
+    _write_clips(train_items + eval_items, folder / "clips")
+    train_records = _records(train_items, folder, "train_records.jsonl")
+    eval_records = _records(eval_items, folder, "held_out_records.jsonl")
+
+    # before: greedy answers, and the held-out PhysDPO pairs (the SFT model's hacked answers, fixed text)
+    before = _answers(model, processor, eval_items)
+    _physdpo(model, processor, eval_records, folder / "held_out_pairs", config, seed + 1, progress)
+    held_pairs = read_pairs(folder / "held_out_pairs")
+    margin_before = _margins(model, processor, held_pairs)
+    # the method: PhysDPO pairs from the policy's own hacked answers on the training clips, then DPO
+    report = _physdpo(model, processor, train_records, folder / "pairs", config, seed, progress)
+    del model
+    train_config = TrainConfig(
+        output_dir=str(folder / "train"), loss="dpo", loss_kwargs={"beta": config.beta},
+        learning_rate=config.learning_rate, batch_size=config.batch_size, max_steps=0, num_epochs=config.num_epochs,
+        seed=seed, trackers=[], progress=progress, plot=True, keep_last=1, overwrite_output_dir=True,
+    )
+    result = run(VideoTrainConfig(model=str(model_dir), data=str(folder / "pairs"), num_frames=_FRAMES,
+                                  check_videos=False, train=train_config))
+    policy = result.model
+    after = _answers(policy, processor, eval_items)
+    margin_after = _margins(policy, processor, held_pairs)
+
+    rows = []
+    correct: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for kind in QUESTIONS:
+        b = np.array([answer_correct(kind, a, it.facts) for a, it in zip(before[kind], eval_items, strict=True)], float)
+        a = np.array([answer_correct(kind, a, it.facts) for a, it in zip(after[kind], eval_items, strict=True)], float)
+        correct[kind] = (b, a)
+    correct["all"] = (np.concatenate([v[0] for v in correct.values()]), np.concatenate([v[1] for v in correct.values()]))
+    for kind, (b, a) in correct.items():
+        _, lo, hi = paired_bootstrap(b, a, seed=seed)
+        what = "all three questions" if kind == "all" else f"{QUESTIONS[kind]!r}"
+        rows.append(DemoRow("physdpo", f"held-out answer accuracy ({kind})", float(b.mean()), float(a.mean()), lo, hi,
+                            len(b), f"greedy answer names the true value, {what}, clean clip, no title"))
+    if len(held_pairs):
+        _, lo, hi = paired_bootstrap(margin_before, margin_after, seed=seed)
+        rows.append(DemoRow("physdpo", "held-out DPO margin (logp chosen - logp rejected)", float(margin_before.mean()),
+                            float(margin_after.mean()), lo, hi, len(held_pairs),
+                            f"held-out PhysDPO pairs of the SFT model; implicit reward margin after = "
+                            f"{config.beta} x the change"))
+
+    shown = eval_items[: config.grid_clips]
+    strips = [_strip(it.frames) for it in shown]
+    labels = ["; ".join(f"{kind}: {before[kind][i].strip() or '-'} -> {after[kind][i].strip() or '-'} "
+                        f"(true {clip_answer(kind, it.facts)})" for kind in QUESTIONS) for i, it in enumerate(shown)]
+    save_before_after(strips, strips, labels, folder / "before_after.png", ncol=2, scale=1)
+    answers = [{"clip": it.name, "facts": {k: v for k, v in it.facts.items() if k != "positions"},
+                "before": {k: before[k][i] for k in QUESTIONS}, "after": {k: after[k][i] for k in QUESTIONS}}
+               for i, it in enumerate(eval_items)]
+    atomic_write_bytes(folder / "answers.json", json.dumps(answers, indent=1).encode())
+    summary = {"seed": seed, "config": asdict(config), "pairs_written": report.written, "pairs_by_hack": report.counts,
+               "held_out_pairs": len(held_pairs), "dpo_steps": result.global_step,
+               "rows": [asdict(r) for r in rows]}
+    atomic_write_bytes(folder / "rows.json", json.dumps(summary, indent=2).encode())
+    return rows
