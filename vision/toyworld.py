@@ -1,8 +1,9 @@
 """A toy VLM that hallucinates, and STIC, POVID and SCL run on it (toy-world evidence, nothing downloaded).
 
 The base model (:func:`build_toy_vlm`)
-    A LLaVA (``LlavaForConditionalGeneration`` + ``LlavaProcessor``; CLIP tower on 32 px images, patch 8,
-    16 image tokens; Llama text model; hidden 64, 2 layers each; a byte-level BPE whose merges make every
+    A LLaVA (``LlavaForConditionalGeneration`` + ``LlavaProcessor``; CLIP tower on 32 px images, patch 4,
+    64 image tokens (with patch 8 the tower did not learn colours in 600 steps); Llama text model; hidden
+    64, 2 layers each; a byte-level BPE whose merges make every
     world word and prompt word one token) trained from random init with the engine's SFT
     (``loss="sft"``) on images of the *train* split of :mod:`mmalign.toyworld` (12 of the 18 colour/shape
     combinations; every kind: single, count, pair). It learns to describe them (the world's exact caption,
@@ -188,7 +189,7 @@ def make_toy_tokenizer() -> Any:
 def make_toy_llava(out_dir: str | Path, *, seed: int = 0, hidden: int = HIDDEN, layers: int = LAYERS) -> Path:
     """An untrained LLaVA for the toy world, saved to ``out_dir`` (loads with ``from_pretrained``).
 
-    CLIP tower: 32 px images, patch 8 -> 16 patch tokens (CLS dropped); Llama text model; ``hidden``
+    CLIP tower: 32 px images, patch 4 -> 64 patch tokens (CLS dropped); Llama text model; ``hidden``
     width and ``layers`` layers in both, 4 heads; :func:`make_toy_tokenizer`.
     """
     from transformers import (
@@ -333,9 +334,6 @@ def load_toy_vlm(path: str | Path | None = None) -> tuple[Any, Any]:
 
 
 # ------------------------------------------------------------------------------ text rule (POVID)
-
-_CLASSES: tuple[tuple[str, ...], ...] = ()
-
 
 def _word_classes() -> tuple[tuple[str, ...], ...]:
     from mmalign import toyworld as W
@@ -496,11 +494,14 @@ def demo_stic(out: str | Path, *, seed: int = 0, progress: bool = True, steps: i
     report = build_stic_pairs(model, processor, STICConfig(
         image_dir=str(image_dir), out_dir=str(folder / "pairs"), max_new_tokens=24, temperature=0.2, batch_size=64,
         seed=seed, lowres_size=8), rank=0, world_size=1)
-    pairs = read_pairs(folder / "pairs")
-    config = stic_dpo_config(len(pairs), output_dir=str(folder / "train"), learning_rate=DEMO_LR["stic"], lora_r=0,
-                             **_train_kwargs(progress, seed, steps))
-    result = train_stic_dpo(model, processor, folder / "pairs", config)
-    after = evaluate_vlm(result.model, processor, scenes)
+    pairs = read_pairs(folder / "pairs") if (folder / "pairs" / "pairs.jsonl").is_file() else []
+    config = stic_dpo_config(max(1, len(pairs)), output_dir=str(folder / "train"), learning_rate=DEMO_LR["stic"],
+                             lora_r=0, batch_size=min(8, max(1, len(pairs))), **_train_kwargs(progress, seed, steps))
+    n_steps = 0
+    after = before
+    if pairs:
+        result = train_stic_dpo(model, processor, folder / "pairs", config)
+        after, n_steps = evaluate_vlm(result.model, processor, scenes), result.global_step
     from mmalign import toyworld as W
 
     chosen_ok = [not W.caption_facts(p.chosen, truth[p.id])["hallucinated"] for p in pairs]
@@ -508,8 +509,8 @@ def demo_stic(out: str | Path, *, seed: int = 0, progress: bool = True, steps: i
     stats = {"pairs": len(pairs), "skipped": {k: len(v) for k, v in report.skipped.items()},
              "chosen_not_hallucinated": float(np.mean(chosen_ok)) if pairs else 0.0,
              "rejected_hallucinated": float(np.mean(rejected_bad)) if pairs else 0.0,
-             "steps": result.global_step, "cpu_seconds": time.process_time() - t0}
-    note = (f"{len(pairs)} pairs from {len(truth)} unlabelled images, {result.global_step} DPO steps, "
+             "steps": n_steps, "cpu_seconds": time.process_time() - t0}
+    note = (f"{len(pairs)} pairs from {len(truth)} unlabelled images, {n_steps} DPO steps, "
             f"full fine-tuning lr {config.learning_rate:g}")
     return _finish("STIC", folder, scenes, before, after, note, seed, {"stats": stats})
 
@@ -586,7 +587,7 @@ def demo_scl(out: str | Path, *, seed: int = 0, progress: bool = True, steps: in
     if n_pairs:
         result = run(VLMTrainConfig(model=str(path), data=str(folder / "pairs"), warmup_ratio=0.03, train=TrainConfig(
             output_dir=str(folder / "train"), loss="dpo", loss_kwargs={"beta": 0.1}, sft_weight=0.1, learning_rate=lr,
-            lr_scheduler="cosine", batch_size=8, num_epochs=3, **_train_kwargs(progress, seed, steps))))
+            lr_scheduler="cosine", batch_size=min(8, n_pairs), num_epochs=3, **_train_kwargs(progress, seed, steps))))
         after, n_steps = evaluate_vlm(result.model, processor, scenes), result.global_step
     else:
         after, n_steps = before, 0

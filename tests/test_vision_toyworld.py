@@ -1,0 +1,86 @@
+"""The toy VLM of vision.toyworld: its builder, the shipped model, the POVID text rule and a demo end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mmalign import toyworld as W
+from mmalign.prompts import hallucination_injection_prompt
+from vision.toyworld import (
+    MODEL_DIR,
+    build_toy_vlm,
+    demo_stic,
+    eval_scenes,
+    evaluate_vlm,
+    load_toy_vlm,
+    make_toy_tokenizer,
+    toy_hallucination_rewrite,
+)
+
+
+def test_tokenizer_makes_world_words_single_tokens() -> None:
+    tok = make_toy_tokenizer()
+    assert tok.tokenize(" a red circle to the left of a blue square") == [
+        "Ġa", "Ġred", "Ġcircle", "Ġto", "Ġthe", "Ġleft", "Ġof", "Ġa", "Ġblue", "Ġsquare"]
+    assert tok.decode(tok(" two purple triangles")["input_ids"], skip_special_tokens=True) == " two purple triangles"
+
+
+def test_builder_tiny_run_loads_and_answers(tmp_path) -> None:  # noqa: ANN001
+    """A few SFT steps: the folder loads through from_pretrained and answers every question with text."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = build_toy_vlm(tmp_path / "vlm", seed=0, progress=False, steps=4, n_scenes=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vlm"]  # the work folder is gone
+    model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True)
+    processor = AutoProcessor.from_pretrained(path)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert json.loads((path / "build.json").read_text())["steps"] == 4
+    scenes = eval_scenes(1)
+    result = evaluate_vlm(model, processor, scenes)
+    assert len(result["descriptions"]) == 3 and all(isinstance(d, str) for d in result["descriptions"])
+    assert result["answer"].shape == (sum(len(s.questions()) for s in scenes),)
+    assert set(np.unique(result["answer"])) <= {0.0, 1.0}
+
+
+@pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").is_file(), reason="the shipped toy VLM is not there")
+def test_shipped_model_is_imperfect_but_not_useless() -> None:
+    """Held-out answers: right well above chance, wrong a fair part of the time; train images read better."""
+    model, processor = load_toy_vlm()
+    held = evaluate_vlm(model, processor, eval_scenes(4))
+    train = evaluate_vlm(model, processor, [s for k in W.KINDS for s in W.scenes(4, "train", k, seed=99)])
+    assert 0.2 < held["answer"].mean() < 0.95
+    assert train["answer"].mean() > held["answer"].mean()
+    assert held["hallucination"].mean() > 0
+
+
+def test_toy_hallucination_rewrite_swaps_one_world_word() -> None:
+    prompts = [hallucination_injection_prompt("a red circle to the left of a blue square", "Describe the image."),
+               hallucination_injection_prompt("two", "how many squares are there?")]
+    out = toy_hallucination_rewrite(None, None, prompts, seeds=[1, 2])
+    assert out == toy_hallucination_rewrite(None, None, prompts, seeds=[1, 2])  # seeded
+    changed = [(a, b) for a, b in zip(out[0].split(), "a red circle to the left of a blue square".split(),
+                                      strict=True) if a != b]
+    assert len(changed) == 1
+    assert out[1] in ("one", "three")
+    with pytest.raises(ValueError, match="not a hallucination-injection prompt"):
+        toy_hallucination_rewrite(None, None, ["rewrite this"])
+
+
+def test_demo_stic_end_to_end_tiny(tmp_path) -> None:  # noqa: ANN001
+    """STIC with two DPO steps on a few images: three rows, the sheet, the engine's curves, rows.json."""
+    from mmalign.report import load_rows
+
+    rows = demo_stic(tmp_path, seed=0, progress=False, steps=2, n_pool=2, n_eval=1)
+    assert [r.metric for r in rows] == ["answer accuracy", "description accuracy", "hallucination rate"]
+    assert rows[0].n == sum(len(s.questions()) for s in eval_scenes(1)) and rows[1].n == 3
+    assert "lower is better" in rows[2].note
+    for r in rows:
+        assert 0 <= r.before <= 1 and 0 <= r.after <= 1 and r.lo <= r.after - r.before + 1e-9 <= r.hi + 2e-9
+    folder = tmp_path / "stic"
+    assert load_rows(folder / "rows.json") == rows
+    assert (folder / "before_after.png").is_file()
+    metrics = [json.loads(line) for line in (folder / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
