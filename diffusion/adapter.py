@@ -170,7 +170,9 @@ class DiffusionAdapter:
     Args:
         pipeline: a loaded diffusers pipeline (its VAE, text encoders and scheduler are used; its
             denoiser is *not*: the trainable denoiser is passed to :meth:`logps`).
-        dataset_dir: folder the pairs' media paths are relative to (not needed with a cache).
+        media_root: folder the pairs' media paths are relative to when a pair has no folder of its own
+            (pairs built in memory; not needed with a cache). The same name as the image and video
+            adapters'; ``dataset_dir`` is the old name, still accepted.
         resolution: square training resolution in pixels; default: the denoiser's sample size
             times the VAE scale factor.
         caption_mode: ``"prompt"`` or ``"per_side"`` (DCPO), see :data:`CAPTION_MODES`.
@@ -206,7 +208,7 @@ class DiffusionAdapter:
         self,
         pipeline: Any,
         *,
-        dataset_dir: str | os.PathLike[str] | None = None,
+        media_root: str | os.PathLike[str] | None = None,
         resolution: int | None = None,
         caption_mode: str = "prompt",
         empty_prompt_prob: float = 0.0,
@@ -218,7 +220,12 @@ class DiffusionAdapter:
         flux_guidance: float = 3.5,
         random_flip: bool = False,
         train_timesteps: Sequence[int] | None = None,
+        dataset_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        if dataset_dir is not None:
+            if media_root is not None:
+                raise ValueError("pass media_root only (dataset_dir is its old name)")
+            media_root = dataset_dir
         if caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {caption_mode!r}")
         if not 0.0 <= empty_prompt_prob <= 1.0:
@@ -234,7 +241,7 @@ class DiffusionAdapter:
         self.family = family_of(pipeline)
         self.architecture = self.family.name
         self.noise = self.family.noise
-        self.dataset_dir = Path(dataset_dir) if dataset_dir is not None else None
+        self.media_root = Path(media_root) if media_root is not None else None
         self.caption_mode = caption_mode
         self.empty_prompt_prob = float(empty_prompt_prob)
         self.label_flip_prob = float(label_flip_prob)
@@ -306,8 +313,8 @@ class DiffusionAdapter:
             raise ValueError(f"pair {_pair_id(pair)}: field '{side}_media' is empty (a diffusion pair needs an image)")
         from mmalign.pairs import pair_media_path
 
-        # the core's one rule: the pair's own folder, else dataset_dir (pairs built in memory)
-        return pair_media_path(pair, media[0], f"{side}_media", self.dataset_dir)
+        # the core's one rule: the pair's own folder, else media_root (pairs built in memory)
+        return pair_media_path(pair, media[0], f"{side}_media", self.media_root)
 
     def load_pair_images(self, pair: Any) -> dict[str, Any]:
         """Load, size-match and crop one pair's images (pair order, no label swap).

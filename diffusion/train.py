@@ -120,7 +120,9 @@ class DiffusionTrainConfig:
     timestep_sampling: Literal["uniform", "logit_normal"] = field(
         default="uniform", metadata=help_("flow-matching timestep density")
     )
-    max_sequence_length: int = field(default=77, metadata=help_("T5 tokens of SD3 and Flux pipelines"))
+    max_sequence_length: int = field(
+        default=256, metadata=help_("T5 tokens of SD3 and Flux pipelines (256: the diffusers SD3 pipeline's default, "
+                                    "the adapter's too)"))
     flux_guidance: float = field(
         default=3.5, metadata=help_("guidance-embedding value of guidance-distilled Flux (dev) models in training")
     )

@@ -29,8 +29,10 @@ class CausalLMAdapter:
 
     Args:
         tokenizer: a HF tokenizer with a pad token (or an eos token to pad with).
-        max_length: prompt + response tokens per row; longer responses are truncated (never the prompt).
-        add_eos: append the eos token to each response, so the model learns to stop.
+        max_length: prompt + response tokens per row; longer responses are truncated (never the prompt);
+            None: no limit (the default, as the image and video adapters).
+        append_eos: append the eos token to each response, so the model learns to stop (the image and
+            video adapters' name; ``add_eos`` is the old name, still accepted).
         output_hidden: also return last-layer hidden states, labels and logits in ``extras`` (for
             diagnostics). The diagnostics need the logits, so this runs the plain, padded path.
         fused_head: compute log-probs from the last hidden states and the LM head without making the
@@ -47,13 +49,18 @@ class CausalLMAdapter:
     value_kind = "sequence"
     lora_target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
-    def __init__(self, tokenizer: Any, *, max_length: int = 512, add_eos: bool = True,
-                 output_hidden: bool = False, fused_head: bool = True, packed: bool = False) -> None:
+    def __init__(self, tokenizer: Any, *, max_length: int | None = None, append_eos: bool = True,
+                 output_hidden: bool = False, fused_head: bool = True, packed: bool = False,
+                 add_eos: bool | None = None) -> None:
+        if add_eos is not None:
+            append_eos = add_eos
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"CausalLMAdapter: max_length must be >= 2 or None, got {max_length}")
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.add_eos = add_eos
+        self.append_eos = append_eos
         self.output_hidden = output_hidden
         self.fused_head = fused_head
         self.packed = packed
@@ -64,8 +71,10 @@ class CausalLMAdapter:
         tok = self.tokenizer
         p = tok(prompt, add_special_tokens=True)["input_ids"]
         r = tok(response, add_special_tokens=False)["input_ids"]
-        if self.add_eos and tok.eos_token_id is not None:
+        if self.append_eos and tok.eos_token_id is not None:
             r = r + [tok.eos_token_id]
+        if self.max_length is None:
+            return p + r, len(p)
         if len(p) >= self.max_length:
             raise ValueError(
                 f"pair {pair_id!r}: the prompt alone has {len(p)} tokens, max_length is {self.max_length}"

@@ -208,7 +208,7 @@ def test_non_rgb_images_become_rgb(sd, tmp_path, mode):
     _image(0.2).save(folder / "r.png")
     pair = PreferencePair(id="m", prompt="a cat", chosen="", rejected="",
                           chosen_media=["c.tiff" if mode == "CMYK" else "c.png"], rejected_media=["r.png"])
-    batch = DiffusionAdapter(sd, dataset_dir=folder).collate([pair])
+    batch = DiffusionAdapter(sd, media_root=folder).collate([pair])
     pixels = batch["chosen_pixel_values"]
     assert pixels.shape == (1, 3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
     if mode == "RGBA":
@@ -223,7 +223,7 @@ def test_grayscale_photo(sd, tmp_path):
     Image.fromarray(skimage.data.astronaut()).save(tmp_path / "astronaut.png")
     pair = PreferencePair(id="photo", prompt="a photo", chosen="", rejected="",
                           chosen_media=["camera.png"], rejected_media=["astronaut.png"])
-    batch = DiffusionAdapter(sd, dataset_dir=tmp_path).collate([pair])
+    batch = DiffusionAdapter(sd, media_root=tmp_path).collate([pair])
     assert batch["chosen_pixel_values"].shape == (1, 3, 32, 32)
     assert torch.equal(batch["chosen_pixel_values"][0, 0], batch["chosen_pixel_values"][0, 2])
 

@@ -209,7 +209,7 @@ def test_pixart_encode_forward_and_adapter(pairs: list[PreferencePair]) -> None:
         out = family.forward(pipe.transformer, noise, torch.tensor([10, 900]), cond)
     assert out.shape == noise.shape  # 8 output channels: the first 4 kept
 
-    adapter = DiffusionAdapter(pipe, dataset_dir=pairs[0].root, empty_prompt_prob=0.5)
+    adapter = DiffusionAdapter(pipe, media_root=pairs[0].root, empty_prompt_prob=0.5)
     assert adapter.architecture == "pixart" and adapter.prediction_type == "epsilon"
     batch = adapter.prepare(adapter.collate(pairs), generator=torch.Generator().manual_seed(0))
     result = adapter.logps(pipe.transformer, batch)
@@ -300,7 +300,7 @@ def test_a_registered_family_is_picked_up_by_the_adapter_and_the_cache(
     with pytest.raises(ValueError, match="already registered"):
         register_family(TextBiasFamily())
 
-    adapter = DiffusionAdapter(pipe, dataset_dir=pairs[0].root)
+    adapter = DiffusionAdapter(pipe, media_root=pairs[0].root)
     assert adapter.architecture == "text_bias" and adapter.latent_shape(2) == (2, 4, 16, 16)
     batch = adapter.prepare(adapter.collate(pairs), generator=torch.Generator().manual_seed(0))
     result = adapter.logps(pipe.net, batch)

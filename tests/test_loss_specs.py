@@ -101,7 +101,7 @@ def test_pair_weights_reach_every_adapter_through_the_core(tmp_path):
         Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
     pairs = [PreferencePair(f"p{i}", "a cat", "", "", ["a.png"], ["b.png"], meta={"weight": w})
              for i, w in enumerate((1.0, 0.5))]
-    adapter = DiffusionAdapter(load_pipeline("tiny:sd"), dataset_dir=tmp_path)
+    adapter = DiffusionAdapter(load_pipeline("tiny:sd"), media_root=tmp_path)
     batch = collate_pairs(adapter, list(enumerate(pairs)))
     assert batch["weight"].tolist() == [1.0, 0.5]
     with pytest.raises(ValueError, match="meta\\['weight'\\] must be finite and >= 0"):
@@ -166,6 +166,6 @@ def test_one_media_precedence_rule_for_every_adapter(tmp_path):
     from diffusion.adapter import DiffusionAdapter
     from diffusion.train import load_pipeline
 
-    adapter = DiffusionAdapter(load_pipeline("tiny:sd"), dataset_dir=tmp_path / "adapter")
+    adapter = DiffusionAdapter(load_pipeline("tiny:sd"), media_root=tmp_path / "adapter")
     pixels = adapter.collate([pair])["chosen_pixel_values"]
     assert pixels.mean() > 0.5  # the bright image of the folder the pair came from, not the adapter's dark one
