@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["generate", "reno", "reno_parser", "train_diffusion"]
+__all__ = ["generate", "pso_pairs", "reno", "reno_parser", "train_diffusion"]
 
 
 def train_diffusion(argv: Sequence[str] | None = None) -> int:
@@ -40,6 +40,51 @@ def train_diffusion(argv: Sequence[str] | None = None) -> int:
         "attention": result.attention,
         "final": {k: final[k] for k in ("loss", "rewards/accuracies", "rewards/margins") if k in final},
     }, indent=1))
+    return 0
+
+
+def pso_pairs(argv: Sequence[str] | None = None) -> int:
+    """Offline PSO pairs: each target image (chosen) against the model's own few-step sample for its prompt.
+
+    The targets are a pair folder whose chosen images are the images to prefer (a teacher's samples, real
+    photos); their rejected side is ignored. Writes pairs.jsonl with target/ and sample/ images into --out;
+    a re-run skips the pairs already written (the same seeds give the same samples).
+    """
+    from diffusion.pso import make_pso_pairs
+    from diffusion.train import load_pipeline
+    from mmalign.distributed import process_state
+    from mmalign.pairs import PairFormatError, read_pairs
+
+    parser = argparse.ArgumentParser(prog="mmalign make-pairs pso", description=pso_pairs.__doc__,
+                                     allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--pretrained", required=True, help="pipeline folder, hub name or tiny:<name>")
+    parser.add_argument("--targets", required=True, help="pair folder whose chosen images are the targets")
+    parser.add_argument("--out", required=True, help="pair folder to write (resumed when it exists)")
+    parser.add_argument("--steps", type=_positive_int, default=1, help="sampling steps of the model's samples")
+    parser.add_argument("--guidance_scale", type=float, default=0.0, help="classifier-free guidance of the samples")
+    parser.add_argument("--seed", type=int, default=0, help="target i is sampled with seed + i")
+    parser.add_argument("--resolution", type=_positive_int, default=None, help="sample size (default: the family's)")
+    parser.add_argument("--batch_size", type=_positive_int, default=4)
+    parser.add_argument("--max_sequence_length", type=_positive_int, default=None,
+                        help="T5 tokens of SD3/Flux pipelines (default: the pipeline's)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if process_state().num_processes > 1:
+        raise SystemExit("make-pairs pso runs in one process (the pairs are written by one writer); "
+                         "run it without accelerate launch")
+    try:
+        targets = read_pairs(args.targets, check_media="exists")
+    except (OSError, PairFormatError, ValueError) as exc:  # the data first: before minutes of model loading
+        raise SystemExit(f"make-pairs pso: {exc}") from exc
+    if not targets:
+        raise SystemExit(f"make-pairs pso: {args.targets} holds no pairs")
+    pipeline = load_pipeline(args.pretrained)
+    try:
+        out = make_pso_pairs(pipeline, targets, args.out, num_inference_steps=args.steps,
+                             guidance_scale=args.guidance_scale, seed=args.seed, resolution=args.resolution,
+                             batch_size=args.batch_size, max_sequence_length=args.max_sequence_length)
+    except ValueError as exc:
+        raise SystemExit(f"make-pairs pso: {exc}") from exc
+    print(f"{len(targets)} PSO pairs in {out}")
     return 0
 
 
