@@ -6,6 +6,7 @@
     mmalign reno --pipeline stabilityai/sd-turbo --reward redness:1 "a red fox"
     mmalign generate vlm --model llava-hf/llava-1.5-7b-hf --adapter runs/stic/adapter --images photos/
     accelerate launch -m mmalign train-vlm ...        (several processes: ``python -m mmalign`` is the same)
+    mmalign --verbose reno ...                         (every library message too; or MMALIGN_VERBOSE=1)
 
 The core does not import the modality packages: each package declares its jobs as entry points
 (``[project.entry-points."mmalign.commands"]`` and ``"mmalign.pair_builders"`` in pyproject.toml), and
@@ -48,6 +49,9 @@ def _usage(prog: str, jobs: dict[str, EntryPoint], extra: dict[str, Callable[[li
     rows.update({name: (fn.__doc__ or "").strip().splitlines()[0] for name, fn in extra.items()})
     width = max(len(n) for n in rows)
     lines = [f"usage: {prog} <{what}> [flags ...]   ({prog} <{what}> --help for its flags)", "", f"{what}s:"]
+    if prog == "mmalign":
+        lines[1:1] = ["       mmalign --verbose <command> ...   (library warnings and loading bars too; "
+                      "or MMALIGN_VERBOSE=1)"]
     lines += [f"  {name.ljust(width)}  {text}" for name, text in sorted(rows.items())]
     return "\n".join(lines)
 
@@ -103,13 +107,23 @@ def generate(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``mmalign <command> ...``: the console entry point."""
+    """``mmalign [--verbose] <command> ...``: the console entry point.
+
+    Library noise is turned down first (:func:`mmalign.logs.quiet_libraries`) unless ``--verbose`` or
+    ``MMALIGN_VERBOSE=1``.
+    """
+    from mmalign.logs import quiet_libraries
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-V", "--version"):
         from mmalign import __version__
 
         print(f"mmalign {__version__}")
         return 0
+    verbose = bool(argv) and argv[0] == "--verbose"
+    if verbose:
+        argv = argv[1:]
+    quiet_libraries(verbose=True if verbose else None)
     return _dispatch("mmalign", COMMANDS_GROUP, "command", argv, extra={"make-pairs": make_pairs, "generate": generate})
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import sys
 
 from mmalign.cli import make_pairs
+from mmalign.logs import quiet_libraries
 
 if __name__ == "__main__":
+    quiet_libraries()  # library warnings and loading bars off unless MMALIGN_VERBOSE=1
     argv = sys.argv[1:]
     if argv[:1] == ["vision"]:  # the older spelling: make_pairs.py vision stic ...
         argv = argv[1:]

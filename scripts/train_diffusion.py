@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 
 from diffusion.cli import train_diffusion as main
+from mmalign.logs import quiet_libraries
 
 if __name__ == "__main__":
+    quiet_libraries()  # library warnings and loading bars off unless MMALIGN_VERBOSE=1
     sys.exit(main(sys.argv[1:]))

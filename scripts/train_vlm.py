@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import sys
 
+from mmalign.logs import quiet_libraries
 from vision.cli import train_vlm as main
 
 if __name__ == "__main__":
+    quiet_libraries()  # library warnings and loading bars off unless MMALIGN_VERBOSE=1
     sys.exit(main(sys.argv[1:]))
