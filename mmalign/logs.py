@@ -36,7 +36,8 @@ VERBOSE_ENV = "MMALIGN_VERBOSE"
 NOISE_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     # transformers 5 renamed the property; peft still reads the old name on every PeftModel
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
-    # diffusers 0.3x renamed from_pretrained's torch_dtype to dtype; transformers components still pass it
+    # diffusers renamed from_pretrained's torch_dtype to dtype; the pipeline loader passes torch_dtype, which
+    # every diffusers version the project supports accepts
     (r"`torch_dtype` is deprecated", FutureWarning),
 )
 """(message regex, category) of warnings that say nothing a user of a command can act on."""
