@@ -264,8 +264,10 @@ def load_pipeline(pretrained: str, *, torch_dtype: torch.dtype | None = None, **
             if isinstance(value, list) and len(value) == 2 and value[0] is None and value[1] is None:
                 kwargs[key] = None
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
-    return DiffusionPipeline.from_pretrained(str(path), **kwargs)
+        kwargs["dtype"] = torch_dtype  # diffusers' current name (torch_dtype is deprecated there)
+    pipe = DiffusionPipeline.from_pretrained(str(path), **kwargs)
+    pipe.set_progress_bar_config(desc="sampling", leave=False)  # a labelled bar that does not stay on screen
+    return pipe
 
 
 def set_attention(model: torch.nn.Module, backend: str) -> str:
