@@ -132,7 +132,7 @@ EVAL_SEEDS_TRAIN = 2
 N_SCENES = 3000
 VAE_STEPS = 450
 VAE_LR = 3e-3
-UNET_STEPS = 1400
+UNET_STEPS = 1000
 UNET_LR = 2e-3
 #: share of training captions replaced by the empty prompt (for classifier-free guidance)
 CAPTION_DROPOUT = 0.1
