@@ -62,7 +62,28 @@ Measured (one full run each, seed 0, one CPU thread; CPU seconds from ``time.pro
   more steps (the budget allowed 4 min CPU, which 300 steps at 0.45 s already take) or a wider
   text pathway are the next things to try.
 
-DEMO_NUMBERS
+* ReNO, ``python -m diffusion.toyworld_onestep reno OUT`` (15 iterations, lr 5, Nesterov 0.9, clip
+  0.1, reg 0.01; 30 held-out prompts, 6 single / 12 count / 12 pair, one noise each; 21.0 s CPU):
+  toy CLIP score 0.99 -> 4.00, change +3.01 [95% CI +2.46, +3.55]; checker ``ok`` 0.033 -> 0.033,
+  +0.000 [0, 0] (single 0.17 -> 0.17, count and pair 0 -> 0). The reward rises on every kind while
+  the checker sees no change: the noise moves pixels the CLIP likes (faint extra blobs, small
+  brightness changes in ``before_after.png``), not the colours the model never learned to draw. With
+  this base model that is the reward-hacking signature the two metrics were chosen to expose; it
+  says nothing yet about ReNO on a model whose noise can reach a correct image.
+* PSO with checker labels, ``python -m diffusion.toyworld_onestep pso OUT`` (17.2 s CPU): 528 own
+  samples of the 132 train prompts, 12 accepted, and no prompt had both an accepted and a rejected
+  sample (the noise barely changes this model's images), so there were no pairs and nothing was
+  trained: checker ``ok`` 0.021 -> 0.021 on 96 held-out items.
+* PSO with toy-CLIP labels, ``python -m diffusion.toyworld_onestep pso_toyclip OUT`` (61.1 s CPU): 132
+  pairs (best against worst of 4 own samples per train prompt), 60 steps of batch 8, lr 1e-4, beta
+  5000, at ``t = 999``; the engine's reward accuracy ends between 0.5 and 1.0 per batch (training
+  curves in ``out/pso_toyclip/metrics.png``); checker ``ok`` on 96 held-out items 0.021 -> 0.021,
+  +0.000 [0, 0] (single 0.17, count 0, pair 0 before and after). PSO's update moved the model
+  towards its own CLIP-preferred samples, which differ from the rejected ones in faint details, not
+  in anything the checker reads.
+
+ReNO plus PSO-with-CLIP-labels together: 82 s CPU on one thread. Neither method helps this base
+model on the checker; both rows stay in the table with their true numbers.
 """
 
 from __future__ import annotations
