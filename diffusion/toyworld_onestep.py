@@ -21,9 +21,10 @@ The model (:func:`build_toy_onestep`)
     What was tried, and why the shipped model is the plain one:
 
     * a trained AutoencoderKL (blocks 16/32 and 8/16, 4 and 12 latent channels, L1 + L2
-      reconstruction, lr 2e-3 to 5e-3): after 200 steps of batch 16 (80 s CPU) the checker read its
-      reconstructions of clean renders correctly for 57% of single, 57% of count and 20% of pair
-      scenes, a ceiling far too low within the CPU budget; hence the exact, set VAE;
+      reconstruction, lr 2e-3 to 5e-3): the best of them (blocks 16/32, 4 channels, 200 steps of batch
+      16, 80 s CPU) had the checker read its reconstructions of clean renders correctly for 57% of
+      single, 57% of count and 20% of pair scenes (30 each); the others were lower after 150 steps.
+      That ceiling is far too low within the CPU budget; hence the exact, set VAE;
     * IMLE on the few-layouts data (``K = 4``, 120 steps of batch 16, lr 2e-3, 133 s CPU; ``K = 2``, 160
       steps, 128 s CPU): both learned only the unconditional mean image (faint grey blobs at every
       anchor, no colour, the same for every prompt), checker accuracy 0 on every kind and split. IMLE
