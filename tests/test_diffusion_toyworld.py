@@ -67,13 +67,17 @@ def test_builder_saves_and_loads_with_from_pretrained(tmp_path):
 
 
 def test_shipped_pipeline_is_imperfect_on_held_out_prompts(shipped):
+    """The shipped model is weak (about 3% of held-out samples pass the whole check, see the module
+    docstring), but its samples are world images: the checker reads objects, and their colour is right
+    far more often than a random colour (1/6) would be."""
     specs, seeds = eval_items("held_out", n_seeds=2)
     ok, images = checker_accuracy(shipped, specs, seeds)
     assert len(ok) == 36
-    assert 0.1 < ok.mean() < 0.95, ok.mean()
-    # the samples are world images the checker can read: most have at least one object
+    assert ok.mean() < 0.95, ok.mean()
     checker = Checker()
+    checks = [checker.check(im, spec) for im, spec in zip(images, specs, strict=True)]
     assert np.mean([len(checker.read(im)) > 0 for im in images]) > 0.8
+    assert np.mean([c.colour for c in checks]) > 0.4
 
 
 def test_pairs_put_a_checker_correct_image_on_the_chosen_side(shipped, tmp_path):
