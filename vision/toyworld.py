@@ -89,7 +89,23 @@ Measured (one full run, ``python scripts/toy_vision.py --out runs/toy_vision``)
     (answer accuracy 0.343 -> 0.340, no change). What should help next: a base model that reads colours
     and shapes of train combinations well (more SFT steps, or a convolutional stem), so that held-out
     errors are the language prior's and not blindness; and an SFT term on POVID's chosen side.
-    Other seeds were not run for this table.
+
+    Noise: the same run with ``--seed 1`` and ``--seed 2`` (other pools, sampling and data order; the
+    same model and held-out set), change of each metric, seeds 0 / 1 / 2:
+
+    ======  ====================  ======================
+    method  metric                change (seed 0 / 1 / 2)
+    ======  ====================  ======================
+    STIC    answer accuracy       +0.000 / -0.001 / -0.001
+    STIC    hallucination rate    +0.008 / +0.008 / +0.017
+    POVID   answer accuracy       +0.013 / +0.003 / +0.019
+    POVID   hallucination rate    +0.050 / +0.042 / +0.058 (intervals of seeds 1, 2: [+0.000, +0.092],
+                                  [+0.000, +0.117]: POVID here raises hallucination, at the edge of significance)
+    SCL     answer accuracy       +0.004 / +0.004 / +0.004
+    SCL     hallucination rate    +0.000 / -0.008 / +0.008
+    ======  ====================  ======================
+
+    (description accuracy stays 0 except POVID seed 1, 0.008.)
 """
 
 from __future__ import annotations
