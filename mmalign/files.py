@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "file_mode", "fsync_dir", "honour_umask"]
+__all__ = ["atomic_write_bytes", "file_mode", "fsync_dir", "honour_umask", "replace_dir"]
 
 _UMASK: int | None = None
 
@@ -74,3 +75,23 @@ def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes, *, durable: bo
         raise
     if durable:
         fsync_dir(dest.parent)
+
+
+def replace_dir(tmp: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Put the complete folder ``tmp`` in place of ``out`` (absent or an older copy); return ``out``.
+
+    The old copy is moved aside first and deleted only once the new one is in place, so a crash leaves
+    either folder whole at ``out`` (or the old one at ``.<name>.old`` for a moment); the parent folder is
+    fsynced.
+    """
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    fsync_dir(out.parent)
+    return out

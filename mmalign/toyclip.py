@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmalign.files import fsync_dir, honour_umask
+from mmalign.files import honour_umask, replace_dir
 
 __all__ = [
     "DEFAULT_TOY_CLIP_DIR",
@@ -298,15 +298,7 @@ def build_toy_clip(out_dir: str | os.PathLike[str], *, seed: int = 0, progress: 
         }
         (tmp / _INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
         honour_umask(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        fsync_dir(out.parent)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -183,19 +183,6 @@ def _corpus_words() -> list[str]:
     return list(seen)
 
 
-def _byte_table() -> list[str]:
-    """GPT-2's byte -> printable symbol table, in byte order (byte-level BPE)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
-
-
 def make_toy_tokenizer() -> Any:
     """A byte-level BPE whose merges make every toy-world word and prompt word one token (``" red"``,
     ``" circle"``, ``"Describe"``); special tokens and chat template of the tiny LLaVA
@@ -205,8 +192,9 @@ def make_toy_tokenizer() -> Any:
     from transformers import PreTrainedTokenizerFast
 
     from mmalign.tiny import make_tiny_tokenizer
+    from mmalign.utils import byte_alphabet
 
-    byte_table = _byte_table()
+    byte_table = byte_alphabet()
     merges: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
     words = _corpus_words()
@@ -253,7 +241,7 @@ def make_toy_llava(out_dir: str | Path, *, seed: int = 0, hidden: int = HIDDEN, 
         LlavaProcessor,
     )
 
-    from mmalign.tiny import seeded
+    from mmalign.utils import seeded
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

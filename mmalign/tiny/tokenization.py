@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mmalign.utils import byte_alphabet
+
 __all__ = ["CLIP_MAX_LENGTH", "make_tiny_tokenizer"]
 
 
@@ -63,19 +65,6 @@ _QWEN_CHAT_TEMPLATE = (
 )
 
 
-def _byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins GPT-2 style byte-level BPE uses for raw bytes, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    table: dict[int, str] = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
-
-
 def _word_merges(symbols_per_word: list[list[str]]) -> list[tuple[str, str]]:
     """Left-to-right merges that turn each word's symbol list into one symbol (deduplicated, ordered).
 
@@ -108,7 +97,7 @@ def _add_merged_symbols(vocab_list: list[str], merges: list[tuple[str, str]]) ->
 
 def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A CLIP-style BPE (``</w>`` end-of-word suffix) over the built-in corpus; specials come last."""
-    byte_table = _byte_alphabet()
+    byte_table = byte_alphabet()
     alphabet = sorted(set(byte_table))
     vocab_list: list[str] = list(alphabet) + [c + "</w>" for c in alphabet]
     words = []
@@ -140,7 +129,7 @@ def make_tiny_tokenizer(*, flavour: str = "llava") -> Any:
 
     if flavour not in ("llava", "qwen"):
         raise ValueError(f"make_tiny_tokenizer: flavour must be 'llava' or 'qwen', got {flavour!r}")
-    byte_table = _byte_alphabet()
+    byte_table = byte_alphabet()
     # Space-prefixed words first: their merges all start with the space symbol and rank before any
     # bare-word merge, so " red" inside a sentence becomes one token instead of "Ġ" + "red".
     variants = [" " + word for word in _CORPUS_WORDS] + list(_CORPUS_WORDS)
