@@ -81,9 +81,15 @@ Measured (one full run, seed 0, one thread: ``python scripts/toy_diffusion.py --
     dcpo          0.028 -> 0.056        +0.028 [-0.007, +0.062] 0.069 -> 0.083
     ============= ===================== ====================== ===========================
 
-    No method's change is distinguishable from noise: every interval contains 0. What was tried:
-    one setting per method (the papers' betas, the project's toy LoRA learning rate, 100 steps),
-    chosen before the run; no sweep and no second seed fitted in the time this was built in. With
+    Second seed (``--seed 1``: other pair seeds, prompt order and engine seed; 40 pairs; 176 s CPU):
+    held-out 0.049 before; diffusion_dpo 0.062 (+0.014 [-0.028, +0.056]), mapo 0.049 (+0.000
+    [-0.042, +0.042]), dcpo 0.076 (+0.028 [-0.007, +0.069]); train prompts 0.069 -> 0.056, 0.042,
+    0.056.
+
+    No method's change is distinguishable from noise: every interval contains 0 (DCPO and MaPO
+    point upwards on held-out in seed 0, DCPO in seed 1). What was tried: one setting per method
+    (the papers' betas, the project's toy LoRA learning rate, 100 steps), chosen before the runs;
+    no sweep and no third seed fitted in the time this was built in. With
     so few correct samples (5 of 72 train samples) the pairs teach mostly "not this blob", and a
     stronger base model is the first thing to change.
 """
