@@ -109,9 +109,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmalign.files import honour_umask
+from mmalign.files import honour_umask, replace_dir
 from mmalign.report import DemoRow, paired_bootstrap, save_before_after, save_rows
 from mmalign.toyworld import COLOURS, SHAPES, Checker, Spec, prompts, render, scenes
+from mmalign.utils import byte_alphabet
 
 __all__ = [
     "DEMO_KIND",
@@ -187,21 +188,8 @@ LORA_R = 8
 # ------------------------------------------------------------------------------------------ model
 
 
-def _byte_table() -> list[str]:
-    """GPT-2/CLIP byte-level BPE: the printable stand-in of each byte, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
-
-
 def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    table = _byte_table()
+    table = byte_alphabet()
     vocab = list(table) + [c + "</w>" for c in table]
     merges: list[tuple[str, str]] = []
     known = set(vocab)
@@ -356,12 +344,7 @@ def _save(pipe: Any, out_dir: Path, info: dict[str, Any]) -> Path:
                                             encoding="utf-8")
         (tmp / "toy_t2i.json").write_text(json.dumps(info, indent=1) + "\n")
         honour_umask(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.tmp-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
