@@ -145,6 +145,8 @@ class DiffusionTrainConfig:
     grid_steps: int = field(default=25, metadata=help_("sampling steps of the grid (0 = no grid)"))
     grid_guidance_scale: float = field(default=5.0, metadata=help_("CFG scale of the grid"))
     grid_seed: int = field(default=0, metadata=help_("seed of the grid's noise"))
+    push_to_hub: str | None = field(default=None, metadata=help_("upload the LoRA folder (or the full pipeline "
+                                                                  "folder) with its card to this Hub repo id, private, at the end"))
     validate_every: int = field(
         default=0, metadata=help_("also sample grid_prompts (same seeds) every N optimizer steps into "
                                   "samples/step-N.png, labelled with step and prompts (0 = only the final grid)")
@@ -550,5 +552,10 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         _write_cards(config, train_cfg, result, lora_dir, pipeline_dir)
+        if config.push_to_hub and (lora_dir or pipeline_dir):
+            from mmalign.export import push_to_hub
+
+            folder = lora_dir or pipeline_dir
+            print(f"pushed {folder} to {config.push_to_hub}: {push_to_hub(folder, config.push_to_hub)}")
     barrier()  # the engine's end of training may have closed the process group already
     return DiffusionRunResult(out, lora_dir, pipeline_dir, grid_path, result.metrics, ties, attention)

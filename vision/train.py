@@ -51,6 +51,8 @@ class VLMTrainConfig:
         metadata=help_("linear warmup over this fraction of the optimizer steps (rounded up; sets "
                        "train.warmup_steps from the dataset size, e.g. 0.03 as STIC and POVID)"),
     )
+    push_to_hub: str | None = field(default=None, metadata=help_("upload the trained adapter/model folder (with its "
+                                                                  "card) to this Hub repo id, private, at the end"))
     validate_every: int = field(
         default=0, metadata=help_("answer validate_question on validate_images every N optimizer steps, greedy, "
                                   "into output_dir/samples.jsonl (0 = off)")
@@ -153,7 +155,11 @@ def run(config: VLMTrainConfig) -> Any:
         callbacks.append(_ValidationAnswers(processor, config, process_state().is_main_process))
     result = train(model, adapter, PairDataset(kept, root=data), train_config, callbacks=callbacks)
     if process_state().is_main_process:
-        save_result(result, processor, config, dataset=str(data))
+        folder = save_result(result, processor, config, dataset=str(data))
+        if config.push_to_hub:
+            from mmalign.export import push_to_hub
+
+            print(f"pushed {folder} to {config.push_to_hub}: {push_to_hub(folder, config.push_to_hub)}")
     return result
 
 
