@@ -56,8 +56,8 @@ def shipped():
     return tw.load_toy_video_llm()
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped toy model gives one answer per question whatever the clip: its "
-                   "SFT within the build budget did not learn to read the clips (see video.toyworld)")
+@pytest.mark.xfail(strict=True, reason="the shipped toy model gives one answer per question whatever the clip: SFT on "
+                   "all three questions within the build budget stays at the answer prior (see video.toyworld)")
 def test_shipped_model_is_imperfect_but_not_useless(shipped, tmp_path) -> None:
     model, processor = shipped
     items = tw.toy_clips(24, "held_out", seed=5)

@@ -12,12 +12,11 @@ The clips (:func:`toy_clips`)
 The base model (:func:`build_toy_video_llm`, shipped in ``toy_models/video``)
     LLaVA-NeXT-Video (the tiny family of :func:`mmalign.tiny.make_tiny_llava_next_video`: its processor,
     tokenizer and config, widened by :class:`ToyVideoConfig` to hidden 64 in the CLIP tower and the Llama
-    text model, 2 layers each; 4 video tokens per frame), from random init, SFT through the engine
-    (``loss="sft"``, :class:`video.adapter.VideoLLMAdapter`): every question of 192 ``"sft"`` clips, a fifth
-    of them with the clip's true title before the question (``with_title``: a real video LLM reads titles,
-    and the title hack needs a model that does), 1000 steps of 8, learning rate 3e-3, cosine (195 s CPU on
-    one thread). **It did not learn to read the clips**: it gives one answer per question whatever the clip
-    (and whatever the title), i.e. it learned each question's answer prior only; see "Measured".
+    text model, 2 layers each; patch 4 instead of the family's 8, so 16 video tokens per frame, each an 8x8
+    pixel region), from random init, SFT through the engine (``loss="sft"``,
+    :class:`video.adapter.VideoLLMAdapter`): every question of 192 ``"sft"`` clips, a fifth of them with the
+    clip's true title before the question (``with_title``: a real video LLM reads titles, and the title hack
+    needs a model that does), 500 steps of 8, learning rate 2e-3, cosine (204 s CPU on one thread).
 
 The method (:func:`demo_physdpo`; the project's own path)
     :func:`video.physdpo.build_physdpo_pairs` on 48 ``"physdpo"`` clips x 3 questions, with the true answer
@@ -39,37 +38,42 @@ Metrics (fixed before any run), on 40 ``"held_out"`` clips never seen by SFT or 
     Each row's interval is the 95% paired bootstrap of (after - before) (:func:`mmalign.report.paired_bootstrap`).
 
 Measured (one full run: ``python -c "from pathlib import Path; from video.toyworld import demo_physdpo;
-    demo_physdpo(Path('runs/toy_video'))"``, seed 0, 41 s CPU on one thread)
+    demo_physdpo(Path('runs/toy_video'))"``, seed 0, 68 s CPU on one thread, shipped model above)
         ====================================  ======  =====  ========================
         metric (held-out)                     before  after  change [95% CI]
         ====================================  ======  =====  ========================
         answer accuracy, smooth (n 40)        0.500   0.500  +0.000 [-0.300, +0.300]
-        answer accuracy, direction (n 40)     0.275   0.225  -0.050 [-0.275, +0.150]
-        answer accuracy, colour (n 40)        0.125   0.175  +0.050 [-0.125, +0.225]
-        answer accuracy, all (n 120)          0.300   0.300  +0.000 [-0.133, +0.142]
-        DPO margin, logp nats (n 258 pairs)   0.076   3.487  +3.411 [+2.375, +4.387]
+        answer accuracy, direction (n 40)     0.275   0.225  -0.050 [-0.250, +0.175]
+        answer accuracy, colour (n 40)        0.125   0.000  -0.125 [-0.225, -0.025]
+        answer accuracy, all (n 120)          0.300   0.242  -0.058 [-0.183, +0.067]
+        DPO margin, logp nats (n 256 pairs)   -0.141  4.773  +4.914 [+3.962, +5.843]
         ====================================  ======  =====  ========================
 
-    298 PhysDPO pairs were written (of 432 hacked answers; the rest equalled the true answer), 74 DPO steps.
-    Reading: the accuracies are chance (1/2, 1/4, 1/6) before and after, so PhysDPO did not make the
-    model answer from the clip; the margin rose because DPO pushed down the answers the model gives under
-    any input (its hacked answers are its prior answers), a change of the answer prior that shows on held-out
-    pairs but does not make answers right. This is a negative result about the base model, not evidence
-    about PhysDPO: the method needs a model that reads the video and is misled by the hacks.
+    296 PhysDPO pairs were written (of 432 hacked answers; 136 equalled the true answer): 105 title,
+    101 one-frame, 90 low-resolution; 74 DPO steps.
+    Reading: the base model gives one answer per question whatever the clip ("yes", "right", "blue"), so
+    the accuracies are chance (1/2, 1/4, 1/6) before and after, and PhysDPO did not make the model answer
+    from the clip; the margin rose because DPO pushed down the answers the model gives under any input (its
+    hacked answers are its prior answers), a change of the answer prior that shows on held-out pairs but
+    does not make answers right (colour fell from 5 right to none: "blue" was pushed down). This is a
+    negative result about the base model, not evidence about PhysDPO: the method needs a model that reads
+    the video and is misled by the hacks.
 
-    What was tried for the base model (all from random init, engine SFT, greedy held-out answers):
-    hidden 64, 16 pairs per step, lr 2e-3, 100, 300 and 400 steps; hidden 64 and 32, 8 pairs per step,
-    lr 3e-3 and 1e-3, up to 600 steps (a loop of the adapter's log-probs, colour alone or all three
-    questions); 1000 steps of 8 at lr 3e-3 with 192 and with 400 clips (the shipped model is the first).
-    Every one answered each question the same way for every clip. The information is in the tower's
-    output from the start: a linear probe on the untrained tower's video features reads colour (100%),
-    direction (100%) and smoothness (85%) of 60 held-out clips; a language model trained on those features
-    (tower frozen) reached 33% colour accuracy after 100 steps. So the bottleneck is the 2-layer text
-    model learning to attend to the 32 video tokens, which takes more steps than the 4-minute build
-    budget gives (the toy image VLM of the same width, vision.toyworld, trains for 1500 steps).
+    What changed the base model's learning, and what did not (random init, 8 pairs per step, greedy
+    answers on the 40 held-out clips; "tokens" are video tokens per frame):
+    * 4 tokens (patch 8, each token a 16x16-pixel region of which the 6-pixel ball is a small part): no
+      setting left the answer prior, on all three questions or on colour alone: hidden 32 and 64, lr 1e-3 to
+      3e-3, 100 to 1000 steps, 192 and 400 clips, tower trained or frozen, projector scaled 10x at init;
+    * 16 tokens (patch 4, 8x8 pixels each), colour alone, no titles, 96 clips, lr 2e-3: train loss 4.2 to
+      0.10 in 150 steps and 0.004 at 300; held-out colour accuracy 0.825 (chance 0.167). The model can read
+      the clip once a token is mostly ball;
+    * 16 tokens, all three questions, 192 clips, 500 steps (the build budget): lr 2e-3 with titles (the
+      shipped model) and lr 3e-3 without titles both still answer one value per question (held-out 0.500,
+      0.275, 0.125). Mixing the questions (and the title-copying examples) delays reading past the budget.
+    The next step is a base model trained on fewer kinds of question (colour, then direction), or longer.
 
     Checked for a bug, none found (each on a few ``"sft"`` clips, against the code as it is):
-    * labels and prompt: a collated batch decoded reads ``"<s>USER: <32 video tokens>\n[The title of this
+    * labels and prompt: a collated batch decoded reads ``"<s>USER: <video tokens>\n[The title of this
       video is "...".\n]<question> ASSISTANT:<answer></s>"``; only the answer and ``</s>`` are labelled
       (e.g. ``no</s>``, 2 tokens); the chosen answer is :func:`clip_answer`'s true value;
     * video features: :meth:`~video.adapter.VideoLLMAdapter.model_inputs` gives the same logits as the
@@ -87,12 +91,11 @@ Measured (one full run: ``python -c "from pathlib import Path; from video.toywor
       (0.50, 0.17, 0.00), and partly right with the title (0.50, 0.29, 0.46);
     * generation: greedy answers use the training prompt (:func:`video.adapter.render_video_prompt`),
       equal the highest-log-prob candidate, and do not depend on the batch.
-    So the limit is optimisation, not a bug: from random init the 2-layer text model does not learn to read
-    the video tokens within the build's budget, even for colour, which the untrained tower's features
-    carry linearly.
+    So the limit is optimisation, not a bug: with 4 tokens per frame (the checks above, on that model) the
+    ball's signal is too faint for the text model to learn to read within the budget.
 
     Noise: with a model at chance the accuracy intervals are those of 40 coin-like items (about +-0.3 per
-    question, +-0.14 over all); the margin interval is [+2.4, +4.4] nats over 258 pairs.
+    question, +-0.14 over all); the margin interval is [+4.0, +5.8] nats over 256 pairs.
 """
 
 from __future__ import annotations
@@ -142,13 +145,14 @@ class ToyVideoConfig:
     size: int = 32
     vision_hidden: int = 64
     vision_layers: int = 2
+    patch_size: int = 4
     text_hidden: int = 64
     text_layers: int = 2
     sft_clips: int = 192
     title_fraction: float = 0.2
-    sft_steps: int = 1000
+    sft_steps: int = 500
     sft_batch: int = 8
-    sft_lr: float = 3e-3
+    sft_lr: float = 2e-3
 
 
 def _candidates(kind: str) -> tuple[str, ...]:
@@ -224,6 +228,7 @@ def _model_config(config: ToyVideoConfig, folder: Path) -> Any:
     vision, text = model_config.vision_config, model_config.text_config
     vision.hidden_size, vision.intermediate_size = config.vision_hidden, 2 * config.vision_hidden
     vision.num_hidden_layers = config.vision_layers
+    vision.patch_size = config.patch_size
     vision.projection_dim = config.vision_hidden
     text.hidden_size, text.intermediate_size = config.text_hidden, 2 * config.text_hidden
     text.num_hidden_layers = config.text_layers
@@ -276,6 +281,7 @@ def build_toy_video_llm(
         tmp = Path(tmp_name)
         base = make_tiny_llava_next_video(tmp / "base", seed=seed)
         processor = AutoProcessor.from_pretrained(base)
+        processor.patch_size = config.patch_size  # video tokens per frame: (size / patch)^2 / 4 (2x2 pooling)
         with seeded(seed):
             model = LlavaNextVideoForConditionalGeneration(_model_config(config, base))
         model.generation_config = LlavaNextVideoForConditionalGeneration.from_pretrained(base).generation_config
