@@ -57,7 +57,7 @@ def _run(tmp_path, pairs, name: str, *, lora_scope: str = "language"):
 def test_reference_reuses_policy_image_features_and_trains_the_same(tmp_path, pairs, monkeypatch):
     losses, calls, reused = _run(tmp_path, pairs, "reuse")
     assert reused == 3 and calls == 3  # one vision pass per step: the reference took the policy's features
-    monkeypatch.setattr(vision_adapter, "_lora_outside_language", lambda base: True)
+    monkeypatch.setattr(vision_adapter, "lora_outside_language", lambda base: True)
     plain_losses, plain_calls, plain_reused = _run(tmp_path, pairs, "plain")
     assert plain_reused == 0 and plain_calls == 6
     assert losses == plain_losses  # bitwise: the reused features are the ones the reference would compute

@@ -23,6 +23,7 @@ patch 2 so frames come in pairs, and for 2.5 ``second_per_grid_ts`` from the cli
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ import torch
 from mmalign.adapter import ChosenRejected
 from mmalign.logprobs import sequence_logps
 from video.frames import Clip, FrameCache, FrameSampling, pair_media, pair_sampling
-from vision.adapter import PER_TOKEN_KEYS, VLMAdapter, _unwrap, check_adapter_settings
+from vision.adapter import PER_TOKEN_KEYS, VLMAdapter, _unwrap, check_adapter_settings, lora_outside_language
 
 __all__ = ["PER_VIDEO_KEYS", "VIDEO_INPUT_KEYS", "VideoLLMAdapter", "render_video_prompt", "video_token_of"]
 
@@ -138,6 +139,9 @@ class VideoLLMAdapter:
     value_kind: str = field(default="sequence", init=False)
     dropped: Counter[str] = field(default_factory=Counter, init=False)
     dropped_ids: list[str] = field(default_factory=list, init=False)
+    #: How many passes reused the previous pass's video features (see :meth:`_reused_or_encoded`).
+    reused_encodings: int = field(default=0, init=False)
+    _feature_slot: tuple[Any, int, list[torch.Tensor], bool] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_adapter_settings(self)
@@ -325,6 +329,27 @@ class VideoLLMAdapter:
                 features[u] = f.reshape(-1, f.shape[-1])
         return [f for f in features if f is not None], pooled_is_sequence
 
+    def _reused_or_encoded(self, model: torch.nn.Module, batch: dict[str, Any],
+                           video_inputs: list[dict[str, Any]]) -> tuple[list[torch.Tensor], bool]:
+        """:meth:`_encode_videos`, or the previous pass's features for the same batch and model.
+
+        The LoRA-disabled reference runs right after the policy on the same batch object; when the video
+        features carry no gradient (frozen tower and projector) and no LoRA layer sits outside the language
+        model, they are the ones the reference would compute, so the reference takes them (one video-tower
+        pass per step instead of two; :attr:`reused_encodings` counts it). One batch is held, by a weak
+        reference to its ``input_ids``.
+        """
+        base = _unwrap(model)
+        slot = self._feature_slot
+        if slot is not None and slot[0]() is batch["input_ids"] and slot[1] == id(base):
+            self.reused_encodings += 1
+            return slot[2], slot[3]
+        per_video, pooled_is_sequence = self._encode_videos(model, video_inputs)
+        reusable = (torch.is_grad_enabled() and not any(f.requires_grad for f in per_video)
+                    and not lora_outside_language(base))
+        self._feature_slot = (weakref.ref(batch["input_ids"]), id(base), per_video, pooled_is_sequence) if reusable else None
+        return per_video, pooled_is_sequence
+
     def model_inputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments for ``model(**...)``: each distinct video encoded once, features handed to its rows."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -333,7 +358,7 @@ class VideoLLMAdapter:
         video_inputs = [
             {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in u.items()} for u in batch["video_inputs"]
         ]
-        per_video, pooled_is_sequence = self._encode_videos(model, video_inputs)
+        per_video, pooled_is_sequence = self._reused_or_encoded(model, batch, video_inputs)
         expected = batch["video_tokens"].tolist()
         got = [int(f.shape[0]) for f in per_video]
         if got != expected:

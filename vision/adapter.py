@@ -67,6 +67,7 @@ __all__ = [
     "Media",
     "VLMAdapter",
     "image_token_of",
+    "lora_outside_language",
     "online_negative",
     "render_prompt",
     "user_message",
@@ -605,7 +606,7 @@ class VLMAdapter:
         features = torch.cat([f.reshape(-1, f.shape[-1]) for f in pooled], dim=0) if isinstance(
             pooled, (list, tuple)
         ) else pooled.reshape(-1, pooled.shape[-1])
-        reusable = torch.is_grad_enabled() and not features.requires_grad and not _lora_outside_language(base)
+        reusable = torch.is_grad_enabled() and not features.requires_grad and not lora_outside_language(base)
         self._feature_slot = (weakref.ref(batch["input_ids"]), id(base), features) if reusable else None
         return features
 
@@ -769,7 +770,7 @@ def _unwrap(model: torch.nn.Module) -> Any:
     return model
 
 
-def _lora_outside_language(base: Any) -> bool:
+def lora_outside_language(base: Any) -> bool:
     """Whether any peft LoRA layer of ``base`` sits outside its language model (vision tower, projector).
 
     Such a layer makes the image features differ between the policy and its LoRA-disabled reference. A
