@@ -461,7 +461,27 @@ def _encode_empty(family: Any, pipeline: Any, device: torch.device, max_sequence
     return family.encode_prompt(pipeline, [""], device=device, max_sequence_length=max_sequence_length)[0]
 
 
-class SDFamily:
+class _FamilyDefaults:
+    """What most families share: size and channels read from the denoiser and the VAE, no embedded guidance,
+    the text encoders' own length. A family overrides what differs."""
+
+    def default_resolution(self, pipeline: Any) -> int:
+        return _unet_resolution(pipeline, self)
+
+    def resolution_multiple(self, pipeline: Any) -> int:
+        return _patch_multiple(pipeline, self)
+
+    def latent_channels(self, pipeline: Any) -> int:
+        return _vae_channels(pipeline)
+
+    def default_max_sequence_length(self, pipeline: Any) -> int | None:
+        return None  # CLIP encoders: the tokenizer's 77
+
+    def guidance_embedded(self, pipeline: Any) -> bool:
+        return False
+
+
+class SDFamily(_FamilyDefaults):
     """Stable Diffusion 1.x/2.x (and SD-Turbo): a UNet without added conditions, one CLIP text encoder."""
 
     name = "sd"
@@ -476,21 +496,6 @@ class SDFamily:
         unet = getattr(pipeline, "unet", None)
         return (unet is not None and getattr(pipeline, "vae", None) is not None
                 and _config(unet).get("addition_embed_type") is None)
-
-    def default_resolution(self, pipeline: Any) -> int:
-        return _unet_resolution(pipeline, self)
-
-    def resolution_multiple(self, pipeline: Any) -> int:
-        return _patch_multiple(pipeline, self)
-
-    def latent_channels(self, pipeline: Any) -> int:
-        return _vae_channels(pipeline)
-
-    def default_max_sequence_length(self, pipeline: Any) -> int | None:
-        return None  # CLIP: the tokenizer's 77
-
-    def guidance_embedded(self, pipeline: Any) -> bool:
-        return False
 
     def encode_prompt(self, pipeline: Any, prompts: list[str], *, device: torch.device,
                       max_sequence_length: int | None = None, guidance: bool = False,
@@ -524,7 +529,7 @@ class SDFamily:
         return self.noise.sampling_schedule(pipeline, steps, device=device, timesteps=timesteps)
 
 
-class SDXLFamily:
+class SDXLFamily(_FamilyDefaults):
     """SDXL (and SDXL-Turbo): a UNet with ``text_time`` added conditions, two CLIP text encoders.
 
     Added conditions: the pooled embedding of the second encoder and the size/crop time ids
@@ -544,21 +549,6 @@ class SDXLFamily:
         unet = getattr(pipeline, "unet", None)
         return (unet is not None and getattr(pipeline, "vae", None) is not None
                 and _config(unet).get("addition_embed_type") == "text_time")
-
-    def default_resolution(self, pipeline: Any) -> int:
-        return _unet_resolution(pipeline, self)
-
-    def resolution_multiple(self, pipeline: Any) -> int:
-        return _patch_multiple(pipeline, self)
-
-    def latent_channels(self, pipeline: Any) -> int:
-        return _vae_channels(pipeline)
-
-    def default_max_sequence_length(self, pipeline: Any) -> int | None:
-        return None
-
-    def guidance_embedded(self, pipeline: Any) -> bool:
-        return False
 
     def encode_prompt(self, pipeline: Any, prompts: list[str], *, device: torch.device,
                       max_sequence_length: int | None = None, guidance: bool = False,
@@ -601,7 +591,7 @@ class SDXLFamily:
         return self.noise.sampling_schedule(pipeline, steps, device=device, timesteps=timesteps)
 
 
-class SD3Family:
+class SD3Family(_FamilyDefaults):
     """Stable Diffusion 3: an MMDiT transformer on flow matching; two CLIP encoders and T5.
 
     The transformer sees ``timestep`` in the scheduler's units (0-1000) as the pipeline and
@@ -622,20 +612,8 @@ class SD3Family:
         return (getattr(pipeline, "vae", None) is not None
                 and "caption_projection_dim" in config and "pos_embed_max_size" in config)
 
-    def default_resolution(self, pipeline: Any) -> int:
-        return _unet_resolution(pipeline, self)
-
-    def resolution_multiple(self, pipeline: Any) -> int:
-        return _patch_multiple(pipeline, self)
-
-    def latent_channels(self, pipeline: Any) -> int:
-        return _vae_channels(pipeline)
-
     def default_max_sequence_length(self, pipeline: Any) -> int | None:
         return _sequence_length(pipeline, None, 256)
-
-    def guidance_embedded(self, pipeline: Any) -> bool:
-        return False
 
     def encode_prompt(self, pipeline: Any, prompts: list[str], *, device: torch.device,
                       max_sequence_length: int | None = None, guidance: bool = False,
@@ -672,7 +650,7 @@ class SD3Family:
         return self.noise.sampling_schedule(pipeline, steps, device=device)
 
 
-class FluxFamily:
+class FluxFamily(_FamilyDefaults):
     """Flux (FLUX.1 schnell and dev class): flow matching on 2x2-packed latents; CLIP (pooled) and T5.
 
     The transformer sees the latents packed into 2x2 patches (``(B, C, h, w) -> (B, h/2 * w/2, 4C)``,
@@ -706,9 +684,6 @@ class FluxFamily:
 
     def resolution_multiple(self, pipeline: Any) -> int:
         return vae_scale_factor(pipeline) * 2  # the 2x2 packing (the transformer's patch_size is 1)
-
-    def latent_channels(self, pipeline: Any) -> int:
-        return _vae_channels(pipeline)
 
     def default_max_sequence_length(self, pipeline: Any) -> int | None:
         return _sequence_length(pipeline, None, 512)
@@ -790,7 +765,7 @@ class FluxFamily:
         return FlowSampling(scheduler.timesteps.clone(), scheduler.sigmas.to(device, torch.float32).clone())
 
 
-class PixArtFamily:
+class PixArtFamily(_FamilyDefaults):
     """PixArt-alpha/sigma: a DiT with ``ada_norm_single``, one T5 encoder with an attention mask.
 
     The transformer may predict a learned variance in the second half of its output channels; only the
@@ -812,20 +787,8 @@ class PixArtFamily:
         return (getattr(pipeline, "vae", None) is not None and "caption_channels" in config
                 and config.get("norm_type") == "ada_norm_single")
 
-    def default_resolution(self, pipeline: Any) -> int:
-        return _unet_resolution(pipeline, self)
-
-    def resolution_multiple(self, pipeline: Any) -> int:
-        return _patch_multiple(pipeline, self)
-
-    def latent_channels(self, pipeline: Any) -> int:
-        return _vae_channels(pipeline)
-
     def default_max_sequence_length(self, pipeline: Any) -> int | None:
         return _sequence_length(pipeline, None, 120)
-
-    def guidance_embedded(self, pipeline: Any) -> bool:
-        return False
 
     def _micro_conditions(self, pipeline: Any) -> bool:
         config = _config(pipeline.transformer)
