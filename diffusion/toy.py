@@ -1,6 +1,7 @@
 """Toy text-to-image preference (no downloads): "chosen images are brighter".
 
-Used by ``scripts/toy_diffusion.py`` (the evidence run), ``scripts/demo.py`` and tests.
+Used by the ``toy:brightness`` data of ``mmalign train-diffusion`` (quick smoke runs) and by tests; the demo's
+evidence runs in the toy world instead (:mod:`diffusion.toyworld`).
 
 1. ``brightness_pairs``: 32x32 smooth random patterns; in each pair the chosen image is brighter
    than the rejected one by 0.2-0.3 (mean pixel brightness about 0.6 chosen, 0.35 rejected).
