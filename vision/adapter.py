@@ -315,17 +315,24 @@ class VLMAdapter:
 
     # ------------------------------------------------------------------ data side
 
-    def _load(self, item: Media, pair: Any, side: str) -> Any:
+    def _load(self, item: Media, pair: Any, side: str, *, size_only: bool = False) -> Any:
         """Load one media item of ``pair`` as RGB PIL (paths resolved by the core's one rule,
-        :func:`mmalign.pairs.pair_media_path`: the pair's own folder, else :attr:`media_root`)."""
+        :func:`mmalign.pairs.pair_media_path`: the pair's own folder, else :attr:`media_root`).
+
+        ``size_only``: a blank RGB image of the item's size, read from the file's header without decoding:
+        the processor gives it the same number of image tokens (they depend on the size alone)."""
         from PIL import Image
 
-        from mmalign.pairs import load_image, pair_media_path
+        from mmalign.pairs import image_size, load_image, pair_media_path
 
         if isinstance(item, Image.Image):
+            if size_only:
+                return Image.new("RGB", item.size)
             return item.convert("RGB") if item.mode != "RGB" else item
         path = pair_media_path(pair, item, f"{side}_media", self.media_root)
         try:
+            if size_only:
+                return Image.new("RGB", image_size(path))
             return load_image(path)
         except ValueError as exc:
             raise ValueError(f"pair {pair.id!r}, field {side}_media: {exc}") from exc
@@ -340,7 +347,7 @@ class VLMAdapter:
             ids.append(int(self.tokenizer.eos_token_id))
         return ids
 
-    def _units_for(self, pair: Any) -> tuple[_Unit, _Unit]:
+    def _units_for(self, pair: Any, *, size_only: bool = False) -> tuple[_Unit, _Unit]:
         chosen_media = list(pair.chosen_media or [])
         rejected_media = list(pair.rejected_media or []) or chosen_media  # empty rejected = same images
         online = _online_media(pair)
@@ -351,7 +358,8 @@ class VLMAdapter:
             system_prompt=self.system_prompt, prompt_template=self.prompt_template,
         )
         chosen_key = (chosen_text, self._media_key(chosen_media))
-        chosen = _Unit(chosen_text, [self._load(m, pair, "chosen") for m in chosen_media], chosen_key)
+        chosen = _Unit(chosen_text, [self._load(m, pair, "chosen", size_only=size_only) for m in chosen_media],
+                       chosen_key)
         if self.share_image_encoding and self._media_key(rejected_media) == self._media_key(chosen_media):
             return chosen, chosen
         rejected_text = render_prompt(
@@ -359,7 +367,7 @@ class VLMAdapter:
             system_prompt=self.system_prompt, prompt_template=self.prompt_template,
         )
         rejected = _Unit(
-            rejected_text, [self._load(m, pair, "rejected") for m in rejected_media],
+            rejected_text, [self._load(m, pair, "rejected", size_only=size_only) for m in rejected_media],
             (rejected_text, self._media_key(rejected_media)),
         )
         return chosen, rejected
@@ -518,14 +526,17 @@ class VLMAdapter:
     def filter_pairs(self, pairs: Sequence[Any]) -> tuple[list[Any], Counter[str]]:
         """Drop the pairs :meth:`collate` would drop (too long) before training: ``(kept, reasons)``.
 
-        A no-op without ``max_length``; otherwise runs the processor on each pair's prompt(s) once.
+        A no-op without ``max_length``; otherwise runs the processor on each pair's prompt(s) once, with
+        blank images of the pairs' image sizes read from the file headers (the image tokens depend on the
+        size alone), so no image is decoded here: decoding, and its errors, belong to
+        :func:`mmalign.pairs.check_media` before training and to :meth:`collate`.
         """
         if self.max_length is None:
             return list(pairs), Counter()
         kept: list[Any] = []
         reasons: Counter[str] = Counter()
         for pair in pairs:
-            chosen, rejected = self._units_for(pair)
+            chosen, rejected = self._units_for(pair, size_only=True)
             units = [chosen] if chosen is rejected else [chosen, rejected]
             lengths = self._process(units)["attention_mask"].sum(-1).tolist()
             _, _, reason = self._fit(pair, int(lengths[0]), int(lengths[-1]))

@@ -153,7 +153,8 @@ def run(config: VLMTrainConfig) -> Any:
     callbacks = []
     if config.validate_every and config.validate_images:
         callbacks.append(_ValidationAnswers(processor, config, process_state().is_main_process))
-    result = train(model, adapter, PairDataset(kept, root=data), train_config, callbacks=callbacks)
+    # the pairs kept were read and their media checked above: no second check
+    result = train(model, adapter, PairDataset(kept, root=data, check_media="none"), train_config, callbacks=callbacks)
     if process_state().is_main_process:
         folder = save_result(result, processor, config, dataset=str(data))
         if config.push_to_hub:

@@ -20,7 +20,7 @@ from PIL import Image, ImageFile, ImageOps
 from mmalign.files import atomic_write_bytes
 from mmalign.pairs.errors import MediaError, PairFormatError, _surrogate_problem
 
-__all__ = ["MAX_PIXELS", "check_rel_path", "pair_media_path", "resolve_media", "load_image", "add_media"]
+__all__ = ["MAX_PIXELS", "check_rel_path", "pair_media_path", "resolve_media", "load_image", "image_size", "add_media"]
 
 
 # The largest image (width x height) the loader decodes: 2**27 = 134,217,728 pixels, e.g.
@@ -176,6 +176,19 @@ class _StrictDecoding:
 
 
 _STRICT = _StrictDecoding()
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(width, height)`` of an image as :func:`load_image` returns it (EXIF orientation applied), read from
+    its header without decoding the pixels. Raises :class:`MediaError` (naming the file) where the header
+    cannot be read; a corrupt body is only found by :func:`load_image`."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112)
+    except Exception as exc:  # PIL raises many types
+        raise MediaError(f"cannot read image {str(path)!r}: {exc}") from exc
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def load_image(
