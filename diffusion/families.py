@@ -463,7 +463,8 @@ def _encode_empty(family: Any, pipeline: Any, device: torch.device, max_sequence
 
 class _FamilyDefaults:
     """What most families share: size and channels read from the denoiser and the VAE, no embedded guidance,
-    the text encoders' own length. A family overrides what differs."""
+    the text encoders' own length, the empty prompt's encoding as the unconditional input, no image
+    conditions. A family overrides what differs."""
 
     def default_resolution(self, pipeline: Any) -> int:
         return _unet_resolution(pipeline, self)
@@ -479,6 +480,14 @@ class _FamilyDefaults:
 
     def guidance_embedded(self, pipeline: Any) -> bool:
         return False
+
+    def empty_conditioning(self, pipeline: Any, device: torch.device, *,
+                           max_sequence_length: int | None = None) -> dict[str, Tensor]:
+        return _encode_empty(self, pipeline, device, max_sequence_length)
+
+    def image_conditions(self, pipeline: Any, original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                         target_size: tuple[int, int]) -> dict[str, Tensor]:
+        return {}
 
 
 class SDFamily(_FamilyDefaults):
@@ -506,14 +515,6 @@ class SDFamily(_FamilyDefaults):
             prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
             negative_prompt=negative_prompt, **extra)[:2]
         return {"prompt_embeds": embeds}, ({"prompt_embeds": negative} if guidance else None)
-
-    def empty_conditioning(self, pipeline: Any, device: torch.device, *,
-                           max_sequence_length: int | None = None) -> dict[str, Tensor]:
-        return _encode_empty(self, pipeline, device, max_sequence_length)
-
-    def image_conditions(self, pipeline: Any, original_size: tuple[int, int], crop_top_left: tuple[int, int],
-                         target_size: tuple[int, int]) -> dict[str, Tensor]:
-        return {}
 
     def forward(self, model: torch.nn.Module, noisy: Tensor, timesteps: Tensor, cond: dict[str, Tensor], *,
                 guidance: float | None = None) -> Tensor:
@@ -627,14 +628,6 @@ class SD3Family(_FamilyDefaults):
         negatives = {"prompt_embeds": negative, "pooled_embeds": negative_pooled} if guidance else None
         return {"prompt_embeds": embeds, "pooled_embeds": pooled}, negatives
 
-    def empty_conditioning(self, pipeline: Any, device: torch.device, *,
-                           max_sequence_length: int | None = None) -> dict[str, Tensor]:
-        return _encode_empty(self, pipeline, device, max_sequence_length)
-
-    def image_conditions(self, pipeline: Any, original_size: tuple[int, int], crop_top_left: tuple[int, int],
-                         target_size: tuple[int, int]) -> dict[str, Tensor]:
-        return {}
-
     def forward(self, model: torch.nn.Module, noisy: Tensor, timesteps: Tensor, cond: dict[str, Tensor], *,
                 guidance: float | None = None) -> Tensor:
         dtype = noisy.dtype
@@ -703,14 +696,6 @@ class FluxFamily(_FamilyDefaults):
         embeds, pooled, _ = pipeline.encode_prompt(prompt=prompts, prompt_2=None, device=device,
                                                    num_images_per_prompt=1, **_with_length(extra, length))
         return {"prompt_embeds": embeds, "pooled_embeds": pooled}, None
-
-    def empty_conditioning(self, pipeline: Any, device: torch.device, *,
-                           max_sequence_length: int | None = None) -> dict[str, Tensor]:
-        return _encode_empty(self, pipeline, device, max_sequence_length)
-
-    def image_conditions(self, pipeline: Any, original_size: tuple[int, int], crop_top_left: tuple[int, int],
-                         target_size: tuple[int, int]) -> dict[str, Tensor]:
-        return {}
 
     def forward(self, model: torch.nn.Module, noisy: Tensor, timesteps: Tensor, cond: dict[str, Tensor], *,
                 guidance: float | None = None) -> Tensor:
@@ -807,10 +792,6 @@ class PixArtFamily(_FamilyDefaults):
             do_classifier_free_guidance=guidance, **kwargs)
         negatives = {"prompt_embeds": negative, "attention_mask": negative_mask} if guidance else None
         return {"prompt_embeds": embeds, "attention_mask": mask}, negatives
-
-    def empty_conditioning(self, pipeline: Any, device: torch.device, *,
-                           max_sequence_length: int | None = None) -> dict[str, Tensor]:
-        return _encode_empty(self, pipeline, device, max_sequence_length)
 
     def image_conditions(self, pipeline: Any, original_size: tuple[int, int], crop_top_left: tuple[int, int],
                          target_size: tuple[int, int]) -> dict[str, Tensor]:
