@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command to run on a CUDA machine: CUDA/xformers tests, then
-# `scripts/bench.py cuda` (SDXL-sized Diffusion-DPO vs MaPO, SD-Turbo-sized ReNO, LLaVA-7B-shaped
-# engine step). Everything it writes lands under $OUT (or ./device_out without $OUT).
+# `scripts/bench.py cuda` (benchmarks/cuda.py: SDXL-sized Diffusion-DPO vs MaPO, SD-Turbo-sized ReNO,
+# LLaVA-7B-shaped engine step). Everything it writes lands under $OUT (or ./device_out without $OUT).
 #
 # Prepare the wheels first where pip can download (a GPU machine with torch 2.11 cu130, transformers, accelerate,
 # peft, timm, torchvision, huggingface_hub 1.33, but no diffusers / open_clip / xformers; Python 3.12):
@@ -61,11 +61,8 @@ echo "== pytest -m 'cuda or xformers'"
 timeout 100 "$PY" -m pytest -q -m "cuda or xformers" -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | tail -30
 
 echo "== bench cuda"
-BENCH=(scripts/bench.py cuda --json "$OUT/bench_cuda.json" --budget 400)
-if ! grep -q '"cuda"' scripts/bench.py; then  # section not registered in the dispatcher: run it directly
-  BENCH=(scripts/bench_cuda.py --json "$OUT/bench_cuda.json" --budget 400)
-fi
-timeout 440 "$PY" "${BENCH[@]}" > "$OUT/bench_stdout.log" 2>&1
+# the section lives in benchmarks/cuda.py; each part runs as `python -m benchmarks.cuda --child PART` from here
+timeout 440 "$PY" scripts/bench.py cuda --json "$OUT/bench_cuda.json" --budget 400 > "$OUT/bench_stdout.log" 2>&1
 echo "bench exit code $?"
 grep -E '^\[cuda:' "$OUT/bench_stdout.log" | cut -c1-400
 cp BENCHMARKS.md "$OUT/" 2>/dev/null || true

@@ -1,4 +1,4 @@
-"""``scripts/bench_cuda.py``: the CUDA benchmark's code paths with tiny configs on the CPU (``--tiny``);
+"""``benchmarks.cuda``: the CUDA benchmark's code paths with tiny configs on the CPU (``--tiny``);
 the real sizes run only on a CUDA machine (``scripts/device_check.sh``)."""
 
 from __future__ import annotations
@@ -6,15 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import bench_cuda  # noqa: E402
+from benchmarks import cuda as bench_cuda
 
 
 def _finite(x: object) -> bool:

@@ -1,17 +1,12 @@
-"""``scripts/bench_diffusion.py``: its live-tensor peak (the CPU analogue of
+"""``benchmarks.diffusion``: its live-tensor peak (the CPU analogue of
 ``torch.cuda.max_memory_allocated``) counts what a training step holds."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import bench_diffusion  # noqa: E402
+from benchmarks import diffusion as bench_diffusion
 
 
 def _peak_of_steps(optimizer_name: str) -> tuple[int, int]:

@@ -1,14 +1,11 @@
-"""``scripts/bench.py``: a partial run rewrites its section and keeps what it did not measure."""
+"""``benchmarks.writer`` (``scripts/bench.py``): a partial run rewrites its section and keeps what it did not measure."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import bench  # noqa: E402
+from benchmarks import writer as bench
 
 
 def _figures(path: Path, name: str) -> dict:

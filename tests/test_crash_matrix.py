@@ -1,17 +1,14 @@
-"""``scripts/crash_matrix.py``: its verdicts are bitwise, and its metrics check catches a step logged twice."""
+"""``benchmarks.crash_matrix`` (``scripts/crash_matrix.py``): its verdicts are bitwise, and its metrics check catches a step logged twice."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import crash_matrix  # noqa: E402
+from benchmarks import crash_matrix
 
 
 def test_weights_compared_bitwise_and_metrics_one_row_per_step(tmp_path):

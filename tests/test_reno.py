@@ -147,7 +147,7 @@ def test_sampler_pixart_class_matches_pipeline(steps: int) -> None:
 
 def test_redness_rises_on_every_prompt(sd_pipe: Any) -> None:
     """Toy evidence at 16x16 px, 8 prompts, 11 iterations = 10 updates (the 8 x 50 run at 32x32 is in
-    scripts/bench_reno.py)."""
+    benchmarks/reno.py)."""
     res = optimize_noise(sd_pipe, PROMPTS8, REDNESS, steps=11, height=16, width=16, progress=False)
     assert isinstance(res, ReNOResult)
     assert res.rewards.shape == (11, 8) and res.reward_scores["redness"].shape == (11, 8)

@@ -5,6 +5,7 @@ written; the shipped configs carry the paper's hyperparameters."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,15 +19,12 @@ from video.synthetic import moving_square_clip, pan_zoom_clip
 from video.train import VideoTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
 pytest.importorskip("av")
 
 
 def test_physdpo_pairs_then_training_writes_a_checkpoint(tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    import make_video_pairs
-
-    from video.cli import train_video
+    from video.cli import physdpo_pairs, train_video
 
     skimage_data = pytest.importorskip("skimage.data")
     clips = {
@@ -40,8 +38,8 @@ def test_physdpo_pairs_then_training_writes_a_checkpoint(tmp_path: Path, capsys)
                      "answer": f"the {name} clip moves to the right", "title": f"{name} on the move"})
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    assert make_video_pairs.main([
-        "physdpo", "--model", "tiny:qwen2_5_vl", "--physdpo.records", str(tmp_path / "qa.jsonl"),
+    assert physdpo_pairs([  # what `scripts/make_video_pairs.py physdpo ...` runs
+        "--model", "tiny:qwen2_5_vl", "--physdpo.records", str(tmp_path / "qa.jsonl"),
         "--physdpo.out_dir", str(tmp_path / "pairs"), "--physdpo.num_frames", "4", "--physdpo.max_new_tokens", "4",
         "--physdpo.temperature", "1.0", "--physdpo.progress", "false",
     ]) == 0
@@ -116,8 +114,6 @@ def test_precomputed_reference_and_vision_gradients_with_videos(tmp_path: Path) 
 
 
 def test_jobs_have_help_with_defaults(capsys) -> None:  # noqa: ANN001
-    import make_video_pairs
-
     from video.cli import llava_hound_pairs, physdpo_pairs, train_video
 
     for job in (train_video, physdpo_pairs, llava_hound_pairs):
@@ -125,7 +121,10 @@ def test_jobs_have_help_with_defaults(capsys) -> None:  # noqa: ANN001
             job(["--help"])
         assert exit_info.value.code == 0
     assert "default" in capsys.readouterr().out
-    assert make_video_pairs.main(["--help"]) == 0 and make_video_pairs.main(["nope"]) == 2
-    assert "physdpo" in capsys.readouterr().out
+    script = [sys.executable, str(ROOT / "scripts" / "make_video_pairs.py")]
+    runs = [subprocess.Popen([*script, arg], cwd=ROOT, stdout=subprocess.PIPE, text=True) for arg in ("--help", "nope")]
+    (help_out, _), (nope_out, _) = (run.communicate(timeout=300) for run in runs)
+    assert [run.returncode for run in runs] == [0, 2]
+    assert "physdpo" in help_out and "physdpo" in nope_out
     for name in ("train_video.py", "make_video_pairs.py"):
         assert len((ROOT / "scripts" / name).read_text().splitlines()) < 40, name

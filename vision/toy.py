@@ -1,4 +1,4 @@
-"""Coloured-square images with exact descriptions (``scripts/bench_vision.py``'s data).
+"""Coloured-square images with exact descriptions (``benchmarks/vision.py``'s data).
 
 32x32 images of a coloured square (random size and place, slightly varied shades) on a background of
 another colour, described as ``"a {square} square on a {background} background"``. The toy-world

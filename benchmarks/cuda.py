@@ -55,8 +55,6 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 __all__ = ["DEFAULTS", "PARTS", "TINY", "bench_cuda", "llava_config", "sd_turbo_configs", "sdxl_unet_config"]
 
@@ -616,13 +614,13 @@ def _child(part: str, o: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run a part in a fresh process (a crash or a hung kernel costs that part only)."""
     with tempfile.TemporaryDirectory(prefix="mmalign-bench-cuda-") as tmp:
         path = Path(tmp) / "part.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", part, "--options", json.dumps(o),
+        cmd = [sys.executable, "-m", "benchmarks.cuda", "--child", part, "--options", json.dumps(o),
                "--out", str(path)]
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         note = None
         try:
-            proc = subprocess.run(cmd, env=env, timeout=timeout, check=False, stdout=None, stderr=subprocess.PIPE,
-                                  text=True)
+            proc = subprocess.run(cmd, env=env, cwd=ROOT, timeout=timeout, check=False, stdout=None,
+                                  stderr=subprocess.PIPE, text=True)
             if proc.returncode != 0:
                 note = f"child exited with {proc.returncode}: {proc.stderr[-1500:]}"
             elif proc.stderr:

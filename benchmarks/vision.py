@@ -1,6 +1,6 @@
 """Vision benchmark: our VLM DPO against TRL's DPOTrainer on the tiny LLaVA, and STIC stage-1 overhead.
 
-    python scripts/bench_vision.py [--repeats 5] [--steps 10] [--batch 8]
+    python -m benchmarks.vision [--repeats 5] [--steps 10] [--batch 8]      (prints only; from the repository root)
 
 (a) Parity: summed response log-probs of chosen and rejected on a fixed batch, ours
     (``VLMAdapter.logps``) vs TRL's (its ``logps/chosen`` / ``logps/rejected`` metrics from

@@ -295,11 +295,11 @@ def bench_mapo(args: argparse.Namespace, tmp: Path, setting: str = "adamw") -> d
         build_cache(DiffusionAdapter(load_pipeline("tiny:sd"), resolution=RESOLUTION), read_pairs(pairs_dir), cache_dir)
 
     def child(name: str, run_dir: str, steps: int, *extra: str) -> dict:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--cache", str(cache_dir),
+        cmd = [sys.executable, "-m", "benchmarks.diffusion", "--child", name, "--cache", str(cache_dir),
                "--pairs", str(pairs_dir), "--steps", str(steps), "--threads", str(args.threads),
                "--out", str(tmp / run_dir), "--setting", setting, *extra]
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"child {name} failed:\n{proc.stderr[-3000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])

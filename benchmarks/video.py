@@ -1,7 +1,7 @@
 """Video benchmark: frame sampling against a full decode, and shared video encoding in a DPO step.
 
     python scripts/bench.py video [--repeats 5] [--steps 4] [--batch 2]
-    python scripts/bench_video.py [--part sampling|step] ...      (prints only)
+    python -m benchmarks.video [--part sampling|step] ...      (prints only; from the repository root)
 
 (a) Sampling (goal: >= 2x frames/s for 16 of 300 frames). Clips of 300 frames, 240x320: pan-and-zoom
     camera moves over four scikit-image photos, encoded with mpeg4 (keyframe every 12 frames) and one with
@@ -38,7 +38,6 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,9 +45,6 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 DEFAULTS = {"repeats": 5, "steps": 4, "batch": 4}
 SAMPLED, TOTAL, SIZE = 16, 300, (240, 320)
@@ -211,9 +207,9 @@ def bench_step(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import copy
 
     import torch
-    from bench_diffusion import _tensor_peak_increase
     from torch.profiler import ProfilerActivity, profile
 
+    from benchmarks.diffusion import _tensor_peak_increase
     from mmalign.losses import dpo
     from video.adapter import VideoLLMAdapter
     from video.frames import FrameSampling

@@ -31,9 +31,9 @@ import weakref
 from typing import Any
 
 import torch
-from bench_diffusion import _tensor_peak_increase
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.diffusion import _tensor_peak_increase
 from mmalign.logprobs import response_labels
 from mmalign.losses import dpo
 from mmalign.text import CausalLMAdapter

@@ -35,13 +35,11 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from diffusion.reno import NoiseSampler, optimize_noise
+from mmalign.rewards import CallableReward, ClipScore, WeightedRewards, mean_redness
+from mmalign.tiny import cached_tiny
 
-from diffusion.reno import NoiseSampler, optimize_noise  # noqa: E402
-from mmalign.rewards import CallableReward, ClipScore, WeightedRewards, mean_redness  # noqa: E402
-from mmalign.tiny import cached_tiny  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPTS = ["a red apple", "a blue car", "a green field", "a cat on a mat", "a sunset over the sea",
            "a city at night", "a bowl of soup", "an old castle"]
@@ -163,11 +161,12 @@ def _memory_child(o: dict[str, Any], checkpointing: bool) -> dict[str, Any]:
 def bench_memory(o: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"batch": o["mem_batch"], "size": o["mem_size"]}
     for flag in (False, True):
-        cmd = [sys.executable, __file__, "--memory-child", "on" if flag else "off", "--device", o["device"],
+        cmd = [sys.executable, "-m", "benchmarks.reno", "--memory-child", "on" if flag else "off", "--device", o["device"],
                "--mem-size", str(o["mem_size"]), "--mem-batch", str(o["mem_batch"]), "--threads", str(o["threads"])]
         # a fixed mmap threshold makes glibc return every freed block over 64 KiB to the kernel at once, so
         # RSS follows the live tensor bytes instead of what the allocator kept from the warm-up iteration
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536",
+               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
         child = json.loads(proc.stdout.strip().splitlines()[-1])
         out["on" if flag else "off"] = {"peak_mib": round(child["peak_bytes"] / 2**20, 2)}
