@@ -725,6 +725,24 @@ def evaluate(
     return {k: v / (len(pairs) * draws) for k, v in sums.items()}
 
 
+def deepspeed_batch_sizes(ds_config: dict[str, Any], batch_size: int, grad_accum: int) -> dict[str, Any]:
+    """Fill a DeepSpeed config's per-process micro-batch and accumulation from the run's settings.
+
+    accelerate sizes a DeepSpeed engine from a prepared DataLoader, and refuses ``prepare`` without one
+    unless ``train_micro_batch_size_per_gpu`` is set; this loop keeps its own sampler, so it states the sizes
+    itself. ``"auto"`` (or missing) values are filled; a value the user's DeepSpeed file sets must agree.
+    """
+    for key, value in (("train_micro_batch_size_per_gpu", batch_size), ("gradient_accumulation_steps", grad_accum)):
+        given = ds_config.get(key, "auto")
+        if given == "auto":
+            ds_config[key] = value
+        elif int(given) != value:
+            setting = "batch_size" if key.startswith("train_micro") else "grad_accum"
+            raise ValueError(f"the DeepSpeed config sets {key}={given}, but the run's {setting} is {value}: "
+                             "set one of them, or make them agree")
+    return ds_config
+
+
 class _Engine:
     """State of one run; ``train()`` is the public entry point."""
 
@@ -803,6 +821,9 @@ class _Engine:
         self._foreach_ok = (not self.sharded and self.accelerator.device.type in ("cpu", "cuda")
                             and all(p.is_floating_point() for p in trainable))
         optimizer = self._make_optimizer(trainable)
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None:
+            deepspeed_batch_sizes(plugin.deepspeed_config, self.cfg.batch_size, self.cfg.grad_accum)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self._unwrapped_model = None
         self.trainable = trainable

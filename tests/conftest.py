@@ -3,10 +3,12 @@
 One torch thread per test process: on 2 cores under pytest-xdist (2 workers), torch's default of
 one thread per core makes the tiny models spin-wait and run tens of times slower.
 
-Session fixtures for what many test files build: the tiny LLaVA folder (``tiny_llava_path``) and
-model + processor (``tiny_llava``), the tiny SD pipeline folder (``tiny_sd_path``), and
-``write_image_pairs``, which writes a small image pair dataset through ``PairWriter``. The folders
-come from ``cached_tiny`` and are shared: treat them, and the shared model, as read-only.
+Session fixtures for what many test files build: the tiny causal LM folder (``tiny_lm_path``), its
+adapter (``tiny_lm_adapter``) and the toy colour pairs (``colour_train_pairs``) that the engine tests
+train on; the tiny LLaVA folder (``tiny_llava_path``) and model + processor (``tiny_llava``), the tiny
+SD pipeline folder (``tiny_sd_path``), and ``write_image_pairs``, which writes a small image pair
+dataset through ``PairWriter``. The folders come from ``cached_tiny`` and are shared: treat them, the
+shared model and the shared lists as read-only (slice them; do not edit them).
 """
 
 from __future__ import annotations
@@ -60,6 +62,32 @@ def launch_two():
         return proc
 
     return launch
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_path() -> Path:
+    """The cached tiny causal LM folder (``cached_tiny("causal_lm")``); read-only."""
+    from mmalign.tiny import cached_tiny
+
+    return cached_tiny("causal_lm")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_adapter(tiny_lm_path: Path) -> Any:
+    """A ``CausalLMAdapter`` on the tiny LM's tokenizer, ``max_length=32`` (stateless: safe to share)."""
+    from transformers import AutoTokenizer
+
+    from mmalign.text import CausalLMAdapter
+
+    return CausalLMAdapter(AutoTokenizer.from_pretrained(tiny_lm_path), max_length=32)
+
+
+@pytest.fixture(scope="session")
+def colour_train_pairs() -> tuple[Any, ...]:
+    """The training split of ``mmalign.toy.colour_pairs(seed=0)`` as a tuple (slice it, do not edit it)."""
+    from mmalign.toy import colour_pairs
+
+    return tuple(colour_pairs(seed=0)[0])
 
 
 @pytest.fixture(scope="session")

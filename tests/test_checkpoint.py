@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from mmalign.engine import (
     CheckpointError,
@@ -26,7 +26,6 @@ from mmalign.engine import (
     train,
 )
 from mmalign.text import CausalLMAdapter
-from mmalign.tiny import cached_tiny
 from mmalign.toy import colour_pairs
 
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "rng_0.safetensors",
@@ -34,18 +33,18 @@ CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.jso
 
 
 @pytest.fixture(scope="module")
-def lm_path() -> Path:
-    return cached_tiny("causal_lm")
+def lm_path(tiny_lm_path: Path) -> Path:
+    return tiny_lm_path
 
 
 @pytest.fixture(scope="module")
-def adapter(lm_path) -> CausalLMAdapter:
-    return CausalLMAdapter(AutoTokenizer.from_pretrained(lm_path), max_length=32)
+def adapter(tiny_lm_adapter: CausalLMAdapter) -> CausalLMAdapter:
+    return tiny_lm_adapter
 
 
 @pytest.fixture(scope="module")
-def data():
-    return colour_pairs(seed=0)[0][:16]
+def data(colour_train_pairs) -> list:
+    return list(colour_train_pairs[:16])
 
 
 def _cfg(out: Path, **kw) -> TrainConfig:

@@ -27,7 +27,6 @@ from mmalign.engine import (
     train,
 )
 from mmalign.text import CausalLMAdapter
-from mmalign.tiny import cached_tiny
 from mmalign.toy import colour_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,15 +34,13 @@ CHILD = ROOT / "tests" / "engine_child.py"
 
 
 @pytest.fixture(scope="module")
-def lm_path() -> Path:
-    return cached_tiny("causal_lm")
+def lm_path(tiny_lm_path: Path) -> Path:
+    return tiny_lm_path
 
 
 @pytest.fixture()
-def lm(lm_path):
-    tok = AutoTokenizer.from_pretrained(lm_path)
-    model = AutoModelForCausalLM.from_pretrained(lm_path)
-    return model, CausalLMAdapter(tok, max_length=32)
+def lm(lm_path, tiny_lm_adapter):
+    return AutoModelForCausalLM.from_pretrained(lm_path), tiny_lm_adapter
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +308,7 @@ def test_sigkill_and_resume_is_bitwise_equal(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_equal_one_with_doubled_batch(tmp_path):
+def test_two_gloo_processes_equal_one_with_doubled_batch(tmp_path, lm_path):
     """``accelerate launch --multi_gpu --num_processes 2`` on the CPU (MULTI_CPU, gloo), each process
     collating in two DataLoader workers; the single process collates in its own."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -329,7 +326,7 @@ def test_two_gloo_processes_equal_one_with_doubled_batch(tmp_path):
     a, b = _final_weights(tmp_path / "ddp"), _final_weights(tmp_path / "one")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
-    start = load_file(str(Path(cached_tiny("causal_lm")) / "model.safetensors"))
+    start = load_file(str(Path(lm_path) / "model.safetensors"))
     assert not torch.equal(a["lm_head.weight"], start["lm_head.weight"])
 
 

@@ -12,27 +12,25 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from mmalign.engine import EpochBatchSampler, TrainConfig, _epoch_batches, latest_checkpoint, train
 from mmalign.text import CausalLMAdapter
-from mmalign.tiny import cached_tiny
-from mmalign.toy import colour_pairs
 
 
 @pytest.fixture(scope="module")
-def lm_path() -> Path:
-    return cached_tiny("causal_lm")
+def lm_path(tiny_lm_path: Path) -> Path:
+    return tiny_lm_path
 
 
 @pytest.fixture(scope="module")
-def adapter(lm_path) -> CausalLMAdapter:
-    return CausalLMAdapter(AutoTokenizer.from_pretrained(lm_path), max_length=32)
+def adapter(tiny_lm_adapter: CausalLMAdapter) -> CausalLMAdapter:
+    return tiny_lm_adapter
 
 
 @pytest.fixture(scope="module")
-def data():
-    return colour_pairs(seed=0)[0][:12]
+def data(colour_train_pairs) -> list:
+    return list(colour_train_pairs[:12])
 
 
 def _cfg(out: Path, **kw) -> TrainConfig:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from mmalign.engine import TrainConfig, latest_checkpoint, train
 from mmalign.references import (
@@ -21,23 +21,21 @@ from mmalign.references import (
     make_reference,
 )
 from mmalign.text import CausalLMAdapter
-from mmalign.tiny import cached_tiny
-from mmalign.toy import colour_pairs
 
 
 @pytest.fixture(scope="module")
-def lm_path() -> Path:
-    return cached_tiny("causal_lm")
+def lm_path(tiny_lm_path: Path) -> Path:
+    return tiny_lm_path
 
 
 @pytest.fixture(scope="module")
-def adapter(lm_path) -> CausalLMAdapter:
-    return CausalLMAdapter(AutoTokenizer.from_pretrained(lm_path), max_length=32)
+def adapter(tiny_lm_adapter: CausalLMAdapter) -> CausalLMAdapter:
+    return tiny_lm_adapter
 
 
 @pytest.fixture(scope="module")
-def data():
-    return colour_pairs(seed=0)[0][:8]
+def data(colour_train_pairs) -> list:
+    return list(colour_train_pairs[:8])
 
 
 def _cfg(out: Path, **kw) -> TrainConfig:
