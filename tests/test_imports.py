@@ -93,7 +93,8 @@ def test_benchmarks_do_not_import_scripts() -> None:
 
 def _script_uses(path: Path) -> list[str]:
     """What in a test file reaches into ``scripts/``: an import of a module only ``scripts/`` has, or a
-    ``sys.path`` (or ``monkeypatch.syspath_prepend``) call that names ``scripts``."""
+    ``sys.path`` (or ``monkeypatch.syspath_prepend``, ``importlib``'s ``spec_from_file_location``, ``runpy.run_path``)
+    call that names ``scripts``."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -103,7 +104,8 @@ def _script_uses(path: Path) -> list[str]:
                 found.append(f"from {node.module} import ...")
         elif isinstance(node, ast.Call):
             func = ast.unparse(node.func)
-            if (func.startswith("sys.path.") or func.endswith("syspath_prepend")) and "scripts" in ast.unparse(node):
+            loads_file = func.endswith(("syspath_prepend", "spec_from_file_location", "run_path"))
+            if (func.startswith("sys.path.") or loads_file) and "scripts" in ast.unparse(node):
                 found.append(ast.unparse(node))
     return found
 
@@ -111,9 +113,12 @@ def _script_uses(path: Path) -> list[str]:
 def test_script_scan_sees_path_hacks_and_script_imports(tmp_path: Path) -> None:
     sample = tmp_path / "test_sample.py"
     sample.write_text("import sys\nimport make_pairs\nfrom scripts.bench import main\nfrom mmalign.pairs import read_pairs\n"
-                      "sys.path.insert(0, str(ROOT / 'scripts'))\nsys.path.append('/elsewhere')\n")
-    assert sorted(_script_uses(sample)) == ["from scripts.bench import ...", "import make_pairs",
-                                            "sys.path.insert(0, str(ROOT / 'scripts'))"]
+                      "sys.path.insert(0, str(ROOT / 'scripts'))\nsys.path.append('/elsewhere')\n"
+                      "spec = importlib.util.spec_from_file_location('demo', ROOT / 'scripts' / 'demo.py')\n")
+    assert sorted(_script_uses(sample)) == [
+        "from scripts.bench import ...", "import make_pairs",
+        "importlib.util.spec_from_file_location('demo', ROOT / 'scripts' / 'demo.py')",
+        "sys.path.insert(0, str(ROOT / 'scripts'))"]
 
 
 def test_tests_do_not_import_scripts() -> None:
