@@ -77,3 +77,30 @@ def test_diffusion_training_pushes_the_lora_folder(tmp_path, monkeypatch, write_
     ((folder, repo, files),) = _FakeApi.uploads
     assert repo == "me/tiny-sd-dpo" and Path(folder) == tmp_path / "run" / "lora"
     assert "README.md" in files and any(f.endswith(".safetensors") for f in files)
+
+
+def test_video_training_pushes_the_adapter_folder(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    import pytest
+
+    pytest.importorskip("av")
+    from video.frames import write_video
+    from video.synthetic import moving_square_clip
+    from video.train import VideoTrainConfig, run
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeApi)
+    _FakeApi.uploads.clear()
+    write_video(tmp_path / "data" / "media" / "clip.mp4", moving_square_clip(4, size=(32, 32)), fps=4)
+    pairs = [PreferencePair(f"p{i}", "where does the square move?", "to the right", "it stays", ["media/clip.mp4"], [])
+             for i in range(2)]
+    write_pairs(tmp_path / "data", pairs)
+    cfg = load_config(VideoTrainConfig, [
+        "--model", "tiny:llava_next_video", "--data", str(tmp_path / "data"), "--num_frames", "4",
+        "--push_to_hub", "me/tiny-video-dpo", "--train.output_dir", str(tmp_path / "run"), "--train.max_steps", "1",
+        "--train.batch_size", "2", "--train.lora_r", "4", "--train.progress", "false", "--train.plot", "false",
+        "--train.trackers", "[]",
+    ])
+    run(cfg)
+    ((folder, repo, files),) = _FakeApi.uploads
+    assert repo == "me/tiny-video-dpo" and Path(folder) == tmp_path / "run" / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
+    assert "pushed" in capsys.readouterr().out

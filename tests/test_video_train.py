@@ -60,6 +60,24 @@ def test_physdpo_pairs_then_training_writes_a_checkpoint(tmp_path: Path, capsys)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all("rewards/margins" in m for m in metrics)
 
+    # the trained model as a user loads it, with its card (full fine-tuning here: output_dir/model)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = tmp_path / "run" / ("adapter" if (tmp_path / "run" / "adapter").is_dir() else "model")
+    card = (folder / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["base_model"] == "tiny:qwen2_5_vl" and "video-text-to-text" in header["tags"]
+    if folder.name == "adapter":
+        from peft import PeftModel
+
+        from mmalign.hub import resolve_pretrained
+
+        base = AutoModelForImageTextToText.from_pretrained(resolve_pretrained("tiny:qwen2_5_vl"))
+        PeftModel.from_pretrained(base, folder)
+    else:
+        AutoModelForImageTextToText.from_pretrained(folder)
+    AutoProcessor.from_pretrained(folder)
+
 
 @pytest.mark.parametrize("name", ["llava_onevision_physdpo", "llava_next_video_physdpo", "qwen2_5_vl_physdpo"])
 def test_configs_carry_the_paper_hyperparameters(name: str) -> None:

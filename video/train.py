@@ -7,6 +7,10 @@ remote code off unless asked; ``tiny:<name>`` is a tiny model of :mod:`mmalign.t
 PhysDPO's recipe (PhysGame/PhysVLM, arXiv 2412.01800): DPO on LLaVA-OneVision-Qwen2-7B with 16 frames,
 beta 0.1, learning rate 5e-6, 2 epochs, full fine-tuning, no SFT term; ``scripts/configs/*physdpo*.yaml``
 carry it for LLaVA-OneVision, LLaVA-NeXT-Video and Qwen2.5-VL.
+
+The trained model is saved as users load it, like the image VLMs': ``output_dir/adapter`` (LoRA: a PEFT
+folder that ``PeftModel.from_pretrained(base, path)`` loads) or ``output_dir/model`` (full fine-tuning: a
+``save_pretrained`` folder), each with the processor and a model card; ``push_to_hub`` uploads it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class VideoTrainConfig:
         metadata=help_("skip and count pairs with bad records or videos (missing, empty, corrupt, unsupported codec, "
                        "too short) instead of stopping at the first; implies check_videos"),
     )
+    push_to_hub: str | None = field(default=None, metadata=help_("upload the trained adapter/model folder (with its "
+                                                                  "card) to this Hub repo id, private, at the end"))
     train: TrainConfig = field(default_factory=TrainConfig, metadata=help_("engine settings"))
 
     def __post_init__(self) -> None:
@@ -84,7 +90,7 @@ def run(config: VideoTrainConfig) -> Any:
     from video.adapter import VideoLLMAdapter
     from video.formats import load_video_pairs
     from video.frames import FrameCache, check_videos
-    from vision.train import load_vlm
+    from vision.train import load_vlm, save_result
 
     dataset = load_video_pairs(config.data, data_format=config.data_format, video_root=config.video_root,
                                skip_bad=config.skip_bad)
@@ -108,4 +114,11 @@ def run(config: VideoTrainConfig) -> Any:
         print(f"video.train: dropped {sum(dropped.values())} of {len(dataset)} pairs: {dict(dropped)}")
     if not kept:
         raise ValueError(f"no pair of {config.data} fits max_length={config.max_length}")
-    return train(model, adapter, PairDataset(kept, root=dataset.root), config.train)
+    result = train(model, adapter, PairDataset(kept, root=dataset.root), config.train)
+    if process_state().is_main_process:  # output_dir/adapter (LoRA) or output_dir/model, with a model card
+        folder = save_result(result, processor, config, dataset=str(config.data), kind="video-text-to-text")
+        if config.push_to_hub:
+            from mmalign.export import push_to_hub
+
+            print(f"pushed {folder} to {config.push_to_hub}: {push_to_hub(folder, config.push_to_hub)}")
+    return result

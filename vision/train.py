@@ -196,9 +196,11 @@ class _ValidationAnswers:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def save_result(result: Any, processor: Any, config: VLMTrainConfig, *, dataset: str) -> Path:
+def save_result(result: Any, processor: Any, config: Any, *, dataset: str,
+                kind: str = "vision-language") -> Path:
     """The trained model as users load it: ``output_dir/adapter`` (LoRA: a PEFT folder) or
-    ``output_dir/model`` (full fine-tuning), with the processor and a model card."""
+    ``output_dir/model`` (full fine-tuning), with the processor and a model card. ``config`` is a VLM or
+    video training config (``model``, ``train``, ``lora_scope``, ``max_length``); ``kind`` is the card's tag."""
     from mmalign.config import config_to_dict
     from mmalign.export import save_trained
 
@@ -212,4 +214,4 @@ def save_result(result: Any, processor: Any, config: VLMTrainConfig, *, dataset:
     metrics = {k: v for k, v in last.items() if k.startswith(("loss", "rewards/", "logps/"))}
     return save_trained(result.model, processor, train.output_dir, base_model=config.model, method=method,
                         auto_class="AutoModelForImageTextToText", dataset=dataset, hyperparameters=hyper,
-                        metrics=metrics, tags=("vision-language", train.loss))
+                        metrics=metrics, tags=(kind, train.loss))
