@@ -216,12 +216,16 @@ def generate(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the images and grid.png")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    lora_files = sorted(Path(args.lora).glob("*.safetensors")) if args.lora else []
+    if args.lora and not lora_files:  # before the pipeline loads: a typo must not cost loading a model
+        raise SystemExit(f"generate: --lora {args.lora} is not a trained LoRA folder (no .safetensors file in it; "
+                         "training writes <output_dir>/lora)")
     pipe = load_pipeline(args.pipeline).to(process_state().device)
     kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
               resolution=args.resolution)
     rows = {"base": sample_images(pipe, args.prompts, **kw)}
     if args.lora:
-        pipe.load_lora_weights(args.lora)
+        pipe.load_lora_weights(args.lora, weight_name=lora_files[0].name)
         with torch.no_grad():
             rows["lora"] = sample_images(pipe, args.prompts, **kw)
     out.mkdir(parents=True, exist_ok=True)

@@ -68,3 +68,26 @@ def test_generate_diffusion_writes_base_and_lora_rows(tmp_path):
                  "--guidance_scale", "1.0", "--resolution", "32", "--out", str(tmp_path)]) == 0
     assert Image.open(tmp_path / "grid.png").size == (64, 32)  # one row (no LoRA given), two prompts
     assert sorted(p.name for p in tmp_path.glob("base_*.png")) == ["base_000.png", "base_001.png"]
+
+
+def test_generate_names_a_missing_lora_or_adapter_before_loading_a_model(tmp_path, monkeypatch):
+    """A typo in --lora / --adapter is named at once (before, diffusers blamed the offline mode after the
+    pipeline had loaded) and no model is loaded for it."""
+    import diffusion.train
+    import vision.train
+
+    def no_loading(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a model was loaded before the bad flag was named")
+
+    monkeypatch.setattr(diffusion.train, "load_pipeline", no_loading)
+    monkeypatch.setattr(vision.train, "load_vlm", no_loading)
+    with pytest.raises(SystemExit, match="runs/typo/lora is not a trained LoRA folder"):
+        main(["generate", "diffusion", "--pipeline", "tiny:sd", "--lora", "runs/typo/lora", "--prompts", "a cat",
+              "--out", str(tmp_path / "gen")])
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(SystemExit, match="runs/typo/adapter is not a trained adapter folder"):
+        main(["generate", "vlm", "--model", "tiny:llava", "--adapter", "runs/typo/adapter", "--images",
+              str(tmp_path / "a.png")])
+    assert not (tmp_path / "gen").exists()

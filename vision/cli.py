@@ -135,6 +135,9 @@ def generate(argv: Sequence[str] | None = None) -> int:
     if missing or not files:
         raise SystemExit(f"generate: no such image(s): {missing or args.images}")
     images = [[load_image(f)] for f in files]  # the inputs first: a typo must not cost loading a model
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise SystemExit(f"generate: --adapter {args.adapter} is not a trained adapter folder (no "
+                         "adapter_config.json; training writes <output_dir>/adapter)")
     model, processor = load_vlm(args.model)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     questions = [args.question] * len(files)
