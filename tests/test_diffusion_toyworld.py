@@ -47,12 +47,35 @@ def test_tokenizer_makes_world_words_single_tokens():
     assert tok.convert_ids_to_tokens(ids[1:-1]) == ["three</w>", "yellow</w>", "triangles</w>"]
 
 
+def test_set_vae_is_a_2x2_mean_and_bilinear_upsampling():
+    """The set VAE: the latent is the 2x2 mean of the image minus the background, and decoding is bilinear
+    upsampling, so the checker reads decoded latents of renders as it reads the renders."""
+    import torch.nn.functional as F
+
+    from diffusion.toyworld import _pooled_vae
+    from mmalign.toyworld import BACKGROUND, render, scenes
+
+    vae = _pooled_vae()
+    world = scenes(40, "train", "count", seed=5)
+    x = torch.from_numpy(np.stack([render(s) for s in world])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    bg = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        assert z.shape == (40, 3, 16, 16)
+        assert torch.allclose(z, F.avg_pool2d(x - bg, 2) / 0.5, atol=1e-3)
+        y = vae.decode(z).sample
+    want = F.interpolate(z * 0.5, scale_factor=2, mode="bilinear", align_corners=False) + bg
+    assert torch.allclose(y[..., 1:-1, 1:-1], want[..., 1:-1, 1:-1], atol=1e-3)  # the border blends with background
+    images = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    assert Checker().accuracy(list(images), [s.spec() for s in world]).mean() >= 0.95
+
+
 def test_builder_saves_and_loads_with_from_pretrained(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    out = build_toy_t2i(tmp_path / "t2i", vae_steps=2, unet_steps=2, n_scenes=8, progress=False)
+    out = build_toy_t2i(tmp_path / "t2i", unet_steps=2, n_scenes=12, eval_seeds=0, progress=False)
     info = json.loads((out / "toy_t2i.json").read_text())
-    assert info["unet_steps"] == 2 and info["vae_steps"] == 2
+    assert info["unet_steps"] == 2 and info["n_scenes"] == 12
     assert sorted(p.name for p in out.rglob("*.safetensors")) == ["diffusion_pytorch_model.safetensors"] * 2 + [
         "model.safetensors"]
     pipe = load_toy_t2i(out)
@@ -66,18 +89,37 @@ def test_builder_saves_and_loads_with_from_pretrained(tmp_path):
     assert np.array_equal(images[0], images[1])  # an image depends on its seed only
 
 
-def test_shipped_pipeline_is_imperfect_on_held_out_prompts(shipped):
-    """The shipped model is weak (about 3% of held-out samples pass the whole check, see the module
-    docstring), but its samples are world images: the checker reads objects, and their colour is right
-    far more often than a random colour (1/6) would be."""
-    specs, seeds = eval_items("held_out", n_seeds=2)
+def test_builder_is_deterministic(tmp_path):
+    a = load_toy_t2i(build_toy_t2i(tmp_path / "a", unet_steps=3, n_scenes=12, eval_seeds=0, progress=False))
+    b = load_toy_t2i(build_toy_t2i(tmp_path / "b", unet_steps=3, n_scenes=12, eval_seeds=0, progress=False))
+    for x, y in zip(a.unet.parameters(), b.unet.parameters(), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_shipped_model_matches_the_builder_defaults():
+    """The shipped folder is what ``build_toy_t2i`` writes with its default arguments."""
+    from diffusion import toyworld
+
+    info = json.loads((TOY_T2I_DIR / "toy_t2i.json").read_text())
+    assert info["seed"] == 0 and info["kind"] == toyworld.DEMO_KIND
+    assert info["unet_steps"] == toyworld.UNET_STEPS and info["n_scenes"] == toyworld.N_SCENES
+    assert info["batch_size"] == toyworld.BATCH_SIZE and info["unet_lr"] == toyworld.UNET_LR
+    assert info["prediction_type"] == toyworld.PREDICTION
+
+
+def test_shipped_pipeline_draws_what_train_prompts_ask_often_but_not_always(shipped):
+    """On train prompts the shipped model passes the whole check on some samples and fails on others
+    (so checker-labelled pairs exist); held-out prompts stay imperfect. The bounds are wide around the
+    numbers in the module docstring."""
+    specs, seeds = eval_items("train", n_seeds=2)
     ok, images = checker_accuracy(shipped, specs, seeds)
-    assert len(ok) == 36
-    assert ok.mean() < 0.95, ok.mean()
+    assert len(ok) == 72
+    assert 0.15 <= ok.mean() <= 0.9, ok.mean()
     checker = Checker()
-    checks = [checker.check(im, spec) for im, spec in zip(images, specs, strict=True)]
     assert np.mean([len(checker.read(im)) > 0 for im in images]) > 0.8
-    assert np.mean([c.colour for c in checks]) > 0.4
+    held, held_seeds = eval_items("held_out", n_seeds=2)
+    ok_held, _ = checker_accuracy(shipped, held, held_seeds)
+    assert ok_held.mean() < 0.9, ok_held.mean()
 
 
 def test_pairs_put_a_checker_correct_image_on_the_chosen_side(shipped, tmp_path):
