@@ -46,12 +46,15 @@ def test_builder_tiny_run_loads_and_answers(tmp_path) -> None:  # noqa: ANN001
 
 
 @pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").is_file(), reason="the shipped toy VLM is not there")
-def test_shipped_model_is_imperfect_but_not_useless() -> None:
-    """Held-out answers: right well above chance, wrong a fair part of the time; train images read better."""
+def test_shipped_model_reads_train_images_and_errs_on_held_out() -> None:
+    """Train-split images: answers right more often than not, some descriptions exact. Held-out: answers
+    right well above chance but not always, and some descriptions hallucinate."""
     model, processor = load_toy_vlm()
-    held = evaluate_vlm(model, processor, eval_scenes(4))
-    train = evaluate_vlm(model, processor, [s for k in W.KINDS for s in W.scenes(4, "train", k, seed=99)])
-    assert 0.2 < held["answer"].mean() < 0.95
+    held = evaluate_vlm(model, processor, eval_scenes(10))
+    train = evaluate_vlm(model, processor, [s for k in W.KINDS for s in W.scenes(10, "train", k, seed=99)])
+    assert train["answer"].mean() > 0.55
+    assert train["description"].mean() > 0.2
+    assert 0.3 < held["answer"].mean() < 0.95
     assert train["answer"].mean() > held["answer"].mean()
     assert held["hallucination"].mean() > 0
 
