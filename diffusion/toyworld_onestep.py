@@ -118,7 +118,7 @@ __all__ = [
 #: where the shipped toy one-step model lives (repository root / toy_models / onestep)
 DEFAULT_TOY_ONESTEP_DIR = Path(__file__).resolve().parent.parent / "toy_models" / "onestep"
 _INFO = "toy_onestep.json"
-_MAX_TOKENS = 32
+_MAX_TOKENS = 16
 _SIZE = 32
 
 
@@ -208,105 +208,208 @@ def _identity_vae() -> Any:
     return vae.eval()
 
 
-def _unet(cross_attention_dim: int) -> Any:
+def _unet(cross_attention_dim: int, widths: Sequence[int] = (16, 32, 32)) -> Any:
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(sample_size=_SIZE, in_channels=3, out_channels=3, block_out_channels=(16, 32, 32),
+    return UNet2DConditionModel(sample_size=_SIZE, in_channels=3, out_channels=3, block_out_channels=tuple(widths),
                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
                                 cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8)
 
 
-#: the few layouts the generator is trained on (fractions of the side): every noise draw picks one
+#: the words of the world's captions: each is one token of the model's tokenizer (see _world_tokenizer)
+_WORLD_WORDS = ("a an one two three to the left of red green blue yellow purple white square circle triangle "
+                "squares circles triangles").split()
+
+
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair encoding of one word: merge the lowest-ranked adjacent pair (every occurrence) until
+    no ranked pair is left."""
+    while len(symbols) > 1:
+        pairs = {(a, b) for a, b in zip(symbols, symbols[1:], strict=False)}
+        best = min(pairs, key=lambda p: ranks.get(p, len(ranks)))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+def _world_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style byte-level BPE (``</w>`` end-of-word suffix) whose merges make every word of the world's
+    captions one token (other text still tokenizes, byte by byte); the two specials come last. Each word
+    adds the merges that join, left to right, the pieces the earlier merges leave of it; a later merge
+    ranks after every earlier one, so it never splits an earlier word."""
+    from mmalign.utils import byte_alphabet
+
+    table = byte_alphabet()
+    vocab_list = sorted(set(table))
+    vocab_list += [c + "</w>" for c in vocab_list]
+    known = set(vocab_list)
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in _WORLD_WORDS:
+        symbols = [table[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        pieces = _bpe(symbols, ranks)
+        left = pieces[0]
+        for right in pieces[1:]:
+            ranks[(left, right)] = len(merges)
+            merges.append((left, right))
+            left = left + right
+            if left not in known:
+                known.add(left)
+                vocab_list.append(left)
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def _world_tokenizer() -> tuple[Any, dict[str, bytes]]:
+    """The tokenizer (``CLIPTokenizer``, :data:`_MAX_TOKENS` positions) and its classic vocab files."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _world_vocab()
+    files = {"vocab.json": json.dumps(vocab, ensure_ascii=False).encode("utf-8"),
+             "merges.txt": ("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n").encode("utf-8")}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=_MAX_TOKENS), files
+
+
+#: the anchors of the layouts (fractions of the side), in quadrant order: top-left, top-right, bottom-left,
+#: bottom-right
 _SINGLE_ANCHORS = ((0.33, 0.33), (0.67, 0.33), (0.33, 0.67), (0.67, 0.67))
 _SMALL_ANCHORS = ((0.28, 0.28), (0.72, 0.28), (0.28, 0.72), (0.72, 0.72))
 _SINGLE_SIZE, _SMALL_SIZE = 0.38, 0.27
+_HALF = _SIZE // 2
 
 
-def _layout(spec: Any, gen: np.random.Generator, layouts: str = "few") -> Any:
-    """A scene of ``spec`` in one of a few fixed layouts (``"few"``; single: 4 positions; count: ``n`` of 4
-    slots; pair: left and right column, each at one of 2 heights) or in its one canonical layout
-    (``"canonical"``: single centred; count: the first ``n`` slots; pair: both at mid height)."""
+def _quadrant_sums(noise: torch.Tensor) -> torch.Tensor:
+    """``(B, 4)``: the sum of each initial noise ``(B, 3, 32, 32)`` over each quadrant (all channels), divided
+    by its standard deviation, in quadrant order (top-left, top-right, bottom-left, bottom-right)."""
+    q = noise.reshape(noise.shape[0], noise.shape[1], 2, _HALF, 2, _HALF).sum(dim=(1, 3, 5))  # (B, 2, 2)
+    return q.reshape(-1, 4) / (noise.shape[1] * _HALF * _HALF) ** 0.5
+
+
+def _layout_key(spec: Any, sums: Sequence[float] | None) -> tuple[int, ...]:
+    """The quadrants ``spec``'s objects occupy, chosen by the noise's quadrant sums (``sums``, see
+    :func:`_quadrant_sums`): single: the quadrant of the largest sum; count ``n``: the ``n`` largest;
+    pair: the left object in the top- or bottom-left quadrant, whichever sum is larger, the right object
+    likewise on the right. ``sums=None``: the canonical layout (single: ``()``, centred; count: the first
+    ``n`` of top-left, bottom-right, top-right; pair: ``()``, both at mid height)."""
+    if sums is None:
+        return tuple((0, 3, 1)[: spec.count]) if spec.kind == "count" else ()
+    order = sorted(range(4), key=lambda k: -float(sums[k]))
+    if spec.kind == "single":
+        return (order[0],)
+    if spec.kind == "count":
+        return tuple(sorted(order[: spec.count]))
+    return (0 if sums[0] >= sums[2] else 2, 1 if sums[1] >= sums[3] else 3)
+
+
+def _layout(spec: Any, key: tuple[int, ...]) -> Any:
+    """The scene of ``spec`` in the layout ``key`` (:func:`_layout_key`)."""
     from mmalign import toyworld as tw
 
-    if layouts not in ("few", "canonical"):
-        raise ValueError(f"layouts must be 'few' or 'canonical', got {layouts!r}")
-    fixed = layouts == "canonical"
     if spec.kind == "single":
         colour, shape = spec.items[0]
-        x, y = (0.5, 0.5) if fixed else _SINGLE_ANCHORS[int(gen.integers(4))]
+        x, y = _SINGLE_ANCHORS[key[0]] if key else (0.5, 0.5)
         return tw.Scene("single", (tw.ToyObject(colour, shape, x, y, _SINGLE_SIZE),))
     if spec.kind == "count":
         colour, shape = spec.items[0]
-        slots = list(range(spec.count)) if fixed else sorted(gen.choice(4, size=spec.count, replace=False).tolist())
-        order = (0, 3, 1) if fixed else (0, 1, 2, 3)
-        return tw.Scene("count", tuple(tw.ToyObject(colour, shape, *_SMALL_ANCHORS[order[i]], _SMALL_SIZE)
-                                       for i in slots))
+        return tw.Scene("count", tuple(tw.ToyObject(colour, shape, *_SMALL_ANCHORS[k], _SMALL_SIZE) for k in key))
     (c1, s1), (c2, s2) = spec.items
-    if fixed:
-        y1 = y2 = 0.5
-    else:
-        y1, y2 = (0.28, 0.72)[int(gen.integers(2))], (0.28, 0.72)[int(gen.integers(2))]
-    return tw.Scene("pair", (tw.ToyObject(c1, s1, 0.28, y1, _SMALL_SIZE), tw.ToyObject(c2, s2, 0.72, y2, _SMALL_SIZE)))
+    (x1, y1), (x2, y2) = (_SMALL_ANCHORS[k] for k in key) if key else ((0.28, 0.5), (0.72, 0.5))
+    return tw.Scene("pair", (tw.ToyObject(c1, s1, x1, y1, _SMALL_SIZE), tw.ToyObject(c2, s2, x2, y2, _SMALL_SIZE)))
 
 
-def _render_batch(gen: np.random.Generator, specs_by_kind: dict[str, list[Any]], n: int,
-                  layouts: str = "few") -> tuple[torch.Tensor, list[str]]:
-    """``n`` renders ``(n, 3, 32, 32)`` in [-1, 1] (a kind drawn uniformly, then a spec and a layout) and captions."""
-    from mmalign import toyworld as tw
+def _all_keys(spec: Any, layouts: str) -> list[tuple[int, ...]]:
+    import itertools
 
-    kinds = list(specs_by_kind)
-    images, captions = [], []
-    for _ in range(n):
-        specs = specs_by_kind[kinds[int(gen.integers(len(kinds)))]]
-        spec = specs[int(gen.integers(len(specs)))]
-        images.append(tw.render(_layout(spec, gen, layouts), _SIZE))
-        captions.append(spec.caption())
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1, captions
+    if layouts == "canonical":
+        return [_layout_key(spec, None)]
+    if spec.kind == "single":
+        return [(k,) for k in range(4)]
+    if spec.kind == "count":
+        return list(itertools.combinations(range(4), spec.count))
+    return [(a, b) for a in (0, 2) for b in (1, 3)]
 
 
-def _encode_text(pipe: Any, captions: list[str]) -> torch.Tensor:
-    """The pipeline's prompt embeddings ``(B, 16, 32)``, as ``encode_prompt`` computes them (with grad)."""
-    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids)[0]
+class _Targets:
+    """Every train spec rendered in every layout it can take, as latents ``(N, 3, 32, 32)``, and every
+    caption tokenised once: the training loop only indexes tensors."""
+
+    def __init__(self, specs: Sequence[Any], tokenizer: Any, vae: Any, layouts: str) -> None:
+        from mmalign import toyworld as tw
+
+        if layouts not in ("noise", "canonical"):
+            raise ValueError(f"layouts must be 'noise' or 'canonical', got {layouts!r}")
+        self.specs, self.layouts = list(specs), layouts
+        self.index: dict[tuple[int, tuple[int, ...]], int] = {}
+        images = []
+        for i, spec in enumerate(self.specs):
+            for key in _all_keys(spec, layouts):
+                self.index[(i, key)] = len(images)
+                images.append(tw.render(_layout(spec, key), _SIZE))
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            self.latents = vae.encode(x).latent_dist.mean * float(vae.config.scaling_factor)
+        self.ids = tokenizer([s.caption() for s in self.specs], padding="max_length", max_length=_MAX_TOKENS,
+                             truncation=True, return_tensors="pt").input_ids
+
+    def targets(self, spec_idx: Sequence[int], noise: torch.Tensor) -> torch.Tensor:
+        sums = _quadrant_sums(noise).tolist() if self.layouts == "noise" else [None] * len(spec_idx)
+        rows = [self.index[(i, _layout_key(self.specs[i], s))] for i, s in zip(spec_idx, sums, strict=True)]
+        return self.latents[rows]
 
 
-def _train_generator(pipe: Any, specs_by_kind: dict[str, list[Any]], *, steps: int, batch_size: int,
-                     candidates: int, lr: float, seed: int, progress: bool, layouts: str = "few") -> list[float]:
-    """IMLE: per target, the nearest of ``candidates`` outputs (from fresh noises) is regressed onto it."""
+def _train_generator(pipe: Any, data: _Targets, *, steps: int, batch_size: int, lr: float, seed: int,
+                     progress: bool, train_text_encoder: bool = False) -> list[float]:
+    """Regress the clean latent from the noise at the top timestep: AdamW on the UNet and the text encoder,
+    linear warm-up over 5% of the steps, then cosine decay to a tenth of ``lr``."""
+    import math
+
     from tqdm.auto import tqdm
 
-    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    unet, text_encoder = pipe.unet, pipe.text_encoder
     sched = pipe.scheduler
     sched.set_timesteps(1)
     t = sched.timesteps[0]
     sigma = float(sched.sigmas[0])
     c_in = sigma / (sigma**2 + 1) ** 0.5  # what scale_model_input leaves of init_noise_sigma * z
-    scale = float(vae.config.scaling_factor)
+    kinds = sorted({s.kind for s in data.specs})
+    by_kind = [[i for i, s in enumerate(data.specs) if s.kind == k] for k in kinds]
     gen = np.random.default_rng([seed, 3])
     g = torch.Generator().manual_seed(seed + 3)
-    params = [*unet.parameters(), *text_encoder.parameters()]
+    params = [*unet.parameters(), *(text_encoder.parameters() if train_text_encoder else ())]
+    text_encoder.requires_grad_(train_text_encoder)
+    if not train_text_encoder:  # fixed text features: each caption is encoded once
+        with torch.no_grad():
+            embeds = text_encoder(data.ids)[0]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
+
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     unet.train()
     text_encoder.train()
     losses = []
-    bar = tqdm(range(steps), desc="toy one-step: generator (IMLE)", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc="toy one-step: generator", disable=not progress, leave=False)
     for _ in bar:
-        x, captions = _render_batch(gen, specs_by_kind, batch_size, layouts)
-        with torch.no_grad():
-            target = vae.encode(x).latent_dist.mean * scale  # (B, 4, 16, 16)
-        cond = _encode_text(pipe, captions)
-        noise = torch.randn((candidates, batch_size, *target.shape[1:]), generator=g)
-        with torch.no_grad():
-            dist = torch.zeros(1, batch_size) if candidates == 1 else torch.stack([
-                (unet(c_in * noise[k], t, encoder_hidden_states=cond.detach()).sample - target).pow(2).flatten(1).mean(1)
-                for k in range(candidates)
-            ])  # (K, B)
-        best = dist.argmin(0)
-        z = noise[best, torch.arange(batch_size)]
+        # a kind drawn uniformly, then one of its specs
+        idx = [int(by_kind[k][gen.integers(len(by_kind[k]))]) for k in gen.integers(len(kinds), size=batch_size)]
+        z = torch.randn((batch_size, 3, _SIZE, _SIZE), generator=g)
+        target = data.targets(idx, z)
+        cond = text_encoder(data.ids[idx])[0] if train_text_encoder else embeds[idx]
         pred = unet(c_in * z, t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
@@ -322,42 +425,36 @@ def _train_generator(pipe: Any, specs_by_kind: dict[str, list[Any]], *, steps: i
 
 
 def build_toy_onestep(out_dir: str | os.PathLike[str], *, seed: int = 0, progress: bool = True,
-                      steps: int = 300, batch_size: int = 16, candidates: int = 1, lr: float = 3e-3,
-                      layouts: str = "canonical", eval_seeds: int = 1) -> Path:
+                      steps: int = 1000, batch_size: int = 8, lr: float = 3e-3, layouts: str = "noise",
+                      widths: Sequence[int] = (16, 32, 32), train_text_encoder: bool = True,
+                      eval_seeds: int = 1) -> Path:
     """Train the toy one-step pipeline from scratch and save it with ``save_pretrained`` into ``out_dir``.
 
-    The VAE is set, not trained (:func:`_identity_vae`); ``steps`` IMLE steps of ``batch_size`` targets with
-    ``candidates`` noises each train the UNet and the text encoder (see the module docstring). ``out_dir`` is complete or absent (written
-    under a temporary name, renamed into place). ``toy_onestep.json`` records the settings, CPU seconds
-    and the checker's accuracy per kind on held-out and train prompts (``eval_seeds`` seeds each, none
-    when 0), measured on the pipeline read back with ``from_pretrained``. Returns ``out_dir``.
+    The VAE is set, not trained (:func:`_identity_vae`); ``steps`` steps of ``batch_size`` train the UNet
+    (``widths``: its block widths) and the text encoder together (see the module docstring); ``layouts``:
+    ``"noise"`` (the noise picks the layout) or ``"canonical"`` (one layout per spec). ``out_dir`` is
+    complete or absent (written under a temporary name, renamed into place). ``toy_onestep.json`` records
+    the settings, CPU seconds and the checker's accuracy per kind on held-out and train prompts
+    (``eval_seeds`` seeds each, none when 0), measured on the pipeline read back with ``from_pretrained``.
+    Returns ``out_dir``.
     """
     from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from mmalign import toyworld as tw
-    from mmalign.tiny import make_tiny_sd
 
-    if min(steps, candidates, batch_size) < 1:
-        raise ValueError("build_toy_onestep: steps, batch_size and candidates must be >= 1")
+    if min(steps, batch_size) < 1:
+        raise ValueError("build_toy_onestep: steps and batch_size must be >= 1")
     out = Path(out_dir)
     start = time.process_time()
-    specs_by_kind = {k: tw.prompts("train", k) for k in tw.KINDS}
-    with tempfile.TemporaryDirectory() as base_dir:
-        # the tiny SD folder gives the text encoder and the CLIP tokenizer (with its vocab files)
-        make_tiny_sd(base_dir, seed=seed, scheduler="euler", prediction_type="sample")
-        base = StableDiffusionPipeline.from_pretrained(base_dir)
-        vocab_files = {n: (Path(base_dir) / "tokenizer" / n).read_bytes() for n in ("vocab.json", "merges.txt")
-                       if (Path(base_dir) / "tokenizer" / n).is_file()}
-    # the tiny tokenizer splits rare words into pieces: pair captions take up to 30 tokens, so the
-    # text encoder gets 32 positions (the tiny one has 16, which would cut off a pair's right object)
-    tokenizer = base.tokenizer
-    tokenizer.model_max_length = _MAX_TOKENS
-    text_config = base.text_encoder.config
-    text_config.max_position_embeddings = _MAX_TOKENS
+    tokenizer, vocab_files = _world_tokenizer()
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=_MAX_TOKENS,
+                                 projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = _unet(int(text_config.hidden_size))
+        unet = _unet(int(text_config.hidden_size), widths)
         text_encoder = CLIPTextModel(text_config)
     vae = _identity_vae()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -365,22 +462,23 @@ def build_toy_onestep(out_dir: str | os.PathLike[str], *, seed: int = 0, progres
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     vae.requires_grad_(False)
-    gen_losses = _train_generator(pipe, specs_by_kind, steps=steps, batch_size=batch_size, candidates=candidates,
-                                  lr=lr, seed=seed, progress=progress, layouts=layouts)
+    data = _Targets([s for k in tw.KINDS for s in tw.prompts("train", k)], tokenizer, vae, layouts)
+    gen_losses = _train_generator(pipe, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                  progress=progress, train_text_encoder=train_text_encoder)
     train_seconds = time.process_time() - start
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        for name, data in vocab_files.items():  # the classic CLIP vocab pair beside tokenizer.json
+        for name, data_bytes in vocab_files.items():  # the classic CLIP vocab pair beside tokenizer.json
             if not (tmp / "tokenizer" / name).exists():
-                (tmp / "tokenizer" / name).write_bytes(data)
+                (tmp / "tokenizer" / name).write_bytes(data_bytes)
         loaded = StableDiffusionPipeline.from_pretrained(str(tmp))
         loaded.set_progress_bar_config(disable=True)
         info: dict[str, Any] = {
-            "seed": seed, "steps": steps, "batch_size": batch_size,
-            "candidates": candidates, "lr": lr, "layouts": layouts, "train_cpu_seconds": round(train_seconds, 1),
+            "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "layouts": layouts,
+            "widths": list(widths), "train_text_encoder": train_text_encoder, "train_cpu_seconds": round(train_seconds, 1),
             "final_loss": float(np.mean(gen_losses[-20:])),
             "checker_accuracy": {},
         }
@@ -440,7 +538,7 @@ def sample_toy(pipe: Any, specs: Sequence[Any], seeds: Sequence[int], *, batch_s
     """One one-step sample (PIL, 32 px) per spec (or caption), image ``i`` from noise seeded ``seeds[i]``.
 
     The noise is drawn as :func:`diffusion.pso.sample_images` and :func:`diffusion.reno.optimize_noise`
-    draw it (a CPU generator per image, ``(1, 4, 16, 16)``), so the same seed gives the same image."""
+    draw it (a CPU generator per image, ``(1, 3, 32, 32)``), so the same seed gives the same image."""
     captions = [s if isinstance(s, str) else s.caption() for s in specs]
     if len(captions) != len(seeds):
         raise ValueError(f"sample_toy: {len(captions)} prompts but {len(seeds)} seeds")
