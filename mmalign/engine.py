@@ -167,6 +167,12 @@ class TrainConfig:
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata=help_("no | fp16 | bf16"))
     gradient_checkpointing: bool = field(default=False, metadata=help_("trade compute for activation memory"))
+    find_unused_parameters: bool | None = field(
+        default=None,
+        metadata=help_("several processes (DDP): allow trainable parameters that get no gradient in a step (a "
+                       "video LLM's image-only weights under full fine-tuning); null: yes unless "
+                       "gradient_checkpointing, as transformers' Trainer decides"),
+    )
     lora_r: int = field(default=0, metadata=help_("LoRA rank (0 = full fine-tuning)"))
     lora_alpha: float = field(default=16.0, metadata=help_("LoRA alpha"))
     lora_dropout: float = field(default=0.0, metadata=help_("LoRA dropout"))
@@ -777,8 +783,13 @@ class _Engine:
         self.model_fingerprint = hash_model(model)
         self.data_fingerprint = hash_records(dataset)
         reset_accelerate_precision(config.mixed_precision)
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        find_unused = (not config.gradient_checkpointing if config.find_unused_parameters is None
+                       else config.find_unused_parameters)
         self.accelerator = Accelerator(
             cpu=distributed_on_cpu(),  # gloo on CPU machines: see mmalign.distributed
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
             gradient_accumulation_steps=config.grad_accum,
             mixed_precision=config.mixed_precision,
             log_with=config.trackers or None,

@@ -100,3 +100,27 @@ def test_diffusion_training_two_processes_one_row_per_step_outputs_once(tmp_path
     assert state["num_processes"] == 2
     assert proc.stdout.count('"output_dir"') == 1  # one summary, from the main process
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_video_training_two_processes_full_fine_tuning(tmp_path, launch_two):
+    """Full fine-tuning of a video LLM under DDP: the weights only images use (LLaVA-OneVision's
+    ``image_newline``) get no gradient from a video batch, which DDP refused at the second step before."""
+    pytest.importorskip("av")
+    from video.frames import write_video
+    from video.synthetic import moving_square_clip
+
+    write_video(tmp_path / "data" / "media" / "clip.mp4", moving_square_clip(4, size=(32, 32)), fps=4)
+    pairs = [PreferencePair(id=f"p{i}", prompt="Where does the square move?", chosen="to the right",
+                            rejected="it stays", chosen_media=["media/clip.mp4"], rejected_media=["media/clip.mp4"])
+             for i in range(8)]
+    write_pairs(tmp_path / "data", pairs)
+    out = tmp_path / "run"
+    launch_two(tmp_path, "train_video.py", "--model", "tiny:llava_onevision", "--data", str(tmp_path / "data"),
+               "--num_frames", "4", "--train.output_dir", str(out), "--train.max_steps", "3",
+               "--train.batch_size", "2", "--train.lora_r", "0", "--train.trackers", "[]",
+               "--train.progress", "false")
+    assert [r["step"] for r in _metric_rows(out)] == [1, 2, 3]
+    from mmalign.engine import latest_checkpoint
+
+    assert json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())["num_processes"] == 2
+    assert (out / "model" / "README.md").is_file()  # saved once, by the main process
