@@ -1,4 +1,4 @@
-"""The toy video LLM (motion clips, SFT through the engine) and the PhysDPO demo on it."""
+"""The toy video LLM (motion clips, SFT on clips tensorised once) and the PhysDPO demo on it."""
 
 from __future__ import annotations
 
@@ -56,18 +56,16 @@ def shipped():
     return tw.load_toy_video_llm()
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped toy model gives one answer per question whatever the clip: SFT on "
-                   "all three questions within the build budget stays at the answer prior (see video.toyworld)")
-def test_shipped_model_is_imperfect_but_not_useless(shipped, tmp_path) -> None:
+def test_shipped_model_reads_the_clip_and_is_imperfect(shipped, tmp_path) -> None:
     model, processor = shipped
     items = tw.toy_clips(24, "held_out", seed=5)
     tw._write_clips(items, tmp_path)
     answers = tw._answers(model, processor, items)
     acc = {k: float(np.mean([tw.answer_correct(k, a, it.facts) for a, it in zip(answers[k], items, strict=True)]))
            for k in tw.QUESTIONS}
-    overall = float(np.mean(list(acc.values())))
     assert acc["colour"] >= 0.5, acc  # it looks at the clip (chance: 1/6) ...
-    assert overall <= 0.95, acc  # ... and leaves room for alignment
+    assert len(set(answers["colour"])) >= 4, answers["colour"]  # ... answering from it, not from a prior ...
+    assert float(np.mean(list(acc.values()))) <= 0.95, acc  # ... and leaves room for alignment
 
 
 def test_demo_end_to_end(shipped, tmp_path) -> None:

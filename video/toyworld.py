@@ -13,19 +13,22 @@ The base model (:func:`build_toy_video_llm`, shipped in ``toy_models/video``)
     LLaVA-NeXT-Video (the tiny family of :func:`mmalign.tiny.make_tiny_llava_next_video`: its processor,
     tokenizer and config, widened by :class:`ToyVideoConfig` to hidden 64 in the CLIP tower and the Llama
     text model, 2 layers each; patch 4 instead of the family's 8, so 16 video tokens per frame, each an 8x8
-    pixel region), from random init, SFT through the engine (``loss="sft"``,
-    :class:`video.adapter.VideoLLMAdapter`): every question of 192 ``"sft"`` clips, a fifth of them with the
-    clip's true title before the question (``with_title``: a real video LLM reads titles, and the title hack
-    needs a model that does), 500 steps of 8, learning rate 2e-3, cosine (204 s CPU on one thread).
+    pixel region), from random init, SFT on 384 ``"sft"`` clips: each clip is decoded and tensorised once
+    through :class:`video.adapter.VideoLLMAdapter` (pixels; token ids and labels of every question, plain and
+    with the clip's true title before it), then a plain AdamW loop (:func:`_sft`): 1400 steps of 4 clips with
+    all three questions each (12 rows, one video encoding per clip), each question titled with probability 0.2
+    (``with_title``: a real video LLM reads titles, and the title hack needs a model that does), learning rate
+    2e-3, warmup then cosine, clipping 1.0, logits only at the labelled positions (322 s CPU on one thread,
+    on a loaded machine).
 
 The method (:func:`demo_physdpo`; the project's own path)
     :func:`video.physdpo.build_physdpo_pairs` on 48 ``"physdpo"`` clips x 3 questions, with the true answer
-    as chosen and, as rejected, the policy's own answer (temperature 0.2) under each hack: another clip's
-    title before the question, 1 frame instead of 8, frames shrunk 16x (2 px) and restored; pairs whose
+    as chosen and, as rejected, the policy's own answer (temperature 0.2, at most 8 new tokens) under each
+    hack: another clip's title before the question, 1 frame instead of 8, frames shrunk 16x (2 px) and restored; pairs whose
     hacked answer equals the true one are not written. Then DPO through :func:`video.train.run` (the
     ``train-video`` command's function): beta 0.1, 2 epochs, full fine-tuning, no SFT term, 8 frames,
     as PhysDPO (which uses 16 frames and learning rate 5e-6 on a pretrained 7B model); the toy's rate is
-    5e-4 (a 0.4M-parameter model trained from scratch moves far less per step at 5e-6), batch 8.
+    5e-4 (a 0.25M-parameter model trained from scratch moves far less per step at 5e-6), batch 8.
 
 Metrics (fixed before any run), on 40 ``"held_out"`` clips never seen by SFT or the method
     * ``held-out answer accuracy`` per question and over all three: the greedy answer to the plain question
@@ -37,27 +40,45 @@ Metrics (fixed before any run), on 40 ``"held_out"`` clips never seen by SFT or 
       beta times its change.
     Each row's interval is the 95% paired bootstrap of (after - before) (:func:`mmalign.report.paired_bootstrap`).
 
-Measured (one full run: ``python -c "from pathlib import Path; from video.toyworld import demo_physdpo;
-    demo_physdpo(Path('runs/toy_video'))"``, seed 0, 68 s CPU on one thread, shipped model above)
-        ====================================  ======  =====  ========================
-        metric (held-out)                     before  after  change [95% CI]
-        ====================================  ======  =====  ========================
-        answer accuracy, smooth (n 40)        0.500   0.500  +0.000 [-0.300, +0.300]
-        answer accuracy, direction (n 40)     0.275   0.225  -0.050 [-0.250, +0.175]
-        answer accuracy, colour (n 40)        0.125   0.000  -0.125 [-0.225, -0.025]
-        answer accuracy, all (n 120)          0.300   0.242  -0.058 [-0.183, +0.067]
-        DPO margin, logp nats (n 256 pairs)   -0.141  4.773  +4.914 [+3.962, +5.843]
-        ====================================  ======  =====  ========================
+Measured (``python -c "from pathlib import Path; from video.toyworld import demo_physdpo;
+    demo_physdpo(Path('runs/toy_video'), seed=S)"``, seeds 0, 1, 2; 53, 48 and 46 s CPU on one thread; the
+    shipped model above; change [95% CI] per seed)
+        ====================================  =================  =================  =================
+        metric (held-out)                     seed 0             seed 1             seed 2
+        ====================================  =================  =================  =================
+        answer accuracy, smooth (n 40)        0.500 -> 0.500     0.575 -> 0.500     0.600 -> 0.500
+                                              +0.000 [-.25,+.25] -0.075 [-.30,+.18] -0.100 [-.33,+.13]
+        answer accuracy, direction (n 40)     0.250 -> 0.250     0.275 -> 0.300     0.275 -> 0.075
+                                              +0.000 [-.20,+.23] +0.025 [-.23,+.25] -0.200 [-.38,-.05]
+        answer accuracy, colour (n 40)        1.000 -> 0.625     1.000 -> 0.475     1.000 -> 0.475
+                                              -0.375 [-.53,-.25] -0.525 [-.68,-.37] -0.525 [-.68,-.38]
+        answer accuracy, all (n 120)          0.583 -> 0.458     0.617 -> 0.425     0.625 -> 0.350
+                                              -0.125 [-.25,+.00] -0.192 [-.33,-.06] -0.275 [-.38,-.16]
+        DPO margin, logp nats                 2.35 -> 10.12      2.58 -> 11.44      2.86 -> 10.19
+        (n 181, 196, 183 pairs)               +7.77 [+5.5,+10.2] +8.87 [+6.5,+11.4] +7.34 [+5.2,+9.8]
+        ====================================  =================  =================  =================
 
-    296 PhysDPO pairs were written (of 432 hacked answers; 136 equalled the true answer): 105 title,
-    101 one-frame, 90 low-resolution; 74 DPO steps.
-    Reading: the base model gives one answer per question whatever the clip ("yes", "right", "blue"), so
-    the accuracies are chance (1/2, 1/4, 1/6) before and after, and PhysDPO did not make the model answer
-    from the clip; the margin rose because DPO pushed down the answers the model gives under any input (its
-    hacked answers are its prior answers), a change of the answer prior that shows on held-out pairs but
-    does not make answers right (colour fell from 5 right to none: "blue" was pushed down). This is a
-    negative result about the base model, not evidence about PhysDPO: the method needs a model that reads
-    the video and is misled by the hacks.
+    PhysDPO pairs written (of 432 hacked answers; the rest equalled the true answer) per seed: 202, 225, 215
+    (title 49-58, one-frame 58-67, low-resolution 95-100); 50-56 DPO steps.
+    Reading: the base model reads the colour from the clip (held-out 1.000 on each seed, six different
+    answers) but not the motion: it answers "left" or "up" to the direction question whatever the clip (chance
+    1/4) and "no"/"yes" at chance to the smoothness question. PhysDPO lowered answer accuracy on every seed:
+    its rejected colour answers are one value ("green", 41-44 of them, all but one from the low-resolution
+    hack: what the model says when the ball is a 2-pixel smear; the title hack left no colour pair, the model
+    answers the clip's colour whatever the title), so DPO learned "not green" rather than "read the clip"
+    (green clips were then answered "red" or "yellow"; on seed 2 some answers stopped short: "g", "whit",
+    "dow"), and the smoothness and direction answers collapsed to one value each ("yes"; "right", "down"). The held-out margin rose by 7-9 nats because the
+    rejected answers were pushed down, not because the chosen ones became the model's answers. With the
+    paper's setting scaled to the toy (beta 0.1, 2 epochs, lr 5e-4 for a 0.25M-parameter model trained
+    from scratch, against 5e-6 on a pretrained 7B model), PhysDPO does not raise accuracy here; the base model
+    gives it no physics signal to sharpen, since it does not read the motion at all. Lower rates, seed 0
+    (same pairs, 50 steps): lr 1e-4 (48 s CPU): smooth 0.500 -> 0.500, direction 0.250 -> 0.200, colour 1.000
+    -> 0.500 (-0.500 [-0.650, -0.350]), all 0.583 -> 0.400 (-0.183 [-0.309, -0.058]), margin +4.99 [+3.44,
+    +6.60]; lr 2e-5 (43 s): smooth 0.500 -> 0.450, direction 0.250 -> 0.250, colour 1.000 -> 1.000, all 0.583
+    -> 0.567 (-0.017 [-0.075, +0.042]), margin +0.72 [+0.40, +1.09]. No rate tried raised accuracy.
+    Before these runs the answers were cut at 4 new tokens, so "purple" (5 tokens) could never be named and
+    the hacked answers were "purp"; both generations now allow 8 tokens (the metric is unchanged). With the
+    cut, the same model's runs read colour 0.825, 0.875, 0.775 before and 0.400, 0.400, 0.625 after.
 
     What changed the base model's learning, and what did not (random init, 8 pairs per step, greedy
     answers on the 40 held-out clips; "tokens" are video tokens per frame):
@@ -69,10 +90,23 @@ Measured (one full run: ``python -c "from pathlib import Path; from video.toywor
       the clip once a token is mostly ball;
     * 16 tokens, all three questions, 192 clips, 500 steps (the build budget): lr 2e-3 with titles (the
       shipped model) and lr 3e-3 without titles both still answer one value per question (held-out 0.500,
-      0.275, 0.125). Mixing the questions (and the title-copying examples) delays reading past the budget.
-    The next step is a base model trained on fewer kinds of question (colour, then direction), or longer.
+      0.275, 0.125). Mixing the questions (and the title-copying examples) delays reading past the budget;
+    * 16 tokens, all three questions, the plain loop on tensorised clips (:func:`_sft`; 0.33 s CPU per step of
+      8 clips x 3 questions on a quiet core, against 0.41 s per engine step of 8 rows); validation on 40
+      ``"held_out"`` clips of seed 99 (not the demo's) and 40 training clips, answers cut at 4 tokens then (so
+      "purple" counted wrong: colour is under-read by about 1/6), smooth / direction / colour:
+      192 clips, 8 per step, lr 2e-3, 200 steps (109 s CPU): held-out 0.550 / 0.350 / 0.525, train 0.550 /
+      0.175 / 0.700; 700 steps (311 s): held-out 0.475 / 0.275 / 0.725, train 0.500 / 0.250 / 0.825, loss 0.23;
+      384 clips, 4 per step, 1400 steps (327 s, the shipped model): held-out 0.525 / 0.275 / 0.725, train
+      0.525 / 0.350 / 0.825, loss 0.23; 384 clips, 8 per step, lr 5e-3: stopped at step 500 of 650 with train
+      loss 0.43 (0.25 at lr 2e-3). Colour is read within 200 steps; direction and smoothness stay at the answer
+      prior through 1400 steps, on the training clips too (two distinct direction answers).
+    Direction needs the text model to compare the ball's place across frames (the tower sees one frame at a
+    time, the frame order lives only in the text model's positions); 2 layers of hidden 64 did not learn it
+    within the build budget. The next step: a deeper or wider text model, or a curriculum (direction first).
 
-    Checked for a bug, none found (each on a few ``"sft"`` clips, against the code as it is):
+    Checked for a bug in the SFT, none found (each on a few ``"sft"`` clips, on the previous model: 500 engine
+    steps of 8 rows, 192 clips; the one bug found later was in the evaluation, the 4-token cut above):
     * labels and prompt: a collated batch decoded reads ``"<s>USER: <video tokens>\n[The title of this
       video is "...".\n]<question> ASSISTANT:<answer></s>"``; only the answer and ``</s>`` are labelled
       (e.g. ``no</s>``, 2 tokens); the chosen answer is :func:`clip_answer`'s true value;
@@ -94,8 +128,10 @@ Measured (one full run: ``python -c "from pathlib import Path; from video.toywor
     So the limit is optimisation, not a bug: with 4 tokens per frame (the checks above, on that model) the
     ball's signal is too faint for the text model to learn to read within the budget.
 
-    Noise: with a model at chance the accuracy intervals are those of 40 coin-like items (about +-0.3 per
-    question, +-0.14 over all); the margin interval is [+4.0, +5.8] nats over 256 pairs.
+    Noise over seeds 0, 1, 2 (each seed draws its own "physdpo" and "held_out" clips): before, 0.50-0.60
+    smooth, 0.25-0.28 direction, 1.00 colour; the change in overall accuracy -0.13 to -0.28 (every interval at
+    or below 0); the margin change +7.3 to +8.9 nats (each interval about +-2.3). The per-question intervals
+    on 40 items are about +-0.25.
 """
 
 from __future__ import annotations
@@ -148,10 +184,10 @@ class ToyVideoConfig:
     patch_size: int = 4
     text_hidden: int = 64
     text_layers: int = 2
-    sft_clips: int = 192
+    sft_clips: int = 384
     title_fraction: float = 0.2
-    sft_steps: int = 500
-    sft_batch: int = 8
+    sft_steps: int = 1400
+    sft_batch: int = 4
     sft_lr: float = 2e-3
 
 
@@ -236,40 +272,110 @@ def _model_config(config: ToyVideoConfig, folder: Path) -> Any:
     return model_config
 
 
-def _qa_pairs(items: list[VideoItem], root: Path, *, title_fraction: float, rng: np.random.Generator) -> list[Any]:
-    """SFT pairs: every clip x question, a ``title_fraction`` of them with the clip's true title before the
-    question (so the model learns that a title is informative, as real video LLMs do); ``rejected`` is a
-    wrong answer (unused by the SFT loss, required by the pair format)."""
+def _sft_rows(adapter: Any, items: list[VideoItem], root: Path) -> list[dict[str, Any]]:
+    """Each clip tensorised once through ``adapter.collate``: its pixels and, per question, the token ids and labels
+    of the plain prompt and of the prompt with the clip's true title (the rows the engine's SFT would see)."""
     from mmalign.pairs import PreferencePair
     from mmalign.prompts import with_title
 
-    pairs = []
+    out = []
     for item in items:
         assert item.path is not None
+        pairs = []
         for kind, question in QUESTIONS.items():
             answer = clip_answer(kind, item.facts)
-            wrong = str(rng.choice([c for c in _candidates(kind) if c != answer]))
-            prompt = with_title(question, clip_title(item.facts)) if rng.random() < title_fraction else question
-            pairs.append(PreferencePair(f"{item.name}/{kind}", prompt, answer, wrong, [item.path.name],
-                                        [item.path.name]).with_root(root))
-    return pairs
+            wrong = next(c for c in _candidates(kind) if c != answer)
+            for prompt in (question, with_title(question, clip_title(item.facts))):
+                pairs.append(PreferencePair(f"{item.name}/{kind}", prompt, answer, wrong, [item.path.name],
+                                            [item.path.name]).with_root(root))
+        batch = adapter.collate(pairs)
+        rows = []
+        for i in range(len(pairs)):  # chosen rows, in the order (kind, plain / titled)
+            keep = batch["attention_mask"][i].bool()
+            rows.append((batch["input_ids"][i][keep], batch["labels"][i][keep]))
+        (video,) = batch["video_inputs"]
+        out.append({"video": video, "tokens": int(batch["video_tokens"][0]),
+                    "rows": [(rows[2 * k], rows[2 * k + 1]) for k in range(len(QUESTIONS))]})
+    return out
+
+
+def _sft_batch(clips: list[dict[str, Any]], titled: np.ndarray, pad_id: int) -> dict[str, Any]:
+    """A batch in :class:`video.adapter.VideoLLMAdapter`'s layout: every question of each clip (one video encoding
+    per clip), the titled prompt where ``titled[clip, kind]``."""
+    rows = [(c, clip["rows"][k][int(titled[c, k])]) for c, clip in enumerate(clips) for k in range(len(QUESTIONS))]
+    width = max(len(ids) for _, (ids, _) in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for r, (_, (ids, lab)) in enumerate(rows):
+        input_ids[r, : len(ids)], attention_mask[r, : len(ids)], labels[r, : len(ids)] = ids, 1, lab
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "video_inputs": [clip["video"] for clip in clips],
+            "row_videos": torch.tensor([c for c, _ in rows], dtype=torch.long),
+            "video_tokens": torch.tensor([clip["tokens"] for clip in clips], dtype=torch.long)}
+
+
+def _sft(model: Any, adapter: Any, clips: list[dict[str, Any]], config: ToyVideoConfig, seed: int,
+         progress: bool) -> list[float]:
+    """Plain SFT on pre-tensorised clips: AdamW, linear warmup then cosine, gradient clipping 1.0; each step takes
+    ``config.sft_batch`` clips (without replacement within an epoch) with all their questions, each titled with
+    probability ``config.title_fraction``. The forward is the adapter's (:meth:`~video.adapter.VideoLLMAdapter.
+    model_inputs`); the loss is the mean cross-entropy of the labelled tokens (answer and ``</s>``). Returns the
+    per-step losses."""
+    from mmalign.utils import seeded
+
+    rng = np.random.default_rng([seed, 7])
+    pad_id = adapter.tokenizer.pad_token_id
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.sft_lr, weight_decay=0.0)
+    warmup = max(1, config.sft_steps // 20)
+
+    def rate(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, config.sft_steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, rate)
+    order: list[int] = []
+    losses = []
+    model.train()
+    with seeded(seed):
+        for step in range(config.sft_steps):
+            if len(order) < config.sft_batch:
+                order += [int(i) for i in rng.permutation(len(clips))]
+            chosen, order = order[: config.sft_batch], order[config.sft_batch :]
+            titled = rng.random((len(chosen), len(QUESTIONS))) < config.title_fraction
+            batch = _sft_batch([clips[i] for i in chosen], titled, pad_id)
+            targets = batch["labels"][:, 1:]
+            keep = torch.nonzero((targets != -100).any(0)).flatten()  # logits only where some row is labelled
+            logits = model(**adapter.model_inputs(model, batch), logits_to_keep=keep).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     targets[:, keep].reshape(-1), ignore_index=-100)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimiser.step()
+            schedule.step()
+            losses.append(loss.item())
+            if progress and (step + 1) % 100 == 0:
+                print(f"sft step {step + 1}/{config.sft_steps}: loss {np.mean(losses[-100:]):.4f}", flush=True)
+    model.eval()
+    return losses
 
 
 def build_toy_video_llm(
     out_dir: str | Path, *, seed: int = 0, progress: bool = True, config: ToyVideoConfig | None = None
 ) -> Path:
-    """Train the toy video LLM from scratch by SFT through the engine and save it to ``out_dir``.
+    """Train the toy video LLM from scratch by SFT and save it to ``out_dir``.
 
     A LLaVA-NeXT-Video model (the tiny family of :func:`mmalign.tiny.make_tiny_llava_next_video`, widened to
-    ``config``'s sizes) learns to answer :data:`QUESTIONS` about ``config.sft_clips`` motion clips, with
-    ``loss="sft"`` (:func:`mmalign.engine.train`, :class:`video.adapter.VideoLLMAdapter`), for
-    ``config.sft_steps`` steps: short of convergence on purpose. Saved with ``save_pretrained`` (safetensors)
-    with its processor; ``toy_build.json`` records the settings. Loads with :func:`load_toy_video_llm`.
+    ``config``'s sizes) learns to answer :data:`QUESTIONS` about ``config.sft_clips`` motion clips for
+    ``config.sft_steps`` steps (:func:`_sft`: the clips are decoded and tensorised once through
+    :class:`video.adapter.VideoLLMAdapter`, then a plain AdamW loop): short of convergence on purpose. Saved with
+    ``save_pretrained`` (safetensors) with its processor; ``toy_build.json`` records the settings. Loads with
+    :func:`load_toy_video_llm`.
     """
     from transformers import AutoProcessor, LlavaNextVideoForConditionalGeneration
 
-    from mmalign.engine import TrainConfig, train
-    from mmalign.pairs import PairDataset
     from mmalign.tiny import make_tiny_llava_next_video, seeded
     from video.adapter import VideoLLMAdapter
     from video.frames import FrameSampling
@@ -287,24 +393,17 @@ def build_toy_video_llm(
         model.generation_config = LlavaNextVideoForConditionalGeneration.from_pretrained(base).generation_config
         items = toy_clips(config.sft_clips, "sft", seed=seed, frames=config.frames, size=config.size)
         _write_clips(items, tmp / "clips")
-        pairs = _qa_pairs(items, tmp / "clips", title_fraction=config.title_fraction,
-                          rng=np.random.default_rng([seed, 7]))
         adapter = VideoLLMAdapter(processor, media_root=tmp / "clips", sampling=FrameSampling(num_frames=config.frames))
-        train_config = TrainConfig(
-            output_dir=str(tmp / "sft"), loss="sft", learning_rate=config.sft_lr, batch_size=config.sft_batch,
-            max_steps=config.sft_steps, warmup_steps=min(20, config.sft_steps // 10), lr_scheduler="cosine",
-            seed=seed, trackers=[], progress=progress, plot=False, keep_last=1,
-        )
-        result = train(model, adapter, PairDataset(pairs, root=tmp / "clips"), train_config)
-        model = result.model
+        clips = _sft_rows(adapter, items, tmp / "clips")
+        losses = _sft(model, adapter, clips, config, seed, progress)
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
         model.save_pretrained(out)
         processor.save_pretrained(out)
-    last = result.metrics[-1] if result.metrics else {}
-    facts = {"seed": seed, "config": config.__dict__, "sft_steps": result.global_step,
-             "final_loss": last.get("loss"), "cpu_s": round(time.process_time() - start, 1)}
+    facts = {"seed": seed, "config": config.__dict__, "sft_steps": len(losses),
+             "final_loss": float(np.mean(losses[-20:])) if losses else None,
+             "cpu_s": round(time.process_time() - start, 1)}
     (out / "toy_build.json").write_text(json.dumps(facts, indent=2) + "\n")
     return out
 
@@ -332,7 +431,7 @@ class DemoConfig:
     hack_frames: int = 1
     hack_scale: float = 16.0
     temperature: float = 0.2
-    max_new_tokens: int = 4
+    max_new_tokens: int = 8
     beta: float = 0.1
     learning_rate: float = 5e-4
     num_epochs: int = 2
@@ -378,7 +477,7 @@ def _answers(model: Any, processor: Any, items: list[VideoItem]) -> dict[str, li
 
     assert all(item.path is not None for item in items)
     clips = [load_clip(item.path, FrameSampling(num_frames=_FRAMES)) for item in items]  # type: ignore[arg-type]
-    greedy = GenerationSettings(max_new_tokens=4, temperature=0.0, batch_size=64)
+    greedy = GenerationSettings(max_new_tokens=8, temperature=0.0, batch_size=64)  # "purple" is 5 tokens
     return {kind: generate_video_responses(model, processor, [q] * len(items), clips, [0] * len(items), greedy)
             for kind, q in QUESTIONS.items()}
 
