@@ -78,6 +78,8 @@ Measured (the shipped model; one full run per seed, one CPU thread; CPU seconds 
 
 * building it, ``python -m diffusion.toyworld_onestep build toy_models/onestep``: 268.9 s CPU of
   training (279.5 s with the evaluation), final latent MSE 0.16; its numbers are in the table above.
+  A second build with the defaults gave byte-identical weights and tokenizer files (247.2 s CPU of
+  training on a less busy machine).
 
 * PSO with checker labels (4 own samples per train prompt, 60 steps of batch 8, lr 1e-4, beta 5000,
   at ``t = 999``); checker ``ok`` on 96 held-out items (12 single, 36 count, 48 pair), the same items
