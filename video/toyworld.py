@@ -18,17 +18,17 @@ The base model (:func:`build_toy_video_llm`, shipped in ``toy_models/video``)
     with the clip's true title before it), then a plain AdamW loop (:func:`_sft`): 1400 steps of 4 clips with
     all three questions each (12 rows, one video encoding per clip), each question titled with probability 0.2
     (``with_title``: a real video LLM reads titles, and the title hack needs a model that does), learning rate
-    2e-3, warmup then cosine, clipping 1.0, logits only at the labelled positions (322 s CPU on one thread,
-    on a loaded machine).
+    2e-3, warmup then cosine, clipping 1.0, logits only at the labelled positions (305-322 s CPU on one
+    thread, on a loaded machine; a rebuild with the defaults gave the same bytes).
 
 The method (:func:`demo_physdpo`; the project's own path)
-    :func:`video.physdpo.build_physdpo_pairs` on 48 ``"physdpo"`` clips x 3 questions, with the true answer
-    as chosen and, as rejected, the policy's own answer (temperature 0.2, at most 8 new tokens) under each
-    hack: another clip's title before the question, 1 frame instead of 8, frames shrunk 16x (2 px) and restored; pairs whose
-    hacked answer equals the true one are not written. Then DPO through :func:`video.train.run` (the
-    ``train-video`` command's function): beta 0.1, 2 epochs, full fine-tuning, no SFT term, 8 frames,
-    as PhysDPO (which uses 16 frames and learning rate 5e-6 on a pretrained 7B model); the toy's rate is
-    5e-4 (a 0.25M-parameter model trained from scratch moves far less per step at 5e-6), batch 8.
+    :func:`video.physdpo.build_physdpo_pairs` on 48 ``"physdpo"`` clips x 3 questions, with the true answer as
+    chosen and, as rejected, the policy's own answer (temperature 0.2, at most 8 new tokens) under each hack:
+    another clip's title before the question, 1 frame instead of 8, frames shrunk 16x (2 px) and restored;
+    pairs whose hacked answer equals the true one are not written. Then DPO through :func:`video.train.run`
+    (the ``train-video`` command's function): beta 0.1, 2 epochs, full fine-tuning, no SFT term, 8 frames, as
+    PhysDPO (which uses 16 frames and learning rate 5e-6 on a pretrained 7B model); the toy's rate is 5e-4 (a
+    0.25M-parameter model trained from scratch moves far less per step at 5e-6), batch 8.
 
 Metrics (fixed before any run), on 40 ``"held_out"`` clips never seen by SFT or the method
     * ``held-out answer accuracy`` per question and over all three: the greedy answer to the plain question
@@ -63,19 +63,21 @@ Measured (``python -c "from pathlib import Path; from video.toyworld import demo
     Reading: the base model reads the colour from the clip (held-out 1.000 on each seed, six different
     answers) but not the motion: it answers "left" or "up" to the direction question whatever the clip (chance
     1/4) and "no"/"yes" at chance to the smoothness question. PhysDPO lowered answer accuracy on every seed:
-    its rejected colour answers are one value ("green", 41-44 of them, all but one from the low-resolution
-    hack: what the model says when the ball is a 2-pixel smear; the title hack left no colour pair, the model
-    answers the clip's colour whatever the title), so DPO learned "not green" rather than "read the clip"
-    (green clips were then answered "red" or "yellow"; on seed 2 some answers stopped short: "g", "whit",
-    "dow"), and the smoothness and direction answers collapsed to one value each ("yes"; "right", "down"). The held-out margin rose by 7-9 nats because the
-    rejected answers were pushed down, not because the chosen ones became the model's answers. With the
-    paper's setting scaled to the toy (beta 0.1, 2 epochs, lr 5e-4 for a 0.25M-parameter model trained
-    from scratch, against 5e-6 on a pretrained 7B model), PhysDPO does not raise accuracy here; the base model
-    gives it no physics signal to sharpen, since it does not read the motion at all. Lower rates, seed 0
-    (same pairs, 50 steps): lr 1e-4 (48 s CPU): smooth 0.500 -> 0.500, direction 0.250 -> 0.200, colour 1.000
-    -> 0.500 (-0.500 [-0.650, -0.350]), all 0.583 -> 0.400 (-0.183 [-0.309, -0.058]), margin +4.99 [+3.44,
-    +6.60]; lr 2e-5 (43 s): smooth 0.500 -> 0.450, direction 0.250 -> 0.250, colour 1.000 -> 1.000, all 0.583
-    -> 0.567 (-0.017 [-0.075, +0.042]), margin +0.72 [+0.40, +1.09]. No rate tried raised accuracy.
+    its rejected colour answers are one value ("green", 41-44 of them, 40-42 from the low-resolution hack:
+    what the model says when the ball is a 2-pixel smear; the rest one-frame; the title hack left no colour
+    pair, the model answers the clip's colour whatever the title), so DPO learned "not green" rather than
+    "read the clip": afterwards green clips were answered "red" (seed 2: "g"), red clips "yellow", and on seed
+    1 yellow clips "blue", a chain of shifted answers; on seed 2 white clips got "whit". The smoothness and
+    direction answers collapsed to one value each ("yes"; "right" or "down"). The held-out margin rose by 7-9
+    nats because the rejected answers were pushed down, not because the chosen ones became the model's
+    answers. With the paper's setting scaled to the toy (beta 0.1, 2 epochs, lr 5e-4 for a 0.25M-parameter
+    model trained from scratch, against 5e-6 on a pretrained 7B model), PhysDPO does not raise accuracy here;
+    the base model gives it no physics signal to sharpen, since it does not read the motion at all. Lower
+    rates, seed 0 (same pairs, 50 steps): lr 1e-4 (48 s CPU): smooth 0.500 -> 0.500, direction 0.250 -> 0.200,
+    colour 1.000 -> 0.500 (-0.500 [-0.650, -0.350]), all 0.583 -> 0.400 (-0.183 [-0.309, -0.058]), margin
+    +4.99 [+3.44, +6.60]; lr 2e-5 (43 s): smooth 0.500 -> 0.450, direction 0.250 -> 0.250, colour 1.000 ->
+    1.000, all 0.583 -> 0.567 (-0.017 [-0.075, +0.042]), margin +0.72 [+0.40, +1.09]. No rate tried raised
+    accuracy.
     Before these runs the answers were cut at 4 new tokens, so "purple" (5 tokens) could never be named and
     the hacked answers were "purp"; both generations now allow 8 tokens (the metric is unchanged). With the
     cut, the same model's runs read colour 0.825, 0.875, 0.775 before and 0.400, 0.400, 0.625 after.
@@ -89,7 +91,7 @@ Measured (``python -c "from pathlib import Path; from video.toyworld import demo
       0.10 in 150 steps and 0.004 at 300; held-out colour accuracy 0.825 (chance 0.167). The model can read
       the clip once a token is mostly ball;
     * 16 tokens, all three questions, 192 clips, 500 steps (the build budget): lr 2e-3 with titles (the
-      shipped model) and lr 3e-3 without titles both still answer one value per question (held-out 0.500,
+      model shipped before) and lr 3e-3 without titles both still answer one value per question (held-out 0.500,
       0.275, 0.125). Mixing the questions (and the title-copying examples) delays reading past the budget;
     * 16 tokens, all three questions, the plain loop on tensorised clips (:func:`_sft`; 0.33 s CPU per step of
       8 clips x 3 questions on a quiet core, against 0.41 s per engine step of 8 rows); validation on 40
@@ -120,7 +122,7 @@ Measured (``python -c "from pathlib import Path; from video.toyworld import demo
       question alone, without titles, the train loss stops at 0.58-0.66 per token (the colour prior) by step
       300 at lr 1e-3, 2e-3 and 3e-3, with the tower trained or frozen and with the projector's weights
       scaled 10x at init; with the title always in the prompt it falls from 3.4 to 0.004 in 200 steps
-      (copying from the prompt is learned). The shipped model does not memorise its own training clips
+      (copying from the prompt is learned). That model does not memorise its own training clips
       either: the candidate with the highest log-prob is right at chance on 24 of them without a title
       (0.50, 0.17, 0.00), and partly right with the title (0.50, 0.29, 0.46);
     * generation: greedy answers use the training prompt (:func:`video.adapter.render_video_prompt`),
