@@ -654,10 +654,21 @@ def _fingerprint(pipe: Any) -> str:
 
 
 def _shared(out: Path, pipe: Any, *, seed: int, n_seeds: tuple[int, int], pair_samples: int) -> dict[str, Any]:
-    """Pairs and BEFORE samples, shared by the three demos (cached under ``out/shared``)."""
-    key = _fingerprint(pipe)
+    """Pairs and BEFORE samples, shared by the three demos (cached under ``out/shared``). Demos running at
+    once in other processes (``make demo``'s workers) take turns: the first makes them, the others wait on
+    ``out/shared/.lock`` and reuse them."""
+    import fcntl
+
     shared = out / "shared"
     shared.mkdir(parents=True, exist_ok=True)
+    with open(shared / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _shared_locked(shared, pipe, seed=seed, n_seeds=n_seeds, pair_samples=pair_samples)
+
+
+def _shared_locked(shared: Path, pipe: Any, *, seed: int, n_seeds: tuple[int, int],
+                   pair_samples: int) -> dict[str, Any]:
+    key = _fingerprint(pipe)
     pairs = make_checker_pairs(pipe, prompts("train", DEMO_KIND, seed=seed), shared / "pairs",
                                samples=pair_samples, seed=PAIR_SEED + seed, key=key)
     before: dict[str, Any] = {}

@@ -154,3 +154,38 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (folder / "before_after.png").is_file()
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
+
+
+def test_demos_running_at_once_take_turns_on_the_shared_pairs(tmp_path, monkeypatch):
+    """``make demo`` runs Diffusion-DPO, MaPO and DCPO in separate workers; the pairs and BEFORE samples they
+    share are made by one at a time (before, two makers could race on renaming ``shared/pairs`` into place)."""
+    import threading
+    import time
+
+    import diffusion.toyworld as T
+
+    inside, overlaps = [], []
+
+    def slow(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        inside.append(1)
+        if len(inside) > 1:
+            overlaps.append(1)
+        time.sleep(0.2)
+        inside.pop()
+        return []
+
+    monkeypatch.setattr(T, "_fingerprint", lambda pipe: "key")
+    monkeypatch.setattr(T, "make_checker_pairs", slow)
+
+    def accuracy(pipe, specs, seeds):  # noqa: ANN001, ANN202
+        slow()
+        return np.zeros(len(specs), bool), [np.zeros((2, 2, 3), np.uint8)] * len(specs)
+
+    monkeypatch.setattr(T, "checker_accuracy", accuracy)
+    threads = [threading.Thread(target=T._shared, args=(tmp_path, None),
+                                kwargs={"seed": 0, "n_seeds": (1, 1), "pair_samples": 2}) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not overlaps
