@@ -249,83 +249,14 @@ def toy_tokenizer(*, max_length: int = MAX_LENGTH) -> Any:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-_VAE_CHANNELS = 8
-_VAE_K = 1000.0  # constant feature that makes the VAE's one-group GroupNorm a fixed affine map
-_VAE_B = 20.0  # offset that puts SiLU's input where SiLU(x) = x to 1e-7
-_LATENT_SCALE = 0.5  # latent = 2x2 mean of (pixel - background) / 0.5, pixels in [-1, 1]
-
-
-@torch.no_grad()
 def _pooled_vae() -> Any:
-    """An ``AutoencoderKL`` whose weights are set, not trained: ``encode(x).latent_dist.mean`` is the 2x2 mean of
-    ``(x - bg) / 0.5`` (3 latent channels at half resolution, 16x16 for 32x32 images; ``bg`` the world's background
-    in [-1, 1]) and ``decode`` is bilinear upsampling by 2 plus ``bg`` (the background beyond the border).
+    """The set (not trained) VAE of the pipeline: :func:`diffusion.toyvae.pooled_vae` (latent = 2x2 mean of
+    ``(x - bg) / 0.5``, 3x16x16 for 32x32 images; decode = bilinear upsampling plus ``bg``). The checker reads
+    clean renders put through a 2x2 mean and bilinear upsampling as it reads the renders (99.75% of 400 count
+    scenes against 100%), so the VAE costs the checker almost nothing, and the UNet works at 16x16."""
+    from diffusion.toyvae import pooled_vae
 
-    The construction of :func:`diffusion.toyworld_onestep._identity_vae`, with one downsampling and one upsampling
-    block: every ResNet block's last convolution is zero, so each block passes its input through; ``conv_in``
-    writes ``x``, ``-x`` and a constant ``K = 1000`` into the features, so the final one-group norms subtract and
-    divide by constants whatever the image and their affine maps restore ``x + 20``, where SiLU is the identity.
-    The encoder's stride-2 convolution averages each 2x2 block; the decoder's convolution after nearest
-    upsampling is the ``[1, 2, 1] / 4`` kernel in both directions, which makes the two together bilinear
-    upsampling. The checker reads clean renders put through a 2x2 mean and bilinear upsampling as it reads the
-    renders (99.75% of 400 count scenes against 100%), so the VAE costs the checker almost nothing, and the UNet works at 16x16."""
-    from diffusers import AutoencoderKL
-
-    from mmalign.toyworld import BACKGROUND
-
-    c = _VAE_CHANNELS
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(c, c), layers_per_block=1,
-                        latent_channels=3, norm_num_groups=1, sample_size=32, mid_block_add_attention=False,
-                        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.0)
-    for p in vae.parameters():
-        p.zero_()
-    for module in vae.modules():
-        if isinstance(module, torch.nn.GroupNorm):
-            module.weight.fill_(1.0)
-    sigma0 = _VAE_K * (c - 1) ** 0.5 / c
-    mu0 = _VAE_K / c
-    bg = torch.tensor(BACKGROUND, dtype=torch.float32) / 127.5 - 1
-
-    def features_in(conv: torch.nn.Conv2d, gain: float, offset: torch.Tensor) -> None:
-        for i in range(3):  # channels 0-2: gain * in + offset, 3-5: the negation, 6: the constant K
-            conv.weight[i, i, 1, 1] = gain
-            conv.bias[i] = offset[i]
-            conv.weight[3 + i, i, 1, 1] = -gain
-            conv.bias[3 + i] = -offset[i]
-        conv.bias[6] = _VAE_K
-
-    def norm_out(norm: torch.nn.GroupNorm) -> None:
-        norm.weight.zero_()
-        norm.bias.zero_()
-        norm.weight[:3] = sigma0
-        norm.bias[:3] = _VAE_B + mu0
-
-    enc, dec = vae.encoder, vae.decoder
-    features_in(enc.conv_in, 1.0, -bg)
-    down = enc.down_blocks[0].downsamplers[0].conv  # pads right and bottom, 3x3, stride 2: taps 0-1 = 2x2 block
-    for i in range(7):
-        down.weight[i, i, :2, :2] = 0.25
-    norm_out(enc.conv_norm_out)
-    for i in range(3):  # mean channels: x / scale; log-variance channels: -30 (the clamp)
-        enc.conv_out.weight[i, i, 1, 1] = 1 / _LATENT_SCALE
-        enc.conv_out.bias[i] = -_VAE_B / _LATENT_SCALE
-        enc.conv_out.bias[3 + i] = -30.0
-    features_in(dec.conv_in, _LATENT_SCALE, torch.zeros(3))
-    up = dec.up_blocks[0].upsamplers[0].conv  # after nearest x2
-    k1 = torch.tensor([0.25, 0.5, 0.25])
-    for i in range(6):
-        up.weight[i, i] = torch.outer(k1, k1)
-    up.weight[6, 6, 1, 1] = 1.0  # the constant stays constant up to the border
-    norm_out(dec.conv_norm_out)
-    for i in range(3):
-        dec.conv_out.weight[i, i, 1, 1] = 1.0
-        dec.conv_out.bias[i] = bg[i] - _VAE_B
-    for module in vae.modules():
-        if type(module).__name__ == "ResnetBlock2D":
-            module.conv2.weight.zero_()
-            module.conv2.bias.zero_()
-    return vae.eval()
+    return pooled_vae(32)
 
 
 def _fresh_pipeline(seed: int) -> Any:

@@ -167,79 +167,20 @@ def _scheduler() -> Any:
                                   timestep_spacing="trailing")
 
 
-_VAE_CHANNELS = 8
-_VAE_K = 1000.0  # constant feature that makes the VAE's GroupNorm a fixed affine map (see _identity_vae)
-_VAE_B = 20.0  # offset that puts SiLU's input where SiLU(x) = x to 1e-7
-_LATENT_SCALE = 0.5  # latent = (pixel - background) / 0.5, pixels in [-1, 1]
-
-
 def _background() -> torch.Tensor:
-    from mmalign.toyworld import BACKGROUND
+    from diffusion.toyvae import background
 
-    return torch.tensor(BACKGROUND, dtype=torch.float32) / 127.5 - 1
+    return background()
 
 
-@torch.no_grad()
 def _identity_vae() -> Any:
-    """An ``AutoencoderKL`` whose weights are set, not trained: ``encode(x).latent_dist.mean = (x - bg) / 0.5``
-    (3 latent channels at full resolution, ``bg`` the world's background in [-1, 1]) and ``decode`` its inverse,
-    exact to about 1e-6.
+    """The set (not trained) VAE of the pipeline: :func:`diffusion.toyvae.identity_vae` (latent = ``(x - bg) / 0.5``
+    at full resolution, decode its inverse, exact to about 1e-6). A learned VAE of this size needs minutes of CPU
+    to reproduce the world's shapes well enough for the checker; this one is exact, so the UNet's samples are
+    what the checker reads."""
+    from diffusion.toyvae import identity_vae
 
-    One block, no downsampling, no mid-block attention, GroupNorm with one group. Every ResNet block's
-    last convolution is zero, so each block passes its input through. ``conv_in`` writes ``x``, ``-x``
-    and a constant ``K = 1000`` into the features: the one-group norm then subtracts ``K / C`` and divides
-    by ``K * sqrt(C - 1) / C`` whatever the image (``x`` and ``-x`` cancel in the mean; ``x``'s share of the
-    variance is below 1e-5), and its affine map restores ``x + 20``, where SiLU is the identity; ``conv_out``
-    removes the offset. A learned VAE of this size needs minutes of CPU to reproduce the world's shapes
-    well enough for the checker; this one is exact, so the UNet's samples are what the checker reads."""
-    from diffusers import AutoencoderKL
-
-    c = _VAE_CHANNELS
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(c,), layers_per_block=1,
-                        latent_channels=3, norm_num_groups=1, sample_size=_SIZE, mid_block_add_attention=False,
-                        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.0)
-    for p in vae.parameters():
-        p.zero_()
-    for module in vae.modules():
-        if isinstance(module, torch.nn.GroupNorm):
-            module.weight.fill_(1.0)
-    sigma0 = _VAE_K * (c - 1) ** 0.5 / c
-    mu0 = _VAE_K / c
-    bg = _background()
-
-    def features_in(conv: torch.nn.Conv2d, gain: float, offset: torch.Tensor) -> None:
-        # channels 0-2: gain * in + offset, 3-5: the negation, 6: the constant K
-        for i in range(3):
-            conv.weight[i, i, 1, 1] = gain
-            conv.bias[i] = offset[i]
-            conv.weight[3 + i, i, 1, 1] = -gain
-            conv.bias[3 + i] = -offset[i]
-        conv.bias[6] = _VAE_K
-
-    def norm_out(norm: torch.nn.GroupNorm) -> None:
-        norm.weight.zero_()
-        norm.bias.zero_()
-        norm.weight[:3] = sigma0
-        norm.bias[:3] = _VAE_B + mu0
-
-    enc, dec = vae.encoder, vae.decoder
-    features_in(enc.conv_in, 1.0, torch.zeros(3))
-    norm_out(enc.conv_norm_out)
-    for i in range(3):  # mean channels: (x - bg) / scale; log-variance channels: -30 (the clamp)
-        enc.conv_out.weight[i, i, 1, 1] = 1 / _LATENT_SCALE
-        enc.conv_out.bias[i] = -(_VAE_B + bg[i]) / _LATENT_SCALE
-        enc.conv_out.bias[3 + i] = -30.0
-    features_in(dec.conv_in, _LATENT_SCALE, bg)
-    norm_out(dec.conv_norm_out)
-    for i in range(3):
-        dec.conv_out.weight[i, i, 1, 1] = 1.0
-        dec.conv_out.bias[i] = -_VAE_B
-    for module in vae.modules():  # every ResNet block passes its input through
-        if type(module).__name__ == "ResnetBlock2D":
-            module.conv2.weight.zero_()
-            module.conv2.bias.zero_()
-    return vae.eval()
+    return identity_vae(_SIZE)
 
 
 def _unet(cross_attention_dim: int, widths: Sequence[int] = (16, 32, 32)) -> Any:
