@@ -167,12 +167,6 @@ def _scheduler() -> Any:
                                   timestep_spacing="trailing")
 
 
-def _background() -> torch.Tensor:
-    from diffusion.toyvae import background
-
-    return background()
-
-
 def _identity_vae() -> Any:
     """The set (not trained) VAE of the pipeline: :func:`diffusion.toyvae.identity_vae` (latent = ``(x - bg) / 0.5``
     at full resolution, decode its inverse, exact to about 1e-6). A learned VAE of this size needs minutes of CPU
