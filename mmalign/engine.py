@@ -738,12 +738,12 @@ def deepspeed_batch_sizes(ds_config: dict[str, Any], batch_size: int, grad_accum
     unless ``train_micro_batch_size_per_gpu`` is set; this loop keeps its own sampler, so it states the sizes
     itself. ``"auto"`` (or missing) values are filled; a value the user's DeepSpeed file sets must agree.
     """
-    for key, value in (("train_micro_batch_size_per_gpu", batch_size), ("gradient_accumulation_steps", grad_accum)):
+    for key, setting, value in (("train_micro_batch_size_per_gpu", "batch_size", batch_size),
+                                ("gradient_accumulation_steps", "grad_accum", grad_accum)):
         given = ds_config.get(key, "auto")
         if given == "auto":
             ds_config[key] = value
         elif int(given) != value:
-            setting = "batch_size" if key.startswith("train_micro") else "grad_accum"
             raise ValueError(f"the DeepSpeed config sets {key}={given}, but the run's {setting} is {value}: "
                              "set one of them, or make them agree")
     return ds_config
