@@ -813,12 +813,15 @@ class _Engine:
         self.generator = torch.Generator().manual_seed(config.seed + 7919 * self.accelerator.process_index)
 
         if config.gradient_checkpointing:
-            if not hasattr(model, "gradient_checkpointing_enable") and not hasattr(model, "enable_gradient_checkpointing"):
-                raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
-            if hasattr(model, "gradient_checkpointing_enable"):
-                model.gradient_checkpointing_enable()
+            # transformers >= 5 names it activation checkpointing (the old name warns); diffusers models
+            # have enable_gradient_checkpointing
+            for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable",
+                         "enable_gradient_checkpointing"):
+                if hasattr(model, name):
+                    getattr(model, name)()
+                    break
             else:
-                model.enable_gradient_checkpointing()
+                raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
         self.reference.bind(model)  # before LoRA: a frozen reference is a copy of the model as given
         if config.lora_r > 0:
             model = self._wrap_lora(model)
