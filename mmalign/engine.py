@@ -66,7 +66,7 @@ from mmalign.checkpoint import (
     latest_checkpoint,
 )
 from mmalign.config import config_to_dict, help_
-from mmalign.distributed import distributed_on_cpu
+from mmalign.distributed import process_group_settings
 from mmalign.references import ReferenceSetup, make_reference
 
 __all__ = [
@@ -783,11 +783,16 @@ class _Engine:
         self.model_fingerprint = hash_model(model)
         self.data_fingerprint = hash_records(dataset)
         reset_accelerate_precision(config.mixed_precision)
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+        # gloo on CPU machines, DeepSpeed's group included: see mmalign.distributed
+        cpu, backend = process_group_settings()
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)]
+        if backend is not None:
+            handlers.append(InitProcessGroupKwargs(backend=backend))
         self.accelerator = Accelerator(
-            cpu=distributed_on_cpu(),  # gloo on CPU machines: see mmalign.distributed
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)],
+            cpu=cpu,
+            kwargs_handlers=handlers,
             gradient_accumulation_steps=config.grad_accum,
             mixed_precision=config.mixed_precision,
             log_with=config.trackers or None,
@@ -1107,8 +1112,11 @@ class _Engine:
         acc.init_trackers(name, config={k: str(v) for k, v in config_to_dict(cfg).items()},
                           init_kwargs={"wandb": {"name": name}})
         total = self.total_steps()
-        if acc.is_main_process:  # to stderr, beside the progress bar: stdout stays the job's own output
-            print(self.plan(), file=sys.stderr)
+        if acc.is_main_process:
+            if cfg.progress:  # to stderr, beside the progress bar: stdout stays the job's own output
+                print(self.plan(), file=sys.stderr)
+            else:  # a run without a progress display (a worker, a library call) logs it instead
+                logger.info(self.plan())
         bar = tqdm(total=total, initial=self.global_step, desc=f"train {cfg.loss}",
                    disable=not (cfg.progress and acc.is_local_main_process))
         if acc.is_main_process:

@@ -421,3 +421,13 @@ def test_the_run_says_which_unit_decides_and_what_is_left_out(tmp_path, lm, pair
     assert "training 2 optimizer steps of 4 pairs" in text
     assert "max_steps=2 decides (num_epochs=1 is not used): 1.00 epochs" in text
     assert "each epoch leaves out 2 of 10 pairs" in text
+
+
+def test_run_plan_is_printed_beside_a_progress_bar_and_logged_without_one(tmp_path, lm, pairs, capsys, caplog):
+    model, adapter = lm
+    train(model, adapter, pairs[0][:8], _cfg(tmp_path / "bar", progress=True))
+    assert "optimizer steps of" in capsys.readouterr().err
+    with caplog.at_level("INFO", logger="mmalign.engine"):
+        train(model, adapter, pairs[0][:8], _cfg(tmp_path / "quiet", progress=False))
+    assert "optimizer steps of" not in capsys.readouterr().err  # e.g. the demo's workers: no stray line
+    assert any("optimizer steps of" in r.getMessage() for r in caplog.records)
