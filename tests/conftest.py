@@ -51,8 +51,12 @@ def launch_two():
 
     root = Path(__file__).resolve().parents[1]
 
-    def launch(cwd: Path, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    def launch(cwd: Path, script: str, *args: str, timeout: int = 600,
+               before: Path | None = None) -> subprocess.CompletedProcess[str]:
+        # before: a folder put ahead of the repository on PYTHONPATH (e.g. one holding a sitecustomize.py
+        # that stands in for a network service in both processes)
+        paths = [str(before)] if before is not None else []
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([*paths, str(root)]), OMP_NUM_THREADS="1")
         port = 29500 + (os.getpid() * 7 + len(str(cwd))) % 2000
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -31,6 +31,32 @@ def _images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
+_FAKE_HUB = """
+import json, os
+from pathlib import Path
+
+import huggingface_hub
+
+
+class _Api:
+    def __init__(self, token=None):
+        pass
+
+    def create_repo(self, repo_id, private=True, exist_ok=False):
+        return repo_id
+
+    def upload_folder(self, folder_path, repo_id):
+        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        with open({log!r}, "a") as f:
+            f.write(json.dumps({{"folder": str(folder_path), "repo": repo_id, "files": files,
+                                 "rank": os.environ.get("RANK")}}) + "\\n")
+        return "https://hub.example/" + repo_id
+
+
+huggingface_hub.HfApi = _Api
+"""
+
+
 def _metric_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -55,9 +81,17 @@ def test_vlm_training_two_processes_one_row_per_step(tmp_path, launch_two):
              for i, p in enumerate(images)]
     write_pairs(tmp_path / "data", pairs)
     out = tmp_path / "run"
+    site = tmp_path / "site"  # the Hub is unreachable: both processes get a stand-in HfApi that records uploads
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_FAKE_HUB.format(log=str(tmp_path / "uploads.jsonl")))
     launch_two(tmp_path, "train_vlm.py", "--model", "tiny:llava", "--data", str(tmp_path / "data"),
             "--train.output_dir", str(out), "--train.max_steps", "3", "--train.batch_size", "2",
-            "--train.trackers", "[]", "--train.progress", "false", "--train.lora_r", "4")
+            "--train.trackers", "[]", "--train.progress", "false", "--train.lora_r", "4",
+            "--push_to_hub", "me/tiny-dpo", before=site)
+    uploads = [json.loads(line) for line in (tmp_path / "uploads.jsonl").read_text().splitlines()]
+    assert len(uploads) == 1  # the main process pushes, once, after the adapter and card are written
+    assert uploads[0]["repo"] == "me/tiny-dpo" and Path(uploads[0]["folder"]) == out / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(uploads[0]["files"])
     rows = _metric_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     from mmalign.engine import latest_checkpoint
