@@ -7,6 +7,12 @@ but accelerate (1.x) only joins the gloo process group (its MULTI_CPU mode) when
 with ``cpu=True``. A bare ``PartialState()`` built first makes that choice for the whole process
 (the state is a singleton), so every process then believes it is rank 0 of 1: both write the same
 files and the training engine's accelerator inherits the wrong state.
+
+DeepSpeed (``accelerate launch --use_deepspeed``) is the exception: accelerate joins DeepSpeed's process
+group only when the state is built *without* ``cpu=True`` (with it, the run silently falls back to DDP),
+and without CUDA it then finds no backend of its own and reports one process while DeepSpeed's group has
+all of them. So there the state is built with ``cpu=False`` and the backend named: gloo
+(:func:`process_group_settings`). Machines with CUDA take neither path.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["barrier", "distributed_on_cpu", "process_state", "shard"]
+__all__ = ["barrier", "deepspeed_requested", "distributed_on_cpu", "process_group_settings", "process_state",
+           "shard"]
 
 T = TypeVar("T")
 
@@ -31,6 +38,26 @@ def distributed_on_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def deepspeed_requested() -> bool:
+    """True when the launch asks for DeepSpeed (``accelerate launch --use_deepspeed`` sets this variable)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def process_group_settings() -> tuple[bool, str | None]:
+    """``(cpu, backend)`` for accelerate's state: what joins this process to the launch's process group.
+
+    Several processes without CUDA: ``(True, None)`` (accelerate's MULTI_CPU mode picks gloo), or under
+    DeepSpeed ``(False, "gloo")`` (accelerate's DeepSpeed mode, which ``cpu=True`` turns off, with the
+    backend it cannot find by itself there). Otherwise ``(False, None)``: accelerate's own choice (NCCL
+    on CUDA).
+    """
+    if not distributed_on_cpu():
+        return False, None
+    if deepspeed_requested():
+        return False, "gloo"
+    return True, None
+
+
 def process_state() -> Any:
     """accelerate's ``PartialState`` for this process, joined to the launch's process group.
 
@@ -39,7 +66,8 @@ def process_state() -> Any:
     """
     from accelerate import PartialState
 
-    return PartialState(cpu=distributed_on_cpu())
+    cpu, backend = process_group_settings()
+    return PartialState(cpu=cpu, **({"backend": backend} if backend else {}))
 
 
 def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:

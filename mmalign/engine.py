@@ -842,11 +842,14 @@ class _Engine:
         if plugin is not None:
             deepspeed_batch_sizes(plugin.deepspeed_config, self.cfg.batch_size, self.cfg.grad_accum)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # The torch optimizer itself, which the wrappers step (accelerate's; under DeepSpeed, ZeRO's, which
+        # is no torch Optimizer and keeps this one as its own): the scheduler sets its learning rate.
+        self.torch_optimizer = optimizer
         self._unwrapped_model = None
         self.trainable = trainable
         # The scheduler is stepped by hand once per optimizer step, not prepared: accelerate would
         # step it once per process, which breaks "two processes == one with the doubled batch".
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, self._lr_lambda)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.torch_optimizer, self._lr_lambda)
         self.global_step = 0
         self.saved_step: int | None = None  # the step of the newest checkpoint written or loaded
         # The newest checkpoint whose weights have since given a finite loss, and a newer one whose
@@ -1019,7 +1022,7 @@ class _Engine:
         }
         final = self.checkpoints.save(
             self.global_step, model=self.model if self.sharded else self._unwrapped(),
-            optimizer=self.optimizer.optimizer, trainer_state=state, generator=self.generator,
+            optimizer=self.torch_optimizer, trainer_state=state, generator=self.generator,
             spare=self.good_checkpoint,
         )
         self.saved_step = self.global_step
@@ -1038,7 +1041,7 @@ class _Engine:
             fingerprints={"model": self.model_fingerprint, "data": self.data_fingerprint},
         )
         state = self.checkpoints.load(ckpt, model=self.model if self.sharded else self._unwrapped(),
-                                      optimizer=self.optimizer.optimizer, generator=self.generator)
+                                      optimizer=self.torch_optimizer, generator=self.generator)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state)
         self.reference.load_state_dict(state.get("reference", {}))
