@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from mmalign import toyworld as W
 from mmalign.prompts import hallucination_injection_prompt
@@ -72,18 +73,64 @@ def test_toy_hallucination_rewrite_swaps_one_world_word() -> None:
         toy_hallucination_rewrite(None, None, ["rewrite this"])
 
 
-def test_demo_stic_end_to_end_tiny(tmp_path) -> None:  # noqa: ANN001
-    """STIC with two DPO steps on a few images: three rows, the sheet, the engine's curves, rows.json."""
+def test_demo_stic_end_to_end_tiny(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """STIC's three stages, two optimizer steps each, on a few images: the stage-2 rows, then the whole
+    recipe's; the sheet, both stages' curves, rows.json; stage 3's set is every pool question with its true
+    answer after the description the *stage-2* model gave of its image. Then the control: the base model
+    on that very set, and the whole recipe paired against it."""
+    from safetensors.torch import load_file
+
+    import vision.toyworld as T
+    from mmalign.pairs import read_pairs
+    from mmalign.prompts import description_infused
     from mmalign.report import load_rows
 
+    seen: dict[str, dict] = {}
+    describe = T._stic_descriptions
+
+    def spy(model, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return describe(model, *args, **kwargs)
+
+    monkeypatch.setattr(T, "_stic_descriptions", spy)
     rows = demo_stic(tmp_path, seed=0, progress=False, steps=2, n_pool=2, n_eval=1)
-    assert [r.metric for r in rows] == ["answer accuracy", "description accuracy", "hallucination rate"]
+    metrics_ = ["answer accuracy", "description accuracy", "hallucination rate"]
+    assert [(r.method, r.metric) for r in rows] == [("STIC stage 2", m) for m in metrics_] + [("STIC", m) for m in metrics_]
     assert rows[0].n == sum(len(s.questions()) for s in eval_scenes(1)) and rows[1].n == 3
-    assert "lower is better" in rows[2].note
+    assert "lower is better" in rows[2].note and "lower is better" in rows[5].note
+    assert [r.before for r in rows[:3]] == [r.before for r in rows[3:]]
     for r in rows:
         assert 0 <= r.before <= 1 and 0 <= r.after <= 1 and r.lo <= r.after - r.before + 1e-9 <= r.hi + 2e-9
     folder = tmp_path / "stic"
     assert load_rows(folder / "rows.json") == rows
     assert (folder / "before_after.png").is_file()
-    metrics = [json.loads(line) for line in (folder / "train" / "metrics.jsonl").read_text().splitlines()]
+    for train in ("train", "train_sft"):
+        metrics = [json.loads(line) for line in (folder / train / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2]
+
+    # stage 3's descriptions come from the model after stage 2 (its checkpoint), not from the base model
+    stage2 = load_file(folder / "train" / "checkpoints" / "step-00000002" / "model.safetensors")
+    base = load_toy_vlm()[0].state_dict()
+    assert all(torch.equal(seen["weights"][k], stage2[k]) for k in stage2)
+    assert any(not torch.equal(seen["weights"][k], base[k]) for k in base)
+    details = json.loads((folder / "details.json").read_text())
+    descriptions = details["stage3_descriptions"]
+    pool = T._pool(2, 0)
+    assert sorted(descriptions) == [f"p{i:04d}.png" for i in range(len(pool))]
+    infused = read_pairs(folder / "sft")
+    assert details["stats"]["sft_records"] == len(infused) == sum(len(s.questions()) for s in pool)
+    expected = [(f"p{i:04d}.png", q, a) for i, s in enumerate(pool) for q, a in s.questions()]
+    for pair, (image, question, answer) in zip(infused, expected, strict=True):
+        assert pair.chosen_media == [image] and pair.chosen == answer
+        assert pair.prompt == description_infused(descriptions[image], question)
+        assert (folder / "sft" / image).read_bytes() == (folder / "images" / image).read_bytes()
+
+    control = T.control_stic_sft_only(tmp_path, seed=0, progress=False, steps=2, n_eval=1)
+    assert [(r.method, r.metric) for r in control] == (
+        [("STIC stage 3 alone", m) for m in metrics_] + [("STIC vs stage 3 alone", m) for m in metrics_])
+    assert [r.before for r in control[:3]] == [r.before for r in rows[:3]]
+    assert [r.before for r in control[3:]] == [r.after for r in control[:3]]
+    assert [r.after for r in control[3:]] == [r.after for r in rows[3:]]
+    metrics = [json.loads(line) for line in (tmp_path / "stic_sft_only" / "train_sft" / "metrics.jsonl").read_text()
+               .splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
