@@ -160,7 +160,7 @@ from mmalign.utils import byte_alphabet
 
 __all__ = [
     "DEMO_KIND",
-    "DEMO_STEPS",
+    "DEMO_SETTINGS",
     "EVAL_SEED",
     "METHODS",
     "PAIRS_PER_PROMPT",
@@ -193,8 +193,6 @@ PAIR_SEED = 0
 #: samples per train prompt for the preference pairs, and pairs kept per prompt
 PAIR_SAMPLES = 6
 PAIRS_PER_PROMPT = 4
-#: optimizer steps of each demo
-DEMO_STEPS = 100
 EVAL_SEEDS_HELD_OUT = 8
 EVAL_SEEDS_TRAIN = 2
 
@@ -227,8 +225,13 @@ METHODS: dict[str, tuple[str, float, str]] = {
     "mapo": ("mapo", 0.1, "prompt"),
     "dcpo": ("diffusion_dpo", 500.0, "per_side"),
 }
-LEARNING_RATE = 5e-4
-LORA_R = 8
+#: method -> the demo's training settings (optimizer steps, peak learning rate, LoRA rank; rank 0 = every UNet
+#: weight trained), chosen by the tuning rule of the module docstring
+DEMO_SETTINGS: dict[str, tuple[int, float, int]] = {
+    "diffusion_dpo": (100, 5e-4, 8),
+    "mapo": (100, 5e-4, 8),
+    "dcpo": (100, 5e-4, 8),
+}
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -634,13 +637,17 @@ def _shared_locked(shared: Path, pipe: Any, *, seed: int, n_seeds: tuple[int, in
 
 
 def run_demo(method: str, out: str | os.PathLike[str], *, seed: int = 0, progress: bool = True,
-             steps: int = DEMO_STEPS, learning_rate: float = LEARNING_RATE, beta: float | None = None,
-             n_seeds: tuple[int, int] = (EVAL_SEEDS_HELD_OUT, EVAL_SEEDS_TRAIN), pair_samples: int = PAIR_SAMPLES,
+             steps: int | None = None, learning_rate: float | None = None, beta: float | None = None,
+             lora_r: int | None = None, n_seeds: tuple[int, int] = (EVAL_SEEDS_HELD_OUT, EVAL_SEEDS_TRAIN),
+             pair_samples: int = PAIR_SAMPLES,
              model: str | os.PathLike[str] | None = None) -> list[DemoRow]:
     """Train ``method`` (a key of :data:`METHODS`) on checker-labelled pairs of the shipped toy pipeline and
     measure checker accuracy before and after; writes ``out/<method>/`` (engine metrics and curves,
     ``before_after.png``, ``rows.json``). ``n_seeds``: seeds per held-out / train prompt; ``pair_samples``: samples
-    per train prompt for the pairs; ``model``: a saved toy pipeline (default the shipped one)."""
+    per train prompt for the pairs; ``model``: a saved toy pipeline (default the shipped one); ``lora_r``: the LoRA
+    rank (alpha the same) on the UNet's attention projections, 0 for full fine-tuning of every UNet weight (with a
+    frozen copy of the base UNet as the reference). ``steps``, ``learning_rate`` and ``lora_r`` default to the
+    method's :data:`DEMO_SETTINGS`, ``beta`` to its :data:`METHODS` entry."""
     from diffusion.adapter import DiffusionAdapter
     from mmalign.engine import TrainConfig, train
 
@@ -649,6 +656,10 @@ def run_demo(method: str, out: str | os.PathLike[str], *, seed: int = 0, progres
     torch.set_num_threads(1)
     out = Path(out)
     loss, default_beta, caption_mode = METHODS[method]
+    default_steps, default_lr, default_r = DEMO_SETTINGS[method]
+    steps = default_steps if steps is None else steps
+    learning_rate = default_lr if learning_rate is None else learning_rate
+    lora_r = default_r if lora_r is None else lora_r
     pipe = load_toy_t2i(model, progress=progress)
     shared = _shared(out, pipe, seed=seed, n_seeds=n_seeds, pair_samples=pair_samples)
     pairs = shared["pairs"]
@@ -659,13 +670,13 @@ def run_demo(method: str, out: str | os.PathLike[str], *, seed: int = 0, progres
     if loss == "mapo":
         loss_kwargs.update(scale=0.5, num_train_timesteps=adapter.num_train_timesteps)
     folder = out / method
-    cfg = TrainConfig(output_dir=str(folder), loss=loss, loss_kwargs=loss_kwargs, lora_r=LORA_R, lora_alpha=LORA_R,
-                      learning_rate=learning_rate, batch_size=8, max_steps=steps, trackers=[], progress=progress,
-                      plot=True, seed=seed, overwrite_output_dir=True)
+    cfg = TrainConfig(output_dir=str(folder), loss=loss, loss_kwargs=loss_kwargs, lora_r=lora_r,
+                      lora_alpha=max(lora_r, 1), learning_rate=learning_rate, batch_size=8, max_steps=steps,
+                      trackers=[], progress=progress, plot=True, seed=seed, overwrite_output_dir=True)
     t0 = time.process_time()
     result = train(pipe.unet, adapter, pairs, cfg)
     train_cpu = time.process_time() - t0
-    del result  # peft injected the trained LoRA layers into pipe.unet in place: the pipeline samples the policy
+    del result  # pipe.unet was trained in place (peft injects LoRA layers into it): the pipeline samples the policy
     rows = []
     names = {"held_out": "checker accuracy, held-out count prompts", "train": "checker accuracy, train count prompts"}
     grid = None
@@ -673,7 +684,8 @@ def run_demo(method: str, out: str | os.PathLike[str], *, seed: int = 0, progres
         specs, seeds, ok_before, images_before = shared["before"][split]
         ok_after, images_after = checker_accuracy(pipe, specs, seeds)
         _, lo, hi = paired_bootstrap(ok_before, ok_after, seed=seed)
-        note = f"{len(pairs)} pairs, {steps} steps, lr {learning_rate:g}, beta {loss_kwargs['beta']:g}, LoRA r {LORA_R}"
+        weights = f"LoRA r {lora_r}" if lora_r > 0 else "full UNet"
+        note = f"{len(pairs)} pairs, {steps} steps, lr {learning_rate:g}, beta {loss_kwargs['beta']:g}, {weights}"
         if split == "train":
             note = "fresh seeds (not the pairs' samples); " + note
         rows.append(DemoRow(method, names[split], float(np.mean(ok_before)), float(np.mean(ok_after)), lo, hi,
@@ -691,19 +703,19 @@ def run_demo(method: str, out: str | os.PathLike[str], *, seed: int = 0, progres
 
 
 def demo_diffusion_dpo(out: str | os.PathLike[str], *, seed: int = 0, progress: bool = True,
-                       steps: int = DEMO_STEPS) -> list[DemoRow]:
+                       steps: int | None = None) -> list[DemoRow]:
     """Diffusion-DPO (beta 5000) on the toy pipeline; see :func:`run_demo` and the module docstring."""
     return run_demo("diffusion_dpo", out, seed=seed, progress=progress, steps=steps)
 
 
 def demo_mapo(out: str | os.PathLike[str], *, seed: int = 0, progress: bool = True,
-              steps: int = DEMO_STEPS) -> list[DemoRow]:
+              steps: int | None = None) -> list[DemoRow]:
     """MaPO (beta 0.1, scale 0.5, no reference) on the toy pipeline; see :func:`run_demo`."""
     return run_demo("mapo", out, seed=seed, progress=progress, steps=steps)
 
 
 def demo_dcpo(out: str | os.PathLike[str], *, seed: int = 0, progress: bool = True,
-              steps: int = DEMO_STEPS) -> list[DemoRow]:
+              steps: int | None = None) -> list[DemoRow]:
     """DCPO (Diffusion-DPO on per-side captions, beta 500) on the toy pipeline; see :func:`run_demo`."""
     return run_demo("dcpo", out, seed=seed, progress=progress, steps=steps)
 

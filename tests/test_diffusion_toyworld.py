@@ -156,6 +156,49 @@ def test_demo_runs_end_to_end(tmp_path):
     assert [m["step"] for m in metrics] == [1, 2]
 
 
+def test_demos_train_with_their_settings_and_lora_r_0_trains_every_unet_weight(tmp_path, monkeypatch):
+    """Each demo trains with its method's DEMO_SETTINGS (steps, learning rate, LoRA rank); ``lora_r=0`` hands the
+    engine the whole UNet (no LoRA) with a frozen copy as the reference, and the trained weights are the ones
+    sampled after."""
+    import diffusion.toyworld as T
+    import mmalign.engine as engine
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(model, adapter, pairs, cfg):  # noqa: ANN001, ANN202
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(engine, "train", spy)
+    monkeypatch.setattr(T, "_shared", lambda *a, **k: {"pairs": [object()], "before": {}})
+    for method, demo in (("diffusion_dpo", T.demo_diffusion_dpo), ("mapo", T.demo_mapo), ("dcpo", T.demo_dcpo)):
+        with pytest.raises(Stop):
+            demo(tmp_path, progress=False)
+        steps, lr, r = T.DEMO_SETTINGS[method]
+        assert (seen[-1].max_steps, seen[-1].learning_rate, seen[-1].lora_r) == (steps, lr, r)
+    monkeypatch.undo()
+
+    trained = []
+
+    def keep(model, adapter, pairs, cfg):  # noqa: ANN001, ANN202
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        result = engine_train(model, adapter, pairs, cfg)
+        after = model.state_dict()
+        trained.append((cfg.resolved_reference(), set(after) == set(before),
+                        all(not torch.equal(after[k], before[k]) for k in before if k.endswith(".weight"))))
+        return result
+
+    engine_train = engine.train
+    monkeypatch.setattr(engine, "train", keep)
+    rows = run_demo("diffusion_dpo", tmp_path / "full", steps=2, learning_rate=1e-3, lora_r=0, n_seeds=(1, 1),
+                    pair_samples=2, progress=False)
+    assert trained == [("frozen", True, True)]
+    assert rows[0].note.endswith("full UNet")
+
+
 def test_demos_running_at_once_take_turns_on_the_shared_pairs(tmp_path, monkeypatch):
     """``make demo`` runs Diffusion-DPO, MaPO and DCPO in separate workers; the pairs and BEFORE samples they
     share are made by one at a time (before, two makers could race on renaming ``shared/pairs`` into place)."""
