@@ -749,6 +749,23 @@ def deepspeed_batch_sizes(ds_config: dict[str, Any], batch_size: int, grad_accum
     return ds_config
 
 
+def deepspeed_clipping(ds_config: dict[str, Any], max_grad_norm: float | None) -> dict[str, Any]:
+    """Fill a DeepSpeed config's ``gradient_clipping`` from the run's ``max_grad_norm`` (0 or None: 0, no clipping).
+
+    DeepSpeed clips inside its own optimizer step (accelerate's ``clip_grad_norm_`` only reads the norm there),
+    and accelerate fills an ``"auto"`` value with 1.0 whatever the run asked for; so the engine states it. An
+    ``"auto"`` (or missing) value is filled; a value the user's DeepSpeed file sets must agree.
+    """
+    value = float(max_grad_norm or 0.0)
+    given = ds_config.get("gradient_clipping", "auto")
+    if given == "auto":
+        ds_config["gradient_clipping"] = value
+    elif float(given) != value:
+        raise ValueError(f"the DeepSpeed config sets gradient_clipping={given}, but the run's max_grad_norm is "
+                         f"{max_grad_norm}: set one of them, or make them agree")
+    return ds_config
+
+
 class _Engine:
     """State of one run; ``train()`` is the public entry point."""
 
@@ -841,6 +858,7 @@ class _Engine:
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None:
             deepspeed_batch_sizes(plugin.deepspeed_config, self.cfg.batch_size, self.cfg.grad_accum)
+            deepspeed_clipping(plugin.deepspeed_config, self.cfg.max_grad_norm)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # The torch optimizer itself, which the wrappers step (accelerate's; under DeepSpeed, ZeRO's, which
         # is no torch Optimizer and keeps this one as its own): the scheduler sets its learning rate.

@@ -32,10 +32,12 @@ import torch
 from safetensors.torch import load_file
 
 from mmalign.checkpoint import latest_checkpoint, read_marker
+from mmalign.engine import deepspeed_clipping
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 CRASH_AFTER = 3  # the last checkpoint the crashed run leaves
+MAX_GRAD_NORM = 0.5  # not accelerate's own fill-in for DeepSpeed (1.0)
 
 
 class _Crash(RuntimeError):
@@ -63,14 +65,16 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(path)
     adapter = CausalLMAdapter(AutoTokenizer.from_pretrained(path), max_length=32)
     cfg = TrainConfig(output_dir=args.out, max_steps=args.max_steps, batch_size=2, grad_accum=2,
-                      learning_rate=1e-3, warmup_steps=2, lr_scheduler="cosine", save_every=1, keep_last=2,
-                      resume=args.resume, trackers=[], progress=False, plot=False)
+                      learning_rate=1e-3, warmup_steps=2, lr_scheduler="cosine", max_grad_norm=MAX_GRAD_NORM,
+                      save_every=1, keep_last=2, resume=args.resume, trackers=[], progress=False, plot=False)
 
-    def crash(info) -> None:
+    def step_end(info) -> None:
         if info.step == args.crash_at:
             raise _Crash(f"crash after optimizer step {info.step}")
+        engine = info.accelerator.deepspeed_engine_wrapped.engine  # the clipping DeepSpeed applies
+        info.accelerator.print(f"step {info.step}: DeepSpeed gradient_clipping={engine.gradient_clipping()}")
 
-    train(model, adapter, colour_pairs(seed=0)[0][:64], cfg, callbacks=[crash] if args.crash_at else [])
+    train(model, adapter, colour_pairs(seed=0)[0][:64], cfg, callbacks=[step_end])
 
 
 def _launch(out: Path, *args: str, port: int) -> subprocess.CompletedProcess[str]:
@@ -92,10 +96,11 @@ def _rows(out: Path) -> list[dict]:
 def test_deepspeed_zero2_run_crashed_and_resumed_equals_an_uninterrupted_one(tmp_path):
     """6 steps straight against a run that crashes after step 4 (before its checkpoint) and resumes from
     step 3 to 6: the same weights bit for bit, and the same loss at every step. The checkpoint is
-    DeepSpeed's: one ZeRO optimizer partition per process."""
+    DeepSpeed's: one ZeRO optimizer partition per process. DeepSpeed clips at the run's max_grad_norm."""
     port = 29500 + (os.getpid() * 17) % 1900
     straight = _launch(tmp_path / "straight", port=port)
     assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-5000:]
+    assert f"step 1: DeepSpeed gradient_clipping={MAX_GRAD_NORM}" in straight.stdout
     cut = tmp_path / "cut"
     crashed = _launch(cut, "--crash_at", str(CRASH_AFTER + 1), port=port + 1)
     assert crashed.returncode != 0 and f"crash after optimizer step {CRASH_AFTER + 1}" in crashed.stderr, \
@@ -122,6 +127,16 @@ def test_deepspeed_zero2_run_crashed_and_resumed_equals_an_uninterrupted_one(tmp
     one, two = _rows(tmp_path / "straight"), _rows(cut)
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, STEPS + 1))
     assert [(r["loss"], r["lr"]) for r in one] == [(r["loss"], r["lr"]) for r in two]
+
+
+def test_deepspeed_clips_at_the_runs_max_grad_norm() -> None:
+    """DeepSpeed clips inside its own step, and accelerate would fill ``"auto"`` with 1.0: the engine states
+    the run's ``max_grad_norm`` (0 when clipping is off); a value the user's file sets must agree."""
+    assert deepspeed_clipping({"gradient_clipping": "auto"}, 0.5)["gradient_clipping"] == 0.5
+    assert deepspeed_clipping({}, None)["gradient_clipping"] == 0.0
+    assert deepspeed_clipping({"gradient_clipping": 0}, 0.0)["gradient_clipping"] == 0
+    with pytest.raises(ValueError, match="gradient_clipping=1.0, but the run's max_grad_norm is 0.5"):
+        deepspeed_clipping({"gradient_clipping": 1.0}, 0.5)
 
 
 if __name__ == "__main__":
