@@ -320,6 +320,25 @@ def _clean_name(name: str) -> str:
     return name.removeprefix("module.")
 
 
+def _gathered_deepspeed_weights(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """The trainable weights of a DeepSpeed model, whole, on the main process (empty elsewhere); a collective.
+
+    ZeRO-3 partitions every parameter across the processes: each is gathered in turn
+    (``deepspeed.zero.GatheredParameters``), so saving needs no ``stage3_gather_16bit_weights_on_model_save``
+    (which accelerate's ``get_state_dict`` demands) and keeps the training dtype. Under ZeRO-1 and 2 every
+    process holds them whole and the gather does nothing.
+    """
+    import deepspeed
+
+    weights = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            with deepspeed.zero.GatheredParameters([param]):
+                if rank == 0:
+                    weights[_clean_name(name)] = param.detach().cpu().clone()
+    return weights
+
+
 # --------------------------------------------------------------------------- the manager
 
 
@@ -401,10 +420,7 @@ class CheckpointManager:
             weights = self._save_sharded(tmp, model, optimizer)
         elif self.layout == "accelerate":
             self.accelerator.save_state(str(tmp / LAYOUTS["accelerate"]))
-            full = self.accelerator.get_state_dict(model)  # gathered on the main process
-            trainable = {_clean_name(n) for n, p in model.named_parameters() if p.requires_grad}
-            weights = {n: t.detach().cpu().contiguous() for n, t in (full or {}).items()
-                       if _clean_name(n) in trainable}
+            weights = _gathered_deepspeed_weights(model, rank)
         if rank == 0:
             if self.layout != "full":
                 save_durable(weights, tmp / "model.safetensors")

@@ -23,8 +23,9 @@ What it does, top to bottom:
 5. every ``save_every`` optimizer steps, a checkpoint (``mmalign.checkpoint.CheckpointManager``:
    trainable weights, optimizer, scheduler, RNG states, the sampler's data position, resolved config,
    the run's id and fingerprints of the initial model and of the pairs; FSDP runs write sharded model
-   and optimizer state with ``torch.distributed.checkpoint``); ``resume=True`` continues from the newest
-   complete one and ends bitwise equal to an uninterrupted run on the CPU.
+   and optimizer state with ``torch.distributed.checkpoint``, DeepSpeed runs with accelerate's
+   ``save_state``); ``resume=True`` continues from the newest complete one and ends bitwise equal to an
+   uninterrupted run on the CPU.
 
 Checkpoints survive a kill at any point (written whole into ``step-N.tmp``, fsynced, marked
 ``COMPLETE`` last, renamed into place; see ``mmalign.checkpoint``). Pruning (``keep_last``) deletes
@@ -1009,7 +1010,8 @@ class _Engine:
         the part each process holds (``self.trainable`` are the unsharded originals there)."""
         acc = self.accelerator
         params = list(self.model.parameters()) if self.sharded else self.trainable
-        bad = torch.stack([(~torch.isfinite(p.detach())).sum() for p in params]).sum()
+        # DeepSpeed ZeRO-3 keeps each process's part of a parameter in ds_tensor (the parameter is empty)
+        bad = torch.stack([(~torch.isfinite(getattr(p, "ds_tensor", p).detach())).sum() for p in params]).sum()
         if acc.num_processes > 1:  # sharded: each process holds a part; DDP: each holds a copy
             bad = acc.reduce(bad, reduction="sum") // (1 if self.sharded else acc.num_processes)
         if bad.item():
