@@ -21,6 +21,7 @@ from diffusion.toyworld_onestep import (
     _world_tokenizer,
     build_toy_onestep,
     checker_accuracy,
+    demo_pso,
     demo_reno,
     eval_items,
     load_toy_onestep,
@@ -90,8 +91,12 @@ def test_build_saves_a_pipeline_from_pretrained_reads(tmp_path):
     assert len(pipe.tokenizer("a purple triangle").input_ids) == 5
     images = sample_toy(pipe, ["a red square", "two blue triangles"], [0, 1])
     assert [im.size for im in images] == [(32, 32), (32, 32)]
-    again = sample_toy(pipe, ["a red square"], [0])
-    assert np.array_equal(np.asarray(images[0]), np.asarray(again[0]))
+    again = sample_toy(pipe, ["a red square", "two blue triangles"], [0, 1])
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again, strict=True))
+    # alone, in a batch of one: the same image up to the rounding of batched matrix products (one level)
+    alone = np.asarray(sample_toy(pipe, ["a red square"], [0])[0]).astype(int)
+    assert np.abs(alone - np.asarray(images[0]).astype(int)).max() <= 1
+    assert np.abs(alone - np.asarray(sample_toy(pipe, ["a red square"], [1])[0]).astype(int)).max() > 1
     with pytest.raises(ValueError, match="layouts"):
         build_toy_onestep(tmp_path / "bad", steps=1, batch_size=1, layouts="few", eval_seeds=0, progress=False)
 
@@ -154,3 +159,20 @@ def test_demo_reno_runs_end_to_end(tmp_path):
         assert (tmp_path / "reno" / name).is_file()
     clip_rows = [r for r in rows if r.metric == "toyclip_score/all/held_out"]
     assert clip_rows[0].after >= clip_rows[0].before  # ReNO keeps the best image, never a worse one
+
+
+def test_demo_pso_reports_train_prompts_at_seeds_the_pairs_never_used(tmp_path):
+    """The tuning metric: every train prompt, sampled at seeds none of PSO's pairs was drawn from."""
+    _shipped()
+    rows = demo_pso(tmp_path, steps=1, samples_per_prompt=4, eval_seeds=1, train_eval_seeds=2, progress=False)
+    by_metric = {r.metric: r for r in rows}
+    n_train = sum(len(tw.prompts("train", kind)) for kind in tw.KINDS)
+    assert by_metric["checker_ok/all/train"].n == 2 * n_train
+    assert by_metric["checker_ok/all/held_out"].n == len(eval_items("held_out", seeds=1)[0])
+    lines = (tmp_path / "pso" / "pso_pairs" / "pairs.jsonl").read_text().splitlines()
+    pair_seeds = {json.loads(line)["meta"]["pso"][side] for line in lines for side in ("chosen_seed", "rejected_seed")}
+    _, train_seeds = eval_items("train", seeds=2, max_per_kind=len(tw.prompts("train", "pair")))
+    assert pair_seeds and not pair_seeds & set(train_seeds)
+    # one sample per prompt gives no pair: nothing is trained, and the one row says so
+    (row,) = demo_pso(tmp_path / "none", steps=1, samples_per_prompt=1, eval_seeds=1, progress=False)
+    assert row.metric == "checker_ok/all/held_out" and row.before == row.after and "no pairs" in row.note
