@@ -416,7 +416,7 @@ def test_adafactor_state_is_factored_and_resume_continues_exactly(tmp_path, lm_p
 
 def test_the_run_says_which_unit_decides_and_what_is_left_out(tmp_path, lm, pairs, capsys):
     model, adapter = lm
-    train(model, adapter, pairs[0][:10], _cfg(tmp_path, max_steps=2, batch_size=4))
+    train(model, adapter, pairs[0][:10], _cfg(tmp_path, max_steps=2, batch_size=4, progress=True))
     text = capsys.readouterr().err
     assert "training 2 optimizer steps of 4 pairs" in text
     assert "max_steps=2 decides (num_epochs=1 is not used): 1.00 epochs" in text
