@@ -662,6 +662,10 @@ def _static_reason(model: torch.nn.Module, head_module: torch.nn.Module | None) 
     """Why the head of ``model`` cannot be fused, from what is known before running it (None: it can)."""
     if head_module is None:
         return f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None)"
+    if any(hasattr(p, "ds_id") for p in head_module.parameters()):
+        # ZeRO-3 gathers a partitioned weight only inside its module's own forward; read outside it, the
+        # weight is empty and DeepSpeed's backward bookkeeping fails
+        return "the head's weight is partitioned by DeepSpeed ZeRO-3 (gathered only inside the head's forward)"
     config = getattr(model, "config", None)
     for cfg in (config, getattr(config, "text_config", None)):
         for key in _AFTER_HEAD_CONFIG_KEYS:

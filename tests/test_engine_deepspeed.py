@@ -2,8 +2,8 @@
 
 accelerate's ``prepare`` refuses a DeepSpeed model without a prepared DataLoader unless
 ``train_micro_batch_size_per_gpu`` is set (``Accelerator._prepare_deepspeed``); the engine keeps its own
-sampler, so it fills the per-process micro-batch and the accumulation steps itself. (A whole DeepSpeed run
-needs a GPU: without one accelerate's state reports a single process while DeepSpeed's gloo group has two.)
+sampler, so it fills the per-process micro-batch and the accumulation steps itself. Whole DeepSpeed runs,
+crashed and resumed, are in ``tests/test_checkpoint_deepspeed.py``.
 """
 
 from __future__ import annotations

@@ -269,3 +269,15 @@ def test_models_that_change_logits_after_the_head_fall_back_with_a_reason() -> N
     base.config.final_logit_softcapping = 30.0
     with pytest.warns(UserWarning, match="final_logit_softcapping=30.0"):
         model_sequence_logps(base, labels, **inputs)
+
+
+def test_a_head_partitioned_by_zero3_falls_back_to_the_plain_path() -> None:
+    """DeepSpeed ZeRO-3 marks each partitioned parameter with ``ds_id`` and gathers it only inside its
+    module's forward: the fused path, which reads the head's weight directly, must not run there."""
+    model = _llama(False)
+    inputs, labels = _batch()
+    want, _ = sequence_logps(model(**inputs).logits, labels)
+    model.get_output_embeddings().weight.ds_id = 0
+    with pytest.warns(UserWarning, match="ZeRO-3"):
+        got, _ = model_sequence_logps(model, labels, **inputs)
+    assert torch.allclose(got, want, atol=1e-10)
