@@ -6,16 +6,19 @@ one thread per core makes the tiny models spin-wait and run tens of times slower
 Session fixtures for what many test files build: the tiny causal LM folder (``tiny_lm_path``), its
 adapter (``tiny_lm_adapter``) and the toy colour pairs (``colour_train_pairs``) that the engine tests
 train on; the tiny LLaVA folder (``tiny_llava_path``) and model + processor (``tiny_llava``), the tiny
-SD pipeline folder (``tiny_sd_path``), and ``write_image_pairs``, which writes a small image pair
-dataset through ``PairWriter``. The folders come from ``cached_tiny`` and are shared: treat them, the
-shared model and the shared lists as read-only (slice them; do not edit them).
+SD pipeline folder (``tiny_sd_path``), the tiny diffusers pipelines (``tiny_sd``,
+``tiny_sd_euler_ancestral``, ``tiny_sdxl``, ``tiny_sd3``, ``tiny_flux``, ``tiny_flux_dev``), and
+``write_image_pairs``, which writes a small image pair dataset through ``PairWriter``. The folders
+come from ``cached_tiny`` and are shared: treat them, the shared models and pipelines and the shared
+lists as read-only (slice them; do not edit them). A test that trains, injects LoRA, swaps a
+scheduler, moves, patches or otherwise changes a model or pipeline loads its own copy.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +124,61 @@ def tiny_sd_path() -> Path:
     return cached_tiny("sd")
 
 
+def _shared_pipeline(name: str, **tiny_kwargs: Any) -> Any:
+    """``load_pipeline(f"tiny:{name}", **tiny_kwargs)`` with its VAE and text encoders frozen
+    (``requires_grad_(False)``, eval), as every ``DiffusionAdapter`` built on it leaves them: what a
+    test sees does not depend on which tests built an adapter on the pipeline before it."""
+    from diffusion.train import load_pipeline
+
+    pipe = load_pipeline(f"tiny:{name}", **tiny_kwargs)
+    for attr in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, attr, None)
+        if module is not None:
+            module.requires_grad_(False).eval()
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_sd() -> Any:
+    """The tiny SD 1.x pipeline (``load_pipeline("tiny:sd")``, DDPM-trained UNet, epsilon target).
+    Shared read-only: a test that trains, patches or moves it, or swaps its scheduler, loads its own."""
+    return _shared_pipeline("sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_euler_ancestral() -> Any:
+    """The tiny SD 1.x pipeline saved with an ``EulerAncestralDiscreteScheduler``
+    (``load_pipeline("tiny:sd", scheduler="euler_ancestral")``, the turbo sampler). Shared read-only."""
+    return _shared_pipeline("sd", scheduler="euler_ancestral")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl() -> Any:
+    """The tiny SDXL pipeline (``load_pipeline("tiny:sdxl")``). Shared read-only."""
+    return _shared_pipeline("sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3() -> Any:
+    """The tiny SD3 pipeline (``load_pipeline("tiny:sd3")``, flow matching). Shared read-only."""
+    return _shared_pipeline("sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux() -> Any:
+    """The tiny FLUX.1-schnell class pipeline (``load_pipeline("tiny:flux")``, no guidance embedding).
+    Shared read-only: a test that needs another scheduler builds ``type(pipe)(**pipe.components)`` (the
+    same modules, its own scheduler) or loads its own."""
+    return _shared_pipeline("flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dev() -> Any:
+    """The tiny FLUX.1-dev class pipeline (``load_pipeline("tiny:flux", variant="dev")``, guidance
+    embedding, dynamic shifting). Shared read-only."""
+    return _shared_pipeline("flux", variant="dev")
+
+
 def _noisy_image(value: float, size: tuple[int, int], seed: int) -> Any:
     """A ``size`` (width, height) RGB image of mean brightness ~``value`` plus seeded noise."""
     import numpy as np
@@ -134,20 +192,32 @@ def _noisy_image(value: float, size: tuple[int, int], seed: int) -> Any:
 
 @pytest.fixture(scope="session")
 def write_image_pairs() -> Callable[..., list[Any]]:
-    """``write_image_pairs(folder, n, *, chosen=0.7, rejected=0.3, size=(32, 32), prompt="a photo",
-    texts=("", ""), seed=0)``: write pairs ``p0..p{n-1}`` through ``PairWriter``, each with its own
-    chosen image (brightness ``chosen``) and rejected image (``rejected``) under ``img/``, and return
-    them read back with ``read_pairs`` (so each knows its folder)."""
+    """``write_image_pairs(folder, n, *, chosen=0.7, rejected=0.3, size=(32, 32), rejected_size=None,
+    prompt="a photo", texts=("", ""), captions=None, seed=0)``: write pairs ``p0..p{n-1}`` through
+    ``PairWriter``, each with its own chosen image (brightness ``chosen``) and rejected image
+    (``rejected``) under ``img/``, and return them read back with ``read_pairs`` (so each knows its
+    folder). ``rejected=None``: the rejected image has the chosen one's pixels (in its own file);
+    ``rejected_size``: the rejected images' size when it differs from ``size``; ``prompt``: one prompt
+    for all pairs or a sequence of ``n``; ``captions``: per-side captions ``(chosen, rejected)``."""
     from mmalign.pairs import PairWriter, PreferencePair, read_pairs
 
-    def write(folder: Path, n: int, *, chosen: float = 0.7, rejected: float = 0.3,
-              size: tuple[int, int] = (32, 32), prompt: str = "a photo",
-              texts: tuple[str, str] = ("", ""), seed: int = 0) -> list[Any]:
+    def write(folder: Path, n: int, *, chosen: float = 0.7, rejected: float | None = 0.3,
+              size: tuple[int, int] = (32, 32), rejected_size: tuple[int, int] | None = None,
+              prompt: str | Sequence[str] = "a photo", texts: tuple[str, str] = ("", ""),
+              captions: tuple[str, str] | None = None, seed: int = 0) -> list[Any]:
+        prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != n:
+            raise ValueError(f"{len(prompts)} prompts for {n} pairs")
+        chosen_caption, rejected_caption = captions if captions is not None else (None, None)
         with PairWriter(folder, durable=False) as writer:
             for i in range(n):
-                chosen_rel = writer.add_media(_noisy_image(chosen, size, seed + 2 * i), f"img/{i}_chosen.png")
-                rejected_rel = writer.add_media(_noisy_image(rejected, size, seed + 2 * i + 1), f"img/{i}_rejected.png")
-                writer.write(PreferencePair(f"p{i}", prompt, texts[0], texts[1], [chosen_rel], [rejected_rel]))
+                image = _noisy_image(chosen, size, seed + 2 * i)
+                other = (_noisy_image(chosen, rejected_size or size, seed + 2 * i) if rejected is None
+                         else _noisy_image(rejected, rejected_size or size, seed + 2 * i + 1))
+                chosen_rel = writer.add_media(image, f"img/{i}_chosen.png")
+                rejected_rel = writer.add_media(other, f"img/{i}_rejected.png")
+                writer.write(PreferencePair(f"p{i}", prompts[i], texts[0], texts[1], [chosen_rel], [rejected_rel],
+                                            chosen_caption=chosen_caption, rejected_caption=rejected_caption))
         return read_pairs(folder)
 
     return write

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,27 +12,13 @@ from PIL import Image
 from diffusion.adapter import DiffusionAdapter, detect_architecture, drop_ties, resize_center_crop
 from diffusion.train import load_pipeline
 from mmalign.adapter import Adapter
-from mmalign.pairs import PairWriter, PreferencePair, read_pairs
-
-
-@pytest.fixture(scope="module")
-def sd():
-    return load_pipeline("tiny:sd")
+from mmalign.pairs import PreferencePair
 
 
 @pytest.fixture(scope="module")
 def sd_v():
+    """The tiny SD pipeline saved with a v-prediction scheduler (only this file reads it; read-only)."""
     return load_pipeline("tiny:sd", prediction_type="v_prediction")
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return load_pipeline("tiny:sdxl")
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    return load_pipeline("tiny:sd3")
 
 
 def _image(value: float, size: tuple[int, int] = (32, 32), mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -43,22 +28,14 @@ def _image(value: float, size: tuple[int, int] = (32, 32), mode: str = "RGB", se
     return Image.fromarray((arr * 255).astype(np.uint8)).convert(mode)
 
 
-def write_pairs(folder: Path, n: int = 2, *, rejected_size: tuple[int, int] = (32, 32), captions: bool = True) -> list:
-    with PairWriter(folder) as writer:
-        for i in range(n):
-            c = writer.add_media(_image(0.7, seed=i), f"img/{i}_chosen.png")
-            r = writer.add_media(_image(0.3, rejected_size, seed=100 + i), f"img/{i}_rejected.png")
-            writer.write(PreferencePair(
-                id=f"p{i}", prompt="a red cube", chosen="", rejected="", chosen_media=[c], rejected_media=[r],
-                chosen_caption="a white cube" if captions else None,
-                rejected_caption="a black dog on a car" if captions else None,
-            ))
-    return read_pairs(folder)
+CAPTIONS = ("a white cube", "a black dog on a car")  # per-side captions (DCPO)
 
 
 @pytest.fixture
-def pairs(tmp_path):
-    return write_pairs(tmp_path / "data", 2)
+def pairs(tmp_path, write_image_pairs):
+    """Two pairs "a red cube", chosen brighter than rejected, with per-side captions (function-scoped:
+    tests edit their labels)."""
+    return write_image_pairs(tmp_path / "data", 2, prompt="a red cube", captions=CAPTIONS)
 
 
 def _prepared(adapter, pairs, seed=0):
@@ -66,14 +43,14 @@ def _prepared(adapter, pairs, seed=0):
     return adapter.prepare(batch, generator=torch.Generator().manual_seed(seed))
 
 
-def test_protocol_and_architectures(sd, sdxl, sd3):
-    assert isinstance(DiffusionAdapter(sd), Adapter)
-    assert [detect_architecture(p) for p in (sd, sdxl, sd3)] == ["sd", "sdxl", "sd3"]
-    assert DiffusionAdapter(sd).resolution == 32  # 16 latent * VAE factor 2
+def test_protocol_and_architectures(tiny_sd, tiny_sdxl, tiny_sd3):
+    assert isinstance(DiffusionAdapter(tiny_sd), Adapter)
+    assert [detect_architecture(p) for p in (tiny_sd, tiny_sdxl, tiny_sd3)] == ["sd", "sdxl", "sd3"]
+    assert DiffusionAdapter(tiny_sd).resolution == 32  # 16 latent * VAE factor 2
 
 
-def test_prepare_shares_one_draw_per_pair(sd, pairs):
-    adapter = DiffusionAdapter(sd)
+def test_prepare_shares_one_draw_per_pair(tiny_sd, pairs):
+    adapter = DiffusionAdapter(tiny_sd)
     batch = _prepared(adapter, pairs)
     assert batch["noise"].shape == (2, 4, 16, 16)
     assert batch["timesteps"].shape == (2,)
@@ -83,18 +60,13 @@ def test_prepare_shares_one_draw_per_pair(sd, pairs):
 
 
 @pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
-def test_chosen_and_rejected_share_noise_and_timestep(name, request, tmp_path):
+def test_chosen_and_rejected_share_noise_and_timestep(name, request, tmp_path, write_image_pairs):
     """Identical images on both sides give identical MSEs only if noise and timestep are shared."""
-    pipe = request.getfixturevalue(name)
-    with PairWriter(tmp_path / "same") as writer:
-        for i in range(2):
-            a = writer.add_media(_image(0.5, seed=i), f"{i}_a.png")
-            b = writer.add_media(_image(0.5, seed=i), f"{i}_b.png")  # same pixels, other file
-            writer.write(PreferencePair(id=f"s{i}", prompt="a cat", chosen="", rejected="",
-                                        chosen_media=[a], rejected_media=[b]))
+    pipe = request.getfixturevalue(f"tiny_{name}")
+    same = write_image_pairs(tmp_path / "same", 2, chosen=0.5, rejected=None, prompt="a cat")  # same pixels, other file
     adapter = DiffusionAdapter(pipe)
     model = pipe.transformer if adapter.architecture == "sd3" else pipe.unet
-    batch = _prepared(adapter, read_pairs(tmp_path / "same"))
+    batch = _prepared(adapter, same)
     with torch.no_grad():
         out = adapter.logps(model, batch)
         ref = adapter.logps(model, batch)  # the reference pass of the same step sees the same draws
@@ -125,8 +97,8 @@ def test_v_prediction_target_is_get_velocity(sd_v):
     torch.testing.assert_close(out.chosen, (pred - target).pow(2).mean(dim=(1, 2, 3)), rtol=1e-5, atol=1e-6)
 
 
-def test_epsilon_target_is_noise(sd):
-    adapter = DiffusionAdapter(sd)
+def test_epsilon_target_is_noise(tiny_sd):
+    adapter = DiffusionAdapter(tiny_sd)
     x0, noise = torch.ones(1, 4, 2, 2), torch.full((1, 4, 2, 2), 0.5)
     _, target = adapter.targets(x0, noise, torch.tensor([10]))
     assert torch.equal(target, noise)
@@ -138,9 +110,9 @@ def test_v_prediction_model_with_epsilon_setting_is_an_error(sd_v):
     DiffusionAdapter(sd_v, expect_prediction_type="v_prediction")  # matching is fine
 
 
-def test_flow_matching_target_and_interpolation(sd3, pairs):
+def test_flow_matching_target_and_interpolation(tiny_sd3, pairs):
     """x_t = (1 - s) x0 + s noise, target noise - x0; sigma = 0.25 by hand: x_t = 0.75*2 + 0.25*(-2) = 1."""
-    adapter = DiffusionAdapter(sd3)
+    adapter = DiffusionAdapter(tiny_sd3)
     noisy, target = adapter.targets(torch.full((1, 16, 2, 2), 2.0), torch.full((1, 16, 2, 2), -2.0),
                                     torch.tensor([250.0]), torch.tensor([0.25]))
     assert torch.allclose(noisy, torch.ones_like(noisy)) and torch.allclose(target, torch.full_like(target, -4.0))
@@ -152,7 +124,7 @@ def test_flow_matching_target_and_interpolation(sd3, pairs):
 
 @pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
 def test_dcpo_conditions_each_side_on_its_own_caption(name, request, pairs):
-    pipe = request.getfixturevalue(name)
+    pipe = request.getfixturevalue(f"tiny_{name}")
     adapter = DiffusionAdapter(pipe, caption_mode="per_side")
     batch = adapter.collate(pairs)
     assert batch["chosen_texts"] == ["a white cube"] * 2 and batch["rejected_texts"] == ["a black dog on a car"] * 2
@@ -168,9 +140,9 @@ def test_dcpo_conditions_each_side_on_its_own_caption(name, request, pairs):
     torch.testing.assert_close(same["prompt_embeds"][:2], same["prompt_embeds"][2:])
 
 
-def test_dcpo_missing_rejected_caption_names_pair_and_field(sd, tmp_path):
-    pairs = write_pairs(tmp_path / "nocap", 1, captions=False)
-    adapter = DiffusionAdapter(sd, caption_mode="per_side")
+def test_dcpo_missing_rejected_caption_names_pair_and_field(tiny_sd, tmp_path, write_image_pairs):
+    pairs = write_image_pairs(tmp_path / "nocap", 1, prompt="a red cube")
+    adapter = DiffusionAdapter(tiny_sd, caption_mode="per_side")
     with pytest.raises(ValueError, match=r"pair p0: .*'chosen_caption'.*caption_0"):
         adapter.collate(pairs)
     pairs[0].chosen_caption = "a white cube"
@@ -178,9 +150,9 @@ def test_dcpo_missing_rejected_caption_names_pair_and_field(sd, tmp_path):
         adapter.collate(pairs)
 
 
-def test_size_mismatch_resized_and_cropped_together(sdxl, tmp_path, caplog):
-    pairs = write_pairs(tmp_path / "sizes", 2, rejected_size=(48, 20))
-    adapter = DiffusionAdapter(sdxl)
+def test_size_mismatch_resized_and_cropped_together(tiny_sdxl, tmp_path, caplog, write_image_pairs):
+    pairs = write_image_pairs(tmp_path / "sizes", 2, rejected_size=(48, 20), prompt="a red cube", captions=CAPTIONS)
+    adapter = DiffusionAdapter(tiny_sdxl)
     with caplog.at_level(logging.WARNING, logger="diffusion.adapter"):
         batch = adapter.collate(pairs)
     warnings = [r for r in caplog.records if "resizing the rejected image" in r.getMessage()]
@@ -198,7 +170,7 @@ def test_resize_center_crop_offsets():
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "LA", "P"])
-def test_non_rgb_images_become_rgb(sd, tmp_path, mode):
+def test_non_rgb_images_become_rgb(tiny_sd, tmp_path, mode):
     folder = tmp_path / mode
     folder.mkdir()
     image = _image(0.6, mode=mode)
@@ -208,7 +180,7 @@ def test_non_rgb_images_become_rgb(sd, tmp_path, mode):
     _image(0.2).save(folder / "r.png")
     pair = PreferencePair(id="m", prompt="a cat", chosen="", rejected="",
                           chosen_media=["c.tiff" if mode == "CMYK" else "c.png"], rejected_media=["r.png"])
-    batch = DiffusionAdapter(sd, media_root=folder).collate([pair])
+    batch = DiffusionAdapter(tiny_sd, media_root=folder).collate([pair])
     pixels = batch["chosen_pixel_values"]
     assert pixels.shape == (1, 3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
     if mode == "RGBA":
@@ -217,29 +189,29 @@ def test_non_rgb_images_become_rgb(sd, tmp_path, mode):
         assert torch.equal(pixels[0, 0], pixels[0, 1]) and torch.equal(pixels[0, 1], pixels[0, 2])
 
 
-def test_grayscale_photo(sd, tmp_path):
+def test_grayscale_photo(tiny_sd, tmp_path):
     skimage = pytest.importorskip("skimage")
     Image.fromarray(skimage.data.camera()).save(tmp_path / "camera.png")  # 512x512, mode L
     Image.fromarray(skimage.data.astronaut()).save(tmp_path / "astronaut.png")
     pair = PreferencePair(id="photo", prompt="a photo", chosen="", rejected="",
                           chosen_media=["camera.png"], rejected_media=["astronaut.png"])
-    batch = DiffusionAdapter(sd, media_root=tmp_path).collate([pair])
+    batch = DiffusionAdapter(tiny_sd, media_root=tmp_path).collate([pair])
     assert batch["chosen_pixel_values"].shape == (1, 3, 32, 32)
     assert torch.equal(batch["chosen_pixel_values"][0, 0], batch["chosen_pixel_values"][0, 2])
 
 
-def test_ties_keep_pair_order_and_drop_ties_counts(sd, pairs):
+def test_ties_keep_pair_order_and_drop_ties_counts(tiny_sd, pairs):
     """What a tie means is the engine's policy (TrainConfig.ties); the adapter keeps its order."""
-    plain = DiffusionAdapter(sd).collate(pairs)
+    plain = DiffusionAdapter(tiny_sd).collate(pairs)
     pairs[1].label = 0.5
-    tied = DiffusionAdapter(sd).collate(pairs)
+    tied = DiffusionAdapter(tiny_sd).collate(pairs)
     assert torch.equal(plain["chosen_pixel_values"], tied["chosen_pixel_values"])
     kept, dropped = drop_ties(pairs)
     assert [p.id for p in kept] == ["p0"] and dropped == 1
 
 
-def test_label_zero_swaps_sides(sd, pairs):
-    adapter = DiffusionAdapter(sd, caption_mode="per_side")
+def test_label_zero_swaps_sides(tiny_sd, pairs):
+    adapter = DiffusionAdapter(tiny_sd, caption_mode="per_side")
     normal = adapter.collate(pairs[:1])
     pairs[0].label = 0.0
     swapped = adapter.collate(pairs[:1])
@@ -247,9 +219,9 @@ def test_label_zero_swaps_sides(sd, pairs):
     assert swapped["chosen_texts"] == normal["rejected_texts"]
 
 
-def test_label_noise_flips_drawn_from_generator(sd, tmp_path):
-    pairs = write_pairs(tmp_path / "many", 8)
-    adapter = DiffusionAdapter(sd, label_flip_prob=0.5)
+def test_label_noise_flips_drawn_from_generator(tiny_sd, tmp_path, write_image_pairs):
+    pairs = write_image_pairs(tmp_path / "many", 8, prompt="a red cube", captions=CAPTIONS)
+    adapter = DiffusionAdapter(tiny_sd, label_flip_prob=0.5)
     batch = adapter.collate(pairs)
     out = adapter.prepare(batch, generator=torch.Generator().manual_seed(3))
     flipped = out["flipped"]
@@ -258,13 +230,13 @@ def test_label_noise_flips_drawn_from_generator(sd, tmp_path):
         expect = batch["rejected_pixel_values"][i] if flipped[i] else batch["chosen_pixel_values"][i]
         assert torch.equal(out["chosen_pixel_values"][i], expect)
     # probabilities do not change the noise stream
-    plain = DiffusionAdapter(sd).prepare(batch, generator=torch.Generator().manual_seed(3))
+    plain = DiffusionAdapter(tiny_sd).prepare(batch, generator=torch.Generator().manual_seed(3))
     assert torch.equal(plain["noise"], out["noise"]) and torch.equal(plain["timesteps"], out["timesteps"])
 
 
 @pytest.mark.parametrize("name", ["sd", "sdxl"])
 def test_empty_prompt_dropout(name, request, pairs):
-    pipe = request.getfixturevalue(name)
+    pipe = request.getfixturevalue(f"tiny_{name}")
     adapter = DiffusionAdapter(pipe, empty_prompt_prob=1.0)
     model = pipe.unet
     batch = _prepared(adapter, pairs)
@@ -282,15 +254,15 @@ def test_empty_prompt_dropout(name, request, pairs):
     assert not torch.allclose(dropped.chosen, kept.chosen)
 
 
-def test_manual_training_step_lowers_chosen_mse(sd, pairs):
+def test_manual_training_step_lowers_chosen_mse(tiny_sd, pairs):
     """A few steps of Diffusion-DPO on one fixed draw move the policy's chosen-minus-rejected margin down."""
     import copy
 
     from mmalign.losses import diffusion_dpo
 
-    adapter = DiffusionAdapter(sd)
-    policy = copy.deepcopy(sd.unet).train()
-    reference = copy.deepcopy(sd.unet).eval().requires_grad_(False)
+    adapter = DiffusionAdapter(tiny_sd)
+    policy = copy.deepcopy(tiny_sd.unet).train()
+    reference = copy.deepcopy(tiny_sd.unet).eval().requires_grad_(False)
     batch = _prepared(adapter, pairs)
     with torch.no_grad():
         ref = adapter.logps(reference, batch)

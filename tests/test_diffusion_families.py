@@ -7,10 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from diffusion.adapter import DiffusionAdapter, detect_architecture
 from diffusion.cache import LatentCache, build_cache
@@ -26,27 +24,22 @@ from diffusion.families import (
     vae_scale_factor,
 )
 from diffusion.reno import NoiseSampler
-from diffusion.train import load_pipeline
-from mmalign.pairs import PairWriter, PreferencePair, read_pairs
+from mmalign.pairs import PreferencePair
 
 CPU = torch.device("cpu")
 SEQ = 8  # T5 tokens for the SD3 and Flux encodings: keeps them small
 
 
 @pytest.fixture(scope="module")
-def pipes() -> dict[str, Any]:
-    return {
-        "sd": load_pipeline("tiny:sd"),
-        "sdxl": load_pipeline("tiny:sdxl"),
-        "sd3": load_pipeline("tiny:sd3"),
-        "flux": load_pipeline("tiny:flux"),
-        "flux_dev": load_pipeline("tiny:flux", variant="dev"),
-    }
+def pipes(tiny_sd: Any, tiny_sdxl: Any, tiny_sd3: Any, tiny_flux: Any, tiny_flux_dev: Any) -> dict[str, Any]:
+    """The session's shared tiny pipelines by family key (read-only)."""
+    return {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux, "flux_dev": tiny_flux_dev}
 
 
-def _pixart() -> Any:
-    """A tiny PixArt-alpha pipeline built from configs (learned-sigma output halves, DDIM); its T5 text
-    encoding is stubbed (a T5 tokenizer would need sentencepiece files): 5 tokens of width 32 and a mask."""
+def _pixart(vae: Any) -> Any:
+    """A tiny PixArt-alpha pipeline built from configs (learned-sigma output halves, DDIM) around ``vae``
+    (frozen, only read); its T5 text encoding is stubbed (a T5 tokenizer would need sentencepiece files):
+    5 tokens of width 32 and a mask."""
     from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
 
     torch.manual_seed(0)
@@ -55,7 +48,7 @@ def _pixart() -> Any:
         cross_attention_dim=16, sample_size=16, patch_size=2, caption_channels=32, norm_num_groups=2)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
-    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=load_pipeline("tiny:sd").vae,
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae,
                                transformer=transformer, scheduler=scheduler)
 
     def stub(**kw: Any) -> tuple[torch.Tensor, torch.Tensor, None, None]:
@@ -69,22 +62,9 @@ def _pixart() -> Any:
     return pipe
 
 
-def _image(value: float, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    arr = np.clip(value + 0.15 * rng.standard_normal((32, 32, 3)), 0, 1)
-    return Image.fromarray((arr * 255).astype(np.uint8))
-
-
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory: pytest.TempPathFactory) -> list[PreferencePair]:
-    folder = tmp_path_factory.mktemp("family_pairs")
-    with PairWriter(folder) as writer:
-        for i in range(2):
-            c = writer.add_media(_image(0.7, i), f"img/{i}_c.png")
-            r = writer.add_media(_image(0.3, 50 + i), f"img/{i}_r.png")
-            writer.write(PreferencePair(id=f"p{i}", prompt=["a red cube", "a dog"][i], chosen="", rejected="",
-                                        chosen_media=[c], rejected_media=[r]))
-    return read_pairs(folder)
+def pairs(tmp_path_factory: pytest.TempPathFactory, write_image_pairs: Any) -> list[PreferencePair]:
+    return write_image_pairs(tmp_path_factory.mktemp("family_pairs"), 2, prompt=["a red cube", "a dog"])
 
 
 # ---------------------------------------------------------------------------------------------- detection
@@ -104,8 +84,8 @@ def test_each_tiny_family_is_detected(pipes: dict[str, Any], key: str, name: str
     assert [f.name for f in FAMILIES.values() if f.detect(pipe)] == [name]
 
 
-def test_pixart_detected_by_its_transformer_config() -> None:
-    assert family_of(_pixart()).name == "pixart"
+def test_pixart_detected_by_its_transformer_config(tiny_sd: Any) -> None:
+    assert family_of(_pixart(tiny_sd.vae)).name == "pixart"
 
 
 def test_one_name_for_sd3_with_flow_as_alias(tmp_path: Path) -> None:
@@ -198,9 +178,9 @@ def test_sdxl_empty_prompt_is_zeros_when_the_pipeline_says_so(pipes: dict[str, A
     assert all(bool((v == 0).all()) == zeros for v in empty.values())
 
 
-def test_pixart_encode_forward_and_adapter(pairs: list[PreferencePair]) -> None:
+def test_pixart_encode_forward_and_adapter(tiny_sd: Any, pairs: list[PreferencePair]) -> None:
     """Attention mask and learned-sigma halves: the family keeps the noise half; the adapter trains on it."""
-    pipe = _pixart()
+    pipe = _pixart(tiny_sd.vae)
     family = family_of(pipe)
     cond, _ = family.encode_prompt(pipe, ["a", "abc"], device=CPU)
     assert set(cond) == {"prompt_embeds", "attention_mask"} and cond["attention_mask"].shape == (2, 5)

@@ -14,16 +14,11 @@ from PIL import Image
 
 from diffusion.adapter import DiffusionAdapter
 from diffusion.cache import LatentCache, build_cache
-from diffusion.train import DiffusionTrainConfig, load_pipeline, run
+from diffusion.train import DiffusionTrainConfig, run
 from mmalign.config import load_config
 from mmalign.pairs import PairWriter, PreferencePair, read_pairs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "scripts" / "configs"
-
-
-@pytest.fixture(scope="module")
-def sd():
-    return load_pipeline("tiny:sd")
 
 
 def _image(value: float, seed: int) -> Image.Image:
@@ -53,8 +48,8 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def test_both_sides_of_a_pair_flip_together(sd, pairs):
-    adapter = DiffusionAdapter(sd, random_flip=True)
+def test_both_sides_of_a_pair_flip_together(tiny_sd, pairs):
+    adapter = DiffusionAdapter(tiny_sd, random_flip=True)
     batch = adapter.collate(pairs)
     out = adapter.prepare(batch, generator=_gen(0))
     hflip = out["hflip"]
@@ -71,9 +66,9 @@ def test_both_sides_of_a_pair_flip_together(sd, pairs):
     assert torch.equal(again["hflip"], hflip)
 
 
-def test_about_half_of_the_pairs_flip(sd, pairs):
+def test_about_half_of_the_pairs_flip(tiny_sd, pairs):
     """400 draws of p = 0.5: mean 200, sd sqrt(400 * 0.25) = 10; [150, 250] is 5 sd either side."""
-    adapter = DiffusionAdapter(sd, random_flip=True)
+    adapter = DiffusionAdapter(tiny_sd, random_flip=True)
     batch = adapter.collate(pairs)
     generator = _gen(1)
     draws = torch.cat([adapter.prepare(batch, generator=generator)["hflip"] for _ in range(50)])
@@ -81,8 +76,8 @@ def test_about_half_of_the_pairs_flip(sd, pairs):
     assert 150 <= int(draws.sum()) <= 250
 
 
-def test_flipped_latents_are_the_vae_latents_of_the_mirrored_images(sd, pairs):
-    adapter = DiffusionAdapter(sd, random_flip=True)
+def test_flipped_latents_are_the_vae_latents_of_the_mirrored_images(tiny_sd, pairs):
+    adapter = DiffusionAdapter(tiny_sd, random_flip=True)
     batch = adapter.collate(pairs)
     out = adapter.prepare(batch, generator=_gen(0))
     hflip = out["hflip"]
@@ -97,12 +92,12 @@ def test_flipped_latents_are_the_vae_latents_of_the_mirrored_images(sd, pairs):
     assert not torch.allclose(mirrored, plain.flip(-1), atol=1e-3)
 
 
-def test_cached_equals_uncached_for_the_same_generator_state(sd, pairs, tmp_path):
-    plain = DiffusionAdapter(sd, random_flip=True)
+def test_cached_equals_uncached_for_the_same_generator_state(tiny_sd, pairs, tmp_path):
+    plain = DiffusionAdapter(tiny_sd, random_flip=True)
     root = build_cache(plain, pairs, tmp_path / "cache", shard_size=4, batch_size=3)
     assert LatentCache(root).flipped_latents
     assert json.loads((root / "index.json").read_text())["meta"]["flipped_latents"] is True
-    cached = DiffusionAdapter(sd, random_flip=True, cache_dir=root)
+    cached = DiffusionAdapter(tiny_sd, random_flip=True, cache_dir=root)
     a = plain.prepare(plain.collate(pairs), generator=_gen(5))
     b = cached.prepare(cached.collate(pairs), generator=_gen(5))
     assert torch.equal(a["hflip"], b["hflip"]) and 0 < int(a["hflip"].sum()) < 8
@@ -110,26 +105,26 @@ def test_cached_equals_uncached_for_the_same_generator_state(sd, pairs, tmp_path
     cpu = torch.device("cpu")
     torch.testing.assert_close(b["chosen_latents"], plain.encode_batch(a, cpu)["latents"][:8], rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        la, lb = plain.logps(sd.unet, a), cached.logps(sd.unet, b)
+        la, lb = plain.logps(tiny_sd.unet, a), cached.logps(tiny_sd.unet, b)
     torch.testing.assert_close(la.chosen, lb.chosen, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(la.rejected, lb.rejected, rtol=1e-5, atol=1e-6)
     # a cache with mirrored latents also serves a run without flips, as the unflipped cache would
-    unflipped = DiffusionAdapter(sd, cache_dir=root)
+    unflipped = DiffusionAdapter(tiny_sd, cache_dir=root)
     c = unflipped.prepare(unflipped.collate(pairs), generator=_gen(5))
-    d = DiffusionAdapter(sd).prepare(DiffusionAdapter(sd).collate(pairs), generator=_gen(5))
+    d = DiffusionAdapter(tiny_sd).prepare(DiffusionAdapter(tiny_sd).collate(pairs), generator=_gen(5))
     assert "hflip" not in c and "chosen_flipped_latents" not in c
     with torch.no_grad():
-        torch.testing.assert_close(unflipped.logps(sd.unet, c).chosen, DiffusionAdapter(sd).logps(sd.unet, d).chosen,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(unflipped.logps(tiny_sd.unet, c).chosen,
+                                   DiffusionAdapter(tiny_sd).logps(tiny_sd.unet, d).chosen, rtol=1e-5, atol=1e-6)
 
 
-def test_cache_without_flipped_latents_is_refused(sd, pairs, tmp_path):
-    root = build_cache(DiffusionAdapter(sd), pairs[:3], tmp_path / "cache", shard_size=2)
+def test_cache_without_flipped_latents_is_refused(tiny_sd, pairs, tmp_path):
+    root = build_cache(DiffusionAdapter(tiny_sd), pairs[:3], tmp_path / "cache", shard_size=2)
     assert not LatentCache(root).flipped_latents
     with pytest.raises(ValueError, match="no latents of horizontally flipped images"):
-        DiffusionAdapter(sd, random_flip=True, cache_dir=root)
+        DiffusionAdapter(tiny_sd, random_flip=True, cache_dir=root)
     with pytest.raises(ValueError, match="rebuild the cache with random_flip on"):
-        build_cache(DiffusionAdapter(sd, random_flip=True), pairs[:3], root, shard_size=2)
+        build_cache(DiffusionAdapter(tiny_sd, random_flip=True), pairs[:3], root, shard_size=2)
     with pytest.raises(ValueError, match="no latents of horizontally flipped images"):
         LatentCache(root).load_pair("p0", flipped=True)
     # a cache written before the flag existed has no "flipped_latents" in its index: read as False
@@ -138,18 +133,18 @@ def test_cache_without_flipped_latents_is_refused(sd, pairs, tmp_path):
     del index["meta"]["flipped_latents"]
     index_path.write_text(json.dumps(index))
     with pytest.raises(ValueError, match="no latents of horizontally flipped images"):
-        DiffusionAdapter(sd, random_flip=True, cache_dir=root)
-    DiffusionAdapter(sd, cache_dir=root)  # still fine without flips
-    assert build_cache(DiffusionAdapter(sd), pairs[:3], root, shard_size=2) == root  # and resumable
+        DiffusionAdapter(tiny_sd, random_flip=True, cache_dir=root)
+    DiffusionAdapter(tiny_sd, cache_dir=root)  # still fine without flips
+    assert build_cache(DiffusionAdapter(tiny_sd), pairs[:3], root, shard_size=2) == root  # and resumable
 
 
-def test_random_flip_off_is_exactly_the_old_behaviour(sd, pairs):
-    batch = DiffusionAdapter(sd).collate(pairs)
+def test_random_flip_off_is_exactly_the_old_behaviour(tiny_sd, pairs):
+    batch = DiffusionAdapter(tiny_sd).collate(pairs)
     g_default, g_off, g_on = _gen(2), _gen(2), _gen(2)
-    default = DiffusionAdapter(sd, label_flip_prob=0.3, empty_prompt_prob=0.3).prepare(batch, generator=g_default)
-    off = DiffusionAdapter(sd, label_flip_prob=0.3, empty_prompt_prob=0.3, random_flip=False).prepare(
+    default = DiffusionAdapter(tiny_sd, label_flip_prob=0.3, empty_prompt_prob=0.3).prepare(batch, generator=g_default)
+    off = DiffusionAdapter(tiny_sd, label_flip_prob=0.3, empty_prompt_prob=0.3, random_flip=False).prepare(
         batch, generator=g_off)
-    on = DiffusionAdapter(sd, label_flip_prob=0.3, empty_prompt_prob=0.3, random_flip=True).prepare(
+    on = DiffusionAdapter(tiny_sd, label_flip_prob=0.3, empty_prompt_prob=0.3, random_flip=True).prepare(
         batch, generator=g_on)
     assert "hflip" not in off and set(off) == set(default)
     for key, value in default.items():

@@ -10,15 +10,10 @@ from diffusion.toy import brightness_axis, brightness_pairs, latent_score, widen
 from diffusion.train import load_pipeline
 
 
-@pytest.fixture(scope="module")
-def sd3():
-    return load_pipeline("tiny:sd3")
-
-
-def test_latent_score_puts_the_dark_and_bright_means_at_0_and_1(sd3, tmp_path) -> None:
+def test_latent_score_puts_the_dark_and_bright_means_at_0_and_1(tiny_sd3, tmp_path) -> None:
     """Means of the chosen (bright) latents score exactly 1, rejected (dark) 0: the axis is their difference."""
     pairs = brightness_pairs(tmp_path / "p", 6, seed=0, prefix="t")
-    adapter = DiffusionAdapter(sd3)
+    adapter = DiffusionAdapter(tiny_sd3)
     axis = brightness_axis(adapter, pairs)
     enc = adapter.collate(pairs)
     chosen = latent_score(adapter.encode_images(enc["chosen_pixel_values"]), axis)
@@ -28,7 +23,7 @@ def test_latent_score_puts_the_dark_and_bright_means_at_0_and_1(sd3, tmp_path) -
     assert rejected.mean().item() == pytest.approx(0.0, abs=1e-4)
 
 
-def test_widen_transformer_keeps_io_and_changes_width(sd3) -> None:
+def test_widen_transformer_keeps_io_and_changes_width() -> None:
     pipe = load_pipeline("tiny:sd3")
     old = pipe.transformer
     wide = widen_transformer(pipe, 64, seed=0)
@@ -41,15 +36,15 @@ def test_widen_transformer_keeps_io_and_changes_width(sd3) -> None:
         widen_transformer(pipe, 66)
 
 
-def test_flow_targets_match_the_sampler_step(sd3) -> None:
+def test_flow_targets_match_the_sampler_step(tiny_sd3) -> None:
     """Training ``timestep = 1000 sigma``; a sampler step with the exact velocity ``noise - x0`` from
     ``x_sigma = (1 - sigma) x0 + sigma noise`` lands on ``x_sigma_next`` (Euler is exact on a straight path)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    adapter = DiffusionAdapter(sd3)
+    adapter = DiffusionAdapter(tiny_sd3)
     batch = adapter.prepare({"ids": list(range(64))}, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(batch["timesteps"], 1000 * batch["sigmas"], rtol=1e-5, atol=1e-3)
-    sched = FlowMatchEulerDiscreteScheduler.from_config(sd3.scheduler.config)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(tiny_sd3.scheduler.config)
     sched.set_timesteps(20)
     torch.testing.assert_close(sched.timesteps, 1000 * sched.sigmas[:-1], rtol=1e-5, atol=1e-3)
     g = torch.Generator().manual_seed(1)

@@ -119,21 +119,14 @@ def _fresh_latents(adapter, pair) -> dict[str, torch.Tensor]:
             "prompt_embeds": adapter.encode_texts([pair.prompt], torch.device("cpu"))["prompt_embeds"][0]}
 
 
-@pytest.fixture(scope="module")
-def sd():
-    from diffusion.train import load_pipeline
-
-    return load_pipeline("tiny:sd")
-
-
-def test_cache_rebuilds_when_the_data_under_the_same_ids_changes(sd, tmp_path):
+def test_cache_rebuilds_when_the_data_under_the_same_ids_changes(tiny_sd, tmp_path):
     """Same pair ids, swapped images and new prompts: the old code kept the stale latents."""
     from diffusion.adapter import DiffusionAdapter
     from diffusion.cache import LatentCache, build_cache
 
     old = _write_pairs(tmp_path / "old", [(0.8, 0.2), (0.7, 0.3), (0.6, 0.4)], ["a red cube"] * 3)
     new = _write_pairs(tmp_path / "new", [(0.2, 0.8), (0.3, 0.7), (0.4, 0.6)], ["a blue ball"] * 3)
-    adapter = DiffusionAdapter(sd)
+    adapter = DiffusionAdapter(tiny_sd)
     root = build_cache(adapter, old, tmp_path / "cache", shard_size=2)
     build_cache(adapter, new, root, shard_size=2)
     cache = LatentCache(root)
@@ -144,12 +137,12 @@ def test_cache_rebuilds_when_the_data_under_the_same_ids_changes(sd, tmp_path):
         torch.testing.assert_close(cached["chosen_prompt_embeds"], fresh["prompt_embeds"])
 
 
-def test_cache_rebuilds_a_shard_whose_image_was_replaced_in_place(sd, tmp_path):
+def test_cache_rebuilds_a_shard_whose_image_was_replaced_in_place(tiny_sd, tmp_path):
     from diffusion.adapter import DiffusionAdapter
     from diffusion.cache import LatentCache, build_cache
 
     pairs = _write_pairs(tmp_path / "d", [(0.8, 0.2), (0.7, 0.3), (0.6, 0.4)], ["a red cube"] * 3)
-    adapter = DiffusionAdapter(sd)
+    adapter = DiffusionAdapter(tiny_sd)
     root = build_cache(adapter, pairs, tmp_path / "cache", shard_size=2)
     untouched = (root / "shard-00000.safetensors").stat().st_mtime_ns
     import shutil
@@ -161,14 +154,14 @@ def test_cache_rebuilds_a_shard_whose_image_was_replaced_in_place(sd, tmp_path):
                                _fresh_latents(adapter, pairs[2])["rejected_latents"])
 
 
-def test_cache_built_by_other_weights_is_refused(tmp_path):
+def test_cache_built_by_other_weights_is_refused(tiny_sd, tmp_path):
     """A pipeline whose VAE (or text encoder) weights differ must not train on the old latents."""
     from diffusion.adapter import DiffusionAdapter
     from diffusion.cache import build_cache
     from diffusion.train import load_pipeline
 
     pairs = _write_pairs(tmp_path / "d", [(0.8, 0.2), (0.7, 0.3)], ["a red cube"] * 2)
-    first = load_pipeline("tiny:sd")
+    first = tiny_sd
     root = build_cache(DiffusionAdapter(first), pairs, tmp_path / "cache")
     DiffusionAdapter(first, cache_dir=root)  # the same weights: accepted
     for component in ("vae", "text_encoder"):
@@ -228,15 +221,14 @@ def test_online_pso_stopped_and_resumed_ends_bitwise_equal(monkeypatch, tmp_path
     assert not different, f"{len(different)} of {len(a)} LoRA tensors differ"
 
 
-def test_online_pso_keeps_what_a_resume_needs_and_restores_it(tmp_path, pso_targets):
+def test_online_pso_keeps_what_a_resume_needs_and_restores_it(tiny_sd_euler_ancestral, tmp_path, pso_targets):
     """Without checkpoints only the offline sample and the current image of a pair stay; restore(step)
     copies back the image of the last call at or before ``step`` and drops later calls' files."""
     from types import SimpleNamespace
 
     from diffusion.pso import OnlinePSO, make_pso_pairs
-    from diffusion.train import load_pipeline
 
-    pipe = load_pipeline("tiny:sd", scheduler="euler_ancestral")
+    pipe = tiny_sd_euler_ancestral
     pairs = read_pairs(make_pso_pairs(pipe, read_pairs(pso_targets), tmp_path / "pso"))
     records = [repr(p) for p in pairs]
     online = OnlinePSO(pipe, pairs, every_n_steps=1, refresh_per_call=3)

@@ -16,37 +16,29 @@ from diffusion.adapter import DiffusionAdapter
 from diffusion.pso import OnlinePSO, few_step_scheduler, make_pso_pairs, sample_images
 from diffusion.train import DiffusionTrainConfig, _pso_guidance, load_pipeline, run
 from mmalign.engine import TrainConfig, train
-from mmalign.pairs import PairWriter, PreferencePair, read_pairs
+from mmalign.pairs import read_pairs
 
 SEQ = 8  # T5 tokens: keeps the tiny runs fast
 
 
-def _flux():
-    pipe = load_pipeline("tiny:flux")
+def _flux(pipe=None):
+    """The tiny Flux with its own few-step ``flow_euler`` scheduler: on the modules of ``pipe`` (a shared
+    pipeline, left as it is) or, without one, on a freshly loaded pipeline (for a test that trains it)."""
+    pipe = load_pipeline("tiny:flux") if pipe is None else type(pipe)(**pipe.components)
     pipe.set_progress_bar_config(disable=True)
     few_step_scheduler(pipe, "flow_euler")
     return pipe
 
 
 @pytest.fixture(scope="module")
-def schnell():
-    return _flux()
+def schnell(tiny_flux):
+    """The session's tiny Flux modules (read-only) in a pipeline object of this file's own."""
+    return _flux(tiny_flux)
 
 
-def _image(value: float, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    arr = np.clip(value + 0.15 * rng.standard_normal((32, 32, 3)), 0, 1)
-    return Image.fromarray((arr * 255).astype(np.uint8))
-
-
-def make_targets(folder: Path, n: int = 4) -> Path:
+def make_targets(write_image_pairs, folder: Path, n: int = 4) -> Path:
     """Target images (the PSO chosen side); the rejected side is replaced by the model's samples."""
-    with PairWriter(folder) as writer:
-        for i in range(n):
-            c = writer.add_media(_image(0.75, i), f"img/{i}_c.png")
-            r = writer.add_media(_image(0.25, 50 + i), f"img/{i}_r.png")
-            writer.write(PreferencePair(id=f"p{i}", prompt=f"a red cube {i}", chosen="", rejected="",
-                                        chosen_media=[c], rejected_media=[r]))
+    write_image_pairs(folder, n, chosen=0.75, rejected=0.25, prompt=[f"a red cube {i}" for i in range(n)])
     return folder
 
 
@@ -65,8 +57,8 @@ def test_flux_samples_have_the_training_size_and_do_not_depend_on_batching(schne
     assert np.array_equal(_pixels(alone[0]), arrays[1])
 
 
-def test_offline_pairs_and_online_refresh(schnell, tmp_path):
-    targets = read_pairs(make_targets(tmp_path / "targets", 2))
+def test_offline_pairs_and_online_refresh(schnell, tmp_path, write_image_pairs):
+    targets = read_pairs(make_targets(write_image_pairs, tmp_path / "targets", 2))
     folder = make_pso_pairs(schnell, targets, tmp_path / "pso", num_inference_steps=1, max_sequence_length=SEQ)
     pso_pairs = read_pairs(folder)
     assert [p.id for p in pso_pairs] == ["p0", "p1"]
@@ -80,10 +72,10 @@ def test_offline_pairs_and_online_refresh(schnell, tmp_path):
     assert (folder / pso_pairs[0].rejected_media[0]).read_bytes() != first
 
 
-def test_online_pso_trains_the_flux_transformer_and_samples_the_policy(tmp_path):
+def test_online_pso_trains_the_flux_transformer_and_samples_the_policy(tmp_path, write_image_pairs):
     """Engine + LoRA on the pipeline's own transformer: the online callback samples the policy being tuned."""
-    pipe = _flux()
-    targets = read_pairs(make_targets(tmp_path / "targets", 4))
+    pipe = _flux()  # its own: LoRA goes into this transformer
+    targets = read_pairs(make_targets(write_image_pairs, tmp_path / "targets", 4))
     pairs = read_pairs(make_pso_pairs(pipe, targets, tmp_path / "pso", max_sequence_length=SEQ))
     before_samples = sample_images(pipe, ["a cat"], max_sequence_length=SEQ, seed=7)
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
@@ -113,8 +105,8 @@ def test_online_pso_trains_the_flux_transformer_and_samples_the_policy(tmp_path)
 
 
 @pytest.mark.parametrize("mode", ["offline", "online"])
-def test_run_pso_on_flux_end_to_end(mode, tmp_path):
-    data = make_targets(tmp_path / "targets", 4)
+def test_run_pso_on_flux_end_to_end(mode, tmp_path, write_image_pairs):
+    data = make_targets(write_image_pairs, tmp_path / "targets", 4)
     out = tmp_path / "run"
     config = DiffusionTrainConfig(
         tiny=True, tiny_pretrained="tiny:flux", data=str(data), output_dir=str(out), objective="pso",
@@ -139,10 +131,11 @@ def test_run_pso_on_flux_end_to_end(mode, tmp_path):
     assert any("lora" in name for name, _ in fresh.transformer.named_parameters())
 
 
-def test_guidance_distilled_flux_is_sampled_with_its_training_guidance(schnell, tmp_path):
+def test_guidance_distilled_flux_is_sampled_with_its_training_guidance(schnell, tiny_flux_dev, tiny_sd, tmp_path,
+                                                                      write_image_pairs):
     """FLUX.1-dev class: the pipeline's guidance_scale is the guidance embedding (3.5 in training), not CFG;
     PSO's default samples with flux_guidance, not 0 (an input the model is never trained or used with)."""
-    data = make_targets(tmp_path / "targets", 2)
+    data = make_targets(write_image_pairs, tmp_path / "targets", 2)
     out = tmp_path / "run"
     config = DiffusionTrainConfig(
         tiny=True, tiny_pretrained="tiny:flux", tiny_kwargs={"variant": "dev"}, data=str(data), output_dir=str(out),
@@ -155,8 +148,7 @@ def test_guidance_distilled_flux_is_sampled_with_its_training_guidance(schnell, 
     run(config)
     pso_pairs = read_pairs(out / "pso_pairs")
     assert pso_pairs[0].meta["pso"]["guidance_scale"] == 3.5
-    dev = load_pipeline("tiny:flux", variant="dev")
-    dev.set_progress_bar_config(disable=True)
+    dev = tiny_flux_dev
     seed = config.train.seed
     kw = {"num_inference_steps": 1, "max_sequence_length": SEQ, "seed": seed}
     sample = _pixels(Image.open(out / "pso_pairs" / pso_pairs[0].rejected_media[0]))
@@ -167,6 +159,6 @@ def test_guidance_distilled_flux_is_sampled_with_its_training_guidance(schnell, 
     assert _pso_guidance(dev, DiffusionTrainConfig(pso_guidance_scale=1.0)) == 1.0
     assert _pso_guidance(dev, DiffusionTrainConfig(flux_guidance=2.0)) == 2.0
     assert _pso_guidance(schnell, DiffusionTrainConfig(flux_guidance=2.0)) == 0.0
-    assert _pso_guidance(load_pipeline("tiny:sd"), DiffusionTrainConfig()) == 0.0
+    assert _pso_guidance(tiny_sd, DiffusionTrainConfig()) == 0.0
     with pytest.raises(ValueError, match="pso_guidance_scale"):
         DiffusionTrainConfig(pso_guidance_scale=-1.0)

@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 
 from diffusion.adapter import DiffusionAdapter, resize_center_crop
-from diffusion.train import DiffusionTrainConfig, load_pipeline
+from diffusion.train import DiffusionTrainConfig
 from mmalign.config import load_config
 from mmalign.pairs import PairWriter, PreferencePair, read_pairs
 
@@ -38,11 +38,6 @@ DIFFUSION_CONFIGS = sorted(
 TURBO_TIMESTEPS = [249, 499, 749, 999]
 
 
-@pytest.fixture(scope="module")
-def sd():
-    return load_pipeline("tiny:sd")
-
-
 def _load(name: str) -> DiffusionTrainConfig:
     return load_config(DiffusionTrainConfig, ["--config", str(CONFIGS / f"{name}.yaml")])
 
@@ -50,22 +45,22 @@ def _load(name: str) -> DiffusionTrainConfig:
 # ------------------------------------------------------------------ turbo timesteps
 
 
-def test_train_timesteps_map_uniform_draws_like_the_turbo_references(sd):
+def test_train_timesteps_map_uniform_draws_like_the_turbo_references(tiny_sd):
     """Same generator, same raw draws: the turbo set maps t -> 250 * (t % 4) + 249, as the diffusers
     SDXL script (``--is_turbo``) and Salesforce ``train.py`` do, so every timestep is in {249, ..., 999}."""
     batch = {"ids": [f"p{i}" for i in range(16)]}  # prepare draws from the batch size alone
-    uniform = DiffusionAdapter(sd).prepare(dict(batch), generator=torch.Generator().manual_seed(0))["timesteps"]
-    turbo = DiffusionAdapter(sd, train_timesteps=TURBO_TIMESTEPS).prepare(
+    uniform = DiffusionAdapter(tiny_sd).prepare(dict(batch), generator=torch.Generator().manual_seed(0))["timesteps"]
+    turbo = DiffusionAdapter(tiny_sd, train_timesteps=TURBO_TIMESTEPS).prepare(
         dict(batch), generator=torch.Generator().manual_seed(0))["timesteps"]
     assert torch.equal(turbo, 250 * (uniform % 4) + 249)
     assert set(turbo.tolist()) <= set(TURBO_TIMESTEPS) and len(set(turbo.tolist())) > 1
 
 
-def test_train_timesteps_are_validated(sd):
+def test_train_timesteps_are_validated(tiny_sd, tiny_sd3):
     with pytest.raises(ValueError, match="train_timesteps"):
-        DiffusionAdapter(sd, train_timesteps=[0, 1000])
+        DiffusionAdapter(tiny_sd, train_timesteps=[0, 1000])
     with pytest.raises(ValueError, match="train_timesteps"):
-        DiffusionAdapter(load_pipeline("tiny:sd3"), train_timesteps=TURBO_TIMESTEPS)
+        DiffusionAdapter(tiny_sd3, train_timesteps=TURBO_TIMESTEPS)
     with pytest.raises(ValueError, match="train_timesteps"):
         DiffusionTrainConfig(train_timesteps=[])
 
@@ -111,9 +106,9 @@ def test_crop_takes_the_pixels_the_offsets_name():
     assert np.asarray(crop)[:, 0].min() == 255 and np.asarray(crop)[:, 1].max() == 0
 
 
-def test_sdxl_time_ids_carry_the_rounded_crop(tmp_path):
+def test_sdxl_time_ids_carry_the_rounded_crop(tiny_sdxl, tmp_path):
     """SDXL's micro-conditioning (orig_h, orig_w, crop_top, crop_left, R, R) on an 87-px-wide image."""
-    sdxl = load_pipeline("tiny:sdxl")
+    sdxl = tiny_sdxl
     image = Image.new("RGB", (87, 64), (200, 100, 50))
     with PairWriter(tmp_path / "d") as writer:
         c = writer.add_media(image, "c.png")

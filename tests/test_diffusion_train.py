@@ -122,14 +122,14 @@ def test_lora_weights_load_with_load_lora_weights(dataset, tmp_path):
     assert card.startswith("---\nbase_model: \"tiny:sd\"\nlibrary_name: diffusers\n") and "load_lora_weights" in card
 
 
-def test_full_fine_tuning_saves_a_pipeline(dataset, tmp_path):
+def test_full_fine_tuning_saves_a_pipeline(dataset, tmp_path, tiny_sdxl):
     out = tmp_path / "full"
     result = run(load_config(DiffusionTrainConfig, _argv(
         "sdxl_mapo", dataset, out, "--train.lora_r", "0", "--train.learning_rate", "1e-3", "--grid_steps", "0",
     )))
     assert result.lora_dir is None and result.pipeline_dir == out / "pipeline"
     loaded = load_pipeline(str(out / "pipeline"))
-    original = load_pipeline("tiny:sdxl")
+    original = tiny_sdxl
     changed = any(not torch.equal(a, b) for a, b in zip(loaded.unet.parameters(), original.unet.parameters(), strict=True))
     assert changed
 
@@ -149,7 +149,7 @@ def test_dcpo_without_captions_fails_before_training(tmp_path):
 
 
 def test_cache_matches_uncached_and_skips_encoders(tmp_path):
-    pipe = load_pipeline("tiny:sdxl")
+    pipe = load_pipeline("tiny:sdxl")  # its own: the test patches its encoders
     pairs = read_pairs(make_dataset(tmp_path / "d", n=3))
     plain = DiffusionAdapter(pipe, caption_mode="per_side")
     build_cache(plain, pairs, tmp_path / "cache", shard_size=2)
@@ -173,8 +173,8 @@ def test_cache_matches_uncached_and_skips_encoders(tmp_path):
     torch.testing.assert_close(a.rejected, b.rejected, rtol=1e-5, atol=1e-6)
 
 
-def test_cache_resumes_and_rejects_other_settings(tmp_path):
-    pipe = load_pipeline("tiny:sd")
+def test_cache_resumes_and_rejects_other_settings(tiny_sd, tmp_path):
+    pipe = tiny_sd
     pairs = read_pairs(make_dataset(tmp_path / "d", n=3))
     adapter = DiffusionAdapter(pipe)
     root = build_cache(adapter, pairs, tmp_path / "cache", shard_size=2)
@@ -198,8 +198,8 @@ def test_training_with_cache_end_to_end(dataset, tmp_path):
     assert len(result.metrics) == 2 and (tmp_path / "cache" / "index.json").is_file()
 
 
-def test_pso_offline_pairs_and_online_refresh(tmp_path):
-    pipe = load_pipeline("tiny:sd", scheduler="euler_ancestral")
+def test_pso_offline_pairs_and_online_refresh(tiny_sd_euler_ancestral, tmp_path):
+    pipe = tiny_sd_euler_ancestral
     targets = read_pairs(make_dataset(tmp_path / "targets", n=2))
     folder = make_pso_pairs(pipe, targets, tmp_path / "pso", num_inference_steps=1, guidance_scale=0.0)
     pso_pairs = read_pairs(folder)
@@ -237,7 +237,7 @@ def test_xformers_falls_back_to_sdpa_without_cuda(caplog):
     import logging
     import warnings
 
-    unet = load_pipeline("tiny:sd").unet
+    unet = load_pipeline("tiny:sd").unet  # its own: set_attention changes its attention processors
     with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert set_attention(unet, "xformers") == "sdpa"

@@ -78,8 +78,8 @@ def test_sampler_matches_the_diffusers_pipeline(sd_pipe: Any, steps: int) -> Non
     torch.testing.assert_close(ours, ref, atol=1e-3, rtol=1e-4)
 
 
-def test_sampler_sd3_flow_matches_pipeline_and_has_gradient() -> None:
-    pipe = _load("sd3")
+def test_sampler_sd3_flow_matches_pipeline_and_has_gradient(tiny_sd3: Any) -> None:
+    pipe = tiny_sd3
     kw = {"max_sequence_length": 8}
     sampler = NoiseSampler(pipe, ["a red cat"], num_inference_steps=2, encode_kwargs=kw)
     assert sampler.kind == "sd3" and sampler.latent_shape == (16, 16, 16)
@@ -94,7 +94,7 @@ def test_sampler_sd3_flow_matches_pipeline_and_has_gradient() -> None:
 
 
 def test_sdxl_added_conditioning_and_gradient() -> None:
-    pipe = _load("sdxl")
+    pipe = _load("sdxl")  # its own: the backward leaves gradients in its UNet
     sampler = NoiseSampler(pipe, ["a", "b"])
     assert sampler.kind == "sdxl"
     assert sampler.cond["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 2
@@ -104,7 +104,7 @@ def test_sdxl_added_conditioning_and_gradient() -> None:
 
 
 @pytest.mark.parametrize("steps", [1, 2])
-def test_sampler_pixart_class_matches_pipeline(steps: int) -> None:
+def test_sampler_pixart_class_matches_pipeline(tiny_sd: Any, steps: int) -> None:
     """PixArt-class: transformer with learned-sigma output halves, attention mask, DDIM. Text encoding is
     stubbed (a T5 would need sentencepiece files); the pipeline then runs from the same prompt_embeds.
     Our x_T is sqrt(1 - abar_999) * z, so the pipeline (init_noise_sigma 1) is given that latent."""
@@ -116,7 +116,7 @@ def test_sampler_pixart_class_matches_pipeline(steps: int) -> None:
         cross_attention_dim=16, sample_size=16, patch_size=2, caption_channels=32, norm_num_groups=2)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
-    vae = _load("sd").vae
+    vae = tiny_sd.vae  # frozen, only read (optimize_noise restores what it freezes)
     pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                                scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -356,16 +356,12 @@ def test_a_plain_function_is_a_reward(sd_pipe: Any) -> None:
     torch.testing.assert_close(res.rewards, res.reward_scores["_redness"])
 
 
-def _ancestral_sd() -> Any:
-    return _load("sd", scheduler="euler_ancestral")
-
-
-def test_ancestral_sampler_matches_the_pipeline() -> None:
+def test_ancestral_sampler_matches_the_pipeline(tiny_sd_euler_ancestral: Any) -> None:
     """ReNO samples 2-4 step SDXL-Turbo with EulerAncestralDiscreteScheduler (models/utils.py), reseeding its
     generator every iteration, so the added noise is the same for every iteration. Ours: prompt i's CPU
     generator (seed + i) draws the initial noise, then one ancestral noise per step, once. Given that
     generator after the initial noise, the diffusers pipeline makes the same latent."""
-    pipe = _ancestral_sd()
+    pipe = tiny_sd_euler_ancestral
     sampler = NoiseSampler(pipe, ["a red cat"], num_inference_steps=2, seed=7)
     assert sampler.ancestral  # followed the pipeline's scheduler
     g = torch.Generator().manual_seed(7)
@@ -390,7 +386,7 @@ def test_ancestral_sdxl_runs_repeat() -> None:
     """SDXL(-Turbo) with ReNO's EulerAncestral scheduler, 2 steps: the same seed gives the same run."""
     from diffusers import EulerAncestralDiscreteScheduler
 
-    pipe = _load("sdxl")
+    pipe = _load("sdxl")  # its own: its scheduler is swapped
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
     kw = dict(steps=3, num_inference_steps=2, height=16, width=16, progress=False)
     first = optimize_noise(pipe, "a red apple", REDNESS, **kw)
@@ -401,6 +397,6 @@ def test_ancestral_sdxl_runs_repeat() -> None:
     assert not torch.equal(first.final_latents, first.initial_latents)
 
 
-def test_ancestral_needs_a_variance_preserving_scheduler() -> None:
+def test_ancestral_needs_a_variance_preserving_scheduler(tiny_sd3: Any) -> None:
     with pytest.raises(ValueError, match="ancestral"):
-        NoiseSampler(_load("sd3"), ["a"], ancestral=True, encode_kwargs={"max_sequence_length": 8})
+        NoiseSampler(tiny_sd3, ["a"], ancestral=True, encode_kwargs={"max_sequence_length": 8})

@@ -10,7 +10,6 @@ import torch
 from diffusion.adapter import pack_latents, unpack_latents
 from diffusion.reno import NoiseSampler, optimize_noise
 from mmalign.rewards import CallableReward
-from mmalign.tiny import cached_tiny
 
 KW = {"max_sequence_length": 8}
 
@@ -23,23 +22,10 @@ def _redness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 REDNESS = CallableReward(_redness, "redness")
 
 
-def _load(variant: str = "schnell") -> Any:
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(cached_tiny("flux", variant=variant))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def schnell() -> Any:
-    return _load()
-
-
 @pytest.mark.parametrize("steps", [1, 2])
-def test_sampler_matches_flux_pipeline(schnell: Any, steps: int) -> None:
+def test_sampler_matches_flux_pipeline(tiny_flux: Any, steps: int) -> None:
     """Same latent as ``pipe(..., latents=pack(z), output_type="latent")`` (packed), and the same image."""
-    sampler = NoiseSampler(schnell, ["a red cat"], num_inference_steps=steps, encode_kwargs=KW)
+    sampler = NoiseSampler(tiny_flux, ["a red cat"], num_inference_steps=steps, encode_kwargs=KW)
     assert sampler.kind == "flux" and sampler.latent_shape == (16, 16, 16) and (sampler.height, sampler.width) == (32, 32)
     # schnell: shift 1, no dynamic shifting -> the pipeline's sigmas linspace(1, 1/n, n) then 0
     expected = {1: [1.0, 0.0], 2: [1.0, 0.5, 0.0]}[steps]
@@ -47,21 +33,21 @@ def test_sampler_matches_flux_pipeline(schnell: Any, steps: int) -> None:
     z = torch.randn(1, *sampler.latent_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = sampler.latents_to_x0(z)
-        ref = schnell("a red cat", height=32, width=32, num_inference_steps=steps, guidance_scale=0.0,
-                      latents=pack_latents(z), output_type="latent", **KW).images
+        ref = tiny_flux("a red cat", height=32, width=32, num_inference_steps=steps, guidance_scale=0.0,
+                        latents=pack_latents(z), output_type="latent", **KW).images
         assert ref.shape == (1, 64, 64)  # 8x8 tokens of 16 channels x 2x2
         torch.testing.assert_close(pack_latents(ours), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours, unpack_latents(ref, 16, 16), atol=1e-5, rtol=1e-5)
         image = sampler(z)
-        pil = schnell("a red cat", height=32, width=32, num_inference_steps=steps, guidance_scale=0.0,
-                      latents=pack_latents(z), output_type="pt", **KW).images
+        pil = tiny_flux("a red cat", height=32, width=32, num_inference_steps=steps, guidance_scale=0.0,
+                        latents=pack_latents(z), output_type="pt", **KW).images
     assert image.shape == (1, 3, 32, 32)
     torch.testing.assert_close(image, pil, atol=1e-5, rtol=1e-5)
 
 
-def test_dev_variant_dynamic_shift_and_guidance_match_pipeline() -> None:
+def test_dev_variant_dynamic_shift_and_guidance_match_pipeline(tiny_flux_dev: Any) -> None:
     """FLUX.1-dev class: mu from 64 packed tokens, guidance 3.5 as an embedding (2 steps)."""
-    pipe = _load("dev")
+    pipe = tiny_flux_dev
     sampler = NoiseSampler(pipe, ["a red cat"], num_inference_steps=2, guidance_scale=3.5, encode_kwargs=KW)
     assert sampler.guidance == 3.5 and not sampler.cfg
     z = torch.randn(1, *sampler.latent_shape, generator=torch.Generator().manual_seed(1))
@@ -73,27 +59,29 @@ def test_dev_variant_dynamic_shift_and_guidance_match_pipeline() -> None:
 
 
 @pytest.mark.parametrize("steps", [1, 2])
-def test_reward_gradient_reaches_the_latent(schnell: Any, steps: int) -> None:
-    sampler = NoiseSampler(schnell, ["a red cat", "a blue car"], num_inference_steps=steps, encode_kwargs=KW)
+def test_reward_gradient_reaches_the_latent(tiny_flux: Any, steps: int) -> None:
+    sampler = NoiseSampler(tiny_flux, ["a red cat", "a blue car"], num_inference_steps=steps, encode_kwargs=KW)
     z = torch.randn(2, *sampler.latent_shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-    _redness(sampler(z), ["a red cat", "a blue car"]).sum().backward()
+    try:
+        _redness(sampler(z), ["a red cat", "a blue car"]).sum().backward()
+    finally:  # the bare sampler does not freeze (optimize_noise does): the shared pipeline keeps no .grad
+        for module in (tiny_flux.transformer, tiny_flux.vae):
+            module.zero_grad(set_to_none=True)
     assert z.grad is not None and z.grad.shape == (2, 16, 16, 16)
     assert torch.isfinite(z.grad).all() and (z.grad.flatten(1).abs().sum(1) > 0).all()
-    for module in (schnell.transformer, schnell.vae):  # the bare sampler does not freeze; optimize_noise does
-        module.zero_grad(set_to_none=True)
 
 
-def test_optimize_noise_raises_redness(schnell: Any) -> None:
-    res = optimize_noise(schnell, ["a red cat", "a blue car"], REDNESS, steps=3, num_inference_steps=2,
+def test_optimize_noise_raises_redness(tiny_flux: Any) -> None:
+    res = optimize_noise(tiny_flux, ["a red cat", "a blue car"], REDNESS, steps=3, num_inference_steps=2,
                          encode_kwargs=KW, progress=False)
     assert res.extras["kind"] == "flux" and res.final_latents.shape == (2, 16, 16, 16)
     assert (res.best_rewards > res.initial_rewards).all(), (res.initial_rewards, res.best_rewards)
     assert res.images[0].size == (32, 32)
-    assert all(p.grad is None for p in schnell.transformer.parameters())  # the generator stayed frozen
+    assert all(p.grad is None for p in tiny_flux.transformer.parameters())  # the generator stayed frozen
 
 
-def test_negative_prompt_is_an_error(schnell: Any) -> None:
+def test_negative_prompt_is_an_error(tiny_flux: Any) -> None:
     with pytest.raises(ValueError, match="negative_prompt"):
-        NoiseSampler(schnell, ["a cat"], negative_prompt="blurry", encode_kwargs=KW)
+        NoiseSampler(tiny_flux, ["a cat"], negative_prompt="blurry", encode_kwargs=KW)
     with pytest.raises(ValueError, match="multiples of 4"):
-        NoiseSampler(schnell, ["a cat"], height=30, width=32, encode_kwargs=KW)
+        NoiseSampler(tiny_flux, ["a cat"], height=30, width=32, encode_kwargs=KW)

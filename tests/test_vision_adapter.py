@@ -27,13 +27,11 @@ def _tiny(name: str) -> tuple[torch.nn.Module, object]:
     return model, AutoProcessor.from_pretrained(path)
 
 
-@pytest.fixture(scope="module")
-def llava() -> tuple[torch.nn.Module, object]:
-    return _tiny("llava")
-
-
 @pytest.fixture(scope="module", params=["llava", "qwen2vl"])
 def family(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, object]:
+    """(model, processor) in eval mode, read-only: tiny LLaVA is the session's shared ``tiny_llava``."""
+    if request.param == "llava":
+        return request.getfixturevalue("tiny_llava")
     return _tiny(request.param)
 
 
@@ -119,10 +117,10 @@ def test_logps_equal_brute_force(family, folder_pairs, share: bool) -> None:  # 
     check_logps_equal_brute_force(model, processor, root, pairs, share=share)
 
 
-def test_shared_path_encodes_each_image_once(llava, folder_pairs) -> None:  # noqa: ANN001
+def test_shared_path_encodes_each_image_once(tiny_llava, folder_pairs) -> None:  # noqa: ANN001
     """3 pairs, 4 distinct (prompt, image) units -> 4 images through the vision tower, not 6;
     log-probs equal the naive path within 1e-5."""
-    model, processor = llava
+    model, processor = tiny_llava
     root, pairs = folder_pairs
     seen: list[int] = []
     hook = model.model.vision_tower.register_forward_pre_hook(lambda m, args, kw: seen.append(
@@ -149,8 +147,8 @@ def test_different_rejected_image_changes_rejected_logps(family, folder_pairs) -
     check_other_rejected_image_changes_rejected_logps(model, processor, root, pairs[0], "media/1.png")
 
 
-def test_truncation_cuts_response_never_image_tokens(llava, folder_pairs) -> None:  # noqa: ANN001
-    model, processor = llava
+def test_truncation_cuts_response_never_image_tokens(tiny_llava, folder_pairs) -> None:  # noqa: ANN001
+    model, processor = tiny_llava
     root, pairs = folder_pairs
     full = VLMAdapter(processor, media_root=root).collate(pairs[:1])
     prompt_len = int((full["labels"][0] == -100).sum())  # prompt tokens of the chosen row (no padding there)
@@ -175,19 +173,19 @@ def test_truncation_cuts_response_never_image_tokens(llava, folder_pairs) -> Non
     assert kept == [] and reasons == {"prompt_exceeds_max_length": 3}
 
 
-def test_weight_from_meta(llava, folder_pairs) -> None:  # noqa: ANN001
+def test_weight_from_meta(tiny_llava, folder_pairs) -> None:  # noqa: ANN001
     """Per-pair weights are set by the core (mmalign.engine.collate_pairs) for every adapter."""
     from mmalign.engine import collate_pairs
 
-    _, processor = llava
+    _, processor = tiny_llava
     root, pairs = folder_pairs
     pairs[1].meta["weight"] = 0.25
     batch = collate_pairs(VLMAdapter(processor, media_root=root), list(enumerate(pairs)))
     assert batch["weight"].tolist() == [1.0, 0.25, 1.0] and batch["index"].tolist() == [0, 1, 2]
 
 
-def test_grayscale_image_is_converted(llava, tmp_path) -> None:  # noqa: ANN001
-    model, processor = llava
+def test_grayscale_image_is_converted(tiny_llava, tmp_path) -> None:  # noqa: ANN001
+    model, processor = tiny_llava
     Image.fromarray(np.arange(48 * 48, dtype=np.uint8).reshape(48, 48)).save(tmp_path / "gray.png")
     pair = PreferencePair("g", "describe", "a cube", "a dog", ["gray.png"], [])
     adapter = VLMAdapter(processor, media_root=tmp_path)
@@ -196,8 +194,8 @@ def test_grayscale_image_is_converted(llava, tmp_path) -> None:  # noqa: ANN001
     assert torch.isfinite(out.chosen).all()
 
 
-def test_unreadable_image_names_pair_and_field(llava, tmp_path) -> None:  # noqa: ANN001
-    _, processor = llava
+def test_unreadable_image_names_pair_and_field(tiny_llava, tmp_path) -> None:  # noqa: ANN001
+    _, processor = tiny_llava
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     Image.new("RGB", (40, 40)).save(tmp_path / "ok.png")
     pair = PreferencePair("p7", "describe", "a cube", "a dog", ["ok.png"], ["bad.jpg"])
@@ -205,8 +203,8 @@ def test_unreadable_image_names_pair_and_field(llava, tmp_path) -> None:  # noqa
         VLMAdapter(processor, media_root=tmp_path).collate([pair])
 
 
-def test_chat_template_without_image_slot(llava, folder_pairs) -> None:  # noqa: ANN001
-    _, processor = llava
+def test_chat_template_without_image_slot(tiny_llava, folder_pairs) -> None:  # noqa: ANN001
+    _, processor = tiny_llava
     root, pairs = folder_pairs
     broken = copy.deepcopy(processor)
     broken.chat_template = (
@@ -220,8 +218,8 @@ def test_chat_template_without_image_slot(llava, folder_pairs) -> None:  # noqa:
     assert adapter.collate(pairs)["input_ids"].shape[0] == 6
 
 
-def test_processor_model_mismatch(llava, folder_pairs) -> None:  # noqa: ANN001
-    model, processor = llava
+def test_processor_model_mismatch(tiny_llava, folder_pairs) -> None:  # noqa: ANN001
+    model, processor = tiny_llava
     root, pairs = folder_pairs
     wrong = copy.deepcopy(processor)
     wrong.patch_size = 4  # expands <image> to 64 tokens; the model gives 16 features per image
@@ -235,11 +233,11 @@ def test_processor_model_mismatch(llava, folder_pairs) -> None:  # noqa: ANN001
         VLMAdapter(processor).check_model(other)
 
 
-def test_dpo_step_raises_margin(llava, folder_pairs) -> None:  # noqa: ANN001
+def test_dpo_step_raises_margin(tiny_llava, folder_pairs) -> None:  # noqa: ANN001
     """A few SGD steps on the DPO loss through the adapter raise the chosen-minus-rejected margin."""
     from mmalign.losses import dpo
 
-    model, processor = llava
+    model, processor = tiny_llava
     root, pairs = folder_pairs
     policy = copy.deepcopy(model).train()
     adapter = VLMAdapter(processor, media_root=root)

@@ -10,24 +10,14 @@ from PIL import Image
 from vision.generate import GenerationSettings, generate_responses, record_seed
 
 
-@pytest.fixture(scope="module")
-def llava() -> tuple[torch.nn.Module, object]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from mmalign.tiny import cached_tiny
-
-    path = cached_tiny("llava")
-    return AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True).eval(), AutoProcessor.from_pretrained(path)
-
-
 def _images(n: int) -> list[list[Image.Image]]:
     rng = np.random.default_rng(0)
     return [[Image.fromarray((rng.random((40, 40, 3)) * 255).astype("uint8"))] for _ in range(n)]
 
 
-def test_per_record_seeds_survive_rebatching_and_chunks(llava) -> None:  # noqa: ANN001
+def test_per_record_seeds_survive_rebatching_and_chunks(tiny_llava) -> None:  # noqa: ANN001
     """Records [0, 5) in one call (batch 3) equal the same records in two chunks [0, 2) + [2, 5) (batch 2)."""
-    model, processor = llava
+    model, processor = tiny_llava
     images = _images(5)
     prompts = ["describe the image"] * 5
     seeds = [record_seed(7, f"img{i}") for i in range(5)]
@@ -45,8 +35,8 @@ def test_per_record_seeds_survive_rebatching_and_chunks(llava) -> None:  # noqa:
     assert torch.equal(state, torch.get_rng_state())  # the global RNG is untouched
 
 
-def test_top_k_one_is_greedy(llava) -> None:  # noqa: ANN001
-    model, processor = llava
+def test_top_k_one_is_greedy(tiny_llava) -> None:  # noqa: ANN001
+    model, processor = tiny_llava
     images = _images(3)
     prompts = ["what is in the image"] * 3
     greedy = generate_responses(model, processor, prompts, images, GenerationSettings(max_new_tokens=6, temperature=0.0))

@@ -14,26 +14,13 @@ from vision.records import ImageQA
 from vision.scl import SCLPairsConfig, build_scl_pairs, extract_answer
 
 
-@pytest.fixture(scope="module")
-def llava() -> tuple[torch.nn.Module, object]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from mmalign.tiny import cached_tiny
-
-    path = cached_tiny("llava")
-    return AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True).eval(), AutoProcessor.from_pretrained(path)
-
-
 def _img(seed: int) -> Image.Image:
     return Image.fromarray((np.random.default_rng(seed).random((40, 40, 3)) * 255).astype("uint8"))
 
 
-def _rewriter():  # noqa: ANN202
+def _rewriter(lm_path):  # noqa: ANN001, ANN202
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mmalign.tiny import cached_tiny
-
-    lm_path = cached_tiny("causal_lm")
     return AutoModelForCausalLM.from_pretrained(lm_path, use_safetensors=True), AutoTokenizer.from_pretrained(lm_path)
 
 
@@ -46,9 +33,9 @@ def _povid(out, **kw) -> POVIDPairsConfig:  # noqa: ANN001
     return POVIDPairsConfig(out_dir=str(out), **kw)
 
 
-def test_povid_two_sets_with_weights_online_by_default(llava, tmp_path) -> None:  # noqa: ANN001
-    model, processor = llava
-    rewriter, tok = _rewriter()
+def test_povid_two_sets_with_weights_online_by_default(tiny_llava, tiny_lm_path, tmp_path) -> None:  # noqa: ANN001
+    model, processor = tiny_llava
+    rewriter, tok = _rewriter(tiny_lm_path)
     calls = []
 
     def no_generation(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -79,8 +66,8 @@ def test_povid_two_sets_with_weights_online_by_default(llava, tmp_path) -> None:
         POVIDPairsConfig(image_negatives="cached")
 
 
-def test_povid_offline_image_negatives_are_a_named_option(llava, tmp_path) -> None:  # noqa: ANN001
-    model, processor = llava
+def test_povid_offline_image_negatives_are_a_named_option(tiny_llava, tmp_path) -> None:  # noqa: ANN001
+    model, processor = tiny_llava
     report = build_povid_pairs(model, processor, _povid(tmp_path, text_weight=0, image_negatives="offline"),
                                records=_records(), rank=0, world_size=1)
     pairs = read_pairs(tmp_path)
@@ -178,13 +165,13 @@ def _brute_online(model, processor, pair, root) -> float:  # noqa: ANN001
     return float(logits["clean"][-n - 1 : -1].log_softmax(-1).gather(-1, top[:, None]).sum())
 
 
-def test_online_negative_matches_the_official_computation(llava, tmp_path) -> None:  # noqa: ANN001
+def test_online_negative_matches_the_official_computation(tiny_llava, tmp_path) -> None:  # noqa: ANN001
     """VLMAdapter scores an online pair's rejected side as POVID does, with each model's own argmax."""
     import copy
 
     from vision.adapter import VLMAdapter
 
-    model, processor = llava
+    model, processor = tiny_llava
     pairs = _online_pair_folder(tmp_path)
     adapter = VLMAdapter(processor, media_root=tmp_path)
     batch = adapter.collate(pairs)
@@ -199,21 +186,20 @@ def test_online_negative_matches_the_official_computation(llava, tmp_path) -> No
         for i in range(2):
             assert float(out.rejected[i]) == pytest.approx(_brute_online(m, processor, pairs[i], tmp_path), abs=1e-4)
         assert int(out.rejected_tokens[1]) == int(out.chosen_tokens[1])
-    # the gradient flows through the clean-image logits only
-    model.zero_grad()
-    adapter.logps(model, batch).rejected[:2].sum().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    model.zero_grad()
+    # the gradient flows through the clean-image logits only (on a copy: the shared model keeps no .grad)
+    policy = copy.deepcopy(model)
+    adapter.logps(policy, batch).rejected[:2].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
 
 
-def test_online_pairs_train_through_the_engine(llava, tmp_path) -> None:  # noqa: ANN001
+def test_online_pairs_train_through_the_engine(tiny_llava, tmp_path) -> None:  # noqa: ANN001
     import copy
 
     from mmalign.engine import TrainConfig, train
     from mmalign.pairs import PairDataset
     from vision.adapter import VLMAdapter
 
-    model, processor = llava
+    model, processor = tiny_llava
     _online_pair_folder(tmp_path / "data", n=4)
     for reference in ("frozen", "precomputed"):
         config = TrainConfig(output_dir=str(tmp_path / reference), max_steps=2, batch_size=2, learning_rate=1e-3,
@@ -276,12 +262,12 @@ def test_scl_shards_by_rank_and_merges(tmp_path) -> None:  # noqa: ANN001
     assert whole == sharded and r0.merged == one.merged == len(whole) > 0
 
 
-def test_scl_resumed_run_writes_the_same_pairs(llava, tmp_path) -> None:  # noqa: ANN001
+def test_scl_resumed_run_writes_the_same_pairs(tiny_llava, tmp_path) -> None:  # noqa: ANN001
     """Killed after its first batch (the generator raises) and re-run: the same pairs as an uninterrupted
     run, each id once; sampling is seeded per record and turn."""
     from vision.generate import generate_responses
 
-    model, processor = llava
+    model, processor = tiny_llava
     records = [ImageQA(f"s{i}", _img(i), "is there a cube", "A") for i in range(5)]
 
     def checker(rec, answer):  # noqa: ANN001, ANN202
@@ -344,15 +330,14 @@ def test_povid_recipe_yaml_is_the_official_two_stages() -> None:
     assert cfg.stage1.output_dir.endswith("stage1") and cfg.stage2.output_dir.endswith("stage2")
 
 
-def test_povid_recipe_runs_both_stages(llava, tmp_path) -> None:  # noqa: ANN001
+def test_povid_recipe_runs_both_stages(tiny_llava, tiny_llava_path, tiny_lm_path, tmp_path) -> None:  # noqa: ANN001
     """Stage 1 trains on the text pairs only (3 epochs), merges its LoRA; stage 2 starts from the merged weights
     and trains on every pair (1 epoch)."""
     from mmalign.engine import TrainConfig
-    from mmalign.tiny import cached_tiny
     from vision.povid import POVIDRecipeConfig, run_povid_recipe
 
-    model, processor = llava
-    rewriter, tok = _rewriter()
+    model, processor = tiny_llava
+    rewriter, tok = _rewriter(tiny_lm_path)
     build_povid_pairs(model, processor, _povid(tmp_path / "data"), records=_records(), rewriter=rewriter,
                       rewriter_tokenizer=tok, rank=0, world_size=1)
     n_text = sum(p.meta["povid"]["kind"] == "text" for p in read_pairs(tmp_path / "data"))
@@ -361,7 +346,7 @@ def test_povid_recipe_runs_both_stages(llava, tmp_path) -> None:  # noqa: ANN001
         return TrainConfig(lora_r=4, lora_alpha=8.0, learning_rate=1e-3, lr_scheduler="cosine", batch_size=1,
                            max_steps=0, num_epochs=epochs, trackers=[], progress=False, plot=False)
 
-    cfg = POVIDRecipeConfig(model=str(cached_tiny("llava")), data=str(tmp_path / "data"),
+    cfg = POVIDRecipeConfig(model=str(tiny_llava_path), data=str(tmp_path / "data"),
                             output_dir=str(tmp_path / "run"), stage1=stage(3), stage2=stage(1))
     stage1, stage2 = run_povid_recipe(cfg)
     assert stage1.global_step == 3 * n_text and stage2.global_step == len(read_pairs(tmp_path / "data"))

@@ -13,16 +13,6 @@ from mmalign.pairs import PreferencePair, read_pairs
 from vision.stic import STICConfig, build_description_infused_set, build_stic_pairs
 
 
-@pytest.fixture(scope="module")
-def llava() -> tuple[torch.nn.Module, object]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from mmalign.tiny import cached_tiny
-
-    path = cached_tiny("llava")
-    return AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True).eval(), AutoProcessor.from_pretrained(path)
-
-
 def _image_folder(root, n_good: int = 6):  # noqa: ANN001, ANN202
     rng = np.random.default_rng(1)
     folder = root / "images"
@@ -40,8 +30,8 @@ def _config(root, **kw) -> STICConfig:  # noqa: ANN001
     return STICConfig(image_dir=str(root / "images"), out_dir=str(root / "out"), max_new_tokens=6, batch_size=3, temperature=1.0, **kw)
 
 
-def test_stage1_pairs_corruption_applied_and_seen(llava, tmp_path) -> None:  # noqa: ANN001
-    model, processor = llava
+def test_stage1_pairs_corruption_applied_and_seen(tiny_llava, tmp_path) -> None:  # noqa: ANN001
+    model, processor = tiny_llava
     _image_folder(tmp_path)
     seen: list[torch.Tensor] = []
     hook = model.model.vision_tower.register_forward_pre_hook(
@@ -80,8 +70,8 @@ def test_stage1_pairs_corruption_applied_and_seen(llava, tmp_path) -> None:  # n
             assert pair.meta["stic"]["rejected_prompt"] != pair.meta["stic"]["chosen_prompt"]
 
 
-def test_stage1_rejected_on_corrupted_image_is_opt_in(llava, tmp_path) -> None:  # noqa: ANN001
-    model, processor = llava
+def test_stage1_rejected_on_corrupted_image_is_opt_in(tiny_llava, tmp_path) -> None:  # noqa: ANN001
+    model, processor = tiny_llava
     _image_folder(tmp_path, n_good=6)
     build_stic_pairs(model, processor, _config(tmp_path, score_rejected_on="corrupted"), rank=0, world_size=1)
     corrupted = [p for p in read_pairs(tmp_path / "out") if p.meta["stic"]["branch"] == "corruption"]
@@ -93,12 +83,12 @@ def test_stage1_rejected_on_corrupted_image_is_opt_in(llava, tmp_path) -> None: 
         STICConfig(score_rejected_on="noisy")
 
 
-def test_stage1_resumed_run_writes_the_same_texts(llava, tmp_path) -> None:  # noqa: ANN001
+def test_stage1_resumed_run_writes_the_same_texts(tiny_llava, tmp_path) -> None:  # noqa: ANN001
     """A run killed after its first batch and resumed writes the same descriptions as an uninterrupted run:
     sampling is seeded per record (seed, image id, side), not per batch (the resumed run batches differently)."""
     from vision.generate import generate_responses
 
-    model, processor = llava
+    model, processor = tiny_llava
     _image_folder(tmp_path / "a")
     _image_folder(tmp_path / "b")
     build_stic_pairs(model, processor, _config(tmp_path / "a"), rank=0, world_size=1)
@@ -119,7 +109,7 @@ def test_stage1_resumed_run_writes_the_same_texts(llava, tmp_path) -> None:  # n
     assert len({c for c, _ in whole.values()}) > 1
 
 
-def test_stage_defaults_follow_the_paper(monkeypatch, tmp_path) -> None:  # noqa: ANN001
+def test_stage_defaults_follow_the_paper(tiny_llava, monkeypatch, tmp_path) -> None:  # noqa: ANN001
     """STIC (yihedeng9/STIC @993734e): generate_pref.py max_new_tokens 1024, temperature 0.2, 20-px image as is;
     scripts/dpo_finetune.sh lr 1e-7, LoRA r128/alpha256, cosine, warmup_ratio 0.03, 1 epoch, 8 pairs per step."""
     import mmalign.engine
@@ -144,24 +134,15 @@ def test_stage_defaults_follow_the_paper(monkeypatch, tmp_path) -> None:  # noqa
     write_pairs(tmp_path, [PreferencePair(f"p{i}", "q", "a", "b", ["media/a.png"], ["media/a.png"]) for i in range(80)])
     seen = {}
     monkeypatch.setattr(mmalign.engine, "train", lambda model, adapter, data, config: seen.setdefault("cfg", config))
-    model, processor = _tiny_llava()
+    model, processor = tiny_llava  # the engine's train is stubbed: the shared model is only read
     train_stic_dpo(model, processor, tmp_path)
     assert seen["cfg"].learning_rate == 1e-7 and seen["cfg"].lora_r == 128 and seen["cfg"].warmup_steps == 1
 
 
-def _tiny_llava():  # noqa: ANN202
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from mmalign.tiny import cached_tiny
-
-    path = cached_tiny("llava")
-    return AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True), AutoProcessor.from_pretrained(path)
-
-
-def test_stage1_resume_after_crash_no_duplicate_or_missing(llava, tmp_path) -> None:  # noqa: ANN001
+def test_stage1_resume_after_crash_no_duplicate_or_missing(tiny_llava, tmp_path) -> None:  # noqa: ANN001
     from vision.generate import generate_responses
 
-    model, processor = llava
+    model, processor = tiny_llava
     _image_folder(tmp_path)
     calls = {"n": 0}
 
@@ -182,8 +163,8 @@ def test_stage1_resume_after_crash_no_duplicate_or_missing(llava, tmp_path) -> N
     assert ids[:2] == first
 
 
-def test_stage1_shards_merge(llava, tmp_path) -> None:  # noqa: ANN001
-    model, processor = llava
+def test_stage1_shards_merge(tiny_llava, tmp_path) -> None:  # noqa: ANN001
+    model, processor = tiny_llava
     _image_folder(tmp_path, n_good=3)
     r1 = build_stic_pairs(model, processor, _config(tmp_path), rank=1, world_size=2, merge=False)
     r0 = build_stic_pairs(model, processor, _config(tmp_path), rank=0, world_size=2)
@@ -195,8 +176,8 @@ def test_stage1_shards_merge(llava, tmp_path) -> None:  # noqa: ANN001
         assert (tmp_path / "out" / p.chosen_media[0]).is_file()
 
 
-def test_stage1_non_rgb_skip_and_missing_folder(llava, tmp_path) -> None:  # noqa: ANN001
-    model, processor = llava
+def test_stage1_non_rgb_skip_and_missing_folder(tiny_llava, tmp_path) -> None:  # noqa: ANN001
+    model, processor = tiny_llava
     _image_folder(tmp_path, n_good=1)
     report = build_stic_pairs(model, processor, _config(tmp_path, non_rgb="skip"), rank=0, world_size=1)
     assert report.written == 1 and len(report.skipped["non-RGB image"]) == 2
@@ -226,10 +207,10 @@ def test_description_infused_set(tmp_path) -> None:  # noqa: ANN001
     assert out[0].chosen == "Red." and (tmp_path / "sft" / out[0].chosen_media[0]).is_file()
 
 
-def test_stage1_skips_blank_and_whitespace_equal_generations(llava, tmp_path) -> None:  # noqa: ANN001
+def test_stage1_skips_blank_and_whitespace_equal_generations(tiny_llava, tmp_path) -> None:  # noqa: ANN001
     """A generation the pair rules refuse (whitespace only, or equal to the other side up to whitespace)
     is skipped and counted with its reason; the run goes on and writes the rest."""
-    model, processor = llava
+    model, processor = tiny_llava
     _image_folder(tmp_path)
     calls = {"n": 0}
 
