@@ -128,7 +128,9 @@ Measured (``python -c "from pathlib import Path; from video.toyworld import demo
       10000 or 100, position embeddings x10): the prior on direction;
     * the tower's position embeddings scaled 10x or 50x at init (CLIP starts them at std 0.02, about 10x
       weaker than a 4x4 patch's pixel embedding, so a ball token hardly says where it is), direction
-      alone, 400 to 1150 steps (33-92 s), and 600 steps at lr 5e-4 (45 s): one answer;
+      alone, 400 to 1150 steps (33-92 s), 600 steps at lr 5e-4 (45 s), and 3000 steps at 8 frames (280 s)
+      or at 2 frames (126 s): one answer; the two 3000-step runs' losses stayed at the prior and equal
+      to each other's at every logged step (the answer ignores the clip);
     * a spatial question first, ``"where is the ball?"`` answered ``"top left"`` ... ``"bottom right"``
       (its quadrant): at start and end of the 8 frames, 200-300 steps then direction 300 (position
       embeddings x1 or x10, 47-62 s): the prior on both; on 1 frame (the middle one, 16 video tokens), x1
@@ -148,7 +150,7 @@ Measured (``python -c "from pathlib import Path; from video.toyworld import demo
     of places the ball visited but not their order, which enters only through the causal prefix means of
     the first layer (weights falling with time); the two arrive summed (direction from that sum: 0.41
     held-out, with x10) and must be told apart, or attention must learn to pick frames by position. Within
-    these budgets (up to 4000 steps, 160 CPU s) neither started, except the late fall on the one-frame quadrant.
+    these budgets (up to 4000 steps, 280 CPU s) neither started, except the late fall on the one-frame quadrant.
     So the shipped model is the one described above, and its table above reran with the same numbers on
     seeds 0, 1 and 2 (24-29 s CPU each on one thread, a quieter machine). PhysDPO's recipe (the paper, and
     ``scripts/configs/*_physdpo.yaml``) has no SFT term and no filter on the rejected answers beyond
