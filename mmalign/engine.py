@@ -1212,7 +1212,11 @@ class _Engine:
         acc.end_training()
         if cfg.plot and acc.is_main_process and self.metrics:
             plot_metrics(metrics_file)
-        return TrainResult(self.global_step, self.out, final_ckpt, self.metrics, self._unwrapped())
+        # The model as given, without accelerate's mixed-precision forward (autocast + outputs cast to fp32),
+        # which prepare put on it in place: left on, every later forward of the caller's model, an evaluation
+        # or another full-precision run, would still compute in bf16/fp16.
+        trained = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        return TrainResult(self.global_step, self.out, final_ckpt, self.metrics, trained)
 
 
 def train(

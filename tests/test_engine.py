@@ -375,8 +375,13 @@ def test_bf16_mixed_precision_runs_and_keeps_fp32_master_weights(tmp_path, lm, p
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in res.metrics)
     # the first step is taken at policy == reference, so the loss is ln 2 up to bf16 rounding
     assert res.metrics[0]["loss"] == pytest.approx(0.6931, abs=2e-2)
-    # the same process can go back to full precision (accelerate's global state is reset)
-    again = train(res.model, adapter, pairs[0][:8], _cfg(tmp_path / "fp32", mixed_precision="no", max_steps=1))
+    # the trained model computes in full precision again: accelerate's autocast forward is taken off it
+    assert "_original_forward" not in vars(res.model)
+    # the same process can go back to full precision (accelerate's global state is reset), and the fused
+    # head's check finds the model's logits equal to its own in fp32 (it fell back while bf16 stayed on)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fused head log-probs are off", category=UserWarning)
+        again = train(res.model, adapter, pairs[0][:8], _cfg(tmp_path / "fp32", mixed_precision="no", max_steps=1))
     assert again.global_step == 1
 
 
