@@ -76,7 +76,8 @@ control: ``--only stic,stic_sft_only``)
     The base model: held-out set (below) answer accuracy 0.459, description accuracy 0.042,
     hallucination 0.758; on 40 train-split scenes per kind (seed 99) 0.651 / 0.433 / 0.292. Built in
     287 s CPU (one thread, shared 2-core machine; a second build, 260 s, gave the same
-    ``model.safetensors`` byte for byte). Train-split answers by question (20 scenes per
+    ``model.safetensors`` byte for byte on that machine; on another CPU two rebuilds agreed with each
+    other, 110 s each, but not with the shipped file: floating-point rounding differs between CPUs). Train-split answers by question (20 scenes per
     kind, seed 99): colour of a single or count scene 1.00, its shape 0.44-0.90, counts of a count scene
     0.55; pair questions 0.35-0.68 and left/right 0.50 (chance): the binding of the two objects to their
     sides is not learned, so the aim of train answers >= 0.85 is not reached.
