@@ -725,17 +725,13 @@ def _stic_descriptions(model: Any, processor: Any, image_dir: Path, n_images: in
     describe prompt drawn per image (official STIC, ``stic/generate_des_stage2.py`` at yihedeng9/STIC
     @6264844, draws one of eight describe prompts per image and samples at temperature 0.2; the toy
     draws from the describe prompts it was trained on)."""
-    from PIL import Image
-
+    from mmalign.pairs import load_image
     from mmalign.prompts import DESCRIBE_PROMPTS
     from vision.generate import GenerationSettings, generate_responses, record_seed
 
     names = [f"p{i:04d}.png" for i in range(n_images)]
     prompts = [random.Random(record_seed(seed, name, "stage3-prompt")).choice(DESCRIBE_PROMPTS) for name in names]
-    images = []
-    for name in names:
-        with Image.open(image_dir / name) as im:
-            images.append([im.convert("RGB")])
+    images = [[load_image(image_dir / name)] for name in names]
     texts = generate_responses(model, processor, prompts, images, GenerationSettings(
         max_new_tokens=STIC_MAX_NEW_TOKENS, temperature=0.2, batch_size=64, seed=seed),
         seeds=[record_seed(seed, name, "stage3-description") for name in names])
