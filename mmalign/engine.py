@@ -739,14 +739,8 @@ def deepspeed_batch_sizes(ds_config: dict[str, Any], batch_size: int, grad_accum
     unless ``train_micro_batch_size_per_gpu`` is set; this loop keeps its own sampler, so it states the sizes
     itself. ``"auto"`` (or missing) values are filled; a value the user's DeepSpeed file sets must agree.
     """
-    for key, setting, value in (("train_micro_batch_size_per_gpu", "batch_size", batch_size),
-                                ("gradient_accumulation_steps", "grad_accum", grad_accum)):
-        given = ds_config.get(key, "auto")
-        if given == "auto":
-            ds_config[key] = value
-        elif int(given) != value:
-            raise ValueError(f"the DeepSpeed config sets {key}={given}, but the run's {setting} is {value}: "
-                             "set one of them, or make them agree")
+    _fill_deepspeed(ds_config, "train_micro_batch_size_per_gpu", "batch_size", batch_size, int)
+    _fill_deepspeed(ds_config, "gradient_accumulation_steps", "grad_accum", grad_accum, int)
     return ds_config
 
 
@@ -757,14 +751,18 @@ def deepspeed_clipping(ds_config: dict[str, Any], max_grad_norm: float | None) -
     and accelerate fills an ``"auto"`` value with 1.0 whatever the run asked for; so the engine states it. An
     ``"auto"`` (or missing) value is filled; a value the user's DeepSpeed file sets must agree.
     """
-    value = float(max_grad_norm or 0.0)
-    given = ds_config.get("gradient_clipping", "auto")
-    if given == "auto":
-        ds_config["gradient_clipping"] = value
-    elif float(given) != value:
-        raise ValueError(f"the DeepSpeed config sets gradient_clipping={given}, but the run's max_grad_norm is "
-                         f"{max_grad_norm}: set one of them, or make them agree")
+    _fill_deepspeed(ds_config, "gradient_clipping", "max_grad_norm", float(max_grad_norm or 0.0), float)
     return ds_config
+
+
+def _fill_deepspeed(ds_config: dict[str, Any], key: str, setting: str, value: float, kind: type) -> None:
+    """``ds_config[key] = value`` where the file leaves it ``"auto"`` (or out); otherwise the two must agree."""
+    given = ds_config.get(key, "auto")
+    if given == "auto":
+        ds_config[key] = value
+    elif kind(given) != value:
+        raise ValueError(f"the DeepSpeed config sets {key}={given}, but the run's {setting} is {value}: "
+                         "set one of them, or make them agree")
 
 
 class _Engine:
