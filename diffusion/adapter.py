@@ -198,6 +198,11 @@ class DiffusionAdapter:
             unchanged). Timestep-distilled turbo models use ``[249, 499, 749, 999]``, the four-step
             schedule the Salesforce Diffusion-DPO ``train.py`` and the diffusers SDXL DPO script
             (``--is_turbo``) train SDXL-Turbo on: their ``250 * (t % 4) + 249`` is this map.
+        snr_gamma: UNet models only: weight each per-sample error by Min-SNR-gamma (Hang et al. 2023;
+            diffusers' ``--snr_gamma``), ``min(snr, gamma)`` over ``snr`` (epsilon), ``snr + 1``
+            (v-prediction) or 1 (sample), ``snr = abar_t / (1 - abar_t)``. Policy and reference errors
+            get the same weight, so a DPO-style loss sees a per-timestep beta. ``None`` (the default):
+            unweighted errors, as the Diffusion-DPO and MaPO reference code train.
     """
 
     value_kind = "diffusion"
@@ -221,6 +226,7 @@ class DiffusionAdapter:
         random_flip: bool = False,
         train_timesteps: Sequence[int] | None = None,
         dataset_dir: str | os.PathLike[str] | None = None,
+        snr_gamma: float | None = None,
     ) -> None:
         if dataset_dir is not None:
             if media_root is not None:
@@ -252,6 +258,12 @@ class DiffusionAdapter:
         self.flux_guidance = float(flux_guidance)
         self.random_flip = bool(random_flip)
         self.guidance_embeds = self.family.guidance_embedded(pipeline)
+        if snr_gamma is not None and not (np.isfinite(snr_gamma) and snr_gamma > 0):
+            raise ValueError(f"snr_gamma must be a finite number > 0 or None, got {snr_gamma}")
+        if snr_gamma is not None and self.flow_matching:
+            raise ValueError("snr_gamma weights errors by the DDPM schedule's SNR; this pipeline is flow-matching "
+                             "and has none (leave snr_gamma unset)")
+        self.snr_gamma = float(snr_gamma) if snr_gamma is not None else None
 
         self.vae = pipeline.vae
         self.vae_scale_factor = vae_scale_factor(pipeline)
@@ -521,7 +533,24 @@ class DiffusionAdapter:
         guidance = self.flux_guidance if self.guidance_embeds else None
         prediction = self.family.forward(model, noisy.to(dtype), timesteps2, cond, guidance=guidance)
         mse = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        if self.snr_gamma is not None:
+            mse = mse * self.snr_weights(timesteps2)
         return ChosenRejected(mse[:size], mse[size:], extras={"timesteps": timesteps})
+
+    def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weights (``snr_gamma``) of ``timesteps`` (N,) for this model's prediction type."""
+        if self.snr_gamma is None:
+            raise ValueError("snr_weights: this adapter has no snr_gamma")
+        abar = self.scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)[timesteps.long()]
+        snr = abar / (1 - abar)
+        clipped = snr.clamp(max=self.snr_gamma)
+        if self.prediction_type == "epsilon":
+            weights = clipped / snr
+        elif self.prediction_type == "v_prediction":
+            weights = clipped / (snr + 1)
+        else:
+            weights = clipped
+        return weights.float()
 
 
 def _mirror_pairs(batch: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:

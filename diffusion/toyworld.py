@@ -802,13 +802,14 @@ def run_demo(method: str, out: str | os.PathLike[str], *, seed: int = 0, progres
              steps: int | None = None, learning_rate: float | None = None, beta: float | None = None,
              lora_r: int | None = None, n_seeds: tuple[int, int] = (EVAL_SEEDS_HELD_OUT, EVAL_SEEDS_TRAIN),
              pair_samples: int = PAIR_SAMPLES, pairs_per_prompt: int = PAIRS_PER_PROMPT,
-             model: str | os.PathLike[str] | None = None) -> list[DemoRow]:
+             snr_gamma: float | None = None, model: str | os.PathLike[str] | None = None) -> list[DemoRow]:
     """Train ``method`` (a key of :data:`METHODS`) on checker-labelled pairs of the shipped toy pipeline and
     measure checker accuracy before and after; writes ``out/<method>/`` (engine metrics and curves,
     ``before_after.png``, ``rows.json``). ``n_seeds``: seeds per held-out / train prompt; ``pair_samples``: samples
     per train prompt for the pairs; ``pairs_per_prompt``: the most pairs one prompt gives; ``model``: a saved toy
     pipeline (default the shipped one); ``lora_r``: the LoRA rank (alpha the same) on the UNet's attention
-    projections, 0 for full fine-tuning of every UNet weight (with a frozen copy of the base UNet as the reference). ``steps``, ``learning_rate`` and ``lora_r`` default to the
+    projections, 0 for full fine-tuning of every UNet weight (with a frozen copy of the base UNet as the reference);
+    ``snr_gamma``: Min-SNR weights on the losses' errors (:class:`diffusion.adapter.DiffusionAdapter`). ``steps``, ``learning_rate`` and ``lora_r`` default to the
     method's :data:`DEMO_SETTINGS`, ``beta`` to its :data:`METHODS` entry."""
     from diffusion.adapter import DiffusionAdapter
     from mmalign.engine import TrainConfig, train
@@ -828,7 +829,7 @@ def run_demo(method: str, out: str | os.PathLike[str], *, seed: int = 0, progres
     pairs = shared["pairs"]
     if not pairs:
         raise ValueError("the checker found no prompt with both a correct and an incorrect sample: no pairs to train on")
-    adapter = DiffusionAdapter(pipe, caption_mode=caption_mode)
+    adapter = DiffusionAdapter(pipe, caption_mode=caption_mode, snr_gamma=snr_gamma)
     loss_kwargs: dict[str, Any] = {"beta": beta if beta is not None else default_beta}
     if loss == "mapo":
         loss_kwargs.update(scale=0.5, num_train_timesteps=adapter.num_train_timesteps)
@@ -849,6 +850,8 @@ def run_demo(method: str, out: str | os.PathLike[str], *, seed: int = 0, progres
         _, lo, hi = paired_bootstrap(ok_before, ok_after, seed=seed)
         weights = f"LoRA r {lora_r}" if lora_r > 0 else "full UNet"
         note = f"{len(pairs)} pairs, {steps} steps, lr {learning_rate:g}, beta {loss_kwargs['beta']:g}, {weights}"
+        if snr_gamma is not None:
+            note += f", Min-SNR-{snr_gamma:g} weights"
         if split == "train":
             note = "fresh seeds (not the pairs' samples); " + note
         rows.append(DemoRow(method, names[split], float(np.mean(ok_before)), float(np.mean(ok_after)), lo, hi,

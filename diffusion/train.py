@@ -111,6 +111,11 @@ class DiffusionTrainConfig:
         metadata=help_("mirror both images of a pair left-right together with probability 0.5 (drawn from the "
                        "step generator; a cache_dir then also stores the mirrored images' latents)"),
     )
+    snr_gamma: float | None = field(
+        default=None,
+        metadata=help_("UNet models: weight each denoising error by Min-SNR-gamma (5 is usual); null = unweighted, "
+                       "as the Diffusion-DPO and MaPO reference code"),
+    )
     train_timesteps: list[int] | None = field(
         default=None,
         metadata=help_("UNet models: train only on these timesteps (a uniform draw t becomes the entry t mod their "
@@ -188,6 +193,8 @@ class DiffusionTrainConfig:
             not self.train_timesteps or any(not isinstance(t, int) or t < 0 for t in self.train_timesteps)
         ):
             raise ValueError(f"train_timesteps must be null or a non-empty list of timesteps >= 0, got {self.train_timesteps}")
+        if self.snr_gamma is not None and not (isinstance(self.snr_gamma, (int, float)) and 0 < self.snr_gamma < float("inf")):
+            raise ValueError(f"snr_gamma must be null or a finite number > 0, got {self.snr_gamma!r}")
         if not isinstance(self.random_flip, bool):
             raise ValueError(f"random_flip must be true or false, got {self.random_flip!r}")
         if self.prediction_type not in (None, "epsilon", "v_prediction", "sample", "flow_velocity"):
@@ -482,6 +489,7 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
         "label_flip_prob": config.label_flip_prob,
         "random_flip": config.random_flip,
         "train_timesteps": config.train_timesteps,
+        "snr_gamma": config.snr_gamma,
         "expect_prediction_type": config.prediction_type,
         "timestep_sampling": config.timestep_sampling,
         "max_sequence_length": config.max_sequence_length,
@@ -541,6 +549,7 @@ def run(config: DiffusionTrainConfig) -> DiffusionRunResult:
             "architecture": adapter.architecture,
             "prediction_type": adapter.prediction_type,
             "train_timesteps": config.train_timesteps,
+            "snr_gamma": config.snr_gamma,
             "pairs": len(pairs),
             "ties_dropped": ties,
             "attention": attention,
