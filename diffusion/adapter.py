@@ -97,6 +97,7 @@ __all__ = [
     "detect_architecture",
     "drop_ties",
     "flux_image_ids",
+    "min_snr_weights",
     "pack_latents",
     "resize_center_crop",
     "set_denoiser",
@@ -152,6 +153,21 @@ def resize_center_crop(image: Image.Image, resolution: int) -> tuple[Image.Image
     resized = image.resize((new_w, new_h), Image.BICUBIC)
     top, left = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
     return resized.crop((left, top, left + resolution, top + resolution)), (top, left)
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
+                    prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023; diffusers' ``--snr_gamma``) of ``timesteps`` on the squared
+    error of ``prediction_type``: ``min(snr, gamma)`` over ``snr`` (epsilon), over ``snr + 1``
+    (v-prediction), or alone (sample), ``snr = abar_t / (1 - abar_t)``; in ``alphas_cumprod``'s dtype."""
+    abar = alphas_cumprod[timesteps]
+    snr = abar / (1 - abar)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -541,16 +557,8 @@ class DiffusionAdapter:
         """Min-SNR-gamma weights (``snr_gamma``) of ``timesteps`` (N,) for this model's prediction type."""
         if self.snr_gamma is None:
             raise ValueError("snr_weights: this adapter has no snr_gamma")
-        abar = self.scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)[timesteps.long()]
-        snr = abar / (1 - abar)
-        clipped = snr.clamp(max=self.snr_gamma)
-        if self.prediction_type == "epsilon":
-            weights = clipped / snr
-        elif self.prediction_type == "v_prediction":
-            weights = clipped / (snr + 1)
-        else:
-            weights = clipped
-        return weights.float()
+        table = self.scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)
+        return min_snr_weights(table, timesteps.long(), self.snr_gamma, self.prediction_type).float()
 
 
 def _mirror_pairs(batch: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:

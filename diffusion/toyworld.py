@@ -519,6 +519,8 @@ def _train_unet(pipe: Any, latents: torch.Tensor, captions: list[str], steps: in
     """Denoising on scaled ``latents`` (N,3,16,16) with their captions (the text encoder fixed: each caption encoded
     once): a plain loop, batch :data:`BATCH_SIZE`, random horizontal flips (every world caption describes the
     mirror image too), :data:`CAPTION_DROPOUT`, Min-SNR weights, gradient norm clipped at 1."""
+    from diffusion.adapter import min_snr_weights
+
     unique = sorted(set(captions) | {""})
     with torch.no_grad():
         ids = pipe.tokenizer(unique, padding="max_length", max_length=pipe.tokenizer.model_max_length,
@@ -542,13 +544,13 @@ def _train_unet(pipe: Any, latents: torch.Tensor, captions: list[str], steps: in
             t = torch.randint(0, sched.config.num_train_timesteps, (BATCH_SIZE,), generator=g)
             text = torch.where(torch.rand(BATCH_SIZE, generator=g) < CAPTION_DROPOUT, empty, index[idx])
             pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=table[text]).sample
-            snr = alphas[t] / (1 - alphas[t])
+            weight = min_snr_weights(alphas, t, MIN_SNR_GAMMA, PREDICTION)
             if PREDICTION == "epsilon":
-                target, weight = noise, snr.clamp(max=MIN_SNR_GAMMA) / snr
+                target = noise
             elif PREDICTION == "v_prediction":
-                target, weight = sched.get_velocity(x0, noise, t), snr.clamp(max=MIN_SNR_GAMMA) / (snr + 1)
+                target = sched.get_velocity(x0, noise, t)
             else:
-                target, weight = x0, snr.clamp(max=MIN_SNR_GAMMA)
+                target = x0
             loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
             opt.zero_grad()
             loss.backward()
@@ -836,8 +838,9 @@ def run_demo(method: str, out: str | os.PathLike[str], *, seed: int = 0, progres
     per train prompt for the pairs; ``pairs_per_prompt``: the most pairs one prompt gives; ``model``: a saved toy
     pipeline (default the shipped one); ``lora_r``: the LoRA rank (alpha the same) on the UNet's attention
     projections, 0 for full fine-tuning of every UNet weight (with a frozen copy of the base UNet as the reference);
-    ``snr_gamma``: Min-SNR weights on the losses' errors (:class:`diffusion.adapter.DiffusionAdapter`). ``steps``, ``learning_rate`` and ``lora_r`` default to the
-    method's :data:`DEMO_SETTINGS`, ``beta`` to its :data:`METHODS` entry."""
+    ``snr_gamma``: Min-SNR weights on the losses' errors (:class:`diffusion.adapter.DiffusionAdapter`).
+    ``steps``, ``learning_rate`` and ``lora_r`` default to the method's :data:`DEMO_SETTINGS`, ``beta`` to its
+    :data:`METHODS` entry."""
     from diffusion.adapter import DiffusionAdapter
     from mmalign.engine import TrainConfig, train
 
