@@ -80,3 +80,23 @@ def test_run_trains_with_snr_gamma_and_records_it(tmp_path):
     result = run(config)
     assert len(result.metrics) == 2 and all(np.isfinite(m["loss"]) for m in result.metrics)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["snr_gamma"] == 5
+
+
+def test_weights_match_the_diffusers_training_script():
+    """Pinned from the reference: diffusers ``examples/text_to_image/train_text_to_image.py`` (``--snr_gamma``:
+    ``min(compute_snr(t), gamma)``, then ``/ snr`` for epsilon or ``/ (snr + 1)`` for v-prediction) with
+    ``diffusers.training_utils.compute_snr``, at commit 58eb52c0803ea9af3abec60841c2a093bdf1f951, evaluated once on
+    SD's schedule (scaled-linear betas 0.00085-0.012, 1000 steps), gamma 5."""
+    from diffusion.adapter import min_snr_weights
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")
+    t = torch.tensor([0, 10, 100, 400, 700, 999])
+    table = scheduler.alphas_cumprod.double()
+    reference = {
+        "epsilon": [0.00425372, 0.0483057, 0.591445, 1.0, 1.0, 1.0],
+        "v_prediction": [0.00425011, 0.0478435, 0.528884, 0.424483, 0.0825208, 0.00466009],
+    }
+    for prediction_type, expected in reference.items():
+        got = min_snr_weights(table, t, 5.0, prediction_type).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-5, err_msg=prediction_type)
